@@ -1,0 +1,44 @@
+# refimpl: every target creates or refreshes the local virtual environment (.venv) first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+NUMBA_NUM_THREADS ?= 2
+export NUMBA_NUM_THREADS
+
+.PHONY: install run test test-all golden bench lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: the parallel-vs-iterative equivalence checks on randomised cases.
+run: install
+	$(BIN)/refimpl info
+	$(BIN)/refimpl equivalence --cases 20 --seed 0
+
+# Fast suite (a few minutes on 2 cores, Numba compile included).
+test: install
+	$(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider --hypothesis-profile=dev tests
+
+# Everything, with the heavier hypothesis profile (derandomized, more examples).
+test-all: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci tests
+
+golden: install
+	$(BIN)/refimpl golden generate --overwrite
+
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+lint: install
+	$(BIN)/python -m pyflakes refimpl cli tests benchmarks 2>/dev/null || $(BIN)/python -m compileall -q refimpl cli tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .hypothesis .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -name '*.nbi' -delete -o -name '*.nbc' -delete

@@ -1,0 +1,136 @@
+"""Causal and bidirectional convolution with the ``D`` skip (DESIGN.md section 3).
+
+    y[t] = sum_{s<=t} K0[t-s] u[s]  (+ sum_{s>t} K1[s-t-1] u[s] when bidirectional)  + D u[t]
+
+Shapes: ``u, y (B, H, L)``; ``K (H, L)`` causal or ``(2, H, L)`` bidirectional; ``D (H,)``.
+
+The FFT form pads to a fast length ``n >= 2L`` (:func:`fft_length`) so the circular
+convolution equals the linear one on ``t < L``. Both directions fold into one length-``n``
+circular kernel ``k``: ``k[j] = K0[j]`` and ``k[n-1-j] = K1[j]`` for ``j < L``, zero elsewhere.
+"""
+import numpy as np
+import scipy.fft as sfft
+from numba import njit
+
+from . import config
+from ._checks import check_array, check_shape
+
+
+def fft_length(L):
+    """Smallest 5-smooth length ``n >= 2L`` (``scipy.fft.next_fast_len(2L, real=True)``)."""
+    return sfft.next_fast_len(2 * L, real=True)
+
+
+def _check_conv(u, K, D):
+    u = check_array("u", u, 3)
+    Bsz, H, L = u.shape
+    if L < 1:
+        raise ValueError(f"u must have at least one time step (L >= 1), got shape {u.shape}")
+    K = check_array("K", K, (2, 3))
+    if K.ndim == 3:
+        check_shape("K", K, (2, H, L))
+    else:
+        check_shape("K", K, (H, L))
+    if D is not None:
+        D = check_array("D", D, 1)
+        check_shape("D", D, (H,))
+    return u, K, D
+
+
+def _circular_kernel(K, n):
+    """Fold ``K (H, L)`` or ``(2, H, L)`` into a length-``n`` circular kernel ``(H, n)``."""
+    L = K.shape[-1]
+    k = np.zeros(K.shape[-2:-1] + (n,))  # (H, n)
+    if K.ndim == 3:
+        k[:, :L] = K[0]
+        k[:, n - L:] = K[1][:, ::-1]  # k[n-1-j] = K1[j]
+    else:
+        k[:, :L] = K
+    return k
+
+
+def _uncircular_kernel(dk, L, bidirectional):
+    """Adjoint of :func:`_circular_kernel`: ``(H, n)`` -> ``(H, L)`` or ``(2, H, L)``."""
+    n = dk.shape[-1]
+    if bidirectional:
+        return np.stack([dk[:, :L], dk[:, n - L:][:, ::-1]])  # (2, H, L)
+    return dk[:, :L].copy()  # (H, L)
+
+
+def fftconv(u, K, D=None):
+    """FFT convolution ``y = conv(u, K) + D u``; see the module docstring.
+
+    Parameters
+    ----------
+    u : float64 (B, H, L)
+    K : float64 (H, L) or (2, H, L)
+    D : float64 (H,) or None
+
+    Returns
+    -------
+    y : float64 (B, H, L)
+    """
+    u, K, D = _check_conv(u, K, D)
+    L = u.shape[-1]
+    n = fft_length(L)
+    kf = sfft.rfft(_circular_kernel(K, n), n=n, axis=-1)  # (H, n//2+1)
+    uf = sfft.rfft(u, n=n, axis=-1)  # (B, H, n//2+1)
+    y = sfft.irfft(uf * kf, n=n, axis=-1)[..., :L]  # (B, H, L)
+    if D is not None:
+        y += D[:, None] * u
+    return np.ascontiguousarray(y)
+
+
+def fftconv_bwd(u, K, D, dy):
+    """VJP of :func:`fftconv`: returns ``(du, dK, dD)`` (``dD`` is None when ``D`` is None).
+
+    ``du[s] = sum_t dy[t] k[(t-s) mod n] + D dy[s]`` (a correlation: ``conj`` of the kernel
+    spectrum), ``dk[j] = sum_{b,t} dy[t] u[(t-j) mod n]`` folded back to ``K``'s shape,
+    ``dD = sum_{b,t} dy u``. All freshly allocated.
+    """
+    u, K, D = _check_conv(u, K, D)
+    dy = check_array("dy", dy, 3)
+    check_shape("dy", dy, u.shape)
+    L = u.shape[-1]
+    n = fft_length(L)
+    kf = sfft.rfft(_circular_kernel(K, n), n=n, axis=-1)  # (H, n//2+1)
+    uf = sfft.rfft(u, n=n, axis=-1)  # (B, H, n//2+1)
+    dyf = sfft.rfft(dy, n=n, axis=-1)  # (B, H, n//2+1)
+    du = sfft.irfft(dyf * np.conj(kf), n=n, axis=-1)[..., :L]  # (B, H, L)
+    dk = sfft.irfft((dyf * np.conj(uf)).sum(0), n=n, axis=-1)  # (H, n)
+    dK = _uncircular_kernel(dk, L, K.ndim == 3)
+    dD = None
+    if D is not None:
+        du += D[:, None] * dy
+        dD = np.einsum("bhl,bhl->h", dy, u)  # (H,)
+    return np.ascontiguousarray(du), dK, dD
+
+
+@njit(**config.NJIT_OPTS)
+def _direct_conv(u, K0, K1, bidirectional, y):
+    """``y[b,h,t] = sum_{s<=t} K0[h,t-s] u[b,h,s] (+ sum_{s>t} K1[h,s-t-1] u[b,h,s])``, O(L^2).
+
+    Preconditions: C-contiguous float64, ``u, y (B, H, L)``, ``K0, K1 (H, L)``; ``y`` overwritten.
+    """
+    Bsz, H, L = u.shape
+    for b in range(Bsz):
+        for h in range(H):
+            for t in range(L):
+                acc = 0.0
+                for s in range(t + 1):
+                    acc += K0[h, t - s] * u[b, h, s]
+                if bidirectional:
+                    for s in range(t + 1, L):
+                        acc += K1[h, s - t - 1] * u[b, h, s]
+                y[b, h, t] = acc
+
+
+def direct_conv(u, K, D=None):
+    """The O(L^2) direct form of :func:`fftconv` (same arguments, same result up to rounding)."""
+    u, K, D = _check_conv(u, K, D)
+    K0, K1 = (K[0], K[1]) if K.ndim == 3 else (K, K)
+    y = np.empty_like(u)  # (B, H, L)
+    _direct_conv(u, np.ascontiguousarray(K0), np.ascontiguousarray(K1), K.ndim == 3, y)
+    if D is not None:
+        y += D[:, None] * u
+    return y

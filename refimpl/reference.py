@@ -1,0 +1,75 @@
+"""The spiking SSM forward, stated plainly in NumPy: the readable spec and the test oracle.
+
+Standalone on purpose: no Numba, no imports from the rest of refimpl. Every function here is a
+direct transcription of DESIGN.md, written for clarity, not speed (loops and einsums over
+materialised ``(H, N2, L)`` arrays). Shapes: ``(B, H, L)`` = batch, channels, time.
+"""
+import numpy as np
+
+
+def s4d_discretize(log_dt, log_A_real, A_imag, B=None, disc="zoh"):
+    """DESIGN.md section 2: ``dA, dB`` of shape (H, N2)."""
+    dt = np.exp(log_dt)[:, None]  # (H, 1)
+    A = -np.exp(log_A_real) + 1j * A_imag  # (H, N2)
+    B = np.ones_like(A) if B is None else B  # (H, N2)
+    if disc == "zoh":
+        dA = np.exp(dt * A)  # (H, N2)
+        dB = (np.exp(dt * A) - 1.0) / A * B  # (H, N2)
+    elif disc == "bilinear":
+        dA = (1.0 + dt * A / 2) / (1.0 - dt * A / 2)  # (H, N2)
+        dB = dt * B / (1.0 - dt * A / 2)  # (H, N2)
+    else:
+        raise ValueError(f"unknown disc {disc!r}")
+    return dA, dB
+
+
+def s4d_kernel(log_dt, log_A_real, A_imag, C, L, B=None, disc="zoh"):
+    """``K[h, l] = 2 Re sum_n C dB dA^l`` with powers taken as ``exp(l log dA)``.
+
+    ``C`` is complex (H, N2) or (2, H, N2); returns (H, L) or (2, H, L).
+    """
+    dA, dB = s4d_discretize(log_dt, log_A_real, A_imag, B, disc)
+    powers = np.exp(np.log(dA)[:, :, None] * np.arange(L))  # (H, N2, L)
+    return 2.0 * np.einsum("...hn,hnl->...hl", C * dB, powers).real
+
+
+def causal_conv(u, K, D=None):
+    """``y[t] = sum_{s<=t} K[t-s] u[s] (+ sum_{s>t} K1[s-t-1] u[s]) + D u[t]`` by direct loops.
+
+    ``u (B, H, L)``, ``K (H, L)`` or bidirectional ``(2, H, L)``, ``D (H,)``.
+    """
+    Bsz, H, L = u.shape
+    K0, K1 = (K[0], K[1]) if K.ndim == 3 else (K, None)
+    y = np.zeros_like(u)  # (B, H, L)
+    for t in range(L):
+        for s in range(t + 1):
+            y[:, :, t] += K0[:, t - s] * u[:, :, s]
+        if K1 is not None:
+            for s in range(t + 1, L):
+                y[:, :, t] += K1[:, s - t - 1] * u[:, :, s]
+    if D is not None:
+        y += D[:, None] * u
+    return y
+
+
+def ssm_recurrence(u, dA, dB, C, D=None):
+    """``x_t = dA x_{t-1} + dB u_t``, ``y_t = 2 Re sum_n C x_t + D u_t``, one step at a time.
+
+    Bidirectional ``C (2, H, N2)`` adds the anti-causal part
+    ``r_t = dA r_{t+1} + dB u_{t+1}`` (``r_{L-1} = 0``), ``y_t += 2 Re sum_n C1 r_t``.
+    """
+    Bsz, H, L = u.shape
+    C0, C1 = (C[0], C[1]) if C.ndim == 3 else (C, None)
+    y = np.zeros_like(u)  # (B, H, L)
+    x = np.zeros((Bsz,) + dA.shape, dtype=complex)  # (B, H, N2)
+    for t in range(L):
+        x = dA * x + dB * u[:, :, t, None]
+        y[:, :, t] = 2.0 * (C0 * x).sum(-1).real
+    if C1 is not None:
+        r = np.zeros_like(x)  # (B, H, N2)
+        for t in range(L - 2, -1, -1):
+            r = dA * r + dB * u[:, :, t + 1, None]
+            y[:, :, t] += 2.0 * (C1 * r).sum(-1).real
+    if D is not None:
+        y += D[:, None] * u
+    return y
