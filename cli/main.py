@@ -1,0 +1,89 @@
+"""The ``refimpl`` command: a thin click layer over the library (parse, call, write, show)."""
+import os
+import platform
+import sys
+
+import click
+
+import refimpl
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(refimpl.__version__, prog_name="refimpl")
+def main():
+    """refimpl: the CPU reference implementation of spiking state space models.
+
+    Golden traces for backend authors, parallel-vs-iterative proofs, and CPU training of
+    small spiking SSMs (SpikingSSM, SPikE-SSM, Binary S4D). See README.md and DESIGN.md.
+    """
+
+
+@main.command()
+def info():
+    """Versions, thread count and Numba status."""
+    import h5py
+    import numba
+    import numpy
+    import scipy
+
+    from refimpl import config
+
+    rows = [
+        ("refimpl", refimpl.__version__),
+        ("python", platform.python_version()),
+        ("numpy", numpy.__version__),
+        ("scipy", scipy.__version__),
+        ("numba", numba.__version__),
+        ("h5py", h5py.__version__),
+        ("click", click.__version__ if hasattr(click, "__version__") else "?"),
+        ("platform", platform.platform()),
+        ("cpu cores", str(os.cpu_count())),
+        ("numba threads", f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})"),
+        ("numba threading layer", numba.config.THREADING_LAYER),
+        ("numba JIT", "disabled (NUMBA_DISABLE_JIT=1)" if numba.config.DISABLE_JIT else "enabled"),
+        ("fastmath", f"{config.FASTMATH} (reference path requires False)"),
+        ("cache dir", numba.config.CACHE_DIR or "next to the sources (__pycache__)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+@main.command()
+@click.option("--cases", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Random cases per check.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the case generator.")
+@click.option("--check", "checks", multiple=True, help="Run only these checks (repeatable).")
+def equivalence(cases, seed, checks):
+    """Run the parallel-vs-iterative checks on random cases and print a table."""
+    from refimpl.equivalence import CHECKS
+
+    names = list(checks) or list(CHECKS)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        raise click.BadParameter(f"unknown check(s) {unknown}; valid: {list(CHECKS)}",
+                                 param_hint="--check")
+    rows = []
+    with click.progressbar(length=cases * len(names), label="equivalence", file=sys.stderr) as bar:
+        for name in names:
+            rows.append(CHECKS[name](cases, seed=seed, progress=bar.update))
+    header = ("forms compared", "cases", "worst error", "spike mismatches", "iterations min/med/max")
+    table = [header]
+    for r in rows:
+        it = r["iterations"]
+        table.append((r["forms"], str(r["cases"]), _fmt(r["worst_error"], ".2e"),
+                      _fmt(r["spike_mismatches"], "d"),
+                      "-" if it is None else f"{it[0]} / {it[1]:g} / {it[2]}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
+if __name__ == "__main__":
+    main()
