@@ -1,4 +1,5 @@
 """The ``refimpl`` command: a thin click layer over the library (parse, call, write, show)."""
+import importlib.metadata
 import os
 import platform
 import sys
@@ -35,7 +36,7 @@ def info():
         ("scipy", scipy.__version__),
         ("numba", numba.__version__),
         ("h5py", h5py.__version__),
-        ("click", click.__version__ if hasattr(click, "__version__") else "?"),
+        ("click", importlib.metadata.version("click")),
         ("platform", platform.platform()),
         ("cpu cores", str(os.cpu_count())),
         ("numba threads", f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})"),

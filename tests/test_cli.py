@@ -1,0 +1,48 @@
+"""The click front end, through click.testing.CliRunner (and once through the installed command)."""
+import shutil
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from cli.main import main
+
+
+def test_help_lists_commands():
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0, r.output
+    for cmd in ("info", "equivalence"):
+        assert cmd in r.output
+
+
+def test_info_reports_versions_threads_and_numba():
+    import numba
+    r = CliRunner().invoke(main, ["info"])
+    assert r.exit_code == 0, r.output
+    assert f"numba                  {numba.__version__}" in r.output
+    assert "numba threads" in r.output and "numba JIT" in r.output
+    assert "fastmath               False" in r.output
+
+
+def test_equivalence_table():
+    r = CliRunner().invoke(main, ["equivalence", "--cases", "3", "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("forms compared"))
+    row = lines[header + 2]
+    assert row.startswith("direct conv = FFT conv = recurrence = scan")
+    worst = float(row.split()[-3])  # the worst-error column
+    assert worst < 1e-12
+
+
+def test_equivalence_unknown_check_is_a_usage_error():
+    r = CliRunner().invoke(main, ["equivalence", "--check", "nope"])
+    assert r.exit_code == 2
+    assert "unknown check(s) ['nope']" in r.output
+
+
+def test_installed_command_runs():
+    exe = shutil.which("refimpl") or str(__import__("pathlib").Path(sys.executable).with_name("refimpl"))
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refimpl" in out.stdout
