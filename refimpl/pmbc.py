@@ -1,0 +1,286 @@
+"""PMBC: exact parallel spiking by boundary compression (SPikE-SSM; DESIGN.md section 5).
+
+Given the spike train ``S`` of a row, the membrane is a *linear* recurrence, so it can be
+computed by a parallel scan. For ``soft`` / ``refractory`` resets (``c = theta + rho``)::
+
+    h = b - c tau leaky(shift(S)),   b = leaky(x),   leaky(z)_t = sum_{i<=t} tau^(t-i) z_i
+
+and for ``hard`` reset ``h_t = a_t h_{t-1} + x_t + tau u_reset S_{t-1}`` with
+``a_t = tau (1 - S_{t-1})``. The spike map ``F(S) = Theta(h(S) - theta)`` (times the absolute
+refractory mask: no spike within ``R`` steps after a spike of ``S``) is strictly causal, so
+the iteration ``S_0 = 0, S_{k+1} = F(S_k)`` reaches the unique fixed point, which is the
+iterative neuron's spike train, after at most ``L`` steps.
+
+Freezing. If ``S_k`` is correct on ``[0, p)`` and ``F(S_k)`` first differs from ``S_k`` at
+``q >= p``, then both are correct on ``[0, q)`` and ``F(S_k)`` also at ``q`` (each spike depends
+only on earlier ones). So the kernel keeps a per-row frontier ``p``, recomputes only ``[p, L)``
+from the frozen state at ``p - 1``, moves ``p`` to ``q + 1`` and stops a row when an evaluation
+changes nothing. This argument needs strict causality only, not the antitone sandwich, so it
+is valid for ``hard`` reset as well (where odd/even iterates are *not* upper/lower bounds; see
+:func:`spike_map` and the tests).
+
+Parallel scan. Each membrane evaluation is a two-level (chunked) scan of
+``y_t = a_t y_{t-1} + beta_t``: independent local scans over chunks of :data:`CHUNK` steps,
+then the carries. Its rounding differs from the iterative neuron's, so a membrane within a
+rounding distance of ``theta`` may flip a spike (:func:`rounding_bound`); elsewhere the spike
+trains are identical and the membranes agree to rounding.
+
+The backward pass is the iterative neuron's (it needs only ``x, s, h, u``):
+:func:`pmbc_bwd` delegates to :func:`refimpl.neurons.neuron_bwd`.
+"""
+import numpy as np
+from numba import njit, prange
+
+from . import config
+from ._checks import check_array, check_int, check_shape
+
+#: Chunk length of the two-level scan.
+CHUNK = 64
+
+_RESET_CODES = {"none": 0, "soft": 1, "refractory": 1, "hard": 2}
+
+
+@njit(**config.NJIT_OPTS)
+def _scan_segment(a, beta, y0, start, stop, y, P):
+    """``y[t] = a[t] y[t-1] + beta[t]`` for ``t in [start, stop)``, ``y[start-1] = y0``.
+
+    Two-level scan: per chunk of CHUNK steps a local scan from zero with the running product
+    ``P`` of ``a``, then ``y[t] += P[t] * carry`` with the carry of the previous chunk.
+    Equivalent to the sequential loop up to rounding. ``P`` is scratch of length >= CHUNK.
+    """
+    carry = y0
+    for c0 in range(start, stop, CHUNK):
+        c1 = min(c0 + CHUNK, stop)
+        acc = 0.0
+        prod = 1.0
+        for t in range(c0, c1):
+            acc = a[t] * acc + beta[t]
+            prod = prod * a[t]
+            y[t] = acc
+            P[t - c0] = prod
+        for t in range(c0, c1):
+            y[t] += P[t - c0] * carry
+        carry = y[c1 - 1]
+
+
+@njit(**config.NJIT_OPTS)
+def _last_spike_before(S, t, R):
+    """Index of the last spike of ``S`` in ``[t - R, t)``, or ``-(R + 1)`` if none."""
+    for j in range(t - 1, max(t - R, 0) - 1, -1):
+        if S[j] != 0.0:
+            return j
+    return -(R + 1)
+
+
+@njit(**config.NJIT_OPTS)
+def _evaluate(x, S, tau, theta, c, u_reset, kind, R, ge, p, b, r, h, S_new, a, beta, P):
+    """One evaluation of ``F(S)`` on ``[p, L)``: writes ``h`` and ``S_new`` there.
+
+    ``kind``: 0 none, 1 linear reset (soft/refractory, ``c = theta + rho``), 2 hard.
+    For kind 0/1, ``b = leaky(x)`` must be filled and ``r[p-1]`` must hold
+    ``leaky(shift(S))[p-1]``; ``r`` is updated on ``[p, L)``.
+    """
+    L = x.shape[0]
+    if kind == 2:
+        for t in range(p, L):
+            sp = S[t - 1] if t > 0 else 0.0
+            a[t] = tau * (1.0 - sp)
+            beta[t] = x[t] + tau * u_reset * sp
+        _scan_segment(a, beta, h[p - 1] if p > 0 else 0.0, p, L, h, P)
+    else:
+        for t in range(p, L):
+            a[t] = tau
+            beta[t] = S[t - 1] if t > 0 else 0.0
+        _scan_segment(a, beta, r[p - 1] if p > 0 else 0.0, p, L, r, P)
+        for t in range(p, L):
+            h[t] = b[t] - c * tau * r[t]
+    last = _last_spike_before(S, p, R)
+    for t in range(p, L):
+        if t > 0 and S[t - 1] != 0.0:
+            last = t - 1
+        fire = h[t] >= theta if ge else h[t] > theta
+        S_new[t] = 1.0 if (fire and t - last > R) else 0.0
+
+
+@njit(**config.NJIT_OPTS)
+def _pmbc_row(x, tau, theta, c, u_reset, kind, R, ge, max_iter, s, h, u):
+    """PMBC on one row ``x (L,)``; writes ``s, h, u (L,)``; returns the number of evaluations
+    of ``F`` (``-1`` if ``max_iter`` was reached without convergence)."""
+    L = x.shape[0]
+    b = np.empty(L)
+    r = np.empty(L)
+    S_new = np.empty(L)
+    a = np.empty(L)
+    beta = np.empty(L)
+    P = np.empty(CHUNK)
+    for t in range(L):
+        s[t] = 0.0
+    if kind != 2:
+        for t in range(L):
+            a[t] = tau
+        _scan_segment(a, x, 0.0, 0, L, b, P)  # b = leaky(x)
+    p = 0
+    it = 0
+    while it < max_iter:
+        it += 1
+        _evaluate(x, s, tau, theta, c, u_reset, kind, R, ge, p, b, r, h, S_new, a, beta, P)
+        q = L
+        for t in range(p, L):
+            if S_new[t] != s[t]:
+                q = t
+                break
+        if q == L:
+            break
+        for t in range(p, L):
+            s[t] = S_new[t]
+        p = q + 1
+        if p >= L:  # every step is now known (h[L-1] was computed from a correct prefix)
+            break
+    else:
+        return -1
+    for t in range(L):
+        if kind == 2:
+            u[t] = h[t] * (1.0 - s[t]) + s[t] * u_reset
+        else:
+            u[t] = h[t] - c * s[t]
+    return it
+
+
+@njit(parallel=True, fastmath=config.FASTMATH)
+def _pmbc_rows(x, tau, theta, c, u_reset, kind, R, ge, max_iter, s, h, u, iters):
+    """Rows of ``x (M, L)`` in parallel (disjoint writes; results independent of threads)."""
+    for m in prange(x.shape[0]):
+        iters[m] = _pmbc_row(x[m], tau, theta, c[m], u_reset, kind, R, ge, max_iter,
+                             s[m], h[m], u[m])
+
+
+@njit(**config.NJIT_OPTS)
+def _pmbc_rows_serial(x, tau, theta, c, u_reset, kind, R, ge, max_iter, s, h, u, iters):
+    """Serial twin of :func:`_pmbc_rows` (same results)."""
+    for m in range(x.shape[0]):
+        iters[m] = _pmbc_row(x[m], tau, theta, c[m], u_reset, kind, R, ge, max_iter,
+                             s[m], h[m], u[m])
+
+
+def _check(x, cfg, rho):
+    from .neurons import NeuronConfig
+
+    if not isinstance(cfg, NeuronConfig):
+        raise TypeError(f"cfg must be a refimpl.neurons.NeuronConfig, got {type(cfg).__name__}")
+    x = check_array("x", x, 3)
+    Bsz, H, L = x.shape
+    if L < 1:
+        raise ValueError(f"x must have at least one time step (L >= 1), got shape {x.shape}")
+    if cfg.reset == "refractory":
+        if rho is None:
+            raise ValueError("reset='refractory' needs rho (H,) >= 0; pass rho=np.zeros(H) for none")
+        rho = check_array("rho", rho, 1)
+        check_shape("rho", rho, (H,))
+        if np.any(rho < 0):
+            raise ValueError(f"rho must be >= 0, got min(rho) = {rho.min()}")
+        c = cfg.theta + rho  # (H,)
+    else:
+        if rho is not None:
+            raise ValueError(f"rho is only used with reset='refractory', got reset={cfg.reset!r}")
+        c = np.full(H, cfg.theta if cfg.reset == "soft" else 0.0)  # (H,)
+    return x, np.ascontiguousarray(np.broadcast_to(c, (Bsz, H)).reshape(-1))
+
+
+def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True):
+    """Exact parallel spiking of the neuron ``cfg`` by boundary compression.
+
+    Parameters
+    ----------
+    x : float64 (B, H, L)
+    cfg : refimpl.neurons.NeuronConfig
+        Any reset (``soft``/``refractory`` are the SPikE-SSM case; ``hard`` and ``none`` are
+        exact too, see the module docstring), ``refractory_steps``, ``spike_condition``.
+    rho : float64 (H,) or None
+        Refractory magnitude, required iff ``cfg.reset == "refractory"``.
+    max_iter : int or None
+        Cap on evaluations of ``F`` per row; default ``L + 1`` (always enough).
+    parallel : bool, default True
+        Rows in parallel threads (``prange``); ``False`` runs the serial twin. Same results.
+
+    Returns
+    -------
+    s, h, u : float64 (B, H, L)
+        Spikes, membrane before reset, membrane after reset (as :func:`refimpl.neurons.neuron_fwd`).
+    iterations : int64 (B, H)
+        Evaluations of ``F`` per row, the confirming one included.
+    """
+    x, c = _check(x, cfg, rho)
+    Bsz, H, L = x.shape
+    max_iter = L + 1 if max_iter is None else check_int("max_iter", max_iter, 1)
+    x2 = x.reshape(-1, L)  # (B*H, L)
+    s, h, u = (np.empty_like(x2) for _ in range(3))  # (B*H, L)
+    iters = np.empty(x2.shape[0], dtype=np.int64)  # (B*H,)
+    kernel = _pmbc_rows if parallel else _pmbc_rows_serial
+    kernel(x2, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset), _RESET_CODES[cfg.reset],
+           int(cfg.refractory_steps), cfg.spike_condition == "ge", max_iter, s, h, u, iters)
+    if np.any(iters < 0):
+        raise RuntimeError(f"PMBC did not converge within max_iter={max_iter} evaluations on "
+                           f"{int((iters < 0).sum())} rows; raise max_iter (L + 1 always suffices)")
+    shape = (Bsz, H, L)
+    return s.reshape(shape), h.reshape(shape), u.reshape(shape), iters.reshape(Bsz, H)
+
+
+def pmbc_bwd(x, s, h, u, cfg, ds, dh=None, du=None, rho=None):
+    """Backward of :func:`pmbc_fwd`: the iterative neuron's backward for ``cfg.grad_mode``.
+
+    PMBC changes how the forward is computed, not what it is, so its VJP is
+    :func:`refimpl.neurons.neuron_bwd` evaluated at PMBC's own ``s, h, u``; returns ``(dx, drho)``.
+    """
+    from .neurons import neuron_bwd
+
+    return neuron_bwd(x, s, h, u, cfg, ds, dh=dh, du=du, rho=rho)
+
+
+def spike_map(S, x, cfg, rho=None):
+    """One full evaluation of ``F(S)`` on every step (no freezing): float64 (B, H, L) of 0/1.
+
+    Used to study the iterates ``S_{k+1} = F(S_k)``: for ``soft``/``refractory`` even iterates
+    from ``S_0 = 0`` are lower bounds and odd ones upper bounds of the true spike train; for
+    ``hard`` reset they are not in general.
+    """
+    x, c = _check(x, cfg, rho)
+    S = check_array("S", S, 3)
+    check_shape("S", S, x.shape)
+    Bsz, H, L = x.shape
+    x2, S2 = x.reshape(-1, L), S.reshape(-1, L)
+    out = np.empty_like(x2)  # (B*H, L)
+    _spike_map_rows(x2, S2, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset),
+                    _RESET_CODES[cfg.reset], int(cfg.refractory_steps),
+                    cfg.spike_condition == "ge", out)
+    return out.reshape(x.shape)
+
+
+@njit(**config.NJIT_OPTS)
+def _spike_map_rows(x, S, tau, theta, c, u_reset, kind, R, ge, out):
+    """``out[m] = F(S[m])`` for every row (full evaluation from ``p = 0``)."""
+    M, L = x.shape
+    b, r, h, a = np.empty(L), np.empty(L), np.empty(L), np.empty(L)
+    beta = np.empty(L)
+    P = np.empty(CHUNK)
+    for m in range(M):
+        if kind != 2:
+            for t in range(L):
+                a[t] = tau
+            _scan_segment(a, x[m], 0.0, 0, L, b, P)
+        _evaluate(x[m], S[m], tau, theta, c[m], u_reset, kind, R, ge, 0, b, r, h, out[m],
+                  a, beta, P)
+
+
+def rounding_bound(x, cfg, rho=None):
+    """A bound on ``|h_pmbc - h_iterative|`` while the spike trains agree, per case.
+
+    Both membranes are sums of ``tau^k``-weighted terms of size at most
+    ``M = max|x| + c + |u_reset|`` (``c = theta + max rho``); each differs from the exact sum by
+    ``O(CHUNK eps)`` relative per term (chunk products and reassociation), so
+    ``|diff| <= 4 CHUNK eps M / (1 - tau)``. A spike can flip only where the iterative margin
+    ``|h - theta|`` is below this bound.
+    """
+    eps = np.finfo(np.float64).eps
+    c = cfg.theta + (float(np.max(rho)) if rho is not None and np.size(rho) else 0.0)
+    M = float(np.max(np.abs(x))) + abs(c) + abs(cfg.u_reset) + abs(cfg.theta)
+    return 4 * CHUNK * eps * M / (1.0 - cfg.tau)
