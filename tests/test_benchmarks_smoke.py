@@ -1,0 +1,52 @@
+"""Smoke test of the benchmark harness (benchmarks/run.py) on quick shapes, one repeat.
+
+Runs the real script in a subprocess, writing into a temporary folder, so the committed
+benchmarks/results.json and BENCHMARKS.md are never touched.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "benchmarks" / "run.py"
+
+NOTE = "Hand-written note: training took 3 h (must survive regeneration)."
+
+
+def test_bench_quick_writes_json_and_markdown(tmp_path):
+    # A BENCHMARKS.md with hand-written text around a stale generated region.
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n<!-- generated:begin group:ssm -->\nSTALE\n"
+                  "<!-- generated:end group:ssm -->\n\n## Notes\n\n" + NOTE + "\n")
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--repeats", "1", "--out-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["schema"] == "refimpl-benchmarks" and doc["schema_version"] == 1
+    for key in ("date", "cpu_model", "cpu_count", "python", "numpy", "numba", "scipy",
+                "numba_num_threads"):
+        assert key in doc["machine"], key
+    ssm = doc["groups"]["ssm"]
+    assert ssm["quick"] is True and ssm["repeats"] == 1
+    figures = {r["figure"]: r for r in ssm["rows"]}
+    for name in ("S4D kernel generation (zoh)", "FFT convolution forward",
+                 "FFT convolution forward + backward", "recurrence (whole sequence)",
+                 "S4D layer forward + backward"):
+        assert name in figures, name
+    for r in ssm["rows"]:
+        assert r["refimpl"]["repeats"] == 1
+        assert 0 < r["refimpl"]["min_s"] <= r["refimpl"]["median_s"]
+    kernel = figures["S4D kernel generation (zoh)"]
+    assert kernel["baseline"]["median_s"] > 0
+    assert kernel["speedup"] > 0 and kernel["target_speedup"] == 10
+    assert kernel["check"]["max_rel_err"] <= kernel["check"]["rtol"]
+
+    text = md.read_text()
+    assert NOTE in text and "STALE" not in text
+    assert text.count("<!-- generated:begin group:ssm -->") == 1
+    assert "<!-- generated:begin machine -->" in text
+    assert "| S4D kernel generation (zoh) |" in text
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary files
