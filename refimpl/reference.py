@@ -73,3 +73,36 @@ def ssm_recurrence(u, dA, dB, C, D=None):
     if D is not None:
         y += D[:, None] * u
     return y
+
+
+def neuron(x, tau, theta, reset="hard", u_reset=0.0, rho=None, refractory_steps=0,
+           spike_condition="ge"):
+    """DESIGN.md section 4, one step at a time over ``x (B, H, L)``; returns ``s, h, u``.
+
+    ``m_t = tau u_{t-1}``, ``h_t = m_t + x_t``, ``s_t = Theta(h_t - theta)`` (``ge``: ``h >= theta``,
+    ``gt``: ``h > theta``), no spike within ``refractory_steps`` steps after a spike, and
+    ``u_t`` = ``h (1 - s) + s u_reset`` (hard), ``h - theta s`` (soft),
+    ``h - (theta + rho) s`` (refractory, ``rho (H,)``), ``h`` (none).
+    """
+    Bsz, H, L = x.shape
+    s, h, u = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)  # (B, H, L) each
+    u_prev = np.zeros((Bsz, H))  # (B, H)
+    since = np.full((Bsz, H), np.inf)  # steps since the last spike
+    c = theta + (np.zeros(H) if rho is None else rho)  # (H,)
+    for t in range(L):
+        h[:, :, t] = tau * u_prev + x[:, :, t]
+        fire = h[:, :, t] >= theta if spike_condition == "ge" else h[:, :, t] > theta
+        s[:, :, t] = fire & (since > refractory_steps)
+        since = np.where(s[:, :, t] > 0, 1.0, since + 1.0)
+        if reset == "hard":
+            u[:, :, t] = h[:, :, t] * (1 - s[:, :, t]) + s[:, :, t] * u_reset
+        elif reset == "soft":
+            u[:, :, t] = h[:, :, t] - theta * s[:, :, t]
+        elif reset == "refractory":
+            u[:, :, t] = h[:, :, t] - c * s[:, :, t]
+        elif reset == "none":
+            u[:, :, t] = h[:, :, t]
+        else:
+            raise ValueError(f"unknown reset {reset!r}")
+        u_prev = u[:, :, t]
+    return s, h, u
