@@ -15,3 +15,7 @@ NJIT_OPTS = dict(cache=True, fastmath=FASTMATH, nogil=True)
 
 #: The reference dtype (DESIGN.md section 1).
 DTYPE = "float64"
+
+#: Threads for scipy.fft (``workers=``). Rows are transformed independently, so the result does
+#: not depend on this number; override with ``REFIMPL_FFT_WORKERS``.
+FFT_WORKERS: int = int(os.environ.get("REFIMPL_FFT_WORKERS", "0")) or (os.cpu_count() or 1)

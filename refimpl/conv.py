@@ -21,6 +21,16 @@ def fft_length(L):
     return sfft.next_fast_len(2 * L, real=True)
 
 
+def _rfft(a, n):
+    """Real FFT of length ``n`` along the last axis (rows in parallel, same result)."""
+    return sfft.rfft(a, n=n, axis=-1, workers=config.FFT_WORKERS)
+
+
+def _irfft(a, n):
+    """Inverse of :func:`_rfft`."""
+    return sfft.irfft(a, n=n, axis=-1, workers=config.FFT_WORKERS)
+
+
 def _check_conv(u, K, D):
     u = check_array("u", u, 3)
     Bsz, H, L = u.shape
@@ -73,9 +83,9 @@ def fftconv(u, K, D=None):
     u, K, D = _check_conv(u, K, D)
     L = u.shape[-1]
     n = fft_length(L)
-    kf = sfft.rfft(_circular_kernel(K, n), n=n, axis=-1)  # (H, n//2+1)
-    uf = sfft.rfft(u, n=n, axis=-1)  # (B, H, n//2+1)
-    y = sfft.irfft(uf * kf, n=n, axis=-1)[..., :L]  # (B, H, L)
+    kf = _rfft(_circular_kernel(K, n), n)  # (H, n//2+1)
+    uf = _rfft(u, n)  # (B, H, n//2+1)
+    y = _irfft(uf * kf, n)[..., :L]  # (B, H, L)
     if D is not None:
         y += D[:, None] * u
     return np.ascontiguousarray(y)
@@ -93,11 +103,11 @@ def fftconv_bwd(u, K, D, dy):
     check_shape("dy", dy, u.shape)
     L = u.shape[-1]
     n = fft_length(L)
-    kf = sfft.rfft(_circular_kernel(K, n), n=n, axis=-1)  # (H, n//2+1)
-    uf = sfft.rfft(u, n=n, axis=-1)  # (B, H, n//2+1)
-    dyf = sfft.rfft(dy, n=n, axis=-1)  # (B, H, n//2+1)
-    du = sfft.irfft(dyf * np.conj(kf), n=n, axis=-1)[..., :L]  # (B, H, L)
-    dk = sfft.irfft((dyf * np.conj(uf)).sum(0), n=n, axis=-1)  # (H, n)
+    kf = _rfft(_circular_kernel(K, n), n)  # (H, n//2+1)
+    uf = _rfft(u, n)  # (B, H, n//2+1)
+    dyf = _rfft(dy, n)  # (B, H, n//2+1)
+    du = _irfft(dyf * np.conj(kf), n)[..., :L]  # (B, H, L)
+    dk = _irfft((dyf * np.conj(uf)).sum(0), n)  # (H, n)
     dK = _uncircular_kernel(dk, L, K.ndim == 3)
     dD = None
     if D is not None:

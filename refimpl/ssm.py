@@ -135,35 +135,43 @@ def _psi(w):
     return np.where(small, series, closed)
 
 
-def _zoh(dt, A, B):
-    """Zero-order hold: ``dA = exp(dt A)``, ``dB = (exp(dt A) - 1) / A * B``."""
+def _zoh(dt, A, B, partials=False):
+    """Zero-order hold: ``dA = exp(dt A)``, ``dB = (exp(dt A) - 1) / A * B``.
+
+    Returns ``(dA, dB)``, plus the dict of partial derivatives when ``partials`` is true.
+    """
     w = dt * A
     E = np.exp(w)
     phi = _cexpm1(w) / A  # (exp(dt A) - 1) / A
     dA, dB = E, phi * B
-    partials = {
+    if not partials:
+        return dA, dB
+    return dA, dB, {
         "dA_dA": dt * E,
         "dA_ddt": A * E,
         "dB_dA": B * dt**2 * _psi(w),  # B (dt A E - (E - 1)) / A^2
         "dB_ddt": B * E,
         "dB_dB": phi,
     }
-    return dA, dB, partials
 
 
-def _bilinear(dt, A, B):
-    """Bilinear (Tustin): ``dA = (1 + dt A/2) / (1 - dt A/2)``, ``dB = dt B / (1 - dt A/2)``."""
+def _bilinear(dt, A, B, partials=False):
+    """Bilinear (Tustin): ``dA = (1 + dt A/2) / (1 - dt A/2)``, ``dB = dt B / (1 - dt A/2)``.
+
+    Returns ``(dA, dB)``, plus the dict of partial derivatives when ``partials`` is true.
+    """
     den = 1.0 - 0.5 * dt * A
     dA = (1.0 + 0.5 * dt * A) / den
     dB = dt * B / den
-    partials = {
+    if not partials:
+        return dA, dB
+    return dA, dB, {
         "dA_dA": dt / den**2,
         "dA_ddt": A / den**2,
         "dB_dA": 0.5 * dt**2 * B / den**2,
         "dB_ddt": B / den**2,
         "dB_dB": dt / den,
     }
-    return dA, dB, partials
 
 
 DISCRETIZATIONS = {"zoh": _zoh, "bilinear": _bilinear}
@@ -199,8 +207,7 @@ def discretize(dt, A, B=None, disc="zoh"):
         B = np.ones_like(A)
     B = check_array("B", B, 2, dtype=np.complex128)
     check_shape("B", B, A.shape)
-    dA, dB, _ = fn(dt[:, None], A, B)
-    return dA, dB
+    return fn(dt[:, None], A, B)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,12 +337,12 @@ def check_ssm_params(log_dt, log_A_real, A_imag, C_re, C_im, B_re=None, B_im=Non
     return log_dt, log_A_real, A_imag, C_re, C_im, B_re, B_im, H, N2, bidirectional
 
 
-def _discrete(log_dt, log_A_real, A_imag, B_re, B_im, disc):
+def _discrete(log_dt, log_A_real, A_imag, B_re, B_im, disc, partials=False):
+    """``(dt (H, 1), A, B, dA, dB)`` and, with ``partials``, the discretization's derivatives."""
     dt = np.exp(log_dt)[:, None]  # (H, 1)
     A = -np.exp(log_A_real) + 1j * A_imag  # (H, N2)
     B = np.ones_like(A) if B_re is None else B_re + 1j * B_im  # (H, N2)
-    dA, dB, partials = DISCRETIZATIONS[disc](dt, A, B)
-    return dt, A, B, dA, dB, partials
+    return (dt, A, B) + DISCRETIZATIONS[disc](dt, A, B, partials)
 
 
 def discretize_params(log_dt, log_A_real, A_imag, B_re=None, B_im=None, disc="zoh"):
@@ -343,7 +350,7 @@ def discretize_params(log_dt, log_A_real, A_imag, B_re=None, B_im=None, disc="zo
     check_name("disc", disc, DISCRETIZATIONS)
     C0 = np.zeros_like(log_A_real) if isinstance(log_A_real, np.ndarray) else log_A_real
     args = check_ssm_params(log_dt, log_A_real, A_imag, C0, C0, B_re, B_im)
-    _, _, _, dA, dB, _ = _discrete(args[0], args[1], args[2], args[5], args[6], disc)
+    _, _, _, dA, dB = _discrete(args[0], args[1], args[2], args[5], args[6], disc)
     return dA, dB
 
 
@@ -367,7 +374,7 @@ def s4d_kernel(log_dt, log_A_real, A_imag, C_re, C_im, L, disc="zoh", B_re=None,
     L = check_int("L", L, 1)
     log_dt, log_A_real, A_imag, C_re, C_im, B_re, B_im, H, N2, bi = check_ssm_params(
         log_dt, log_A_real, A_imag, C_re, C_im, B_re, B_im)
-    _, _, _, dA, dB, _ = _discrete(log_dt, log_A_real, A_imag, B_re, B_im, disc)
+    _, _, _, dA, dB = _discrete(log_dt, log_A_real, A_imag, B_re, B_im, disc)
     C = C_re + 1j * C_im  # (H, N2) or (2, H, N2)
     W = (C * dB).reshape(-1, N2)  # (H or 2H, N2)
     z = np.broadcast_to(dA, C.shape).reshape(-1, N2)  # (H or 2H, N2)
@@ -399,7 +406,7 @@ def s4d_kernel_bwd(log_dt, log_A_real, A_imag, C_re, C_im, dK, disc="zoh", B_re=
         log_dt, log_A_real, A_imag, C_re, C_im, B_re, B_im)
     dK = check_array("dK", dK, C_re.ndim)
     check_shape("dK", dK, C_re.shape[:-1] + (None,))
-    dt, A, B, dA, dB, p = _discrete(log_dt, log_A_real, A_imag, B_re, B_im, disc)
+    dt, A, B, dA, dB, p = _discrete(log_dt, log_A_real, A_imag, B_re, B_im, disc, partials=True)
     C = C_re + 1j * C_im  # (H, N2) or (2, H, N2)
     W = (C * dB).reshape(-1, N2)  # (M, N2)
     z = np.broadcast_to(dA, C.shape).reshape(-1, N2)  # (M, N2)

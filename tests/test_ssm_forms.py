@@ -117,3 +117,13 @@ def test_dt_extremes_change_the_kernel_as_expected():
         # A = -1 real, C = 1, B = 1: K[l] = 2 (1 - e^-dt) e^(-dt l), in closed form
         expected = 2 * (-np.expm1(-dt)) * np.exp(-dt * np.arange(L))
         np.testing.assert_allclose(K, expected, rtol=1e-12)
+
+
+def test_fft_result_does_not_depend_on_thread_count(monkeypatch):
+    from refimpl import config
+    rng = np.random.default_rng(0)
+    u, K = rng.normal(size=(4, 8, 300)), rng.normal(size=(2, 8, 300))
+    monkeypatch.setattr(config, "FFT_WORKERS", 1)
+    one = fftconv(u, K)
+    monkeypatch.setattr(config, "FFT_WORKERS", 2)
+    np.testing.assert_array_equal(fftconv(u, K), one)
