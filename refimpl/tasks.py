@@ -1,0 +1,174 @@
+"""Built-in tasks, generated deterministically from a seed (no downloads), and user data.
+
+Every task returns a dict ``x_train, y_train, x_test, y_test`` plus metadata: float inputs
+``(N, L, C)`` (float64) or integer tokens ``(N, L)`` (int64), integer labels ``(N,)``.
+
+| task | input | label | what it tests |
+|---|---|---|---|
+| ``adding`` | ``(L, 2)``: values U[0, 1] and a marker channel with two ones | ``1[sum of the two marked values > 1]`` | long-range memory (the adding problem, as classification) |
+| ``listops`` | tokens of a nested expression (LRA's ListOps generator, scaled down) | its value 0..9 | hierarchical structure |
+| ``parity`` | ``(L, 1)`` sparse 0/1 pulses | number of pulses mod 2 | counting; sensitive to how neurons reset |
+"""
+import numpy as np
+
+from ._checks import check_int, check_name
+
+# ListOps vocabulary: 0 pad, 1-10 digits 0-9, operators, brackets
+LISTOPS_OPS = ("MIN", "MAX", "MED", "SM")
+LISTOPS_VOCAB = ["<pad>"] + [str(d) for d in range(10)] + [f"[{op}" for op in LISTOPS_OPS] + ["]"]
+_TOK = {t: i for i, t in enumerate(LISTOPS_VOCAB)}
+
+
+def _split(n, rng, test_fraction=0.2):
+    n_test = max(1, int(round(n * test_fraction)))
+    return n - n_test, n_test
+
+
+def adding(n=1000, L=200, seed=0):
+    """The adding problem as binary classification (balanced: the threshold is the median)."""
+    rng = np.random.default_rng(seed)
+    vals = rng.random((n, L))  # (N, L)
+    marks = np.zeros((n, L))
+    half = max(1, L // 2)
+    i = rng.integers(0, half, size=n)
+    j = rng.integers(half, L, size=n) if L > 1 else i
+    marks[np.arange(n), i] = 1.0
+    marks[np.arange(n), j] = 1.0
+    total = vals[np.arange(n), i] + vals[np.arange(n), j]
+    y = (total > 1.0).astype(np.int64)
+    x = np.stack([vals, marks], axis=-1)  # (N, L, 2)
+    return _package(x, y, 2, "adding")
+
+
+def _listops_tree(rng, depth, max_depth, max_args):
+    if depth >= max_depth or (depth > 0 and rng.random() < 0.25):
+        d = int(rng.integers(0, 10))
+        return [str(d)], d
+    op = LISTOPS_OPS[int(rng.integers(0, len(LISTOPS_OPS)))]
+    k = int(rng.integers(2, max_args + 1))
+    toks, vals = [f"[{op}"], []
+    for _ in range(k):
+        t, v = _listops_tree(rng, depth + 1, max_depth, max_args)
+        toks += t
+        vals.append(v)
+    toks.append("]")
+    value = {"MIN": min(vals), "MAX": max(vals), "MED": int(np.median(vals)),
+             "SM": sum(vals) % 10}[op]
+    return toks, value
+
+
+def listops(n=1000, L=128, seed=0, max_depth=4, max_args=4):
+    """ListOps-style expressions (LRA generator, scaled down): tokens padded to ``L``.
+
+    ``MED`` takes the lower median's integer part as LRA's ``int(np.median)``; expressions
+    longer than ``L`` are redrawn.
+    """
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, L), dtype=np.int64)  # (N, L)
+    y = np.zeros(n, dtype=np.int64)
+    for k in range(n):
+        while True:
+            toks, v = _listops_tree(rng, 0, max_depth, max_args)
+            if len(toks) <= L:
+                break
+        x[k, :len(toks)] = [_TOK[t] for t in toks]
+        y[k] = v
+    return _package(x, y, 10, "listops", vocab=len(LISTOPS_VOCAB))
+
+
+def parity(n=1000, L=64, seed=0, rate=0.1):
+    """Sparse 0/1 pulses; label = number of pulses mod 2."""
+    rng = np.random.default_rng(seed)
+    x = (rng.random((n, L)) < rate).astype(np.float64)  # (N, L)
+    y = (x.sum(1) % 2).astype(np.int64)
+    return _package(x[:, :, None], y, 2, "parity")
+
+
+def _package(x, y, n_classes, name, vocab=0):
+    n_train, _ = _split(len(y), None)
+    return {"x_train": x[:n_train], "y_train": y[:n_train], "x_test": x[n_train:],
+            "y_test": y[n_train:], "n_classes": n_classes, "vocab": vocab, "name": name}
+
+
+TASKS = {"adding": adding, "listops": listops, "parity": parity}
+
+
+def make_task(name, n=1000, L=None, seed=0):
+    """Generate a built-in task by name (``L=None``: the task's default length)."""
+    fn = check_name("task", name, TASKS)
+    check_int("n", n, 2)
+    kw = {} if L is None else {"L": check_int("L", L, 1)}
+    return fn(n=n, seed=seed, **kw)
+
+
+REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def load_npz(path, tokens=0):
+    """Load user data: ``x_train (N, L)`` or ``(N, L, C)``, integer ``y_train (N,)``, same for
+    test, and optionally a scalar ``n_classes`` (default: max label + 1). Float inputs must be float64 (or float32, which is *rejected*: convert explicitly);
+    integer inputs need ``tokens = V`` (vocabulary size) and use the embedding.
+
+    Raises ValueError / TypeError with one line naming the problem.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except Exception as e:  # zipfile.BadZipFile, ValueError, OSError ...
+        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}; need {list(REQUIRED_KEYS)}")
+    for split in ("train", "test"):
+        x, y = data[f"x_{split}"], data[f"y_{split}"]
+        if not np.issubdtype(y.dtype, np.integer):
+            raise TypeError(f"{path}: y_{split} must hold integer labels, got dtype {y.dtype}")
+        if y.ndim != 1:
+            raise ValueError(f"{path}: y_{split} must have shape (N,), got {y.shape}")
+        if x.ndim not in (2, 3):
+            raise ValueError(f"{path}: x_{split} must have shape (N, L) or (N, L, C), got {x.shape}")
+        if len(x) != len(y):
+            raise ValueError(f"{path}: x_{split} has {len(x)} samples but y_{split} has {len(y)}")
+        if len(y) == 0:
+            raise ValueError(f"{path}: the {split} split is empty")
+        if tokens:
+            if not np.issubdtype(x.dtype, np.integer):
+                raise TypeError(f"{path}: --tokens needs integer x_{split}, got dtype {x.dtype}")
+            if x.ndim != 2:
+                raise ValueError(f"{path}: token input x_{split} must have shape (N, L), got {x.shape}")
+            if x.min() < 0 or x.max() >= tokens:
+                raise ValueError(f"{path}: x_{split} tokens must lie in [0, {tokens}), got "
+                                 f"[{x.min()}, {x.max()}]")
+        else:
+            if np.issubdtype(x.dtype, np.integer):
+                raise TypeError(f"{path}: x_{split} holds integers ({x.dtype}); pass --tokens V "
+                                f"for token input, or store float64 values")
+            if x.dtype != np.float64:
+                raise TypeError(f"{path}: x_{split} must be float64, got {x.dtype}; save "
+                                f"x_{split}.astype(np.float64)")
+            if not np.all(np.isfinite(x)):
+                raise ValueError(f"{path}: x_{split} contains NaN or inf values")
+    if data["x_train"].shape[1:] != data["x_test"].shape[1:]:
+        raise ValueError(f"{path}: x_train and x_test shapes differ after the sample axis: "
+                         f"{data['x_train'].shape[1:]} vs {data['x_test'].shape[1:]}")
+    y_all = np.concatenate([data["y_train"], data["y_test"]])
+    if y_all.min() < 0:
+        raise ValueError(f"{path}: labels must be >= 0, got {y_all.min()}")
+    n_classes = int(y_all.max()) + 1
+    if "n_classes" in data:
+        declared = int(data["n_classes"])
+        if n_classes > declared:
+            raise ValueError(f"{path}: labels out of range: max label {n_classes - 1} but the file "
+                             f"declares n_classes = {declared}")
+        n_classes = declared
+    if n_classes < 2:
+        raise ValueError(f"{path}: labels must span at least 2 classes, got only {n_classes}")
+    out = {k: data[k] for k in REQUIRED_KEYS}
+    for k in ("y_train", "y_test"):
+        out[k] = out[k].astype(np.int64)
+    if tokens:
+        for k in ("x_train", "x_test"):
+            out[k] = out[k].astype(np.int64)
+    return {**out, "n_classes": n_classes, "vocab": int(tokens), "name": str(path)}
