@@ -7,6 +7,7 @@ import sys
 import click
 
 import refimpl
+from cli.train import evaluate, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,6 +85,10 @@ def equivalence(cases, seed, checks):
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             click.echo("  ".join("-" * w for w in widths))
+
+
+main.add_command(train)
+main.add_command(evaluate)
 
 
 if __name__ == "__main__":

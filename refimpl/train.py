@@ -1,0 +1,183 @@
+"""CPU training of spiking SSM classifiers: the loop, evaluation, checkpoints, resume.
+
+Determinism: every random choice derives from the seed and the position in the run
+(``default_rng([seed, epoch])`` shuffles an epoch, ``default_rng([seed, epoch, step])`` draws
+its dropout masks), the optimizer state is plain arrays, and HDF5 stores float64 exactly, so
+a run resumed from a checkpoint is bit-identical to the uninterrupted run.
+
+Outputs in ``out_dir``: ``checkpoint.h5`` (schema ``refimpl-checkpoint`` v1, written
+atomically after every epoch), ``metrics.json`` and ``config.json`` (atomic too).
+The library never prints: pass ``progress`` to receive per-batch events.
+"""
+import dataclasses
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from . import model as M
+from .h5io import FileFormatError, atomic_h5, open_h5, read_tree, write_tree
+from .optim import adamw_init, adamw_step, cosine_schedule, make_groups
+
+CHECKPOINT_SCHEMA = "refimpl-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (AdamW, cosine schedule with warm-up)."""
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-2
+    weight_decay: float = 1e-2
+    warmup_frac: float = 0.1
+    clip_norm: float = 0.0  # 0 = no clipping
+    seed: int = 0
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path, cfg, tcfg, params, buffers, opt_state, epoch, metrics):
+    """Atomically write a checkpoint (overwrites ``path``)."""
+    attrs = {"model_config": json.dumps(dataclasses.asdict(cfg)),
+             "train_config": json.dumps(dataclasses.asdict(tcfg)),
+             "epoch": int(epoch), "metrics": json.dumps(metrics)}
+    with atomic_h5(path, CHECKPOINT_SCHEMA, CHECKPOINT_VERSION, overwrite=True, attrs=attrs) as f:
+        write_tree(f.create_group("params"), params)
+        write_tree(f.create_group("buffers"), buffers)
+        write_tree(f.create_group("optimizer"), opt_state)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint; raises :class:`FileFormatError` (one line) on a bad file."""
+    f = open_h5(path, CHECKPOINT_SCHEMA, (CHECKPOINT_VERSION,))
+    try:
+        with f:
+            cfg = M.ModelConfig(**json.loads(f.attrs["model_config"]))
+            tcfg = TrainConfig(**json.loads(f.attrs["train_config"]))
+            epoch = int(f.attrs["epoch"])
+            metrics = json.loads(f.attrs["metrics"])
+            params = read_tree(f["params"])
+            buffers = read_tree(f["buffers"]) if "buffers" in f else {}
+            opt = read_tree(f["optimizer"])
+    except FileFormatError:
+        raise
+    except Exception as e:  # missing groups/attrs, bad JSON, invalid config
+        raise FileFormatError(f"{path}: incompatible or corrupted checkpoint "
+                              f"({type(e).__name__}: {e})") from None
+    opt["step"] = np.asarray(opt["step"], dtype=np.int64)
+    expected, _ = M.init_model(cfg, 0, sdn_weights=_sdn_from_buffers(buffers, cfg))
+    bad = [k for k in expected if k not in params or params[k].shape != expected[k].shape]
+    if bad or set(params) != set(expected):
+        raise FileFormatError(f"{path}: parameters do not match the stored model config "
+                              f"(first mismatch: {(bad or sorted(set(params) ^ set(expected)))[0]})")
+    return cfg, tcfg, params, buffers, opt, epoch, metrics
+
+
+def _sdn_from_buffers(buffers, cfg):
+    if M.FAMILIES[cfg.activation].kind != "sdn":
+        return None
+    return {k[4:]: v for k, v in buffers.items() if k.startswith("sdn.")}
+
+
+def _batches(n, batch_size, rng):
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def evaluate(cfg, params, buffers, x, y, batch_size=256):
+    """Eval-mode accuracy, mean loss and per-layer firing rates over a data set."""
+    from .layers import cross_entropy_fwd
+
+    correct, loss_sum, rate_sum, n = 0, 0.0, None, len(y)
+    for idx in _batches(n, batch_size, None):
+        logits, _, _, st = M.model_fwd(cfg, params, buffers, x[idx], training=False)
+        loss, _ = cross_entropy_fwd(logits, y[idx])
+        loss_sum += loss * len(idx)
+        correct += int((logits.argmax(1) == y[idx]).sum())
+        r = np.array([np.nan if v is None else v for v in st["rates"]]) * len(idx)
+        rate_sum = r if rate_sum is None else rate_sum + r
+    rates = [None if np.isnan(v) else float(v / n) for v in rate_sum]
+    return {"accuracy": correct / n, "loss": loss_sum / n, "rates": rates}
+
+
+def _epoch_metrics(cfg, epoch, train_loss, train_acc, ev, L):
+    e = M.energy(cfg, ev["rates"], L)
+    rates = ev["rates"]
+    spiking = [r for r in rates if r is not None]
+    return {
+        "epoch": epoch, "loss": train_loss, "train_accuracy": train_acc,
+        "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
+        "firing_rate": rates,
+        "sparsity": [None if r is None else 1.0 - r for r in rates],
+        "mean_firing_rate": float(np.mean(spiking)) if spiking else None,
+        "mac": e["mac"], "ac": e["ac"], "energy_pj": e["energy_pj"],
+        "energy_ann_pj": e["energy_ann_pj"],
+    }
+
+
+def train(cfg, tcfg, data, out_dir, resume=False, sdn_weights=None, progress=None):
+    """Train ``cfg`` on ``data`` (see :mod:`refimpl.tasks`) for ``tcfg.epochs`` epochs.
+
+    ``resume=True`` continues from ``out_dir/checkpoint.h5`` (the stored configs are used and
+    must equal the given ones). Returns the list of per-epoch metrics.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = os.path.join(out_dir, "checkpoint.h5")
+    xtr, ytr = data["x_train"], data["y_train"]
+    M.check_inputs(cfg, xtr[:1], ytr[:1])
+    M.check_inputs(cfg, data["x_test"][:1], data["y_test"][:1])
+    steps_per_epoch = -(-len(ytr) // tcfg.batch_size)
+    total = tcfg.epochs * steps_per_epoch
+    if resume:
+        if not os.path.exists(ckpt):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
+        c_cfg, c_tcfg, params, buffers, opt, start, metrics = load_checkpoint(ckpt)
+        if c_cfg != cfg or dataclasses.replace(c_tcfg, epochs=tcfg.epochs) != tcfg:
+            raise ValueError(f"--resume: {ckpt} was written with other settings "
+                             f"({c_cfg}, {c_tcfg}); rerun with the same options")
+    else:
+        params, buffers = M.init_model(cfg, tcfg.seed, sdn_weights=sdn_weights)
+        opt, start, metrics = adamw_init(params), 0, []
+    groups = make_groups(params, tcfg.lr, tcfg.weight_decay, M.optimizer_rules(tcfg.lr))
+    warmup = min(int(round(tcfg.warmup_frac * total)), total - 1)
+    L = xtr.shape[1]
+    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(
+        {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
+         "data": data.get("name", "")}, indent=2) + "\n")
+    for epoch in range(start, tcfg.epochs):
+        rng = np.random.default_rng([tcfg.seed, epoch])
+        loss_sum = correct = 0.0
+        for step, idx in enumerate(_batches(len(ytr), tcfg.batch_size, rng)):
+            drop_rng = np.random.default_rng([tcfg.seed, epoch, step])
+            loss, logits, grads, buffers, st = M.loss_and_grads(
+                cfg, params, buffers, xtr[idx], ytr[idx], training=True, rng=drop_rng)
+            scale = cosine_schedule(int(opt["step"]), total, warmup)
+            adamw_step(params, grads, opt, groups, lr_scale=scale,
+                       clip_norm=tcfg.clip_norm or None)
+            M.project(params, cfg)
+            loss_sum += loss * len(idx)
+            correct += float((logits.argmax(1) == ytr[idx]).sum())
+            if progress is not None:
+                progress({"epoch": epoch, "step": step, "steps": steps_per_epoch, "loss": loss,
+                          "rates": st["rates"]})
+        ev = evaluate(cfg, params, buffers, data["x_test"], data["y_test"])
+        metrics.append(_epoch_metrics(cfg, epoch, loss_sum / len(ytr), correct / len(ytr), ev, L))
+        save_checkpoint(ckpt, cfg, tcfg, params, buffers, opt, epoch + 1, metrics)
+        atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+        if progress is not None:
+            progress({"epoch_done": epoch, "metrics": metrics[-1]})
+    return metrics
