@@ -100,14 +100,15 @@ def ternary(v, axis=None, ratio=0.15):
     return np.sign(v) * (np.abs(v) >= ratio * m) * (m > 0)
 
 
-def gsu_fwd(x, W, b, c):
+def gsu_fwd(x, W, b, c, Tx=None, TW=None):
     """Gated Spiking Unit (Binary S4D): ``z = (Ter(x) W + b) * (x Ter(W) + c)`` per token.
 
     x (B, H, L) real SSM output, W (H, H), b (H,), c (H,) -> z (B, H, L). Token row vectors:
-    ``(v W)_j = sum_i v_i W[i, j]``.
+    ``(v W)_j = sum_i v_i W[i, j]``. ``Tx``, ``TW`` may be given to hold the quantised values
+    fixed (gradient checks: the backward treats them as constants by definition).
     """
-    Tx = ternary(x, axis=1)  # (B, H, L), max over channels per token
-    TW = ternary(W)  # (H, H), max over the matrix
+    Tx = ternary(x, axis=1) if Tx is None else Tx  # (B, H, L), max over channels per token
+    TW = ternary(W) if TW is None else TW  # (H, H), max over the matrix
     P = np.einsum("bil,ij->bjl", Tx, W) + b[:, None]  # (B, H, L)
     Q = np.einsum("bil,ij->bjl", x, TW) + c[:, None]  # (B, H, L)
     return P * Q, (Tx, TW, P, Q)

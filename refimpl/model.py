@@ -284,7 +284,9 @@ def block_fwd(cfg, p, buf, i, x, training, rng, smooth=False, frozen=None, new_b
         s_d, _ = Ly.dropout_fwd(s, c["mask_s"])
         out, c["mix"] = Ly.glu_fwd(s_d, p[pre + "mix.W"], p[pre + "mix.b"])
     else:
-        out, c["mix"] = Ly.gsu_fwd(y, p[pre + "mix.W"], p[pre + "mix.b"], p[pre + "mix.c"])
+        fz = frozen or {}
+        out, c["mix"] = Ly.gsu_fwd(y, p[pre + "mix.W"], p[pre + "mix.b"], p[pre + "mix.c"],
+                                   fz.get(pre + "Tx"), fz.get(pre + "TW"))
     c["mask_z"] = Ly.dropout_mask(rng, out.shape, cfg.dropout) if drop else None
     out, _ = Ly.dropout_fwd(out, c["mask_z"])
     x_out = x + out
@@ -369,7 +371,9 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
     smooth : bool
         Spiking neurons use the surrogate primitive instead of the Heaviside (gradient checks).
     frozen : dict or None
-        SDN predictions to hold fixed (``layers.i.m``), for gradient checks of the SDN family.
+        Values the backward treats as constants, held fixed for gradient checks: SDN
+        predictions ``layers.i.m`` and GSU quantisations ``layers.i.Tx``, ``layers.i.TW``
+        (see :func:`frozen_constants`).
 
     Returns
     -------
@@ -397,6 +401,19 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
     logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, C)
     c["pooled"] = pooled
     return logits, c, new_buf, {"rates": rates}
+
+
+def frozen_constants(cfg, p, buf, x, training=True, rng=None):
+    """The quantities the backward treats as constants (SDN's m, GSU's Ter(y) and Ter(W)),
+    recorded at ``p`` so that a finite-difference check can hold them fixed."""
+    _, cache, _, _ = model_fwd(cfg, p, buf, x, training, rng, smooth=True)
+    out = {}
+    for i, c in enumerate(cache["blocks"]):
+        if FAMILIES[cfg.activation].kind == "sdn":
+            out[f"layers.{i}.m"] = c["act"][1]["m"]
+        if FAMILIES[cfg.activation].mixing == "gsu":
+            out[f"layers.{i}.Tx"], out[f"layers.{i}.TW"] = c["mix"][0], c["mix"][1]
+    return out
 
 
 def model_bwd(cfg, p, cache, dlogits):

@@ -1,0 +1,209 @@
+"""Whole-model tests: end-to-end gradient checks for every activation family, determinism,
+bit-exact resume, PMBC = iterative inside a model, and learning on small tasks.
+
+Gradient checks run the *smooth* forward for spiking families (the surrogate primitive in
+place of the Heaviside; its derivative is exactly the hand-written backward in ``bptt``
+mode) and, for the SDN family, hold the SDN's prediction fixed (it is a constant in the
+backward by definition). Finite differences: central with a Richardson step at eps = 1e-4;
+the loss is O(1), so rounding contributes ~1e-12 to a directional derivative; we require
+``|fd - analytic| <= 1e-7 max(|fd|, 1e-2)``, far below the size of any real error.
+"""
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from refimpl import model as M
+from refimpl.tasks import make_task
+from refimpl.train import TrainConfig, load_checkpoint, train
+
+from gradcheck import assert_close_scalar, directional_fd
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "external",
+                      "sdn_spikingssm_tau0125.npz")
+
+
+def sdn_weights():
+    """Small fixed SDN weights (a valid fused network; values need not be trained)."""
+    rng = np.random.default_rng(42)
+    return {"w0": rng.normal(0, 0.3, (8, 1, 8)), "w1": rng.normal(0, 0.1, 8),
+            "w2": rng.normal(0, 0.3, (8, 8, 1)), "w3": rng.normal(0, 0.1, 8),
+            "w4": rng.normal(0, 0.3, (1, 8, 1)), "w5": rng.normal(0, 0.1, 1)}
+
+
+CASES = [
+    dict(activation="gelu"),
+    dict(activation="gelu", norm="batch", prenorm=True, bidirectional=True),
+    dict(activation="binary"),
+    dict(activation="binary_gsu"),
+    dict(activation="binary_gsu", norm="batch", vocab=7),
+    dict(activation="lif"),
+    dict(activation="lif", prenorm=True, bidirectional=True, surrogate="sigmoid"),
+    dict(activation="sdn"),
+    dict(activation="refractory"),
+    dict(activation="refractory", norm="batch", surrogate="atan", dropout=0.3),
+]
+
+
+def small_model(**kw):
+    cfg = M.ModelConfig(**{**dict(n_classes=3, d_input=2, d_model=4, d_state=4, n_layers=2), **kw})
+    p, buf = M.init_model(cfg, 0, sdn_weights=sdn_weights() if cfg.activation == "sdn" else None)
+    rng = np.random.default_rng(1)
+    # spread the SSM output around the threshold so the smooth surrogates are exercised
+    for k in p:
+        if k.endswith("ssm.C_re") or k.endswith("ssm.C_im"):
+            p[k] = p[k] * 3
+    x = rng.integers(0, 7, size=(3, 12)) if cfg.vocab else rng.normal(size=(3, 12, 2))
+    return cfg, p, buf, x, np.array([0, 2, 1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_model_gradient_every_parameter(case):
+    cfg, p, buf, x, y = small_model(**case)
+    frozen = M.frozen_constants(cfg, p, buf, x, rng=np.random.default_rng(5))
+
+    def loss(q):
+        return M.loss_and_grads(cfg, q, buf, x, y, training=True, rng=np.random.default_rng(5),
+                                smooth=True, frozen=frozen)
+
+    _, _, g, _, _ = loss(p)
+    assert set(g) == set(p)
+    rng = np.random.default_rng(2)
+    for k in p:
+        v = rng.normal(size=p[k].shape)
+
+        def f(val, k=k):
+            q = dict(p)
+            q[k] = val
+            return loss(q)[0]
+
+        fd = directional_fd(f, p[k], v, 1e-4)
+        assert_close_scalar(float((g[k] * v).sum()), fd, 1e-7, 1e-2, k)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "binary_gsu", "lif", "refractory"])
+def test_model_dot_product_random_cotangent(activation):
+    """Random cotangent c on the logits and random direction v over *all* parameters at once:
+    ``<J v, c> == <v, J^T c>`` with ``J v`` by finite differences of the smooth forward."""
+    cfg, p, buf, x, y = small_model(activation=activation, norm="batch")
+    frozen = M.frozen_constants(cfg, p, buf, x)
+    rng = np.random.default_rng(8)
+    c = rng.normal(size=(x.shape[0], cfg.n_classes))
+    _, cache, _, _ = M.model_fwd(cfg, p, buf, x, training=True, smooth=True, frozen=frozen)
+    g = M.model_bwd(cfg, p, cache, c)
+    v = {k: rng.normal(size=val.shape) for k, val in p.items()}
+
+    def f(e):
+        q = {k: p[k] + e * v[k] for k in p}
+        return float((M.model_fwd(cfg, q, buf, x, training=True, smooth=True, frozen=frozen)[0] * c).sum())
+
+    jv = directional_fd(lambda e: f(float(e)), np.array(0.0), np.array(1.0), 1e-4)
+    vjp = sum(float((g[k] * v[k]).sum()) for k in p)
+    assert_close_scalar(vjp, float(jv), 1e-7, 1e-2, "dot product")
+
+
+def test_refractory_pmbc_equals_iterative_in_a_model():
+    cfg, p, buf, x, y = small_model(activation="refractory")
+    it = dataclasses.replace(cfg, neuron_impl="iterative")
+    la, lg_a, ga, _, sa = M.loss_and_grads(cfg, p, buf, x, y, training=False)
+    lb, lg_b, gb, _, sb = M.loss_and_grads(it, p, buf, x, y, training=False)
+    assert sa == sb
+    np.testing.assert_allclose(lg_a, lg_b, rtol=1e-12, atol=1e-12)
+    for k in ga:
+        np.testing.assert_allclose(ga[k], gb[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+def tiny_task(name="adding", n=96, L=24, seed=0):
+    return make_task(name, n=n, L=L, seed=seed)
+
+
+def model_for(data, **kw):
+    x = data["x_train"]
+    return M.ModelConfig(n_classes=data["n_classes"], vocab=data["vocab"],
+                         d_input=1 if data["vocab"] else x.shape[2],
+                         **{**dict(d_model=8, d_state=4, n_layers=1), **kw})
+
+
+def test_same_seed_same_numbers(tmp_path):
+    data = tiny_task()
+    cfg = model_for(data, activation="lif", dropout=0.1)
+    tcfg = TrainConfig(epochs=2, batch_size=32, seed=3)
+    m1 = train(cfg, tcfg, data, str(tmp_path / "a"))
+    m2 = train(cfg, tcfg, data, str(tmp_path / "b"))
+    assert m1 == m2
+    p1 = load_checkpoint(str(tmp_path / "a" / "checkpoint.h5"))[2]
+    p2 = load_checkpoint(str(tmp_path / "b" / "checkpoint.h5"))[2]
+    for k in p1:
+        np.testing.assert_array_equal(p1[k], p2[k])
+    m3 = train(cfg, dataclasses.replace(tcfg, seed=4), data, str(tmp_path / "c"))
+    assert m3 != m1
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after_first_epoch(ev):
+    if "epoch_done" in ev:
+        raise Interrupt  # like Ctrl-C right after the epoch's checkpoint was written
+
+
+@pytest.mark.parametrize("activation", ["lif", "binary_gsu"])
+def test_resume_is_bit_exact(tmp_path, activation):
+    data = tiny_task()
+    cfg = model_for(data, activation=activation, dropout=0.1, norm="batch")
+    tcfg = TrainConfig(epochs=3, batch_size=32, seed=1)
+    full = train(cfg, tcfg, data, str(tmp_path / "full"))
+    with pytest.raises(Interrupt):
+        train(cfg, tcfg, data, str(tmp_path / "part"), progress=interrupt_after_first_epoch)
+    assert load_checkpoint(str(tmp_path / "part" / "checkpoint.h5"))[5] == 1
+    resumed = train(cfg, tcfg, data, str(tmp_path / "part"), resume=True)
+    assert resumed == full
+    a = load_checkpoint(str(tmp_path / "full" / "checkpoint.h5"))
+    b = load_checkpoint(str(tmp_path / "part" / "checkpoint.h5"))
+    for k in a[2]:
+        np.testing.assert_array_equal(a[2][k], b[2][k])
+    for k in a[3]:
+        np.testing.assert_array_equal(a[3][k], b[3][k])
+
+
+FAMILY_TASKS = {"gelu": "adding", "binary": "adding", "binary_gsu": "adding", "lif": "adding",
+                "sdn": "adding", "refractory": "adding"}
+
+
+@pytest.mark.parametrize("activation", sorted(FAMILY_TASKS))
+def test_each_family_learns(tmp_path, activation):
+    """Training loss on the training set drops clearly within a few epochs (small task)."""
+    from refimpl.train import evaluate
+
+    data = make_task(FAMILY_TASKS[activation], n=160, L=20, seed=0)
+    cfg = model_for(data, activation=activation, d_model=16)
+    w = sdn_weights() if activation == "sdn" else None
+    p0, b0 = M.init_model(cfg, 0, sdn_weights=w)
+    before = evaluate(cfg, p0, b0, data["x_train"], data["y_train"])["loss"]
+    train(cfg, TrainConfig(epochs=6, batch_size=16, lr=1e-2, seed=0), data, str(tmp_path),
+          sdn_weights=w)
+    _, _, p, b, _, _, _ = load_checkpoint(str(tmp_path / "checkpoint.h5"))
+    after = evaluate(cfg, p, b, data["x_train"], data["y_train"])["loss"]
+    assert after < 0.9 * before, (before, after)
+
+
+def test_energy_counts():
+    cfg = M.ModelConfig(n_classes=2, d_model=8, n_layers=2, activation="lif")
+    e = M.energy(cfg, [0.25, 0.5], L=10)
+    mac = 10 * 8 * 16
+    assert e["mac"] == 0 and e["ac"] == 0.75 * mac
+    assert e["energy_pj"] == pytest.approx(0.75 * mac * 0.9)
+    assert e["energy_ann_pj"] == pytest.approx(2 * mac * 4.6)
+
+
+def test_unknown_activation():
+    with pytest.raises(ValueError, match=r"unknown activation 'relu'; valid names are 'gelu'"):
+        M.ModelConfig(n_classes=2, activation="relu")
+
+
+def test_labels_out_of_range():
+    cfg, p, buf, x, y = small_model(activation="gelu")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got range \[0, 3\]"):
+        M.loss_and_grads(cfg, p, buf, x, np.array([0, 3, 1]))
