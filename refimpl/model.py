@@ -229,12 +229,16 @@ def _activation_fwd(cfg, p, buf, pre, y, smooth, frozen):
         return None, None
     ncfg = cfg.neuron_config()
     if fam.kind == "sdn":
-        from .sdn import sdn_neuron_bwd, sdn_neuron_fwd  # noqa: F401
+        from .sdn import sdn_forward
+        from .surrogates import get_surrogate
 
         m = frozen.get(pre + "m") if frozen else None
-        s, c = sdn_neuron_fwd(y, _sdn_weights(buf), theta=ncfg.theta, surrogate=ncfg.surrogate,
-                              surrogate_scale=ncfg.surrogate_scale, smooth=smooth, m=m)
-        return s, ("sdn", c)
+        if m is None:
+            m, _ = sdn_forward(y, _sdn_weights(buf), theta=ncfg.theta)  # (B, H, L), a constant
+        z = m + y - ncfg.theta
+        s = get_surrogate(ncfg.surrogate).primitive(z, ncfg.surrogate_scale) if smooth else \
+            (z >= 0).astype(np.float64)
+        return s, ("sdn", {"x": y, "m": m, "cfg": ncfg})
     from .neurons import neuron_fwd
 
     rho = p.get(pre + "rho")
@@ -254,9 +258,11 @@ def _activation_bwd(cfg, cache, ds):
         return Ly.gelu_bwd(cache, ds)[0], None
     tag, c = cache
     if tag == "sdn":
-        from .sdn import sdn_neuron_bwd
+        from .surrogates import get_surrogate
 
-        return sdn_neuron_bwd(c, ds), None
+        ncfg = c["cfg"]  # ds/dx = g(m + x - theta), m constant (DESIGN.md 6)
+        return ds * get_surrogate(ncfg.surrogate).grad(c["m"] + c["x"] - ncfg.theta,
+                                                     ncfg.surrogate_scale), None
     from .neurons import neuron_bwd
 
     y, s, h, u, ncfg, rho, smooth = c
