@@ -1,0 +1,609 @@
+"""Iterative spiking neurons: the LIF family with four resets, forward and hand-written backward.
+
+DESIGN.md section 4. Input ``x (B, H, L)``; every row ``(b, h)`` runs, with ``u_{-1} = 0``::
+
+    m_t = tau * u_{t-1}              decayed potential (what the SDN predicts)
+    h_t = m_t + x_t                  membrane before reset
+    s_t = Theta(h_t - theta)         ge: h_t >= theta (default);  gt: h_t > theta
+    u_t = reset(h_t, s_t)
+
+| ``reset=`` | ``u_t`` | ``a`` | ``b`` |
+|---|---|---|---|
+| ``hard`` | ``h_t (1 - s_t) + u_reset s_t`` | 1 | ``u_reset`` |
+| ``soft`` | ``h_t - theta s_t`` | 0 | ``-theta`` |
+| ``refractory`` | ``h_t - (theta + rho[h]) s_t``, ``rho >= 0`` per channel | 0 | ``-(theta + rho[h])`` |
+| ``none`` | ``h_t`` | 0 | 0 |
+
+All four are one formula, ``u_t = h_t (1 - a s_t) + b s_t`` (the columns ``a``, ``b``); for
+spikes in {0, 1} it gives bit for bit the same numbers as the per-reset form in the table, so
+the kernels use it and the tests compare them with the literal per-reset loops in
+``tests/naive.py`` for exact equality. Its partial derivatives, used by the backward pass, are
+``du/dh = 1 - a s``, ``du/ds = b - a h`` and, for ``refractory``, ``du/drho = -s``.
+
+**Absolute refractory period** ``refractory_steps = R`` (default 0): for the ``R`` steps after a
+spike (``t+1 .. t+R``) the neuron integrates (``h``, ``u`` evolve as usual) but cannot fire:
+``s_t = 0`` there whatever ``h_t`` is. The mask ``allowed_t`` (1 when the neuron may fire) is a
+constant for differentiation: no surrogate gradient flows at a blocked step.
+
+**Smooth mode** (``smooth=True``, for testing the backward): ``s_t = allowed_t G(h_t - theta)``
+with ``G`` the surrogate's primitive (:mod:`refimpl.surrogates`), real-valued, and used inside
+``reset`` too. The refractory mask is still computed from the *hard* spikes
+``allowed_t Theta(h_t - theta)`` and is held constant. With ``G' = g``, finite differences of the
+smooth forward equal the backward exactly (up to rounding).
+
+Backward modes (``grad_mode=``), all with ``ds_t/dh_t := allowed_t g(h_t - theta)``:
+
+- ``bptt``: the derivative of the whole forward, including the reset path ``du_t/ds_t``;
+  matches spikingjelly ``detach_reset=False``.
+- ``detach_reset``: the derivative of the forward in which the spike inside ``reset()`` is a
+  constant (``du_t/ds_t`` dropped; ``du_t/dh_t = 1 - a s_t`` and ``du_t/drho = -s_t`` kept);
+  matches spikingjelly ``detach_reset=True`` and snntorch (its reset signal is detached). For
+  ``soft``/``refractory`` it is the linear reverse scan ``gh_t = gs_t g_t + tau gh_{t+1}``.
+- ``sltt``: the derivative of the forward in which ``m_t`` is a constant (stop-gradient), so
+  nothing crosses time steps (SLTT, Meng et al. 2023; SpikingSSM's SDN training). Within a step
+  everything is differentiated as in ``bptt``: a cotangent on ``h_t`` reaches ``x_t`` directly;
+  a cotangent on ``u_t`` reaches ``x_t`` through ``u_t = reset(h_t, s_t)``, including its spike
+  path ``(b - a h_t) g_t``, and reaches ``rho`` as ``-s_t``. With a cotangent on ``s`` only,
+  ``dx_t = ds_t allowed_t g(h_t - theta)``.
+
+**Learnable threshold by input scaling** (SpikingSSM): :func:`threshold_scale_fwd` computes
+``y / exp(ln_vth)[h]`` for a neuron with ``theta = 1``; for ``hard`` (``u_reset = 0``), ``soft``,
+``refractory`` (``rho`` scaled likewise) and ``none``, ``neuron(x; theta) == neuron(x / theta; 1)``
+spike for spike.
+
+Conventions of other libraries
+------------------------------
+Each row is reproduced in ``tests/test_neuron_conventions.py`` by an independent loop
+transcribed from that library's update rule (no torch needed). "bit-exact" means the same
+floating-point operations in the same order; "to rounding" means the same real-number
+recurrence evaluated in a different order (spikes then agree wherever ``|h - theta|`` exceeds a
+few ulps).
+
+| library, model | refimpl config | input, outputs | agreement |
+|---|---|---|---|
+| snntorch ``Leaky(beta, threshold=thr, reset_mechanism="zero")`` | ``reset="hard", u_reset=0, tau=beta, theta=thr, spike_condition="gt"`` | ``x = input``; ``spk = s``; returned ``mem = h`` (``reset_delay=True``, default) or ``u`` (``reset_delay=False``) | bit-exact |
+| snntorch ``Leaky(..., reset_mechanism="subtract")``, ``reset_delay=True`` (default) | ``reset="refractory", rho = thr (1 - beta) / beta, tau=beta, theta=thr, "gt"`` (``beta > 0``) | ``mem = h`` | to rounding: snntorch subtracts ``thr`` *after* the decay, from the previous step's spike, ``mem_t = beta mem_{t-1} + x_t - thr s_{t-1}``; refimpl subtracts ``theta + rho = thr / beta`` before it |
+| snntorch ``Leaky(..., reset_mechanism="subtract", reset_delay=False)`` | ``reset="soft", tau=beta, theta=thr, "gt"`` | ``mem = u`` | bit-exact while ``u <= thr`` after every reset (``h <= 2 thr``); above that snntorch resets a second time one step later |
+| snntorch ``Leaky(..., reset_mechanism="none")`` | ``reset="none", tau=beta, theta=thr, "gt"`` | ``mem = h`` | bit-exact |
+| spikingjelly ``LIFNode(tau=T, decay_input=False, v_reset=0.0, v_threshold=vth)`` | ``reset="hard", u_reset=0, tau = 1 - 1/T, theta=vth, "ge"`` | ``H = h``, ``V = u``, ``S = s`` | bit-exact |
+| spikingjelly ``LIFNode(..., decay_input=False, v_reset=None)`` (soft) | ``reset="soft", tau = 1 - 1/T, theta=vth, "ge"`` | as above | bit-exact |
+| spikingjelly ``LIFNode(..., decay_input=False, v_reset=vr != 0)`` | ``reset="hard", u_reset=0, tau = 1 - 1/T, theta = vth - vr`` | ``h = H - vr``, ``u = V - vr`` | to rounding (spikingjelly leaks towards ``vr``, refimpl towards 0) |
+| spikingjelly ``detach_reset=False / True``, ``surrogate.Sigmoid(alpha)`` | ``grad_mode="bptt" / "detach_reset"``, ``surrogate="sigmoid", surrogate_scale=alpha`` | | same definitions |
+| norse ``lif_feed_forward_step`` (``LIFParameters``, ``dt``) | ``reset="hard", tau = 1 - dt tau_mem_inv, theta = v_th, u_reset = v_reset, "gt"`` | ``x_t = dt tau_mem_inv (v_leak + i_t)`` with the synaptic current entering step ``t``: ``i_0 = 0``, ``i_{t+1} = (1 - dt tau_syn_inv) i_t + input_t`` (feed-forward, so computable in advance; the input reaches ``v`` one step late); norse's ``v = u`` | to rounding (norse evaluates ``v + dt tau_mem_inv ((v_leak - v) + i)``); reproduces norse's published sequence ``0, 0.1, 0.27, 0.487, 0.7335, 0.9963, 0, 0.3951, 0.7717, 0`` (``norse/torch/functional/test/test_lif.py``) |
+
+snntorch's ``Leaky`` docstring states the "zero" rule as ``U[t+1] = beta U[t] + I[t+1] -
+R (beta U[t] + I[t+1])`` (the input is zeroed too); its code (``_base_zero``) instead zeroes the
+previous membrane before the decay, ``mem = (1 - reset) mem; mem = beta mem + input``. The table
+follows the code, which is what runs.
+"""
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from numba import njit
+
+from . import config
+from ._checks import check_array, check_int, check_name, check_real, check_shape
+from .surrogates import get_surrogate, surrogate_grad, surrogate_primitive
+
+# --------------------------------------------------------------------------------------------
+# Registries
+# --------------------------------------------------------------------------------------------
+
+
+def _reset_hard(cfg, rho, H):
+    """``u = h (1 - s) + u_reset s``."""
+    return 1.0, np.full(H, cfg.u_reset)  # (H,)
+
+
+def _reset_soft(cfg, rho, H):
+    """``u = h - theta s``."""
+    return 0.0, np.full(H, -cfg.theta)  # (H,)
+
+
+def _reset_refractory(cfg, rho, H):
+    """``u = h - (theta + rho) s`` (SPikE-SSM reset-refractory, ``rho (H,) >= 0``)."""
+    return 0.0, -(cfg.theta + rho)  # (H,)
+
+
+def _reset_none(cfg, rho, H):
+    """``u = h``."""
+    return 0.0, np.zeros(H)  # (H,)
+
+
+#: reset name -> function ``(cfg, rho, H) -> (a, b (H,))`` with ``u = h (1 - a s) + b s``.
+RESETS = {
+    "hard": _reset_hard,
+    "soft": _reset_soft,
+    "refractory": _reset_refractory,
+    "none": _reset_none,
+}
+
+BPTT = 0
+DETACH_RESET = 1
+SLTT = 2
+
+#: grad_mode name -> integer code used by the backward kernel.
+GRAD_MODES = {"bptt": BPTT, "detach_reset": DETACH_RESET, "sltt": SLTT}
+
+#: spike_condition name -> strict flag (``ge``: ``h >= theta``; ``gt``: ``h > theta``, see ``theta_fire``).
+SPIKE_CONDITIONS = {"ge": False, "gt": True}
+
+
+@dataclass(frozen=True)
+class NeuronConfig:
+    """Configuration of an iterative neuron (DESIGN.md section 4); validated on construction.
+
+    Parameters
+    ----------
+    reset : {"hard", "soft", "refractory", "none"}, default "hard"
+        See :data:`RESETS` and the module docstring. ``refractory`` takes ``rho`` as an array
+        argument of the forward/backward (it is a trainable parameter, not configuration).
+    tau : float in [0, 1), default 0.5
+        Decay factor of the membrane, ``m_t = tau u_{t-1}``.
+    theta : float, default 1.0
+        Threshold; ``> 0`` for ``hard``, ``soft``, ``refractory``; any real for ``none``.
+    u_reset : float, default 0.0
+        Reset potential of ``hard``; must stay 0 for the other resets.
+    refractory_steps : int >= 0, default 0
+        Absolute refractory period ``R``: no spike at ``t+1 .. t+R`` after a spike at ``t``.
+    spike_condition : {"ge", "gt"}, default "ge"
+        ``ge``: spike when ``h >= theta`` (SpikingSSM, spikingjelly); ``gt``: ``h > theta``
+        (snntorch, norse, NIR).
+    surrogate : str, default "triangle"
+        A name in :data:`refimpl.surrogates.SURROGATES`.
+    surrogate_scale : float or None, default None
+        The surrogate's shape constant (``w``, ``a`` or ``k``), ``> 0``; ``None`` = its default.
+    grad_mode : {"bptt", "detach_reset", "sltt"}, default "bptt"
+        See the module docstring.
+
+    Raises
+    ------
+    ValueError
+        Unknown names (the message lists the valid ones), values out of range.
+    TypeError
+        Non-numeric ``tau``/``theta``/``u_reset``/``surrogate_scale``, non-integer
+        ``refractory_steps``.
+    """
+
+    reset: str = "hard"
+    tau: float = 0.5
+    theta: float = 1.0
+    u_reset: float = 0.0
+    refractory_steps: int = 0
+    spike_condition: str = "ge"
+    surrogate: str = "triangle"
+    surrogate_scale: Optional[float] = None
+    grad_mode: str = "bptt"
+
+    def __post_init__(self):
+        check_name("reset", self.reset, RESETS)
+        check_name("spike_condition", self.spike_condition, SPIKE_CONDITIONS)
+        check_name("grad_mode", self.grad_mode, GRAD_MODES)
+        sur = get_surrogate(self.surrogate)
+        tau = check_real("tau", self.tau, 0.0, 1.0, hi_open=True)
+        if self.reset == "none":
+            theta = check_real("theta", self.theta)
+        else:
+            theta = check_real(f"theta (with reset={self.reset!r})", self.theta, 0.0, lo_open=True)
+        u_reset = check_real("u_reset", self.u_reset)
+        if self.reset != "hard" and u_reset != 0.0:
+            raise ValueError(f"u_reset applies only to reset='hard'; got u_reset={self.u_reset} "
+                             f"with reset={self.reset!r}")
+        R = check_int("refractory_steps", self.refractory_steps, 0)
+        scale = None if self.surrogate_scale is None else sur.resolve_scale(self.surrogate_scale)
+        for name, value in (("tau", tau), ("theta", theta), ("u_reset", u_reset),
+                            ("refractory_steps", R), ("surrogate_scale", scale)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def scale(self):
+        """The surrogate shape constant in use (``surrogate_scale`` or the surrogate's default)."""
+        return get_surrogate(self.surrogate).resolve_scale(self.surrogate_scale)
+
+    def replace(self, **changes):
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def attrs(self):
+        """The config as the scalar attributes of a golden case (DESIGN.md section 9)."""
+        d = dataclasses.asdict(self)
+        d["surrogate_scale"] = self.scale
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Forward kernels
+# --------------------------------------------------------------------------------------------
+
+#: The fast forward advances this many rows together (the count is unrolled by hand below).
+_ROWS = 4
+#: Row ``k`` of a group runs ``k * _SKEW`` steps behind row 0. Rows are ``L * 8`` bytes apart,
+#: usually a multiple of 4 KiB, so unskewed rows would hit the same L1 sets and alias in the
+#: store buffer; 16 steps = two cache lines apart they do not.
+_SKEW = 16
+
+# Kernel conventions shared below:
+# - ``theta_fire`` is the firing threshold as a ``>=`` test: ``theta`` for ``ge`` and
+#   ``nextafter(theta, +inf)`` for ``gt`` (for every float h, ``h > theta`` iff
+#   ``h >= nextafter(theta, +inf)``), so no kernel branches on the condition.
+# - ``R`` is the refractory period as an int > 0, or ``None`` for none: Numba compiles a
+#   separate specialisation for ``None`` in which the refractory counter is pruned away.
+
+
+@njit(**config.NJIT_OPTS)
+def _fwd_step(x, s, h, u, r, t, u_prev, cnt, tau, theta_fire, a, b_r, R):
+    """One time step of row ``r``; returns ``(u_t, cnt)``.
+
+    ``h_t = tau u_prev + x_t``; ``s_t = allowed Theta(h_t - theta)`` with ``allowed = cnt == 0``;
+    ``u_t = h_t (1 - a s_t) + b_r s_t``; ``cnt`` counts the remaining refractory steps.
+    """
+    h_t = tau * u_prev + x[r, t]
+    fire = h_t >= theta_fire
+    if R is not None:
+        fire = fire & (cnt == 0)
+        cnt = R if fire else max(cnt - 1, 0)
+    s_t = np.float64(fire)
+    u_t = h_t * (1.0 - a * s_t) + b_r * s_t
+    s[r, t] = s_t
+    h[r, t] = h_t
+    u[r, t] = u_t
+    return u_t, cnt
+
+
+@njit(**config.NJIT_OPTS)
+def _fwd_span(x, s, h, u, r, t0, t1, u_prev, cnt, tau, theta_fire, a, b_r, R):
+    """Steps ``t0 .. t1-1`` of row ``r`` from state ``(u_prev, cnt)``; returns the new state."""
+    for t in range(t0, t1):
+        u_prev, cnt = _fwd_step(x, s, h, u, r, t, u_prev, cnt, tau, theta_fire, a, b_r, R)
+    return u_prev, cnt
+
+
+@njit(**config.NJIT_OPTS)
+def _neuron_fwd(x, tau, theta_fire, a, b, R, s, h, u):
+    """Hard-spike forward of all rows of ``x (M, L)``, written into ``s, h, u (M, L)``.
+
+    Preconditions: C-contiguous float64, ``b (M,)`` the per-row reset offset, ``R`` an int > 0
+    or None. Equivalent to (and bit-identical with) the plain loop::
+
+        for r in range(M):
+            _fwd_span(x, s, h, u, r, 0, L, 0.0, 0, tau, theta_fire, a, b[r], R)
+
+    which is latency bound: each step waits for the previous one (multiply, add, compare,
+    reset: about 20 cycles). Here four rows advance together so that their independent
+    recurrences overlap; row ``k`` of a group lags row 0 by ``k * _SKEW`` steps (a prologue and
+    an epilogue finish the staggered ends). Every row still performs exactly the same operations
+    in the same order, so the grouping cannot change a result.
+    """
+    M, L = x.shape
+    D = _SKEW
+    r = 0
+    if L > (_ROWS - 1) * D:
+        while r + _ROWS <= M:
+            r1, r2, r3 = r + 1, r + 2, r + 3
+            b0, b1, b2, b3 = b[r], b[r1], b[r2], b[r3]
+            # prologue: row k runs (3 - k) * D steps on its own before the joint loop
+            u0, c0 = _fwd_span(x, s, h, u, r, 0, 3 * D, 0.0, 0, tau, theta_fire, a, b0, R)
+            u1, c1 = _fwd_span(x, s, h, u, r1, 0, 2 * D, 0.0, 0, tau, theta_fire, a, b1, R)
+            u2, c2 = _fwd_span(x, s, h, u, r2, 0, D, 0.0, 0, tau, theta_fire, a, b2, R)
+            u3, c3 = 0.0, 0
+            for t in range(3 * D, L):  # four recurrences in flight
+                u0, c0 = _fwd_step(x, s, h, u, r, t, u0, c0, tau, theta_fire, a, b0, R)
+                u1, c1 = _fwd_step(x, s, h, u, r1, t - D, u1, c1, tau, theta_fire, a, b1, R)
+                u2, c2 = _fwd_step(x, s, h, u, r2, t - 2 * D, u2, c2, tau, theta_fire, a, b2, R)
+                u3, c3 = _fwd_step(x, s, h, u, r3, t - 3 * D, u3, c3, tau, theta_fire, a, b3, R)
+            # epilogue: row k finishes its last k * D steps
+            _fwd_span(x, s, h, u, r1, L - D, L, u1, c1, tau, theta_fire, a, b1, R)
+            _fwd_span(x, s, h, u, r2, L - 2 * D, L, u2, c2, tau, theta_fire, a, b2, R)
+            _fwd_span(x, s, h, u, r3, L - 3 * D, L, u3, c3, tau, theta_fire, a, b3, R)
+            r += _ROWS
+    while r < M:  # leftover rows (and short sequences), one at a time
+        _fwd_span(x, s, h, u, r, 0, L, 0.0, 0, tau, theta_fire, a, b[r], R)
+        r += 1
+
+
+@njit(**config.NJIT_OPTS)
+def _neuron_fwd_smooth(x, tau, theta, theta_fire, a, b, R, code, scale, s, h, u):
+    """Smooth forward: ``s_t = allowed_t G(h_t - theta)``; the mask follows the hard spikes.
+
+    Preconditions as :func:`_neuron_fwd`; ``code``/``scale`` select the surrogate primitive
+    (:func:`refimpl.surrogates.surrogate_primitive`). A plain row-by-row loop (testing only).
+    """
+    M, L = x.shape
+    for r in range(M):
+        u_prev = 0.0
+        cnt = 0
+        for t in range(L):
+            h_t = tau * u_prev + x[r, t]
+            allowed = cnt == 0
+            if R is not None:
+                fired = allowed and h_t >= theta_fire  # the hard spike drives the mask
+                cnt = R if fired else max(cnt - 1, 0)
+            s_t = surrogate_primitive(code, h_t - theta, scale) if allowed else 0.0
+            u_t = h_t * (1.0 - a * s_t) + b[r] * s_t
+            s[r, t] = s_t
+            h[r, t] = h_t
+            u[r, t] = u_t
+            u_prev = u_t
+
+
+# --------------------------------------------------------------------------------------------
+# Backward kernel
+# --------------------------------------------------------------------------------------------
+
+
+@njit(**config.NJIT_OPTS)
+def _neuron_bwd(s, h, ds, dh, du, has_dh, has_du, tau, theta, theta_fire, a, b, R, smooth, code,
+                scale, mode, dx, g_rho):
+    """Reverse-time VJP of every row; writes ``dx (M, L)`` and ``g_rho (M,)`` (both overwritten).
+
+    Preconditions: C-contiguous float64 ``s, h, ds, dx (M, L)``; ``dh``/``du`` are ``(M, L)``
+    when ``has_dh``/``has_du``, otherwise ignored; ``b (M,)``; ``R`` an int > 0 or None. Per row, with
+    ``g_t = allowed_t g(h_t - theta)`` and ``gh_L = 0``, for ``t = L-1 .. 0``::
+
+        gu_t = du_t + tau gh_{t+1}                 (sltt: gu_t = du_t)
+        gs_t = ds_t + gu_t (b - a h_t)             (detach_reset: gs_t = ds_t)
+        gh_t = dh_t + gu_t (1 - a s_t) + gs_t g_t
+        dx_t = gh_t,   g_rho += -gu_t s_t
+
+    ``allowed_t`` is recomputed from the spikes ``s`` (smooth mode: from ``Theta(h - theta)``),
+    so only ``(s, h)`` of a forward pass are needed, whichever forward produced them.
+    """
+    M, L = s.shape
+    allowed = np.ones(L)  # (L,)
+    for r in range(M):
+        if R is not None:
+            cnt = 0
+            for t in range(L):
+                ok = cnt == 0
+                if smooth:
+                    fired = ok and h[r, t] >= theta_fire
+                else:
+                    fired = s[r, t] != 0.0
+                allowed[t] = 1.0 if ok else 0.0
+                cnt = R if fired else max(cnt - 1, 0)
+        b_r = b[r]
+        gh_next = 0.0
+        acc_rho = 0.0
+        for t in range(L - 1, -1, -1):
+            h_t = h[r, t]
+            s_t = s[r, t]
+            gu = du[r, t] if has_du else 0.0
+            if mode != SLTT:
+                gu += tau * gh_next
+            gs = ds[r, t]
+            if mode != DETACH_RESET:
+                gs += gu * (b_r - a * h_t)
+            g_t = allowed[t] * surrogate_grad(code, h_t - theta, scale)
+            gh = gu * (1.0 - a * s_t) + gs * g_t
+            if has_dh:
+                gh += dh[r, t]
+            dx[r, t] = gh
+            gh_next = gh
+            acc_rho -= gu * s_t
+        g_rho[r] = acc_rho
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _check_cfg(cfg):
+    if not isinstance(cfg, NeuronConfig):
+        raise TypeError(f"cfg must be a refimpl.neurons.NeuronConfig, got {type(cfg).__name__}; "
+                        "build one with NeuronConfig(reset=..., tau=..., ...)")
+    return cfg
+
+
+def _check_x(name, x):
+    x = check_array(name, x, 3)
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name} must have at least one time step (L >= 1), got shape {x.shape}")
+    return x
+
+
+def check_rho(cfg, rho, H):
+    """Validate ``rho`` against the config: float64 ``(H,)``, finite, ``>= 0``, iff ``reset="refractory"``.
+
+    Returns ``rho`` (C-contiguous) or ``None``.
+    """
+    if cfg.reset != "refractory":
+        if rho is not None:
+            raise ValueError(f"rho is only used with reset='refractory'; got rho with "
+                             f"reset={cfg.reset!r} (pass rho=None)")
+        return None
+    if rho is None:
+        raise ValueError("reset='refractory' needs rho, a float64 array (H,) >= 0 "
+                         "(the per-channel refractory magnitude)")
+    rho = check_array("rho", rho, 1)
+    check_shape("rho", rho, (H,))
+    if np.any(rho < 0):
+        i = int(np.argmin(rho))
+        raise ValueError(f"rho must be >= 0 everywhere, got rho[{i}] = {rho[i]}")
+    return rho
+
+
+def _check_smooth(smooth):
+    if not isinstance(smooth, (bool, np.bool_)):
+        raise TypeError(f"smooth must be a bool, got {smooth!r} of type {type(smooth).__name__}")
+    return bool(smooth)
+
+
+def reset_coefficients(cfg, rho, H):
+    """``(a, b)`` of the unified reset ``u = h (1 - a s) + b s``: ``a`` in {0, 1}, ``b (H,)``."""
+    return RESETS[cfg.reset](cfg, rho, H)
+
+
+def _kernel_args(cfg, rho, Bsz, H):
+    """``(theta_fire, a, b_rows (B*H,), R)`` as the kernels take them (see the kernel conventions)."""
+    a, b = reset_coefficients(cfg, rho, H)
+    b_rows = np.ascontiguousarray(np.broadcast_to(b, (Bsz, H)).reshape(-1))  # (B*H,)
+    gt = SPIKE_CONDITIONS[cfg.spike_condition]
+    theta_fire = float(np.nextafter(cfg.theta, np.inf)) if gt else cfg.theta
+    R = cfg.refractory_steps if cfg.refractory_steps > 0 else None
+    return theta_fire, a, b_rows, R
+
+
+def neuron_fwd(x, cfg, rho=None, smooth=False):
+    """Run the iterative neuron over ``x``.
+
+    Parameters
+    ----------
+    x : float64 array (B, H, L)
+        Input current, finite; ``L >= 1``.
+    cfg : NeuronConfig
+    rho : float64 array (H,) or None, default None
+        Refractory magnitude, ``>= 0``; required iff ``cfg.reset == "refractory"``.
+    smooth : bool, default False
+        Use the surrogate primitive ``G`` in place of ``Theta`` (testing the backward; see the
+        module docstring). The refractory mask still follows the hard spikes.
+
+    Returns
+    -------
+    s, h, u : float64 arrays (B, H, L)
+        Spikes (0/1, real in smooth mode), membrane before reset, membrane after reset.
+        Freshly allocated.
+
+    Notes
+    -----
+    DESIGN.md section 4; resets from SpikingSSM (hard, tau = 0.125), snntorch/spikingjelly
+    (soft) and SPikE-SSM (refractory). The hard-spike kernel advances four rows together (see
+    :func:`_neuron_fwd`); results are bit-identical to the row-by-row loop.
+    """
+    cfg = _check_cfg(cfg)
+    x = _check_x("x", x)
+    smooth = _check_smooth(smooth)
+    Bsz, H, L = x.shape
+    rho = check_rho(cfg, rho, H)
+    theta_fire, a, b_rows, R = _kernel_args(cfg, rho, Bsz, H)
+    xr = x.reshape(Bsz * H, L)  # (M, L), M = B*H rows
+    s = np.empty((Bsz, H, L))  # (B, H, L)
+    h = np.empty((Bsz, H, L))  # (B, H, L)
+    u = np.empty((Bsz, H, L))  # (B, H, L)
+    sr, hr, ur = (v.reshape(Bsz * H, L) for v in (s, h, u))  # views (M, L)
+    if smooth:
+        sur = get_surrogate(cfg.surrogate)
+        _neuron_fwd_smooth(xr, cfg.tau, cfg.theta, theta_fire, a, b_rows, R, sur.code, cfg.scale,
+                           sr, hr, ur)
+    else:
+        _neuron_fwd(xr, cfg.tau, theta_fire, a, b_rows, R, sr, hr, ur)
+    return s, h, u
+
+
+def neuron_bwd(x, s, h, u, cfg, ds, dh=None, du=None, rho=None, smooth=False):
+    """VJP of :func:`neuron_fwd` for the config's ``grad_mode``.
+
+    Parameters
+    ----------
+    x : float64 array (B, H, L)
+        The forward's input (only its shape is used).
+    s, h, u : float64 arrays (B, H, L)
+        The forward's outputs: any forward that produced them (the iterative kernel, PMBC).
+        Only ``s`` and ``h`` enter the formulas; in hard mode ``s`` must be 0/1.
+    cfg : NeuronConfig
+    ds : float64 array (B, H, L)
+        Cotangent of ``s`` (required).
+    dh, du : float64 arrays (B, H, L) or None, default None
+        Cotangents of ``h`` and ``u``; ``None`` means zero.
+    rho : float64 array (H,) or None
+        As in the forward (required iff ``reset == "refractory"``).
+    smooth : bool, default False
+        Must match the forward. The surrogate derivative ``g`` is the same in both modes; in
+        smooth mode it is exactly the derivative of the forward's ``G``.
+
+    Returns
+    -------
+    dx : float64 array (B, H, L)
+        Freshly allocated.
+    drho : float64 array (H,) or None
+        Summed over batch and time (``rho`` is shared by every step); ``None`` unless
+        ``reset == "refractory"``.
+
+    Notes
+    -----
+    The recursion is in :func:`_neuron_bwd`; the modes are defined in the module docstring:
+    ``bptt`` differentiates everything, ``detach_reset`` treats the spike inside ``reset()`` as
+    a constant, ``sltt`` treats ``m_t`` as a constant. The refractory mask is a constant in all
+    modes.
+    """
+    cfg = _check_cfg(cfg)
+    x = _check_x("x", x)
+    smooth = _check_smooth(smooth)
+    shape = x.shape
+    Bsz, H, L = shape
+    arrays = {}
+    for name, v in (("s", s), ("h", h), ("u", u), ("ds", ds), ("dh", dh), ("du", du)):
+        if v is None and name in ("dh", "du"):
+            arrays[name] = None
+            continue
+        v = check_array(name, v, 3)
+        check_shape(name, v, shape)
+        arrays[name] = v
+    s, h = arrays["s"], arrays["h"]
+    if not smooth and not np.all((s == 0.0) | (s == 1.0)):
+        i = tuple(int(k) for k in np.argwhere((s != 0.0) & (s != 1.0))[0])
+        raise ValueError(f"s must hold spikes 0/1 when smooth=False, got s{list(i)} = {s[i]}; "
+                         "pass smooth=True for the outputs of a smooth forward")
+    rho = check_rho(cfg, rho, H)
+    theta_fire, a, b_rows, R = _kernel_args(cfg, rho, Bsz, H)
+    M = Bsz * H
+    empty = np.empty((0, 0))  # stands in for an absent cotangent (same type, never read)
+    dh_r = empty if arrays["dh"] is None else arrays["dh"].reshape(M, L)
+    du_r = empty if arrays["du"] is None else arrays["du"].reshape(M, L)
+    dx = np.empty(shape)  # (B, H, L)
+    g_rho = np.empty(M)  # (M,) per-row sums
+    sur = get_surrogate(cfg.surrogate)
+    _neuron_bwd(s.reshape(M, L), h.reshape(M, L), arrays["ds"].reshape(M, L), dh_r, du_r,
+                arrays["dh"] is not None, arrays["du"] is not None, cfg.tau, cfg.theta, theta_fire,
+                a, b_rows, R, smooth, sur.code, cfg.scale, GRAD_MODES[cfg.grad_mode],
+                dx.reshape(M, L), g_rho)
+    drho = g_rho.reshape(Bsz, H).sum(0) if cfg.reset == "refractory" else None  # (H,)
+    return dx, drho
+
+
+def _check_ln_vth(ln_vth, H):
+    ln_vth = check_array("ln_vth", ln_vth, 1)
+    check_shape("ln_vth", ln_vth, (H,))
+    with np.errstate(over="ignore", under="ignore"):
+        vth = np.exp(ln_vth)  # (H,)
+    if not np.all(np.isfinite(vth) & (vth > 0)):
+        i = int(np.argmax(~(np.isfinite(vth) & (vth > 0))))
+        raise ValueError(f"exp(ln_vth) must be finite and > 0, but ln_vth[{i}] = {ln_vth[i]} "
+                         "overflows or underflows; keep |ln_vth| < 700")
+    return ln_vth, vth
+
+
+def threshold_scale_fwd(y, ln_vth):
+    """Learnable threshold by input scaling (SpikingSSM): ``z = y / exp(ln_vth)[h]``.
+
+    Parameters
+    ----------
+    y : float64 array (B, H, L)
+    ln_vth : float64 array (H,)
+        Log threshold per channel; the neuron after this runs with ``theta = 1``.
+
+    Returns
+    -------
+    z : float64 array (B, H, L)
+    """
+    y = check_array("y", y, 3)
+    ln_vth, vth = _check_ln_vth(ln_vth, y.shape[1])
+    return y / vth[:, None]  # (B, H, L)
+
+
+def threshold_scale_bwd(y, ln_vth, dz):
+    """VJP of :func:`threshold_scale_fwd`: returns ``(dy (B, H, L), dln_vth (H,))``.
+
+    ``dy = dz / exp(ln_vth)``; ``dln_vth[h] = -sum_{b,t} dz z`` (since ``dz/dln_vth = -z``),
+    summed over batch and time. Both freshly allocated.
+    """
+    y = check_array("y", y, 3)
+    ln_vth, vth = _check_ln_vth(ln_vth, y.shape[1])
+    dz = check_array("dz", dz, 3)
+    check_shape("dz", dz, y.shape)
+    z = y / vth[:, None]  # (B, H, L)
+    dy = dz / vth[:, None]  # (B, H, L)
+    dln_vth = -np.einsum("bhl,bhl->h", dz, z)  # (H,)
+    return dy, dln_vth

@@ -1,0 +1,301 @@
+"""Surrogate gradients for the Heaviside spike function, each with its primitive.
+
+DESIGN.md section 4. The forward pass of a spiking neuron emits ``s = Theta(z)`` with
+``z = h - theta``; the backward pass replaces ``dTheta/dz`` by a surrogate ``g(z)``. Every
+surrogate here ships with its **primitive** ``G`` (``G' = g``), a smooth step. A neuron run in
+``smooth`` mode uses ``G`` instead of ``Theta`` in its forward pass, and then finite differences
+of that forward must equal the hand-written backward: this is how every backward is tested.
+
+| name | g(z) | G(z) | scale (default) | used by |
+|---|---|---|---|---|
+| ``triangle`` | ``max(0, 1 - abs(z)/w) / w`` | piecewise quadratic, 0 -> 1 | ``w`` (1) | SpikingSSM code ("piecewise_quadratic") |
+| ``rectangle`` | ``1[abs(z) < w/2] / w`` | ``clip(z/w + 1/2, 0, 1)`` | ``w`` (1) | |
+| ``sigmoid`` | ``a sig(a z) (1 - sig(a z))`` | ``sig(a z)`` | ``a`` (4) | spikingjelly default |
+| ``atan`` | ``(a/2) / (1 + (pi a z / 2)^2)`` | ``1/2 + arctan(pi a z / 2) / pi`` | ``a`` (2) | snntorch default, Binary S4D |
+| ``fast_sigmoid`` | ``1 / (1 + k abs(z))^2`` | ``1/k + z / (1 + k abs(z))``, 0 -> 2/k | ``k`` (25) | snntorch, Binary S4D ablation |
+
+``fast_sigmoid`` is used as snntorch defines it, unnormalised: its integral is ``2/k``, so its
+primitive climbs from 0 to ``2/k`` rather than to 1. Every other ``G`` goes from 0 to 1.
+
+Two implementations of each formula, kept independent on purpose:
+
+- Numba scalar functions, reached through :func:`surrogate_grad` and
+  :func:`surrogate_primitive`, which dispatch on an integer code. Kernels call these. (A jitted
+  callable passed as an argument would miss Numba's on-disk cache, pynndescent #226; an integer
+  code does not.)
+- NumPy versions (:attr:`Surrogate.grad`, :attr:`Surrogate.primitive`), vectorised, for tests
+  and plain-Python callers.
+
+:data:`SURROGATES` maps each name to a :class:`Surrogate` record (code, default scale, NumPy
+functions, kinks). Unknown names raise ``ValueError`` listing the valid ones.
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable, Tuple
+
+import numpy as np
+from numba import njit
+
+from . import config
+from ._checks import check_name, check_real
+
+# Integer codes understood by surrogate_grad / surrogate_primitive (and stored nowhere else).
+TRIANGLE = 0
+RECTANGLE = 1
+SIGMOID = 2
+ATAN = 3
+FAST_SIGMOID = 4
+
+# --------------------------------------------------------------------------------------------
+# Numba scalar kernels (tiny leaves: the docstring is the formula)
+# --------------------------------------------------------------------------------------------
+
+
+@njit(**config.NJIT_OPTS)
+def _triangle_grad(z, w):
+    """``g(z) = max(0, 1 - |z|/w) / w``."""
+    return max(0.0, 1.0 - abs(z) / w) / w
+
+
+@njit(**config.NJIT_OPTS)
+def _triangle_primitive(z, w):
+    """``G(z) = 0 (z <= -w); (1 + z/w)^2 / 2 (-w < z <= 0); 1 - (1 - z/w)^2 / 2 (0 < z < w); 1``."""
+    if z <= -w:
+        return 0.0
+    if z <= 0.0:
+        p = 1.0 + z / w
+        return 0.5 * p * p
+    if z < w:
+        q = 1.0 - z / w
+        return 1.0 - 0.5 * q * q
+    return 1.0
+
+
+@njit(**config.NJIT_OPTS)
+def _rectangle_grad(z, w):
+    """``g(z) = 1[|z| < w/2] / w``."""
+    return 1.0 / w if abs(z) < 0.5 * w else 0.0
+
+
+@njit(**config.NJIT_OPTS)
+def _rectangle_primitive(z, w):
+    """``G(z) = clip(z/w + 1/2, 0, 1)``."""
+    return min(max(z / w + 0.5, 0.0), 1.0)
+
+
+@njit(**config.NJIT_OPTS)
+def _sigmoid_grad(z, a):
+    """``g(z) = a sig(a z) (1 - sig(a z)) = a e / (1 + e)^2`` with ``e = exp(-|a z|)``.
+
+    The second form is the same number without the cancellation of ``1 - sig`` for large ``a z``.
+    """
+    e = math.exp(-abs(a * z))
+    return a * e / ((1.0 + e) * (1.0 + e))
+
+
+@njit(**config.NJIT_OPTS)
+def _sigmoid_primitive(z, a):
+    """``G(z) = sig(a z) = 1 / (1 + exp(-a z))`` (evaluated without overflow)."""
+    az = a * z
+    if az >= 0.0:
+        return 1.0 / (1.0 + math.exp(-az))
+    e = math.exp(az)
+    return e / (1.0 + e)
+
+
+@njit(**config.NJIT_OPTS)
+def _atan_grad(z, a):
+    """``g(z) = (a/2) / (1 + (pi a z / 2)^2)``."""
+    v = 0.5 * math.pi * a * z
+    return 0.5 * a / (1.0 + v * v)
+
+
+@njit(**config.NJIT_OPTS)
+def _atan_primitive(z, a):
+    """``G(z) = 1/2 + arctan(pi a z / 2) / pi``."""
+    return 0.5 + math.atan(0.5 * math.pi * a * z) / math.pi
+
+
+@njit(**config.NJIT_OPTS)
+def _fast_sigmoid_grad(z, k):
+    """``g(z) = 1 / (1 + k |z|)^2``."""
+    d = 1.0 + k * abs(z)
+    return 1.0 / (d * d)
+
+
+@njit(**config.NJIT_OPTS)
+def _fast_sigmoid_primitive(z, k):
+    """``G(z) = 1/k + z / (1 + k |z|)``: ``G(-inf) = 0``, ``G(0) = 1/k``, ``G(+inf) = 2/k``."""
+    return 1.0 / k + z / (1.0 + k * abs(z))
+
+
+@njit(**config.NJIT_OPTS)
+def surrogate_grad(code, z, scale):
+    """Surrogate derivative ``g(z)`` of the surrogate with integer ``code`` and shape ``scale``.
+
+    Callable from other Numba kernels. Preconditions: ``code`` is one of the module's codes
+    (:data:`TRIANGLE` ... :data:`FAST_SIGMOID`), ``scale > 0``; an unknown code returns NaN.
+    """
+    if code == TRIANGLE:
+        return _triangle_grad(z, scale)
+    if code == RECTANGLE:
+        return _rectangle_grad(z, scale)
+    if code == SIGMOID:
+        return _sigmoid_grad(z, scale)
+    if code == ATAN:
+        return _atan_grad(z, scale)
+    if code == FAST_SIGMOID:
+        return _fast_sigmoid_grad(z, scale)
+    return np.nan
+
+
+@njit(**config.NJIT_OPTS)
+def surrogate_primitive(code, z, scale):
+    """Primitive ``G(z)`` (``G' = g``) of the surrogate with integer ``code``; see :func:`surrogate_grad`."""
+    if code == TRIANGLE:
+        return _triangle_primitive(z, scale)
+    if code == RECTANGLE:
+        return _rectangle_primitive(z, scale)
+    if code == SIGMOID:
+        return _sigmoid_primitive(z, scale)
+    if code == ATAN:
+        return _atan_primitive(z, scale)
+    if code == FAST_SIGMOID:
+        return _fast_sigmoid_primitive(z, scale)
+    return np.nan
+
+
+# --------------------------------------------------------------------------------------------
+# NumPy versions (vectorised; an independent transcription of the same formulas)
+# --------------------------------------------------------------------------------------------
+
+
+def _np_triangle_grad(z, w):
+    return np.maximum(0.0, 1.0 - np.abs(z) / w) / w
+
+
+def _np_triangle_primitive(z, w):
+    zc = np.clip(z / w, -1.0, 1.0)  # z/w, saturated
+    return np.where(zc <= 0.0, 0.5 * (1.0 + zc) ** 2, 1.0 - 0.5 * (1.0 - zc) ** 2)
+
+
+def _np_rectangle_grad(z, w):
+    return np.where(np.abs(z) < 0.5 * w, 1.0 / w, 0.0)
+
+
+def _np_rectangle_primitive(z, w):
+    return np.clip(z / w + 0.5, 0.0, 1.0)
+
+
+def _np_sigmoid_grad(z, a):
+    e = np.exp(-np.abs(a * z))
+    return a * e / (1.0 + e) ** 2
+
+
+def _np_sigmoid_primitive(z, a):
+    e = np.exp(-np.abs(a * z))  # in (0, 1], no overflow
+    return np.where(a * z >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _np_atan_grad(z, a):
+    return (a / 2.0) / (1.0 + (np.pi * a * z / 2.0) ** 2)
+
+
+def _np_atan_primitive(z, a):
+    return 0.5 + np.arctan(np.pi * a * z / 2.0) / np.pi
+
+
+def _np_fast_sigmoid_grad(z, k):
+    return 1.0 / (1.0 + k * np.abs(z)) ** 2
+
+
+def _np_fast_sigmoid_primitive(z, k):
+    return 1.0 / k + z / (1.0 + k * np.abs(z))
+
+
+@dataclass(frozen=True)
+class Surrogate:
+    """One registry entry of :data:`SURROGATES`.
+
+    Attributes
+    ----------
+    name : str
+    code : int
+        The integer the Numba dispatchers :func:`surrogate_grad` / :func:`surrogate_primitive`
+        understand.
+    default_scale : float
+        The shape constant of DESIGN.md's table (``w``, ``a`` or ``k``).
+    scale_name : str
+        ``"w"``, ``"a"`` or ``"k"``.
+    g, G : str
+        The formulas, as documentation.
+    kinks : callable ``scale -> tuple of float``
+        Points where ``g`` is not differentiable (where ``G`` is only C^1, or for ``rectangle``
+        only C^0). Finite-difference tests keep ``z`` away from them.
+    total : callable ``scale -> float``
+        ``G(+inf) - G(-inf)``, the integral of ``g``: 1, except ``2/k`` for ``fast_sigmoid``.
+    """
+
+    name: str
+    code: int
+    default_scale: float
+    scale_name: str
+    g: str
+    G: str
+    kinks: Callable[[float], Tuple[float, ...]]
+    total: Callable[[float], float]
+    _np_grad: Callable
+    _np_primitive: Callable
+
+    def grad(self, z, scale=None):
+        """``g(z)`` elementwise (NumPy); ``scale=None`` is the default shape constant."""
+        return self._np_grad(np.asarray(z, dtype=np.float64), self.resolve_scale(scale))
+
+    def primitive(self, z, scale=None):
+        """``G(z)`` elementwise (NumPy); ``scale=None`` is the default shape constant."""
+        return self._np_primitive(np.asarray(z, dtype=np.float64), self.resolve_scale(scale))
+
+    def resolve_scale(self, scale=None):
+        """The shape constant to use: ``default_scale`` for ``None``, else a finite float > 0."""
+        if scale is None:
+            return self.default_scale
+        return check_real(f"surrogate_scale ({self.scale_name} of {self.name!r})", scale, 0.0,
+                          lo_open=True)
+
+
+def _one(scale):
+    return 1.0
+
+
+SURROGATES = {
+    "triangle": Surrogate(
+        "triangle", TRIANGLE, 1.0, "w",
+        "max(0, 1 - |z|/w) / w",
+        "0 for z <= -w; (1 + z/w)^2 / 2 for -w < z <= 0; 1 - (1 - z/w)^2 / 2 for 0 < z < w; 1",
+        lambda w: (-w, 0.0, w), _one, _np_triangle_grad, _np_triangle_primitive),
+    "rectangle": Surrogate(
+        "rectangle", RECTANGLE, 1.0, "w",
+        "1[|z| < w/2] / w",
+        "clip(z/w + 1/2, 0, 1)",
+        lambda w: (-0.5 * w, 0.5 * w), _one, _np_rectangle_grad, _np_rectangle_primitive),
+    "sigmoid": Surrogate(
+        "sigmoid", SIGMOID, 4.0, "a",
+        "a sig(a z) (1 - sig(a z))",
+        "sig(a z)",
+        lambda a: (), _one, _np_sigmoid_grad, _np_sigmoid_primitive),
+    "atan": Surrogate(
+        "atan", ATAN, 2.0, "a",
+        "(a/2) / (1 + (pi a z / 2)^2)",
+        "1/2 + arctan(pi a z / 2) / pi",
+        lambda a: (), _one, _np_atan_grad, _np_atan_primitive),
+    "fast_sigmoid": Surrogate(
+        "fast_sigmoid", FAST_SIGMOID, 25.0, "k",
+        "1 / (1 + k |z|)^2",
+        "1/k + z / (1 + k |z|)  (from 0 to 2/k: snntorch's surrogate is not normalised)",
+        lambda k: (0.0,), lambda k: 2.0 / k, _np_fast_sigmoid_grad, _np_fast_sigmoid_primitive),
+}
+
+
+def get_surrogate(name):
+    """The :class:`Surrogate` record for ``name``; unknown names raise ValueError listing the valid ones."""
+    return check_name("surrogate", name, SURROGATES)
