@@ -15,9 +15,18 @@ from scipy.special import erf
 # --------------------------------------------------------------------------------------------
 
 
+def chanmix(W, x):
+    """``y[b, o, l] = sum_i W[o, i] x[b, i, l]`` as one BLAS matrix product.
+
+    Equivalent to ``np.einsum("oi,bil->bol", W, x)``; ``tensordot`` turns it into a single
+    ``(O, I) @ (I, B*L)`` GEMM, much faster than einsum's loops or a stacked ``matmul``.
+    """
+    return np.ascontiguousarray(np.tensordot(W, x, axes=([1], [1])).transpose(1, 0, 2))
+
+
 def linear_fwd(x, W, b=None):
     """``y[:, o, t] = sum_i W[o, i] x[:, i, t] + b[o]``: x (B, Hin, L) -> (B, Hout, L)."""
-    y = np.einsum("oi,bil->bol", W, x)  # (B, Hout, L)
+    y = chanmix(W, x)  # (B, Hout, L)
     if b is not None:
         y += b[:, None]
     return y, (x, W, b is not None)
@@ -26,8 +35,8 @@ def linear_fwd(x, W, b=None):
 def linear_bwd(cache, dy):
     """Returns ``(dx, dW, db)``; ``db`` is None when the layer has no bias."""
     x, W, has_b = cache
-    dx = np.einsum("oi,bol->bil", W, dy)  # (B, Hin, L)
-    dW = np.einsum("bol,bil->oi", dy, x)  # (Hout, Hin)
+    dx = chanmix(W.T, dy)  # (B, Hin, L)
+    dW = np.tensordot(dy, x, axes=([0, 2], [0, 2]))  # (Hout, Hin) = sum_{b,l} dy x^T
     db = dy.sum(axis=(0, 2)) if has_b else None  # (Hout,)
     return dx, dW, db
 
@@ -109,8 +118,8 @@ def gsu_fwd(x, W, b, c, Tx=None, TW=None):
     """
     Tx = ternary(x, axis=1) if Tx is None else Tx  # (B, H, L), max over channels per token
     TW = ternary(W) if TW is None else TW  # (H, H), max over the matrix
-    P = np.einsum("bil,ij->bjl", Tx, W) + b[:, None]  # (B, H, L)
-    Q = np.einsum("bil,ij->bjl", x, TW) + c[:, None]  # (B, H, L)
+    P = chanmix(W.T, Tx) + b[:, None]  # (B, H, L): P[:, j] = sum_i Tx[:, i] W[i, j]
+    Q = chanmix(TW.T, x) + c[:, None]  # (B, H, L)
     return P * Q, (Tx, TW, P, Q)
 
 
@@ -119,9 +128,9 @@ def gsu_bwd(cache, dz):
     through ``Q = x Ter(W) + c`` and ``dW`` only through ``P = Ter(x) W + b``."""
     Tx, TW, P, Q = cache
     dP, dQ = dz * Q, dz * P  # (B, H, L) each
-    dW = np.einsum("bil,bjl->ij", Tx, dP)  # (H, H)
+    dW = np.tensordot(Tx, dP, axes=([0, 2], [0, 2]))  # (H, H) = sum_{b,l} Tx dP^T
     db = dP.sum(axis=(0, 2))  # (H,)
-    dx = np.einsum("ij,bjl->bil", TW, dQ)  # (B, H, L)
+    dx = chanmix(TW, dQ)  # (B, H, L)
     dc = dQ.sum(axis=(0, 2))  # (H,)
     return dx, dW, db, dc
 
