@@ -59,9 +59,10 @@ def _load_sdn(path):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", "out_dir", default="runs/train", show_default=True, type=click.Path(file_okay=False))
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.h5 (bit-exact).")
+@click.option("--overwrite", is_flag=True, help="Start again even if OUT/checkpoint.h5 exists.")
 def train(task, data, tokens, samples, length, activation, layers, d_model, d_state, epochs,
           batch_size, lr, weight_decay, dropout, norm, prenorm, bidirectional, grad_mode,
-          neuron_impl, sdn_weights, clip_norm, seed, out_dir, resume):
+          neuron_impl, sdn_weights, clip_norm, seed, out_dir, resume, overwrite):
     """Train a spiking SSM classifier on a built-in task or an .npz file."""
     from refimpl.h5io import FileFormatError
     from refimpl.model import ModelConfig
@@ -112,8 +113,9 @@ def train(task, data, tokens, samples, length, activation, layers, d_model, d_st
 
     try:
         with bar:
-            metrics = run(cfg, tcfg, ds, out_dir, resume=resume, sdn_weights=sdn, progress=progress)
-    except (FileFormatError, FileNotFoundError, ValueError, TypeError) as e:
+            metrics = run(cfg, tcfg, ds, out_dir, resume=resume, sdn_weights=sdn, progress=progress,
+                          overwrite=overwrite)
+    except (FileFormatError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         _fail(str(e))
     _summary(metrics, cfg)
 

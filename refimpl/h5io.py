@@ -105,6 +105,8 @@ def open_h5(path, schema, versions=(1,)):
         f.close()
         raise FileFormatError(f"{path}: schema is {got!r}, expected {schema!r}")
     version = f.attrs.get("schema_version")
+    if isinstance(version, np.generic):
+        version = version.item()
     if version is None or int(version) not in versions:
         f.close()
         raise FileFormatError(f"{path}: schema_version {version!r} of {schema!r} is not supported "

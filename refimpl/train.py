@@ -129,17 +129,22 @@ def _epoch_metrics(cfg, epoch, train_loss, train_acc, ev, L):
     }
 
 
-def train(cfg, tcfg, data, out_dir, resume=False, sdn_weights=None, progress=None):
+def train(cfg, tcfg, data, out_dir, resume=False, sdn_weights=None, progress=None,
+          overwrite=False):
     """Train ``cfg`` on ``data`` (see :mod:`refimpl.tasks`) for ``tcfg.epochs`` epochs.
 
-    ``resume=True`` continues from ``out_dir/checkpoint.h5`` (the stored configs are used and
-    must equal the given ones). Returns the list of per-epoch metrics.
+    ``resume=True`` continues from ``out_dir/checkpoint.h5`` (the stored configs must equal
+    the given ones; only ``epochs`` may grow). Without ``resume``, an existing checkpoint in
+    ``out_dir`` is an error unless ``overwrite``. Everything is validated before anything is
+    written. Returns the list of per-epoch metrics.
     """
-    os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "checkpoint.h5")
     xtr, ytr = data["x_train"], data["y_train"]
-    M.check_inputs(cfg, xtr[:1], ytr[:1])
-    M.check_inputs(cfg, data["x_test"][:1], data["y_test"][:1])
+    M.check_inputs(cfg, xtr, ytr)
+    M.check_inputs(cfg, data["x_test"], data["y_test"])
+    if not resume and os.path.exists(ckpt) and not overwrite:
+        raise FileExistsError(f"{ckpt} exists; pass --resume to continue it or --overwrite to "
+                              "start again")
     steps_per_epoch = -(-len(ytr) // tcfg.batch_size)
     total = tcfg.epochs * steps_per_epoch
     if resume:
@@ -153,6 +158,7 @@ def train(cfg, tcfg, data, out_dir, resume=False, sdn_weights=None, progress=Non
         params, buffers = M.init_model(cfg, tcfg.seed, sdn_weights=sdn_weights)
         opt, start, metrics = adamw_init(params), 0, []
     groups = make_groups(params, tcfg.lr, tcfg.weight_decay, M.optimizer_rules(tcfg.lr))
+    os.makedirs(out_dir, exist_ok=True)
     warmup = min(int(round(tcfg.warmup_frac * total)), total - 1)
     L = xtr.shape[1]
     atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(
