@@ -127,7 +127,8 @@ SLTT = 2
 #: grad_mode name -> integer code used by the backward kernel.
 GRAD_MODES = {"bptt": BPTT, "detach_reset": DETACH_RESET, "sltt": SLTT}
 
-#: spike_condition name -> strict flag (``ge``: ``h >= theta``; ``gt``: ``h > theta``, see ``theta_fire``).
+#: spike_condition name -> strict flag (``ge``: ``h >= theta``; ``gt``: ``h > theta``; the
+#: kernels see it as ``theta_fire``).
 SPIKE_CONDITIONS = {"ge": False, "gt": True}
 
 
@@ -228,8 +229,9 @@ _SKEW = 16
 # - ``theta_fire`` is the firing threshold as a ``>=`` test: ``theta`` for ``ge`` and
 #   ``nextafter(theta, +inf)`` for ``gt`` (for every float h, ``h > theta`` iff
 #   ``h >= nextafter(theta, +inf)``), so no kernel branches on the condition.
-# - ``R`` is the refractory period as an int > 0, or ``None`` for none: Numba compiles a
-#   separate specialisation for ``None`` in which the refractory counter is pruned away.
+# - ``R`` is the refractory period. The fast forward takes an int > 0, or ``None`` for none:
+#   Numba compiles a separate specialisation for ``None`` in which the refractory counter is
+#   pruned away. The smooth forward and the backward take an int >= 0 (one compilation each).
 
 
 @njit(**config.NJIT_OPTS)
@@ -307,8 +309,9 @@ def _neuron_fwd(x, tau, theta_fire, a, b, R, s, h, u):
 def _neuron_fwd_smooth(x, tau, theta, theta_fire, a, b, R, code, scale, s, h, u):
     """Smooth forward: ``s_t = allowed_t G(h_t - theta)``; the mask follows the hard spikes.
 
-    Preconditions as :func:`_neuron_fwd`; ``code``/``scale`` select the surrogate primitive
-    (:func:`refimpl.surrogates.surrogate_primitive`). A plain row-by-row loop (testing only).
+    Preconditions as :func:`_neuron_fwd` but ``R >= 0`` an int; ``code``/``scale`` select the
+    primitive (:func:`refimpl.surrogates.surrogate_primitive`). A plain row-by-row loop (testing
+    only).
     """
     M, L = x.shape
     for r in range(M):
@@ -317,7 +320,7 @@ def _neuron_fwd_smooth(x, tau, theta, theta_fire, a, b, R, code, scale, s, h, u)
         for t in range(L):
             h_t = tau * u_prev + x[r, t]
             allowed = cnt == 0
-            if R is not None:
+            if R > 0:
                 fired = allowed and h_t >= theta_fire  # the hard spike drives the mask
                 cnt = R if fired else max(cnt - 1, 0)
             s_t = surrogate_primitive(code, h_t - theta, scale) if allowed else 0.0
@@ -339,7 +342,7 @@ def _neuron_bwd(s, h, ds, dh, du, has_dh, has_du, tau, theta, theta_fire, a, b, 
     """Reverse-time VJP of every row; writes ``dx (M, L)`` and ``g_rho (M,)`` (both overwritten).
 
     Preconditions: C-contiguous float64 ``s, h, ds, dx (M, L)``; ``dh``/``du`` are ``(M, L)``
-    when ``has_dh``/``has_du``, otherwise ignored; ``b (M,)``; ``R`` an int > 0 or None. Per row, with
+    when ``has_dh``/``has_du``, otherwise ignored; ``b (M,)``; ``R >= 0``. Per row, with
     ``g_t = allowed_t g(h_t - theta)`` and ``gh_L = 0``, for ``t = L-1 .. 0``::
 
         gu_t = du_t + tau gh_{t+1}                 (sltt: gu_t = du_t)
@@ -353,7 +356,7 @@ def _neuron_bwd(s, h, ds, dh, du, has_dh, has_du, tau, theta, theta_fire, a, b, 
     M, L = s.shape
     allowed = np.ones(L)  # (L,)
     for r in range(M):
-        if R is not None:
+        if R > 0:
             cnt = 0
             for t in range(L):
                 ok = cnt == 0
@@ -405,7 +408,7 @@ def _check_x(name, x):
 
 
 def check_rho(cfg, rho, H):
-    """Validate ``rho`` against the config: float64 ``(H,)``, finite, ``>= 0``, iff ``reset="refractory"``.
+    """Validate ``rho``: float64 ``(H,)``, finite, ``>= 0``, given iff ``reset="refractory"``.
 
     Returns ``rho`` (C-contiguous) or ``None``.
     """
@@ -437,13 +440,12 @@ def reset_coefficients(cfg, rho, H):
 
 
 def _kernel_args(cfg, rho, Bsz, H):
-    """``(theta_fire, a, b_rows (B*H,), R)`` as the kernels take them (see the kernel conventions)."""
+    """``(theta_fire, a, b_rows (B*H,), R)`` as the kernels take them (see kernel conventions)."""
     a, b = reset_coefficients(cfg, rho, H)
     b_rows = np.ascontiguousarray(np.broadcast_to(b, (Bsz, H)).reshape(-1))  # (B*H,)
     gt = SPIKE_CONDITIONS[cfg.spike_condition]
     theta_fire = float(np.nextafter(cfg.theta, np.inf)) if gt else cfg.theta
-    R = cfg.refractory_steps if cfg.refractory_steps > 0 else None
-    return theta_fire, a, b_rows, R
+    return theta_fire, a, b_rows, cfg.refractory_steps
 
 
 def neuron_fwd(x, cfg, rho=None, smooth=False):
@@ -488,7 +490,7 @@ def neuron_fwd(x, cfg, rho=None, smooth=False):
         _neuron_fwd_smooth(xr, cfg.tau, cfg.theta, theta_fire, a, b_rows, R, sur.code, cfg.scale,
                            sr, hr, ur)
     else:
-        _neuron_fwd(xr, cfg.tau, theta_fire, a, b_rows, R, sr, hr, ur)
+        _neuron_fwd(xr, cfg.tau, theta_fire, a, b_rows, R if R > 0 else None, sr, hr, ur)
     return s, h, u
 
 

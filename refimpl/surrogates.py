@@ -151,7 +151,7 @@ def surrogate_grad(code, z, scale):
 
 @njit(**config.NJIT_OPTS)
 def surrogate_primitive(code, z, scale):
-    """Primitive ``G(z)`` (``G' = g``) of the surrogate with integer ``code``; see :func:`surrogate_grad`."""
+    """Primitive ``G(z)`` (``G' = g``) of the surrogate ``code``; see :func:`surrogate_grad`."""
     if code == TRIANGLE:
         return _triangle_primitive(z, scale)
     if code == RECTANGLE:
@@ -297,5 +297,5 @@ SURROGATES = {
 
 
 def get_surrogate(name):
-    """The :class:`Surrogate` record for ``name``; unknown names raise ValueError listing the valid ones."""
+    """The :class:`Surrogate` for ``name``; unknown names raise ValueError listing valid ones."""
     return check_name("surrogate", name, SURROGATES)

@@ -1,4 +1,4 @@
-"""Iterative neurons: forward == naive loops, properties, backward by finite differences, validation.
+"""Iterative neurons: forward == naive loops, properties, backward by finite differences, errors.
 
 Tolerances: the kernel and the naive loops perform the same floating-point operations, so
 forwards are compared for exact equality. Finite differences (central, eps = 1e-6, on the smooth
@@ -78,7 +78,7 @@ def test_forward_equals_naive(data, smooth):
 
 @given(data=st.data())
 def test_forward_equals_naive_with_ties(data):
-    """Dyadic inputs make ``h == theta`` happen: ge and gt must then differ exactly as the loops do."""
+    """Dyadic inputs make ``h == theta`` happen: ge and gt then differ exactly as in the loops."""
     cfg = data.draw(neuron_configs(quantized=True))
     x, rho = data.draw(neuron_inputs(cfg, quantized=True))
     s, h, u = neuron_fwd(x, cfg, rho)
@@ -190,7 +190,7 @@ def test_threshold_scaling_spike_for_spike(data, theta):
 @pytest.mark.parametrize("R", [0, 1, 3])
 @pytest.mark.parametrize("reset", ["hard", "soft", "refractory", "none"])
 def test_refractory_period_blocks_exactly_R_steps(reset, R):
-    """Strong constant drive: spikes at 0, R+1, 2(R+1), ...; blocked steps integrate without reset."""
+    """Strong constant drive: spikes at 0, R+1, 2(R+1), ...; blocked steps integrate, no reset."""
     L = 12
     x = np.full((1, 1, L), 5.0)
     cfg = NeuronConfig(reset=reset, tau=0.5, refractory_steps=R)
@@ -518,7 +518,8 @@ X = np.zeros((2, 3, 5))
     (dict(refractory_steps=-1), ValueError, r"refractory_steps must be >= 0, got -1"),
     (dict(refractory_steps=1.5), TypeError, r"refractory_steps must be an integer, got 1.5"),
     (dict(refractory_steps=True), TypeError, r"refractory_steps must be an integer, got True"),
-    (dict(surrogate_scale=0.0), ValueError, r"surrogate_scale \(w of 'triangle'\) must be in \(0.0"),
+    (dict(surrogate_scale=0.0), ValueError,
+     r"surrogate_scale \(w of 'triangle'\) must be in \(0.0"),
 ])
 def test_config_validation(kwargs, err, match):
     with pytest.raises(err, match=match):
@@ -531,9 +532,12 @@ def test_theta_may_be_any_real_without_reset():
 
 
 @pytest.mark.parametrize("x, err, match", [
-    (np.full((1, 1, 3), np.nan), ValueError, r"x contains non-finite values \(first at index \(0, 0, 0\): nan\)"),
-    (np.array([[[0.0, np.inf]]]), ValueError, r"x contains non-finite values \(first at index \(0, 0, 1\): inf\)"),
-    (np.zeros((2, 3, 5), dtype=np.float32), TypeError, r"x must have dtype float64, got float32.*astype"),
+    (np.full((1, 1, 3), np.nan), ValueError,
+     r"x contains non-finite values \(first at index \(0, 0, 0\): nan\)"),
+    (np.array([[[0.0, np.inf]]]), ValueError,
+     r"x contains non-finite values \(first at index \(0, 0, 1\): inf\)"),
+    (np.zeros((2, 3, 5), dtype=np.float32), TypeError,
+     r"x must have dtype float64, got float32.*astype"),
     (np.zeros((2, 3, 5), dtype=np.int64), TypeError, r"x must have dtype float64, got int64"),
     ([[[0.0]]], TypeError, r"x must be a numpy.ndarray of float64, got list"),
     (np.zeros((3, 5)), ValueError, r"x must have rank 3, got shape \(3, 5\)"),
@@ -556,8 +560,10 @@ def test_smooth_must_be_bool():
 
 @pytest.mark.parametrize("reset, rho, err, match", [
     ("refractory", None, ValueError, r"reset='refractory' needs rho"),
-    ("soft", np.zeros(3), ValueError, r"rho is only used with reset='refractory'; got rho with reset='soft'"),
-    ("refractory", np.array([0.1, -0.5, 0.0]), ValueError, r"rho must be >= 0 everywhere, got rho\[1\] = -0.5"),
+    ("soft", np.zeros(3), ValueError,
+     r"rho is only used with reset='refractory'; got rho with reset='soft'"),
+    ("refractory", np.array([0.1, -0.5, 0.0]), ValueError,
+     r"rho must be >= 0 everywhere, got rho\[1\] = -0.5"),
     ("refractory", np.zeros(2), ValueError, r"rho must have shape \(3\), got \(2,\)"),
     ("refractory", np.zeros(3, dtype=np.float32), TypeError, r"rho must have dtype float64"),
     ("refractory", np.array([0.0, np.nan, 0.0]), ValueError, r"rho contains non-finite values"),
@@ -586,21 +592,25 @@ def test_backward_wrong_dtype():
 def test_backward_nonfinite_cotangent():
     ds = X.copy()
     ds[0, 1, 2] = np.inf
-    with pytest.raises(ValueError, match=r"ds contains non-finite values \(first at index \(0, 1, 2\)"):
+    with pytest.raises(ValueError,
+                       match=r"ds contains non-finite values \(first at index \(0, 1, 2\)"):
         neuron_bwd(X, X, X, X, NeuronConfig(), ds)
 
 
 def test_backward_hard_mode_needs_binary_spikes():
     s = X.copy()
     s[1, 0, 3] = 0.5
-    with pytest.raises(ValueError, match=r"s must hold spikes 0/1 when smooth=False, got s\[1, 0, 3\] = 0.5"):
+    with pytest.raises(ValueError,
+                       match=r"s must hold spikes 0/1 when smooth=False, got s\[1, 0, 3\] = 0.5"):
         neuron_bwd(X, s, X, X, NeuronConfig(), X)
 
 
 @pytest.mark.parametrize("ln_vth, match", [
     (np.zeros(2), r"ln_vth must have shape \(3\), got \(2,\)"),
-    (np.array([0.0, 800.0, 0.0]), r"exp\(ln_vth\) must be finite and > 0, but ln_vth\[1\] = 800.0"),
-    (np.array([0.0, 0.0, -800.0]), r"exp\(ln_vth\) must be finite and > 0, but ln_vth\[2\] = -800.0"),
+    (np.array([0.0, 800.0, 0.0]),
+     r"exp\(ln_vth\) must be finite and > 0, but ln_vth\[1\] = 800.0"),
+    (np.array([0.0, 0.0, -800.0]),
+     r"exp\(ln_vth\) must be finite and > 0, but ln_vth\[2\] = -800.0"),
 ])
 def test_threshold_scale_validation(ln_vth, match):
     with pytest.raises(ValueError, match=match):
