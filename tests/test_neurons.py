@@ -105,6 +105,31 @@ def test_grouped_rows_equal_naive_on_long_rows(reset, R):
     assert 0 < s.mean() < 1
 
 
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("cond", ["ge", "gt"])
+@pytest.mark.parametrize("R", [0, 2])
+@pytest.mark.parametrize("reset", list(RESETS))
+def test_every_option_combination_equals_naive(reset, R, cond, smooth):
+    rng = np.random.default_rng(12)
+    x = np.round(rng.normal(0.5, 1.0, size=(2, 3, 61)) * 8) / 8  # (B, H, L) with exact ties
+    cfg = NeuronConfig(reset=reset, tau=0.5, refractory_steps=R, spike_condition=cond,
+                       surrogate="atan", u_reset=0.25 if reset == "hard" else 0.0)
+    rho = np.array([0.0, 0.5, 1.25]) if reset == "refractory" else None
+    for a, b in zip(neuron_fwd(x, cfg, rho, smooth=smooth), naive(x, cfg, rho, smooth=smooth)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("reset", list(RESETS))
+@pytest.mark.parametrize("R", [0, 3])
+def test_long_sequences_equal_naive(reset, R):
+    rng = np.random.default_rng(13)
+    x = rng.normal(0.3, 1.0, size=(2, 5, 5000))  # (B, H, L)
+    cfg = NeuronConfig(reset=reset, tau=0.9, refractory_steps=R, theta=1.5)
+    rho = rng.uniform(0, 1, 5) if reset == "refractory" else None
+    for a, b in zip(neuron_fwd(x, cfg, rho), naive(x, cfg, rho)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_ge_and_gt_differ_exactly_at_the_threshold():
     x = np.array([[[1.0, 0.0, 0.5, 0.75]]])  # ge: h = 1 (spike, reset to 0), 0, 0.5, 1 (spike)
     s_ge, _, _ = neuron_fwd(x, NeuronConfig(reset="hard", tau=0.5, spike_condition="ge"))
