@@ -16,9 +16,12 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# The main job: the parallel-vs-iterative equivalence checks on randomised cases.
+# The main job: train a small spiking SSM (SpikingSSM LIF) on the delayed-recall task and
+# print its summary (about a minute on 2 cores), then the parallel-vs-iterative checks.
 run: install
 	$(BIN)/refimpl info
+	$(BIN)/refimpl train --task recall --activation lif --samples 1000 --length 100 \
+	  --d-model 32 --d-state 16 --layers 2 --epochs 12 --out runs/make-run --overwrite
 	$(BIN)/refimpl equivalence --cases 20 --seed 0
 
 # Fast suite (a few minutes on 2 cores, Numba compile included).

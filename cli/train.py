@@ -35,7 +35,7 @@ def _load_sdn(path):
 
 
 @click.command()
-@click.option("--task", type=click.Choice(["adding", "listops", "parity"]), help="Built-in task.")
+@click.option("--task", type=click.Choice(["adding", "listops", "recall", "parity"]), help="Built-in task.")
 @click.option("--data", type=click.Path(dir_okay=False), help="User data (.npz: x_train, y_train, x_test, y_test).")
 @click.option("--tokens", default=0, type=click.IntRange(min=0), help="Vocabulary size for integer inputs (uses an embedding).")
 @click.option("--samples", default=1000, show_default=True, type=click.IntRange(min=2), help="Samples of a built-in task (train + test).")
@@ -137,7 +137,7 @@ def _summary(metrics, cfg):
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--task", type=click.Choice(["adding", "listops", "parity"]))
+@click.option("--task", type=click.Choice(["adding", "listops", "recall", "parity"]))
 @click.option("--data", type=click.Path(dir_okay=False))
 @click.option("--tokens", default=0, type=click.IntRange(min=0))
 @click.option("--samples", default=1000, show_default=True, type=click.IntRange(min=2))

@@ -6,6 +6,15 @@ Modules (one concept each; see DESIGN.md for the math):
 - :mod:`refimpl.conv` - causal / bidirectional FFT convolution (and the direct form);
 - :mod:`refimpl.recurrence` - step API, whole-sequence recurrence, associative scan;
 - :mod:`refimpl.s4d` - the S4D layer (kernel + convolution + D), forward and backward;
+- :mod:`refimpl.surrogates` - surrogate gradients with their primitives;
+- :mod:`refimpl.neurons` - the LIF family (hard/soft/refractory/none resets), three grad modes;
+- :mod:`refimpl.pmbc` - PMBC, exact parallel spiking by boundary compression;
+- :mod:`refimpl.sdn` - the Surrogate Dynamic Network (inference, training, SDN neuron);
+- :mod:`refimpl.layers` - GLU, GSU, norms, dropout, pooling, loss;
+- :mod:`refimpl.model` - spiking SSM blocks and classifiers, whole-model backward;
+- :mod:`refimpl.optim` - AdamW with parameter groups, cosine schedule;
+- :mod:`refimpl.tasks` / :mod:`refimpl.train` - built-in tasks, the training loop, checkpoints;
+- :mod:`refimpl.h5io` - atomic HDF5 files with provenance;
 - :mod:`refimpl.reference` - the standalone pure-NumPy statement of the math (the oracle).
 """
 __version__ = "0.1.0"

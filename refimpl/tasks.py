@@ -7,6 +7,7 @@ Every task returns a dict ``x_train, y_train, x_test, y_test`` plus metadata: fl
 |---|---|---|---|
 | ``adding`` | ``(L, 2)``: values U[0, 1] and a marker channel with two ones | ``1[sum of the two marked values > 1]`` | long-range memory (the adding problem, as classification) |
 | ``listops`` | tokens of a nested expression (LRA's ListOps generator, scaled down) | its value 0..9 | hierarchical structure |
+| ``recall`` | ``(L, K + 1)``: a one-hot cue among ``K = 4`` channels early in the sequence, noise on the last channel throughout | the cue's class | delayed recall: memory over the whole sequence |
 | ``parity`` | ``(L, 1)`` sparse 0/1 pulses | number of pulses mod 2 | counting; sensitive to how neurons reset |
 """
 import numpy as np
@@ -76,6 +77,17 @@ def listops(n=1000, L=128, seed=0, max_depth=4, max_args=4):
     return _package(x, y, 10, "listops", vocab=len(LISTOPS_VOCAB))
 
 
+def recall(n=1000, L=200, seed=0, K=4):
+    """Delayed recall: a one-hot cue at a random step in the first tenth, then noise only."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, L, K + 1))  # (N, L, K+1)
+    y = rng.integers(0, K, size=n).astype(np.int64)
+    t = rng.integers(0, max(1, L // 10), size=n)
+    x[np.arange(n), t, y] = 1.0
+    x[:, :, K] = rng.normal(size=(n, L))
+    return _package(x, y, K, "recall")
+
+
 def parity(n=1000, L=64, seed=0, rate=0.1):
     """Sparse 0/1 pulses; label = number of pulses mod 2."""
     rng = np.random.default_rng(seed)
@@ -90,7 +102,7 @@ def _package(x, y, n_classes, name, vocab=0):
             "y_test": y[n_train:], "n_classes": n_classes, "vocab": vocab, "name": name}
 
 
-TASKS = {"adding": adding, "listops": listops, "parity": parity}
+TASKS = {"adding": adding, "listops": listops, "recall": recall, "parity": parity}
 
 
 def make_task(name, n=1000, L=None, seed=0):
