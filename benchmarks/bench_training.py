@@ -1,0 +1,61 @@
+"""Benchmark group ``training``: one training step (forward + backward + AdamW update).
+
+Issue 5's shape: B = 32, H = 128, N = 64, L = 1024, 2 layers. Each spiking family is timed
+beside the non-spiking ``gelu`` S4D baseline of the same size in the same run (speedup =
+gelu time / family time, so < 1 means the family's step is slower than the baseline's).
+"""
+import os
+
+import numpy as np
+
+from harness import register
+from refimpl import model as M
+from refimpl.optim import adamw_init, adamw_step, make_groups
+
+FULL = {"B": 32, "H": 128, "N": 64, "L": 1024, "layers": 2}
+QUICK = {"B": 4, "H": 8, "N": 4, "L": 32, "layers": 1}
+SHARED_SDN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "external",
+                          "sdn_spikingssm_tau0125.npz")
+
+
+def _sdn_weights():
+    if os.path.exists(SHARED_SDN):
+        with np.load(SHARED_SDN) as f:
+            return {k: f[k].astype(np.float64) for k in f.files}
+    rng = np.random.default_rng(0)  # timing only needs valid shapes
+    return {"w0": rng.normal(0, .3, (8, 1, 8)), "w1": np.zeros(8), "w2": rng.normal(0, .3, (8, 8, 1)),
+            "w3": np.zeros(8), "w4": rng.normal(0, .3, (1, 8, 1)), "w5": np.zeros(1)}
+
+
+def make_step(activation, s):
+    cfg = M.ModelConfig(n_classes=10, d_input=1, d_model=s["H"], d_state=s["N"],
+                        n_layers=s["layers"], activation=activation)
+    p, buf = M.init_model(cfg, 0, sdn_weights=_sdn_weights() if activation == "sdn" else None)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((s["B"], s["L"], 1))  # (B, L, 1)
+    y = rng.integers(0, 10, s["B"]).astype(np.int64)
+    opt = adamw_init(p)
+    groups = make_groups(p, 1e-3, 1e-2, M.optimizer_rules(1e-3))
+    state = {"p": p, "buf": buf}
+
+    def step():
+        loss, _, g, state["buf"], _ = M.loss_and_grads(cfg, state["p"], state["buf"], x, y,
+                                                       training=True)
+        adamw_step(state["p"], g, opt, groups)
+        return loss
+
+    return step
+
+
+@register("training", title="Training step (issue 5): forward + backward + AdamW", order=40,
+          description="float64; input (B, L, 1), 10 classes, LayerNorm post-norm, GLU mixing. "
+                      "Baseline: the non-spiking `gelu` model of the same size.")
+def training(ctx):
+    s = QUICK if ctx.quick else FULL
+    ctx.params.update(s)
+    base = make_step("gelu", s)
+    ctx.absolute("gelu (S4D baseline) step", s, refimpl=base)
+    for act in ("binary", "lif", "sdn", "refractory"):
+        ctx.compare(f"{act} step vs gelu step", s, refimpl=make_step(act, s),
+                    baseline=base, baseline_name="gelu step", rtol=None,
+                    note="different models: a cost ratio, not a check")
