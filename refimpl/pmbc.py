@@ -163,7 +163,9 @@ def _pmbc_rows_serial(x, tau, theta, c, u_reset, kind, R, ge, max_iter, s, h, u,
 
 
 def _check(x, cfg, rho):
-    from .neurons import NeuronConfig
+    """Validate like :func:`refimpl.neurons.neuron_fwd`; returns ``x`` and ``c`` per row (B*H,),
+    the reset magnitude of the linear resets (``u = h - c s``; unused for ``hard``)."""
+    from .neurons import NeuronConfig, check_rho, reset_coefficients
 
     if not isinstance(cfg, NeuronConfig):
         raise TypeError(f"cfg must be a refimpl.neurons.NeuronConfig, got {type(cfg).__name__}")
@@ -171,19 +173,9 @@ def _check(x, cfg, rho):
     Bsz, H, L = x.shape
     if L < 1:
         raise ValueError(f"x must have at least one time step (L >= 1), got shape {x.shape}")
-    if cfg.reset == "refractory":
-        if rho is None:
-            raise ValueError("reset='refractory' needs rho (H,) >= 0; pass rho=np.zeros(H) for none")
-        rho = check_array("rho", rho, 1)
-        check_shape("rho", rho, (H,))
-        if np.any(rho < 0):
-            raise ValueError(f"rho must be >= 0, got min(rho) = {rho.min()}")
-        c = cfg.theta + rho  # (H,)
-    else:
-        if rho is not None:
-            raise ValueError(f"rho is only used with reset='refractory', got reset={cfg.reset!r}")
-        c = np.full(H, cfg.theta if cfg.reset == "soft" else 0.0)  # (H,)
-    return x, np.ascontiguousarray(np.broadcast_to(c, (Bsz, H)).reshape(-1))
+    rho = check_rho(cfg, rho, H)
+    _, b = reset_coefficients(cfg, rho, H)  # u = h (1 - a s) + b s; linear resets: b = -c
+    return x, np.ascontiguousarray(np.broadcast_to(-b, (Bsz, H)).reshape(-1))
 
 
 def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True):

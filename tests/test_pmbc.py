@@ -210,7 +210,7 @@ def test_validation():
     x = np.zeros((1, 2, 5))
     with pytest.raises(ValueError, match=r"reset='refractory' needs rho"):
         pmbc_fwd(x, NeuronConfig(reset="refractory"))
-    with pytest.raises(ValueError, match=r"rho must be >= 0, got min\(rho\) = -0.5"):
+    with pytest.raises(ValueError, match=r"rho must be >= 0 everywhere, got rho\[1\] = -0.5"):
         pmbc_fwd(x, NeuronConfig(reset="refractory"), rho=np.array([0.0, -0.5]))
     with pytest.raises(ValueError, match=r"rho is only used with reset='refractory'"):
         pmbc_fwd(x, NeuronConfig(reset="soft"), rho=np.zeros(2))
