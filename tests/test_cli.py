@@ -33,6 +33,12 @@ def test_equivalence_table():
     assert row.startswith("direct conv = FFT conv = recurrence = scan")
     worst = float(row.split()[-3])  # the worst-error column
     assert worst < 1e-12
+    pmbc = lines[header + 3].split()
+    assert " ".join(pmbc[:4]) == "PMBC = iterative neuron"
+    cases, worst, mismatches, it_min, it_med, it_max = pmbc[4], float(pmbc[5]), int(pmbc[6]), \
+        int(pmbc[7]), float(pmbc[9]), int(pmbc[11])
+    assert cases == "3" and worst < 1e-10 and mismatches == 0
+    assert 1 <= it_min <= it_med <= it_max
 
 
 def test_equivalence_unknown_check_is_a_usage_error():
