@@ -38,8 +38,11 @@ golden: install
 bench: install
 	$(BIN)/python benchmarks/run.py
 
+# Byte-compile everything and import every module with warnings as errors (pyflakes/ruff are
+# not dependencies; run them by hand if installed).
 lint: install
-	$(BIN)/python -m pyflakes refimpl cli tests benchmarks 2>/dev/null || $(BIN)/python -m compileall -q refimpl cli tests benchmarks
+	$(BIN)/python -m compileall -q refimpl cli tests benchmarks examples
+	$(BIN)/python -W error -c "import pkgutil, importlib, refimpl, cli; [importlib.import_module(m.name) for p in (refimpl, cli) for m in pkgutil.iter_modules(p.__path__, p.__name__ + '.')]"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .hypothesis .pytest_cache
