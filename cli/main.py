@@ -7,6 +7,7 @@ import sys
 import click
 
 import refimpl
+from cli.golden import golden
 from cli.train import evaluate, train
 
 
@@ -89,6 +90,7 @@ def equivalence(cases, seed, checks):
 
 main.add_command(train)
 main.add_command(evaluate)
+main.add_command(golden)
 
 
 if __name__ == "__main__":

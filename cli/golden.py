@@ -1,0 +1,141 @@
+"""``refimpl golden``: generate, verify, check and show golden HDF5 traces (thin click layer).
+
+All the work is in :mod:`refimpl.golden`; this module parses options, prints what the library
+returns and turns file errors into one-line messages (no traceback).
+"""
+import json
+import math
+import os
+import sys
+
+import click
+
+from refimpl import golden as G
+from refimpl.h5io import FileFormatError
+
+
+def _fail(msg):
+    raise click.ClickException(" ".join(str(msg).split()))
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # NaN / inf are not JSON
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _write_json(path, report):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(report), f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+@click.group()
+def golden():
+    """Golden HDF5 traces: the contract with other backends (golden/SCHEMA.md).
+
+    \b
+    refimpl golden show golden/v1/fftconv.h5            what a suite holds
+    refimpl golden verify my_backend/fftconv.h5         check a backend's candidate file
+    refimpl golden check                                refimpl against its committed files
+    refimpl golden generate --overwrite                 regenerate golden/v1
+    """
+
+
+@golden.command()
+@click.option("--suite", "suites", multiple=True, type=click.Choice(list(G.SUITES)),
+              help="Generate only this suite (repeatable); default: all.")
+@click.option("--out", "out_dir", default=str(G.DEFAULT_DIR), show_default=True,
+              type=click.Path(file_okay=False), help="Folder for <suite>.h5.")
+@click.option("--overwrite", is_flag=True, help="Replace existing files.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every case stream.")
+@click.option("--size", default="small", show_default=True, type=click.Choice(G.SIZES),
+              help="'small' is the committed set; 'large' has 8x longer sequences.")
+def generate(suites, out_dir, overwrite, seed, size):
+    """Write golden/v1/<suite>.h5 (float64, deterministic, atomic; refuses fast-math)."""
+    names = list(suites) or list(G.SUITES)
+    try:
+        G.check_fastmath()
+        total = sum(len(G.suite_specs(n, seed, size)) for n in names)
+        with click.progressbar(length=total, label="golden cases", file=sys.stderr) as bar:
+            paths = G.generate(out_dir, names, seed=seed, size=size, overwrite=overwrite,
+                               progress=bar.update)
+    except (FileExistsError, RuntimeError, ValueError) as e:
+        _fail(e)
+    for p in paths:
+        gf = G.read_golden(p)
+        counts = {}
+        for c in gf.cases.values():
+            counts[c.result] = counts.get(c.result, 0) + 1
+        detail = ", ".join(f"{v} {k}" for k, v in counts.items())
+        click.echo(f"{p}: {len(gf.cases)} cases ({detail}), {os.path.getsize(p) / 1024:.0f} KiB")
+
+
+@golden.command()
+@click.argument("candidates", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--golden", "golden_dir", default=str(G.DEFAULT_DIR), show_default=True,
+              type=click.Path(file_okay=False), help="Folder of the golden <suite>.h5 files.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Also write the report as JSON to this file.")
+@click.option("--skip", multiple=True, metavar="PATTERN",
+              help="Skip cases or datasets matching a glob over 'ID' or 'ID/outputs/NAME' "
+                   "(e.g. '*/outputs/iterations'); repeatable. Skipped ones never fail.")
+@click.option("-v", "--verbose", is_flag=True, help="Show a detail column for every row.")
+def verify(candidates, golden_dir, json_path, skip, verbose):
+    """Compare candidate file(s) with the golden files, case by case.
+
+    A candidate has root attributes schema = 'refimpl-golden-candidate', schema_version = 1,
+    suite = '<suite>', and /cases/<id>/outputs/<name> and /cases/<id>/grads/<name> datasets
+    (an 'error' attribute on /cases/<id> says the backend rejected the case). Prints PASS or the
+    worst mismatch per tensor; exits 1 on any MISMATCH, MISSING, SHAPE, DTYPE, NOT_REJECTED,
+    ERROR or EXTRA row. Golden files are only read.
+    """
+    try:
+        report = G.verify(candidates, golden_dir, skip=skip)
+    except FileFormatError as e:
+        if json_path:
+            _write_json(json_path, {"passed": False, "error": str(e), "files": []})
+        _fail(e)
+    click.echo(G.format_report(report, verbose=verbose), nl=False)
+    if json_path:
+        _write_json(json_path, report)
+    if not report["passed"]:
+        sys.exit(1)
+
+
+@golden.command()
+@click.option("--golden", "golden_dir", default=str(G.DEFAULT_DIR), show_default=True,
+              type=click.Path(file_okay=False), help="Folder of the committed <suite>.h5 files.")
+@click.option("--suite", "suites", multiple=True, type=click.Choice(list(G.SUITES)),
+              help="Check only this suite (repeatable); default: all.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Also write the report as JSON to this file.")
+@click.option("-v", "--verbose", is_flag=True, help="Show a detail column for every row.")
+def check(golden_dir, suites, json_path, verbose):
+    """Recompute every committed case with the installed refimpl and compare (regression test)."""
+    try:
+        report = G.check(golden_dir, list(suites) or None)
+    except FileFormatError as e:
+        _fail(e)
+    click.echo(G.format_report(report, verbose=verbose), nl=False)
+    if json_path:
+        _write_json(json_path, report)
+    if not report["passed"]:
+        sys.exit(1)
+
+
+@golden.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--case", "case_id", help="Show one case in detail (datasets, shapes, tolerances).")
+def show(file, case_id):
+    """List the suite, cases, flags and shapes of a golden or candidate file."""
+    try:
+        click.echo(G.show(file, case_id), nl=False)
+    except (FileFormatError, KeyError) as e:
+        _fail(e.args[0] if isinstance(e, KeyError) else e)
