@@ -1,0 +1,555 @@
+"""Golden traces: writer/reader round trip, verify's report lines, bad files, the CLI, and
+``refimpl golden check`` on the committed set (the regression test of refimpl itself)."""
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cli.main import main
+from refimpl import config
+from refimpl import golden as G
+from refimpl.h5io import FileFormatError
+
+COMMITTED = G.DEFAULT_DIR
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def candidate_cases(gf, edit=None):
+    """A perfect candidate for golden file ``gf``: its outputs and grads (and 'error' for the
+    invalid cases), then ``edit(cases)`` to break it."""
+    cases = {}
+    for cid, g in gf.cases.items():
+        c = G.Case(id=cid)
+        if g.result == "invalid":
+            c.extra["error"] = "rejected"
+        else:
+            c.data = {p: np.array(v, copy=True) for p, v in g.data.items()
+                      if p.startswith(("outputs/", "grads/"))}
+        cases[cid] = c
+    if edit:
+        edit(cases)
+    return cases
+
+
+def write_candidate(path, suite, cases):
+    G.write_file(path, suite, list(cases.values()), overwrite=True, schema=G.CANDIDATE_SCHEMA)
+    return path
+
+
+@pytest.fixture(scope="module")
+def golden_dir(tmp_path_factory):
+    """A private copy of two committed suites (verify must work on any folder)."""
+    d = tmp_path_factory.mktemp("golden")
+    for suite in ("neuron", "fftconv"):
+        shutil.copy(COMMITTED / f"{suite}.h5", d / f"{suite}.h5")
+    return d
+
+
+@pytest.fixture(scope="module")
+def neuron_golden(golden_dir):
+    return G.read_golden(golden_dir / "neuron.h5")
+
+
+def first(gf, result="valid", flag=None):
+    return next(c for c in gf.cases.values()
+                if c.result == result and (flag is None or flag in c.flags))
+
+
+def rows_of(report, status=None):
+    rows = [r for f in report["files"] for r in f["rows"]]
+    return [r for r in rows if status is None or r["status"] == status]
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# writer / reader
+# --------------------------------------------------------------------------------------------
+
+names = st.text("abcdefghijklmnopqrstuvwxyz_.0123456789", min_size=1, max_size=8).filter(
+    lambda s: s not in (".", ".."))
+arrays = st.one_of(
+    st.integers(0, 3).flatmap(lambda nd: st.lists(st.integers(0, 3), min_size=nd, max_size=nd)).map(
+        lambda shape: np.random.default_rng(sum(shape) + len(shape)).normal(size=shape)),
+    st.lists(st.integers(-5, 5), min_size=0, max_size=4).map(lambda v: np.array(v, dtype=np.int64)),
+    st.floats(allow_nan=False).map(lambda v: np.asarray(v)),
+)
+trees = st.recursive(st.dictionaries(names, arrays, min_size=1, max_size=3),
+                     lambda sub: st.dictionaries(names, st.one_of(arrays, sub), min_size=1,
+                                                 max_size=3), max_leaves=8)
+# HDF5 strings cannot hold NUL (and must be valid UTF-8: no surrogates)
+texts = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+                max_size=30)
+attr_values = st.one_of(texts.map(lambda s: s[:10]), st.integers(-10**6, 10**6), st.booleans(),
+                        st.floats(allow_nan=False))
+
+
+@given(groups=st.fixed_dictionaries({g: trees for g in ("inputs", "outputs")}),
+       config=st.dictionaries(names.filter(lambda s: s not in G.RESERVED_ATTRS), attr_values,
+                              max_size=4),
+       flags=st.lists(st.sampled_from(sorted(G.FLAGS)), max_size=3),
+       comment=texts, margin=st.floats(0, 10))
+@settings(max_examples=25, deadline=None)
+def test_write_read_round_trip_with_nested_groups(tmp_path_factory, groups, config, flags,
+                                                  comment, margin):
+    path = tmp_path_factory.mktemp("rt") / "x.h5"
+    data = G._flatten(groups)
+    meta = {p: {"compare": "allclose", "rtol": 1e-15, "atol": 0.5} for p in data
+            if p.startswith("outputs/")}
+    case = G.Case(id="0000", op="op", comment=comment, flags=flags, result="acceptable",
+                  config=config, extra={"margin": margin}, data=data, meta=meta)
+    G.write_file(path, "glu", [case, G.Case(id="0001", op="op", result="invalid",
+                                            extra={"error": "no"})])
+    gf = G.read_golden(path)
+    assert list(gf.cases) == ["0000", "0001"]
+    back = gf.cases["0000"]
+    assert (back.op, back.comment, back.flags, back.result) == ("op", comment, flags, "acceptable")
+    assert back.config == config and back.extra == {"margin": margin}
+    assert set(back.data) == set(data)
+    for p, v in data.items():
+        assert back.data[p].dtype == v.dtype and back.data[p].shape == v.shape
+        np.testing.assert_array_equal(back.data[p], v)
+    for p, m in meta.items():
+        assert back.meta[p] == m
+    assert gf.cases["0001"].extra == {"error": "no"} and gf.cases["0001"].data == {}
+    assert gf.suite == "glu" and gf.attrs["schema_version"] == 1 and "generator" in gf.attrs
+
+
+def test_generation_is_deterministic_and_refuses_to_overwrite(tmp_path):
+    a = G.build_suite("glu", seed=3)
+    b = G.build_suite("glu", seed=3)
+    c = G.build_suite("glu", seed=4)
+    for x, y in zip(a, b):
+        assert x.data.keys() == y.data.keys()
+        for p in x.data:
+            np.testing.assert_array_equal(x.data[p], y.data[p])
+        assert x.meta == y.meta
+    assert not np.array_equal(a[0].data["inputs/s"], c[0].data["inputs/s"])
+    (path,) = G.generate(tmp_path, ["glu"], seed=3)
+    before = sha(path)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        G.generate(tmp_path, ["glu"], seed=3)
+    assert sha(path) == before
+    G.generate(tmp_path, ["glu"], seed=3, overwrite=True)
+    gf = G.read_golden(path)
+    assert gf.attrs["seed"] == 3 and gf.attrs["fastmath"] is False
+    for case, built in zip(gf.cases.values(), a):
+        np.testing.assert_array_equal(case.data["outputs/z"], built.data["outputs/z"])
+
+
+def test_generate_refuses_fastmath(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "FASTMATH", True)
+    with pytest.raises(RuntimeError, match="fast-math"):
+        G.generate(tmp_path, ["glu"])
+    r = CliRunner().invoke(main, ["golden", "generate", "--suite", "glu", "--out", str(tmp_path)])
+    assert r.exit_code == 1 and "fast-math" in r.output and "Traceback" not in r.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_suite_covers_its_options_and_edge_cases():
+    """The committed files: every option value of each suite appears, and the named edge cases
+    and result kinds are present; every case records a comment; spiking cases their margin."""
+    files = {s: G.read_golden(COMMITTED / f"{s}.h5") for s in G.SUITES}
+    assert set(files) == set(G.SUITES)
+
+    def values(suite, key):
+        return {c.config.get(key) for c in files[suite].cases.values()}
+
+    for suite in ("s4d_kernel", "s4d_layer"):
+        assert values(suite, "init") >= {"lin", "inv", "real"}
+        assert values(suite, "disc") >= {"zoh", "bilinear"}
+        assert values(suite, "trainable_B") >= {True, False}
+        assert values(suite, "bidirectional") >= {True, False}
+    assert values("fftconv", "bidirectional") == {True, False}
+    for suite in ("neuron", "pmbc"):
+        assert values(suite, "reset") >= {"hard", "soft", "refractory", "none"}
+        assert values(suite, "grad_mode") >= {"bptt", "detach_reset", "sltt"}
+        assert values(suite, "spike_condition") >= {"ge", "gt"}
+        assert values(suite, "surrogate") >= {"triangle", "rectangle", "sigmoid", "atan",
+                                              "fast_sigmoid"}
+        assert len(values(suite, "refractory_steps")) >= 3
+        flags = {f for c in files[suite].cases.values() for f in c.flags}
+        assert flags >= {"at_threshold", "near_threshold", "all_zero", "spike_at_t0",
+                         "long_sequence", "saturation", "invalid_config", "nan_input"}
+        results = {c.result for c in files[suite].cases.values()}
+        assert results == {"valid", "acceptable", "invalid"}
+        for c in files[suite].cases.values():
+            if c.result != "invalid":
+                assert "margin" in c.extra and c.meta["outputs/s"]["compare"] == "exact"
+                assert c.meta["outputs/s"]["margin"] == c.extra["margin"]
+    assert values("block", "activation") == {"gelu", "binary", "binary_gsu", "lif", "sdn",
+                                             "refractory"}
+    assert values("block", "norm") == {"layer", "batch"}
+    assert {f for c in files["s4d_kernel"].cases.values() for f in c.flags} >= {"extreme_dt",
+                                                                                 "long_sequence"}
+    for suite, gf in files.items():
+        for c in gf.cases.values():
+            assert c.comment and c.op == G.SUITES[suite].op
+            if c.result == "invalid":
+                assert c.extra.get("error") and not c.group("outputs")
+                continue
+            for p in c.group("outputs"):
+                assert c.meta["outputs/" + p]["compare"] in ("exact", "allclose")
+            assert c.group("grads") and c.group("cotangents")
+    total = sum((COMMITTED / f"{s}.h5").stat().st_size for s in G.SUITES)
+    assert total < 6 * 2**20, f"the committed set should stay a few MB, is {total / 2**20:.1f} MiB"
+
+
+def test_acceptable_only_where_rounding_may_flip(neuron_golden):
+    exact = [c for c in neuron_golden.cases.values() if "at_threshold" in c.flags]
+    assert exact and all(c.result == "valid" and c.extra["margin"] == 0.0 for c in exact)
+    near = [c for c in neuron_golden.cases.values() if c.result == "acceptable"]
+    assert near and all("near_threshold" in c.flags for c in near)
+    ge = next(c for c in exact if c.config["spike_condition"] == "ge")
+    gt = next(c for c in exact if c.config["spike_condition"] == "gt" and
+              c.config["reset"] == ge.config["reset"])
+    assert ge.data["outputs/s"][..., 0].min() == 1.0 and gt.data["outputs/s"][..., 0].max() == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# verify: report lines
+# --------------------------------------------------------------------------------------------
+
+
+def test_candidate_equal_to_golden_passes(tmp_path, golden_dir, neuron_golden):
+    path = write_candidate(tmp_path / "c.h5", "neuron", candidate_cases(neuron_golden))
+    before = sha(golden_dir / "neuron.h5")
+    report = G.verify([path], golden_dir)
+    assert report["passed"]
+    statuses = {r["status"] for r in rows_of(report)}
+    assert statuses == {"PASS", "REJECTED"}
+    assert sha(golden_dir / "neuron.h5") == before  # verify never writes golden files
+    # a golden file is a valid candidate of itself
+    assert G.verify([golden_dir / "neuron.h5"], golden_dir)["passed"]
+
+
+def _one_failure(tmp_path, golden_dir, gf, edit, suite="neuron"):
+    path = write_candidate(tmp_path / "c.h5", suite, candidate_cases(gf, edit))
+    report = G.verify([path], golden_dir)
+    assert not report["passed"]
+    bad = [r for r in rows_of(report) if r["status"] in G.FAILURES]
+    assert len(bad) == 1, bad
+    return bad[0], G.format_report(report)
+
+
+def test_perturbation_beyond_the_bound_is_a_mismatch_with_worst_index(tmp_path, golden_dir,
+                                                                      neuron_golden):
+    case = first(neuron_golden)
+    atol = case.meta["outputs/h"]["atol"]
+    ref = case.data["outputs/h"]
+
+    def edit(cases):
+        h = cases[case.id].data["outputs/h"]
+        h[0, 1, 2] += 3 * atol + 1e-12 * abs(h[0, 1, 2])  # beyond the bound
+        h[1, 0, 0] += 0.5 * atol  # within the bound: not reported
+
+    row, text = _one_failure(tmp_path, golden_dir, neuron_golden, edit)
+    assert (row["case"], row["status"], row["tensor"], row["index"]) == (case.id, "MISMATCH",
+                                                                         "outputs/h", "(0, 1, 2)")
+    assert row["reference"] == ref[0, 1, 2] and row["value"] > row["reference"]
+    assert row["bound"] == pytest.approx(atol + case.meta["outputs/h"]["rtol"] * abs(ref[0, 1, 2]))
+    line = next(l for l in text.splitlines() if l.startswith("neuron") and "MISMATCH" in l)
+    assert re.search(rf"{case.id}\s+MISMATCH\s+outputs/h\s+\(0, 1, 2\)\s+\S+\s+\S+\s+\S+", line)
+    # the same perturbation within the bound passes
+    ok = candidate_cases(neuron_golden)
+    ok[case.id].data["outputs/h"][0, 1, 2] += 0.5 * atol
+    assert G.verify([write_candidate(tmp_path / "ok.h5", "neuron", ok)], golden_dir)["passed"]
+
+
+def test_flipped_spike_is_a_mismatch(tmp_path, golden_dir, neuron_golden):
+    case = first(neuron_golden)
+
+    def edit(cases):
+        s = cases[case.id].data["outputs/s"]
+        s[1, 2, 5] = 1.0 - s[1, 2, 5]
+
+    row, _ = _one_failure(tmp_path, golden_dir, neuron_golden, edit)
+    assert (row["tensor"], row["index"], row["bound"]) == ("outputs/s", "(1, 2, 5)", 0.0)
+    assert "1 of" in row["detail"] and "exact" in row["detail"]
+
+
+def test_missing_case_and_missing_dataset(tmp_path, golden_dir, neuron_golden):
+    case = first(neuron_golden)
+    row, text = _one_failure(tmp_path, golden_dir, neuron_golden, lambda c: c.pop(case.id))
+    assert (row["case"], row["status"]) == (case.id, "MISSING")
+    assert "case not in candidate" in text
+    row, _ = _one_failure(tmp_path, golden_dir, neuron_golden,
+                          lambda c: c[case.id].data.pop("grads/x"))
+    assert (row["status"], row["tensor"]) == ("MISSING", "grads/x")
+
+
+def test_wrong_shape_and_wrong_dtype(tmp_path, golden_dir, neuron_golden):
+    case = first(neuron_golden)
+
+    def shape(cases):
+        cases[case.id].data["outputs/u"] = cases[case.id].data["outputs/u"][:, :, :-1]
+
+    row, _ = _one_failure(tmp_path, golden_dir, neuron_golden, shape)
+    assert (row["status"], row["tensor"]) == ("SHAPE", "outputs/u")
+    assert "expected" in row["detail"]
+
+    def dtype(cases):
+        cases[case.id].data["grads/x"] = cases[case.id].data["grads/x"].astype(np.float32)
+
+    row, _ = _one_failure(tmp_path, golden_dir, neuron_golden, dtype)
+    assert (row["status"], row["tensor"]) == ("DTYPE", "grads/x")
+    assert "float32" in row["detail"] and "float64" in row["detail"]
+
+
+def test_invalid_cases_must_be_rejected_and_valid_ones_not(tmp_path, golden_dir, neuron_golden):
+    bad = first(neuron_golden, "invalid")
+
+    def accept(cases):
+        del cases[bad.id].extra["error"]
+
+    row, _ = _one_failure(tmp_path, golden_dir, neuron_golden, accept)
+    assert (row["case"], row["status"]) == (bad.id, "NOT_REJECTED")
+    good = first(neuron_golden)
+
+    def reject(cases):
+        cases[good.id] = G.Case(id=good.id, extra={"error": "unsupported"})
+
+    row, _ = _one_failure(tmp_path, golden_dir, neuron_golden, reject)
+    assert (row["case"], row["status"]) == (good.id, "ERROR") and "unsupported" in row["detail"]
+
+
+def test_acceptable_case_mismatch_does_not_fail(tmp_path, golden_dir, neuron_golden):
+    case = first(neuron_golden, "acceptable")
+    cases = candidate_cases(neuron_golden)
+    s = cases[case.id].data["outputs/s"]
+    s[...] = 1.0 - s
+    report = G.verify([write_candidate(tmp_path / "c.h5", "neuron", cases)], golden_dir)
+    assert report["passed"]
+    (row,) = [r for r in rows_of(report) if r["case"] == case.id]
+    assert row["status"] == "ACCEPTABLE" and "near_threshold" in row["detail"]
+
+
+def test_extra_case_and_skip(tmp_path, golden_dir, neuron_golden):
+    cases = candidate_cases(neuron_golden)
+    cases["9999"] = G.Case(id="9999", data={"outputs/s": np.zeros(1)})
+    row, _ = _one_failure(tmp_path, golden_dir, neuron_golden,
+                          lambda c: c.update({"9999": cases["9999"]}))
+    assert (row["case"], row["status"]) == ("9999", "EXTRA")
+    case = first(neuron_golden)
+    broken = candidate_cases(neuron_golden)
+    del broken[case.id].data["grads/x"]
+    path = write_candidate(tmp_path / "s.h5", "neuron", broken)
+    assert not G.verify([path], golden_dir)["passed"]
+    report = G.verify([path], golden_dir, skip=["*/grads/x"])
+    assert report["passed"] and rows_of(report, "SKIP")
+
+
+# --------------------------------------------------------------------------------------------
+# bad files: one-line errors
+# --------------------------------------------------------------------------------------------
+
+
+def _bad_files(tmp_path, golden_dir):
+    src = golden_dir / "fftconv.h5"
+    raw = src.read_bytes()
+    files = {}
+    files["truncated"] = tmp_path / "truncated.h5"
+    files["truncated"].write_bytes(raw[: len(raw) // 3])
+    files["corrupted"] = tmp_path / "corrupted.h5"
+    b = bytearray(raw)
+    for i in range(4096, len(b), 997):  # scribble over object headers and B-trees
+        b[i] ^= 0xFF
+    files["corrupted"].write_bytes(bytes(b))
+    files["garbage"] = tmp_path / "garbage.h5"
+    files["garbage"].write_bytes(b"not an hdf5 file at all\n" * 10)
+    files["version"] = tmp_path / "version.h5"
+    shutil.copy(src, files["version"])
+    with h5py.File(files["version"], "a") as f:
+        f.attrs["schema_version"] = 7
+    files["schema"] = tmp_path / "schema.h5"
+    with h5py.File(files["schema"], "w") as f:
+        f.attrs["schema"] = "refimpl-sdn"
+        f.attrs["schema_version"] = 1
+    files["nosuite"] = tmp_path / "nosuite.h5"
+    with h5py.File(files["nosuite"], "w") as f:
+        f.attrs["schema"] = G.CANDIDATE_SCHEMA
+        f.attrs["schema_version"] = 1
+        f.create_group("cases")
+    files["missing"] = tmp_path / "does_not_exist.h5"
+    return files
+
+
+EXPECTED = {"truncated": "truncated|corrupted|not an HDF5", "corrupted": "corrupted|truncated|not an HDF5",
+            "garbage": "not an HDF5 file", "version": "schema_version 7",
+            "schema": "schema is 'refimpl-sdn'", "nosuite": "no 'suite' attribute",
+            "missing": "no such file"}
+
+
+def test_bad_files_give_one_line_errors(tmp_path, golden_dir):
+    before = sha(golden_dir / "fftconv.h5")
+    for kind, path in _bad_files(tmp_path, golden_dir).items():
+        with pytest.raises(FileFormatError) as e:
+            G.verify([path], golden_dir)
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg and re.search(EXPECTED[kind], msg), (kind, msg)
+        r = CliRunner().invoke(main, ["golden", "verify", str(path), "--golden", str(golden_dir)])
+        assert r.exit_code == 1, (kind, r.output)
+        assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception,
+                                                                                 SystemExit)
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: "), (kind, r.output)
+        r = CliRunner().invoke(main, ["golden", "show", str(path)])
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, (kind, r.output)
+    assert sha(golden_dir / "fftconv.h5") == before
+    # a damaged golden file is reported the same way
+    bad_dir = tmp_path / "bad_golden"
+    bad_dir.mkdir()
+    (bad_dir / "fftconv.h5").write_bytes((golden_dir / "fftconv.h5").read_bytes()[:5000])
+    with pytest.raises(FileFormatError, match="bad_golden"):
+        G.verify([golden_dir / "fftconv.h5"], bad_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_verify_table_json_and_exit_code(tmp_path, golden_dir, neuron_golden):
+    good = write_candidate(tmp_path / "good.h5", "neuron", candidate_cases(neuron_golden))
+    report = tmp_path / "report.json"
+    r = CliRunner().invoke(main, ["golden", "verify", str(good), "--golden", str(golden_dir),
+                                  "--json", str(report)])
+    assert r.exit_code == 0, r.output
+    header = r.output.splitlines()[0].split()
+    assert header == ["suite", "case", "status", "tensor", "worst", "index", "value", "reference",
+                      "bound"]
+    assert "PASSED: neuron" in r.output
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["files"][0]["suite"] == "neuron"
+    case = first(neuron_golden)
+    cases = candidate_cases(neuron_golden)
+    cases[case.id].data["grads/x"][0, 0, 3] += 1.0
+    bad = write_candidate(tmp_path / "bad.h5", "neuron", cases)
+    r = CliRunner().invoke(main, ["golden", "verify", str(bad), str(good), "--golden",
+                                  str(golden_dir), "--json", str(report)])
+    assert r.exit_code == 1
+    assert re.search(rf"neuron\s+{case.id}\s+MISMATCH\s+grads/x\s+\(0, 0, 3\)", r.output)
+    assert "FAILED: neuron" in r.output and "PASSED: neuron" in r.output
+    data = json.loads(report.read_text())
+    assert not data["passed"]
+    (row,) = [x for x in data["files"][0]["rows"] if x["status"] == "MISMATCH"]
+    assert (row["case"], row["tensor"], row["index"]) == (case.id, "grads/x", "(0, 0, 3)")
+
+
+def test_cli_generate_refuses_overwrite_then_overwrites(tmp_path):
+    args = ["golden", "generate", "--suite", "gsu", "--out", str(tmp_path), "--seed", "5"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "gsu.h5: 6 cases" in r.output
+    path = tmp_path / "gsu.h5"
+    before = sha(path)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "--overwrite" in r.output and sha(path) == before
+    r = CliRunner().invoke(main, args + ["--overwrite"])
+    assert r.exit_code == 0, r.output
+    gf = G.read_golden(path)
+    assert gf.attrs["seed"] == 5 and len(gf.cases) == 6
+    r = CliRunner().invoke(main, ["golden", "generate", "--suite", "nope"])
+    assert r.exit_code == 2 and "nope" in r.output
+
+
+def test_cli_show_lists_cases_and_one_case(golden_dir):
+    path = str(golden_dir / "neuron.h5")
+    r = CliRunner().invoke(main, ["golden", "show", path])
+    assert r.exit_code == 0, r.output
+    assert "suite 'neuron'" in r.output and "0000" in r.output and "at_threshold" in r.output
+    r = CliRunner().invoke(main, ["golden", "show", path, "--case", "0000"])
+    assert r.exit_code == 0, r.output
+    assert "outputs/s" in r.output and "exact" in r.output and "reset = 'hard'" in r.output
+    assert re.search(r"inputs/x\s+\(2, 3, 32\)\s+float64", r.output)
+    r = CliRunner().invoke(main, ["golden", "show", path, "--case", "12345"])
+    assert r.exit_code == 1 and "no case '12345'" in r.output
+
+
+def test_golden_check_on_the_committed_files():
+    """``refimpl golden check``: the installed code reproduces every committed case."""
+    r = CliRunner().invoke(main, ["golden", "check"])
+    assert r.exit_code == 0, r.output
+    for suite in G.SUITES:
+        assert f"PASSED: {suite}:" in r.output
+
+
+def test_check_reports_regressions_and_stale_files(tmp_path):
+    src = G.read_golden(COMMITTED / "glu.h5")
+    cases = list(src.cases.values())
+    cases[1].data["outputs/z"] = cases[1].data["outputs/z"] + 1e-6  # "refimpl changed"
+    G.write_file(tmp_path / "glu.h5", "glu", cases[:-1], attrs={"seed": 0, "size": "small"})
+    report = G.check(tmp_path, ["glu"])
+    assert not report["passed"]
+    assert {(r["case"], r["status"]) for r in rows_of(report) if r["status"] in G.FAILURES} == {
+        (cases[1].id, "MISMATCH"), (cases[-1].id, "STALE")}
+
+
+def test_torch_example_backend_passes_verify(tmp_path):
+    """The worked example (examples/torch_backend.py) writes candidates that pass."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import torch_backend
+    finally:
+        sys.path.pop(0)
+    written = torch_backend.main(["--golden", str(COMMITTED), "--out", str(tmp_path)])
+    report = G.verify(written, COMMITTED)
+    assert report["passed"], G.format_report(report)
+    assert {f["suite"] for f in report["files"]} == {"s4d_kernel", "fftconv", "neuron", "glu"}
+
+
+# --------------------------------------------------------------------------------------------
+# README: the five steps for backend authors work exactly as shown
+# --------------------------------------------------------------------------------------------
+
+
+def _readme_section():
+    text = (REPO / "README.md").read_text()
+    start = text.index("## For backend authors: check your kernel in five steps")
+    end = text.find("\n## ", start + 10)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def test_readme_five_steps_work_as_shown(tmp_path, monkeypatch):
+    section = _readme_section()
+    blocks = re.findall(r"```(\w*)\n(.*?)```", section, re.S)
+    monkeypatch.chdir(REPO)
+    ran_python = ran_verify = 0
+    for lang, body in blocks:
+        if lang == "python":
+            code = body.replace("/tmp/my_backend", str(tmp_path / "my_backend"))
+            exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+            ran_python += 1
+            continue
+        if "torch_backend.py" in body:
+            continue  # needs torch (its own environment): test_torch_example_backend_passes_verify
+        for line in body.splitlines():
+            line = line.split("#")[0].strip()
+            if not line.startswith("refimpl golden"):
+                continue
+            args = line.split()[1:]
+            args = [a.replace("/tmp/my_backend", str(tmp_path / "my_backend")) for a in args]
+            if "generate" in args:
+                continue  # regenerating the committed set is not a test's business
+            r = CliRunner().invoke(main, args)
+            assert r.exit_code == 0, (line, r.output)
+            ran_verify += "verify" in args
+    assert ran_python >= 1 and ran_verify >= 1
