@@ -247,7 +247,10 @@ def _fwd_step(x, s, h, u, r, t, u_prev, cnt, tau, theta_fire, a, b_r, R):
         fire = fire & (cnt == 0)
         cnt = R if fire else max(cnt - 1, 0)
     s_t = np.float64(fire)
-    u_t = h_t * (1.0 - a * s_t) + b_r * s_t
+    # u_t = h_t (1 - a s_t) + b_r s_t, evaluated as a select of its two cases so the
+    # dependency chain is shorter; both branches round exactly like the formula
+    # (a * 1 = a, b * 1 = b, h * 1 = h), so the result is bit-identical.
+    u_t = h_t * (1.0 - a) + b_r if fire else h_t + b_r * 0.0
     s[r, t] = s_t
     h[r, t] = h_t
     u[r, t] = u_t
