@@ -333,6 +333,8 @@ class Suite:
     ``depth(case) -> {path or group/* or *: depth}``; ``scales(case, outputs, grads, cot) ->
     {path: scale}``; ``floors(case) -> {path: minimal atol}``. ``diag`` may hold ``spikes``
     (name -> array, for flip detection) and ``membranes`` (name -> (array, threshold)).
+    ``spikes`` names the outputs compared exactly; ``cotangents(outputs, rng)`` replaces the
+    default N(0, 1) cotangents; ``meta(case) -> {path: attrs}`` adds dataset attributes.
     """
 
     name: str
@@ -346,6 +348,7 @@ class Suite:
     floors: Optional[Callable] = None
     spikes: tuple = ()
     cotangents: Optional[Callable] = None
+    meta: Optional[Callable] = None
     math: str = ""
 
 
@@ -667,14 +670,10 @@ def _layer_specs(rngs, size):
     return out
 
 
-def _layer_params(case):
-    return case.group("params")
-
-
 def _layer_fwd(case):
     from .s4d import s4d_layer_fwd
 
-    y, cache = s4d_layer_fwd(case.data["inputs/u"], _layer_params(case), disc=case.config["disc"])
+    y, cache = s4d_layer_fwd(case.data["inputs/u"], case.group("params"), disc=case.config["disc"])
     return {"y": y}, cache, {}
 
 
@@ -1216,10 +1215,10 @@ def _block_fwd(case):
 
     cfg, p, buf = _block_split(case)
     y, cache, _ = block_fwd(cfg, p, buf, 0, case.data["inputs/u"], True, None, new_buf={})
-    return {"y": y}, (cfg, p, cache), _model_diag(cfg, [cache], case.data["inputs/u"], p)
+    return {"y": y}, (cfg, p, cache), _model_diag(cfg, [cache])
 
 
-def _model_diag(cfg, blocks, u, p):
+def _model_diag(cfg, blocks):
     spikes, membranes = {}, {}
     for i, c in enumerate(blocks):
         act = c.get("act")
@@ -1331,7 +1330,7 @@ def _model_fwd(case):
     project(new, cfg)
     outputs = {"loss": np.asarray(loss), "logits": logits,
                **{"params/" + k: v for k, v in new.items()}}
-    return outputs, grads, _model_diag(cfg, cache["blocks"], None, p)
+    return outputs, grads, _model_diag(cfg, cache["blocks"])
 
 
 def _model_bwd(case, grads, cot):
@@ -1398,7 +1397,7 @@ SUITES = {
     "block": Suite("block", "block", _block_specs, _block_fwd, _block_bwd, ("y",), _block_depth,
                    math="one block of DESIGN.md section 8"),
     "model_step": Suite("model_step", "model_step", _model_specs, _model_fwd, _model_bwd,
-                        ("loss",), _model_depth, cotangents=_model_cotangents,
+                        ("loss",), _model_depth, cotangents=_model_cotangents, meta=_model_meta,
                         math="cross-entropy loss, its gradient, one AdamW step"),
 }
 
@@ -1529,15 +1528,11 @@ def suite_specs(name, seed=0, size="small"):
 def build_suite(name, seed=0, size="small", progress=None):
     """All cases of suite ``name`` computed by refimpl: list of :class:`Case`."""
     suite = _suite(name)
-    if name == "model_step":
-        meta_fn = _model_meta
-    else:
-        meta_fn = None
     cases = []
     for cid, spec in suite_specs(name, seed, size):
         case = build_case(suite, cid, spec, seed)
-        if meta_fn is not None:
-            for p, m in meta_fn(case).items():
+        if suite.meta is not None:
+            for p, m in suite.meta(case).items():
                 case.meta.setdefault(p, {}).update(m)
         cases.append(case)
         if progress:
