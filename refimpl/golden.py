@@ -1777,7 +1777,14 @@ def check(golden_dir=DEFAULT_DIR, suites=None, progress=None):
                 rows.append(_row(name, cid, "STALE", detail=f"{', '.join(what)} differ from the "
                                  "case definition: regenerate"))
                 continue
-            rows.extend(compare_case(name, gcase, recompute(name, gcase)))
+            try:
+                mine = recompute(name, gcase)
+            except Exception as e:  # a crash of refimpl is a regression, reported as a row
+                msg = " ".join(str(e).split())
+                rows.append(_row(name, cid, "ERROR", detail=f"refimpl raised "
+                                 f"{type(e).__name__}: {msg}"))
+                continue
+            rows.extend(compare_case(name, gcase, mine))
             if progress:
                 progress(1)
         summary = _summary(rows)
