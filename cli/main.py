@@ -8,6 +8,7 @@ import click
 
 import refimpl
 from cli.golden import golden
+from cli.sdn import sdn
 from cli.train import evaluate, train
 
 
@@ -91,6 +92,7 @@ def equivalence(cases, seed, checks):
 main.add_command(train)
 main.add_command(evaluate)
 main.add_command(golden)
+main.add_command(sdn)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""``refimpl sdn``: train and evaluate the Surrogate Dynamic Network (DESIGN.md section 6).
+
+A thin click layer over :mod:`refimpl.sdn`: it parses, calls the library, draws the progress
+bar (on stderr) and reports. Problems with files or values become one-line
+``click.ClickException`` errors (exit status 1, no traceback).
+"""
+import os
+import sys
+import time
+
+import click
+
+from refimpl.sdn import SDNTrainConfig
+
+_DEFAULTS = SDNTrainConfig()
+
+
+def _fail(e):
+    """A library error as a one-line click error."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise click.ClickException(msg) from None
+
+
+@click.group()
+def sdn():
+    """Surrogate Dynamic Network: train it on a CPU, score it against the iterative LIF."""
+
+
+@sdn.command()
+@click.option("--tau", default=_DEFAULTS.tau, show_default=True, type=float,
+              help="LIF decay of the target neuron, in [0, 1).")
+@click.option("--theta", default=_DEFAULTS.theta, show_default=True, type=float,
+              help="LIF threshold (> 0).")
+@click.option("--mean", default=_DEFAULTS.mean, show_default=True, type=float,
+              help="Mean of the Gaussian training inputs.")
+@click.option("--std", default=_DEFAULTS.std, show_default=True, type=float,
+              help="Standard deviation of the Gaussian training inputs.")
+@click.option("--samples", default=_DEFAULTS.samples, show_default=True,
+              type=click.IntRange(min=1), help="Training sequences.")
+@click.option("--length", default=_DEFAULTS.length, show_default=True,
+              type=click.IntRange(min=1), help="Sequence length L.")
+@click.option("--epochs", default=_DEFAULTS.epochs, show_default=True,
+              type=click.IntRange(min=1), help="Passes over the training set.")
+@click.option("--batch-size", default=_DEFAULTS.batch_size, show_default=True,
+              type=click.IntRange(min=1), help="Sequences per AdamW update.")
+@click.option("--lr", default=_DEFAULTS.lr, show_default=True, type=float,
+              help="Peak learning rate (cosine schedule).")
+@click.option("--weight-decay", default=_DEFAULTS.weight_decay, show_default=True, type=float,
+              help="AdamW decoupled weight decay.")
+@click.option("--loss", default=_DEFAULTS.loss, show_default=True,
+              type=click.Choice(["huber", "mse"]), help="Training loss on m.")
+@click.option("--init", default=_DEFAULTS.init, show_default=True,
+              type=click.Choice(["lif", "torch"]),
+              help="Initialisation of the training network (see refimpl.sdn.init_train_params).")
+@click.option("--eval-samples", default=_DEFAULTS.eval_samples, show_default=True,
+              type=click.IntRange(min=1), help="Fresh sequences for the final score.")
+@click.option("--seed", default=_DEFAULTS.seed, show_default=True,
+              type=click.IntRange(min=0), help="Seed of data, initialisation and shuffling.")
+@click.option("--out", "out", default="sdn.h5", show_default=True,
+              type=click.Path(dir_okay=False), help="Weights file to write (HDF5).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def train(tau, theta, mean, std, samples, length, epochs, batch_size, lr, weight_decay, loss,
+          init, eval_samples, seed, out, overwrite):
+    """Train an SDN from scratch on the iterative hard-reset LIF and write its weights.
+
+    The file holds the fused weights (w0 .. w5), the training network with its BatchNorm
+    statistics, the training configuration and the final scores.
+    """
+    from refimpl.sdn import train_sdn
+
+    if os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    try:
+        cfg = SDNTrainConfig(tau=tau, theta=theta, mean=mean, std=std, samples=samples,
+                             length=length, epochs=epochs, batch_size=batch_size, lr=lr,
+                             weight_decay=weight_decay, loss=loss, init=init,
+                             eval_samples=eval_samples,
+                             seed=seed).validate()
+    except (TypeError, ValueError) as e:
+        _fail(e)
+    t0 = time.perf_counter()
+    with click.progressbar(length=cfg.total_steps, label="training SDN", file=sys.stderr,
+                           show_pos=True, item_show_func=lambda s: s) as bar:
+        def progress(info):
+            bar.update(1, f"epoch {info['epoch'] + 1}/{cfg.epochs} loss {info['loss']:.2e}")
+
+        try:
+            result = train_sdn(cfg, progress=progress)
+        except (TypeError, ValueError) as e:
+            _fail(e)
+    try:
+        result.save(out, overwrite=overwrite)
+    except (OSError, ValueError) as e:
+        _fail(e)
+    wall = time.perf_counter() - t0
+    m = result.metrics
+    click.echo(f"wrote {out}")
+    click.echo(f"training time: {result.seconds:.1f} s (total {wall:.1f} s)")
+    _report(m)
+
+
+def _report(m):
+    click.echo(f"spike agreement: {100 * m['agreement']:.2f} % "
+               f"({m['mismatches']} of {m['steps']} steps differ)")
+    click.echo(f"membrane MSE: {m['membrane_mse']:.3e}")
+    click.echo(f"firing rate: LIF {100 * m['rate_lif']:.2f} %, SDN {100 * m['rate_sdn']:.2f} %")
+
+
+@sdn.command("eval")
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--tau", default=None, type=float,
+              help="LIF decay [default: the file's training tau, else 0.125].")
+@click.option("--theta", default=None, type=float,
+              help="LIF threshold [default: the file's training theta, else 1].")
+@click.option("--mean", default=0.0, show_default=True, type=float, help="Input mean.")
+@click.option("--std", default=1.0, show_default=True, type=float, help="Input standard deviation.")
+@click.option("--length", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Sequence length L.")
+@click.option("--samples", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Fresh sequences.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed of the fresh inputs (a stream training never uses).")
+def eval_(weights, tau, theta, mean, std, length, samples, seed):
+    """Score SDN WEIGHTS (refimpl HDF5 or the published .npz) against the iterative LIF."""
+    from refimpl.sdn import evaluate, load_weights
+
+    try:
+        w, meta = load_weights(weights)
+        trained = meta.get("config", {})
+        tau = trained.get("tau", 0.125) if tau is None else tau
+        theta = trained.get("theta", 1.0) if theta is None else theta
+        m = evaluate(w, tau=tau, theta=theta, mean=mean, std=std, length=length,
+                     samples=samples, seed=seed)
+    except (OSError, TypeError, ValueError) as e:
+        _fail(e)
+    click.echo(f"weights: {weights} ({meta['format']}); LIF tau = {tau:g}, theta = {theta:g}; "
+               f"inputs N({mean:g}, {std:g}^2), {samples} x {length}")
+    _report(m)
