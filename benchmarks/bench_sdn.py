@@ -20,7 +20,8 @@ from refimpl.sdn import FUSED_LAYOUT, load_weights, sdn_neuron_fwd
 
 FULL = {"B": 8, "H": 128, "L": 4096}
 QUICK = {"B": 2, "H": 4, "L": 256}
-PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "external" / "sdn_spikingssm_tau0125.npz"
+PUBLISHED = (Path(__file__).resolve().parents[2] / "shared" / "external"
+             / "sdn_spikingssm_tau0125.npz")
 
 
 def _weights():

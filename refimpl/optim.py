@@ -181,7 +181,7 @@ def global_grad_norm(grads):
 
 
 def clip_factor(norm, max_norm):
-    """The factor ``torch.nn.utils.clip_grad_norm_`` applies: ``min(1, max_norm / (norm + 1e-6))``."""
+    """``min(1, max_norm / (norm + 1e-6))``: the factor of ``torch.nn.utils.clip_grad_norm_``."""
     if max_norm is None:
         return 1.0
     return min(1.0, max_norm / (norm + 1e-6))
@@ -289,7 +289,8 @@ def adamw_step(params, grads, state, groups, lr_scale=1.0, betas=BETAS, eps=EPS,
     _check_params(params)
     _check_params(grads, "grads")
     if set(grads) != set(params):
-        raise ValueError(f"grads must have the keys of params; missing {sorted(set(params) - set(grads))}, "
+        raise ValueError(f"grads must have the keys of params; "
+                         f"missing {sorted(set(params) - set(grads))}, "
                          f"extra {sorted(set(grads) - set(params))}")
     for name, p in params.items():
         if grads[name].shape != p.shape:

@@ -22,9 +22,11 @@ with ``W1 = w0[:, 0, :]``, ``b1 = w1``, ``W2 = w2[:, :, 0]``, ``b2 = w3``, ``w3 
                                  groups=8), length L + 9             conv1.bias (8,)
     y1 = bn1(z1)                 BatchNorm1d(8) over (B, L + 9)      bn1.weight, bn1.bias (8,)
     h1 = relu(y1[..., :L])       truncate to the first L steps
-    z2 = conv2(h1)               Conv1d(8 -> 8, k=1)                 conv2.weight (8, 8, 1), conv2.bias (8,)
+    z2 = conv2(h1)               Conv1d(8 -> 8, k=1)                 conv2.weight (8, 8, 1),
+                                                                     conv2.bias (8,)
     h2 = relu(bn2(z2) + h1)      BatchNorm1d(8), residual            bn2.weight, bn2.bias (8,)
-    m  = conv3(h2)               Conv1d(8 -> 1, k=1)                 conv3.weight (1, 8, 1), conv3.bias (1,)
+    m  = conv3(h2)               Conv1d(8 -> 1, k=1)                 conv3.weight (1, 8, 1),
+                                                                     conv3.bias (1,)
 
 plus the running statistics ``bn{1,2}.running_mean``, ``bn{1,2}.running_var`` (buffers, not
 trained). Training-mode BatchNorm normalises by the batch mean and biased variance over
@@ -150,7 +152,8 @@ def check_weights(weights):
                         f"file: use load_weights), got {type(weights).__name__}")
     missing = [k for k in FUSED_LAYOUT if k not in weights]
     if missing:
-        raise ValueError("SDN weights: missing tensor " + ", ".join(_tensor_name(k) for k in missing))
+        raise ValueError("SDN weights: missing tensor "
+                         + ", ".join(_tensor_name(k) for k in missing))
     extra = sorted(set(weights) - set(FUSED_LAYOUT))
     if extra:
         raise ValueError(f"SDN weights: unexpected tensor(s) {extra}; the fused layout has "
@@ -208,7 +211,8 @@ def _load_npz(path):
     with archive:
         missing = [k for k in FUSED_LAYOUT if k not in archive.files]
         if missing:
-            raise FileFormatError(f"{path}: missing tensor " + ", ".join(_tensor_name(k) for k in missing)
+            raise FileFormatError(f"{path}: missing tensor "
+                                  + ", ".join(_tensor_name(k) for k in missing)
                                   + f" (the file has {archive.files})")
         weights = {k: _file_tensor(path, k, lambda k=k: archive[k]) for k in FUSED_LAYOUT}
     return weights, {"format": "npz", "path": os.fspath(path)}
@@ -357,13 +361,15 @@ def load_training_state(path):
         except (OSError, KeyError) as e:
             raise FileFormatError(f"{path}: corrupted training state ({e})") from None
         cfg = _attrs(f["config"]) if "config" in f else {}
-    for layout, tree, where in ((TRAIN_LAYOUT, params, "params"), (BUFFER_LAYOUT, buffers, "buffers")):
+    for layout, tree, where in ((TRAIN_LAYOUT, params, "params"),
+                                (BUFFER_LAYOUT, buffers, "buffers")):
         for name, shape in layout.items():
             if name not in tree:
                 raise FileFormatError(f"{path}: missing tensor /train/{where}/{name}")
             a = np.asarray(tree[name])
             if a.dtype != np.float64 or a.shape != shape:
-                raise FileFormatError(f"{path}: tensor /train/{where}/{name} is {a.dtype} {a.shape}, "
+                raise FileFormatError(f"{path}: tensor /train/{where}/{name} is {a.dtype} "
+                                      f"{a.shape}, "
                                       f"expected float64 {shape}")
     return params, buffers, cfg
 
@@ -531,7 +537,7 @@ def sdn_neuron_fwd(x, weights, theta=1.0, spike_condition="ge", surrogate="trian
 
 def sdn_spikes(m, x, theta=1.0, spike_condition="ge", smooth=False, surrogate="triangle",
                surrogate_scale=None):
-    """Spikes from a given prediction: ``Theta(m + x - theta)`` or, if ``smooth``, ``G(m + x - theta)``.
+    """Spikes from a given ``m``: ``Theta(m + x - theta)``, or ``G(m + x - theta)`` if ``smooth``.
 
     The map the SDN neuron differentiates (``m`` a constant); float64 arrays of one shape.
     """
@@ -696,7 +702,9 @@ def check_buffers(buffers):
 
 
 def _windows(x):
-    """``X[k, b, t] = x[b, t - K + k]`` (zero outside ``[0, L)``), ``t = 0 .. L + K``: (K, B, L + K + 1).
+    """Windows ``X[k, b, t] = x[b, t - K + k]`` (zero outside ``[0, L)``) for ``t = 0 .. L + K``.
+
+    Shape (K, B, L + K + 1).
 
     The input windows of ``Conv1d(k=K, padding=K)``, whose output has length ``T1 = L + K + 1``;
     tap-major so that the depthwise convolution is one matrix product ``Wd @ X``.
@@ -709,7 +717,7 @@ def _windows(x):
 
 
 def _bn_fwd(z, gamma, beta, mean, var, training):
-    """BatchNorm of channel-major ``z (C, B, T)`` over axes (1, 2); returns ``y`` and saved values."""
+    """BatchNorm of channel-major ``z (C, B, T)`` over axes (1, 2); returns ``y``, saved values."""
     if training:
         mean = z.mean(axis=(1, 2))  # (C,)
         var = z.var(axis=(1, 2))  # (C,) biased
@@ -736,7 +744,8 @@ def _bn_bwd(dy, gamma, saved, training):
     dbeta = dy2.sum(axis=1)  # (C,)
     scale = (gamma * inv)[:, None, None]  # (C, 1, 1)
     if training:
-        dz = scale * (dy - (dbeta / n)[:, None, None] - zh * (dgamma / n)[:, None, None])  # (C, B, T)
+        dz = scale * (dy - (dbeta / n)[:, None, None]
+                      - zh * (dgamma / n)[:, None, None])  # (C, B, T)
     else:
         dz = scale * dy  # (C, B, T)
     return dz, dgamma, dbeta
@@ -863,7 +872,8 @@ def update_running_stats(buffers, cache, momentum=0.1):
         _, _, mean, var = cache[bn]
         unbiased = var * n / (n - 1) if n > 1 else var  # (C,)
         out[f"{bn}.running_mean"] = (1 - momentum) * buffers[f"{bn}.running_mean"] + momentum * mean
-        out[f"{bn}.running_var"] = (1 - momentum) * buffers[f"{bn}.running_var"] + momentum * unbiased
+        out[f"{bn}.running_var"] = ((1 - momentum) * buffers[f"{bn}.running_var"]
+                                    + momentum * unbiased)
     return out
 
 
