@@ -42,7 +42,7 @@ def run_one(task, family, sdn_weights, out_root):
                         d_input=1 if data["vocab"] else x.shape[2], d_model=SIZE["d_model"],
                         d_state=SIZE["d_state"], n_layers=SIZE["layers"], activation=family)
     tcfg = TrainConfig(epochs=SIZE["epochs"], batch_size=SIZE["batch_size"], lr=SIZE["lr"], seed=0)
-    w = load_weights(sdn_weights) if family == "sdn" else None
+    w = load_weights(sdn_weights)[0] if family == "sdn" else None
     t0 = time.perf_counter()
     metrics = train(cfg, tcfg, data, str(out_root / f"{task}-{family}"), sdn_weights=w,
                     overwrite=True)

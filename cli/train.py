@@ -29,7 +29,7 @@ def _load_sdn(path):
     from refimpl.sdn import load_weights
 
     try:
-        return load_weights(path)
+        return load_weights(path)[0]
     except (ValueError, TypeError, OSError) as e:
         _fail(str(e))
 

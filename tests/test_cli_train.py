@@ -120,6 +120,28 @@ def test_sdn_needs_weights(tmp_path):
                         str(tmp_path / "o")] + SMALL), "needs --sdn-weights")
 
 
+def test_sdn_family_trains_with_a_weights_file_and_rejects_a_bad_one(tmp_path):
+    from refimpl.sdn import save_weights
+
+    rng = np.random.default_rng(0)
+    w = {"w0": rng.normal(0, .3, (8, 1, 8)), "w1": np.zeros(8), "w2": rng.normal(0, .3, (8, 8, 1)),
+         "w3": np.zeros(8), "w4": rng.normal(0, .3, (1, 8, 1)), "w5": np.zeros(1)}
+    npz = tmp_path / "w.npz"
+    np.savez(npz, **w)
+    h5 = tmp_path / "w.h5"
+    save_weights(str(h5), w)
+    for path in (npz, h5):
+        out = tmp_path / f"run-{path.suffix[1:]}"
+        r = run(["train", "--task", "recall", "--activation", "sdn", "--sdn-weights", str(path),
+                 "--out", str(out)] + SMALL)
+        assert r.exit_code == 0, r.output
+        assert (out / "checkpoint.h5").exists()
+    np.savez(tmp_path / "bad.npz", **{**w, "w2": np.zeros((8, 8))})
+    one_line_error(run(["train", "--task", "recall", "--activation", "sdn", "--sdn-weights",
+                        str(tmp_path / "bad.npz"), "--out", str(tmp_path / "o")] + SMALL), "w2")
+    assert not (tmp_path / "o").exists()
+
+
 def test_corrupted_checkpoint(tmp_path):
     p = tmp_path / "c.h5"
     p.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # HDF5 signature, truncated body
