@@ -102,6 +102,11 @@ def verify(candidates, golden_dir, json_path, skip, verbose):
         if json_path:
             _write_json(json_path, {"passed": False, "error": str(e), "files": []})
         _fail(e)
+    _finish(report, json_path, verbose)
+
+
+def _finish(report, json_path, verbose):
+    """Print the report table, write the JSON report if asked, exit 1 on any failure."""
     click.echo(G.format_report(report, verbose=verbose), nl=False)
     if json_path:
         _write_json(json_path, report)
@@ -123,11 +128,7 @@ def check(golden_dir, suites, json_path, verbose):
         report = G.check(golden_dir, list(suites) or None)
     except FileFormatError as e:
         _fail(e)
-    click.echo(G.format_report(report, verbose=verbose), nl=False)
-    if json_path:
-        _write_json(json_path, report)
-    if not report["passed"]:
-        sys.exit(1)
+    _finish(report, json_path, verbose)
 
 
 @golden.command()

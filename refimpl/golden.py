@@ -851,13 +851,18 @@ def _neuron_fwd(case):
                                                      "membranes": {"h": (h, cfg.theta)}}
 
 
+def _spiking_bwd(bwd, case, state, cot):
+    """VJP of the neuron / pmbc suites through ``bwd`` (neuron_bwd or pmbc_bwd)."""
+    s, h, u, cfg = state
+    dx, drho = bwd(case.data["inputs/x"], s, h, u, cfg, cot["s"], dh=cot["h"], du=cot["u"],
+                   rho=_rho(case))
+    return {"x": dx} if drho is None else {"x": dx, "rho": drho}
+
+
 def _neuron_bwd(case, state, cot):
     from .neurons import neuron_bwd
 
-    s, h, u, cfg = state
-    dx, drho = neuron_bwd(case.data["inputs/x"], s, h, u, cfg, cot["s"], dh=cot["h"], du=cot["u"],
-                          rho=_rho(case))
-    return {"x": dx} if drho is None else {"x": dx, "rho": drho}
+    return _spiking_bwd(neuron_bwd, case, state, cot)
 
 
 def _pmbc_fwd(case):
@@ -872,10 +877,7 @@ def _pmbc_fwd(case):
 def _pmbc_bwd(case, state, cot):
     from .pmbc import pmbc_bwd
 
-    s, h, u, cfg = state
-    dx, drho = pmbc_bwd(case.data["inputs/x"], s, h, u, cfg, cot["s"], dh=cot["h"], du=cot["u"],
-                        rho=_rho(case))
-    return {"x": dx} if drho is None else {"x": dx, "rho": drho}
+    return _spiking_bwd(pmbc_bwd, case, state, cot)
 
 
 def _neuron_depth(case):
