@@ -7,9 +7,9 @@ import sys
 import click
 
 import refimpl
-from cli.golden import golden
-from cli.sdn import sdn
-from cli.train import evaluate, train
+from .golden import golden
+from .sdn import sdn
+from .train import evaluate, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -5,7 +5,7 @@ import sys
 
 from click.testing import CliRunner
 
-from cli.main import main
+from refimpl.cli.main import main
 
 
 def test_help_lists_commands():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from refimpl.cli.main import main
 
 SMALL = ["--samples", "64", "--length", "16", "--d-model", "8", "--d-state", "4",
          "--layers", "1", "--epochs", "2", "--batch-size", "16"]

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cli.main import main
+from refimpl.cli.main import main
 from refimpl import config
 from refimpl import golden as G
 from refimpl.h5io import FileFormatError

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main
+from refimpl.cli.main import main
 from refimpl import sdn
 from refimpl.h5io import FileFormatError, atomic_h5
 from refimpl.surrogates import get_surrogate

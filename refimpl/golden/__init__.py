@@ -48,6 +48,7 @@ difference as ``ACCEPTABLE`` rather than a failure.
 """
 import dataclasses
 import fnmatch
+import importlib.resources
 import math
 import os
 import zlib
@@ -57,15 +58,15 @@ from typing import Callable, Optional
 import h5py
 import numpy as np
 
-from . import config
-from .h5io import FileFormatError, atomic_h5, open_h5, write_tree
+from .. import config
+from ..h5io import FileFormatError, atomic_h5, open_h5, write_tree
 
 SCHEMA = "refimpl-golden"
 CANDIDATE_SCHEMA = "refimpl-golden-candidate"
 SCHEMA_VERSION = 1
 
-#: The committed set, ``<repository>/golden/v1`` (found next to the package in a source checkout).
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "golden" / f"v{SCHEMA_VERSION}"
+#: The committed set: package data ``refimpl.golden.data`` (the top-level ``golden/`` folder).
+DEFAULT_DIR = Path(str(importlib.resources.files("refimpl.golden.data") / f"v{SCHEMA_VERSION}"))
 
 RESULTS = ("valid", "acceptable", "invalid")
 GROUPS = ("inputs", "params", "outputs", "cotangents", "grads")
@@ -383,7 +384,7 @@ KERNEL_NAMES = ("log_dt", "log_A_real", "A_imag", "C_re", "C_im")
 
 
 def _ssm_params(rng, H, N, init="lin", dt=None, bidirectional=False, trainable_B=False, D=True):
-    from .ssm import s4d_init
+    from ..ssm import s4d_init
 
     lo, hi = (1e-3, 1e-1) if dt is None else (dt, dt)
     p = s4d_init(H, N, init=init, seed=rng, dt_min=lo, dt_max=hi, trainable_B=trainable_B,
@@ -451,7 +452,7 @@ def _kernel_B(case):
 
 
 def _kernel_fwd(case):
-    from .ssm import s4d_kernel
+    from ..ssm import s4d_kernel
 
     p = case.group("params")
     K = s4d_kernel(*[p[k] for k in KERNEL_NAMES], case.config["L"], disc=case.config["disc"],
@@ -460,7 +461,7 @@ def _kernel_fwd(case):
 
 
 def _kernel_bwd(case, state, cot):
-    from .ssm import s4d_kernel_bwd
+    from ..ssm import s4d_kernel_bwd
 
     p = case.group("params")
     B = _kernel_B(case)
@@ -483,7 +484,7 @@ def _kernel_abs_scales(p, disc, L, dK_abs, tight):
     subtracts instead of using ``expm1`` loses ``eps / |dt A|`` relative and is accepted at
     ordinary ``dt``; the ``extreme_dt`` cases are ``tight`` and catch it.
     """
-    from .ssm import DISCRETIZATIONS
+    from ..ssm import DISCRETIZATIONS
 
     dt = np.exp(p["log_dt"])[:, None]  # (H, 1)
     A = -np.exp(p["log_A_real"]) + 1j * p["A_imag"]  # (H, N2)
@@ -588,13 +589,13 @@ def _fftconv_specs(rngs, size):
 
 
 def _fftconv_fwd(case):
-    from .conv import fftconv
+    from ..conv import fftconv
 
     return {"y": fftconv(case.data["inputs/u"], case.data["params/K"], case.data["params/D"])}, None, {}
 
 
 def _fftconv_bwd(case, state, cot):
-    from .conv import fftconv_bwd
+    from ..conv import fftconv_bwd
 
     du, dK, dD = fftconv_bwd(case.data["inputs/u"], case.data["params/K"], case.data["params/D"],
                              cot["y"])
@@ -602,7 +603,7 @@ def _fftconv_bwd(case, state, cot):
 
 
 def _fft_depth(L):
-    from .conv import fft_length
+    from ..conv import fft_length
 
     return 2 * int(math.ceil(math.log2(fft_length(L))))
 
@@ -615,7 +616,7 @@ def _fftconv_depth(case):
 
 def _abs_scales(case, K, cot):
     """Scales of a convolution's outputs and grads: the same op on absolute values."""
-    from .conv import fftconv, fftconv_bwd
+    from ..conv import fftconv, fftconv_bwd
 
     u, D = np.abs(case.data["inputs/u"]), np.abs(case.data["params/D"])
     K = np.abs(K)
@@ -671,14 +672,14 @@ def _layer_specs(rngs, size):
 
 
 def _layer_fwd(case):
-    from .s4d import s4d_layer_fwd
+    from ..s4d import s4d_layer_fwd
 
     y, cache = s4d_layer_fwd(case.data["inputs/u"], case.group("params"), disc=case.config["disc"])
     return {"y": y}, cache, {}
 
 
 def _layer_bwd(case, cache, cot):
-    from .s4d import s4d_layer_bwd
+    from ..s4d import s4d_layer_bwd
 
     du, g = s4d_layer_bwd(cache, cot["y"])
     return {"u": du, **g}
@@ -692,9 +693,9 @@ def _layer_depth(case):
 
 
 def _layer_scales(case, outputs, grads, cot):
-    from .conv import fftconv_bwd
-    from .s4d import KERNEL_PARAMS
-    from .ssm import s4d_kernel
+    from ..conv import fftconv_bwd
+    from ..s4d import KERNEL_PARAMS
+    from ..ssm import s4d_kernel
 
     p = case.group("params")
     B = {k: p[k] for k in ("B_re", "B_im") if k in p}
@@ -722,7 +723,7 @@ def _neuron_config(reset="hard", tau=0.5, theta=1.0, u_reset=0.0, refractory_ste
                    spike_condition="ge", surrogate="triangle", surrogate_scale=None,
                    grad_mode="bptt"):
     """The scalar attributes of a neuron case (NeuronConfig fields, surrogate_scale resolved)."""
-    from .surrogates import SURROGATES
+    from ..surrogates import SURROGATES
 
     if surrogate_scale is None:
         surrogate_scale = SURROGATES[surrogate].default_scale
@@ -833,7 +834,7 @@ def _neuron_specs(rngs, size, pmbc=False):
 
 
 def _neuron_cfg(case):
-    from .neurons import NeuronConfig
+    from ..neurons import NeuronConfig
 
     return NeuronConfig(**case.config)
 
@@ -843,7 +844,7 @@ def _rho(case):
 
 
 def _neuron_fwd(case):
-    from .neurons import neuron_fwd
+    from ..neurons import neuron_fwd
 
     cfg = _neuron_cfg(case)
     s, h, u = neuron_fwd(case.data["inputs/x"], cfg, rho=_rho(case))
@@ -860,13 +861,13 @@ def _spiking_bwd(bwd, case, state, cot):
 
 
 def _neuron_bwd(case, state, cot):
-    from .neurons import neuron_bwd
+    from ..neurons import neuron_bwd
 
     return _spiking_bwd(neuron_bwd, case, state, cot)
 
 
 def _pmbc_fwd(case):
-    from .pmbc import pmbc_fwd
+    from ..pmbc import pmbc_fwd
 
     cfg = _neuron_cfg(case)
     s, h, u, it = pmbc_fwd(case.data["inputs/x"], cfg, rho=_rho(case), parallel=False)
@@ -875,7 +876,7 @@ def _pmbc_fwd(case):
 
 
 def _pmbc_bwd(case, state, cot):
-    from .pmbc import pmbc_bwd
+    from ..pmbc import pmbc_bwd
 
     return _spiking_bwd(pmbc_bwd, case, state, cot)
 
@@ -886,7 +887,7 @@ def _neuron_depth(case):
 
 
 def _neuron_floors(case):
-    from .pmbc import rounding_bound
+    from ..pmbc import rounding_bound
 
     b = rounding_bound(case.data["inputs/x"], _neuron_cfg(case), _rho(case))
     return {"outputs/h": b, "outputs/u": b, "membrane/h": b}
@@ -904,7 +905,7 @@ def _sdn_weights(rng):
 
 
 def _sdn_specs(rngs, size):
-    from .surrogates import SURROGATES
+    from ..surrogates import SURROGATES
 
     big = 8 if size == "large" else 1
     out = []
@@ -941,7 +942,7 @@ def _sdn_specs(rngs, size):
 
 
 def _sdn_fwd(case):
-    from .sdn import sdn_forward
+    from ..sdn import sdn_forward
 
     x = case.data["inputs/x"]
     c = case.config
@@ -951,8 +952,8 @@ def _sdn_fwd(case):
 
 
 def _sdn_bwd(case, m, cot):
-    from .sdn_fused import sdn_fused_bwd, sdn_fused_fwd
-    from .surrogates import get_surrogate
+    from ..sdn_fused import sdn_fused_bwd, sdn_fused_fwd
+    from ..surrogates import get_surrogate
 
     x = case.data["inputs/x"]
     c = case.config
@@ -1001,14 +1002,14 @@ def _glu_specs(rngs, size):
 
 
 def _glu_fwd(case):
-    from .layers import glu_fwd
+    from ..layers import glu_fwd
 
     z, cache = glu_fwd(case.data["inputs/s"], case.data["params/W"], case.data["params/b"])
     return {"z": z}, cache, {}
 
 
 def _glu_bwd(case, cache, cot):
-    from .layers import glu_bwd
+    from ..layers import glu_bwd
 
     ds, dW, db = glu_bwd(cache, cot["z"])
     return {"s": ds, "W": dW, "b": db}
@@ -1072,7 +1073,7 @@ def _gsu_ter_margins(x, W, ratio=0.15):
 
 
 def _gsu_fwd(case):
-    from .layers import gsu_fwd
+    from ..layers import gsu_fwd
 
     x, W = case.data["inputs/x"], case.data["params/W"]
     z, cache = gsu_fwd(x, W, case.data["params/b"], case.data["params/c"])
@@ -1081,7 +1082,7 @@ def _gsu_fwd(case):
 
 
 def _gsu_bwd(case, cache, cot):
-    from .layers import gsu_bwd
+    from ..layers import gsu_bwd
 
     dx, dW, db, dc = gsu_bwd(cache, cot["z"])
     return {"x": dx, "W": dW, "b": db, "c": dc}
@@ -1095,7 +1096,7 @@ _MODEL_FIELDS = ("activation", "norm", "prenorm", "bidirectional", "disc", "init
 
 def _model_attrs(cfg):
     """Scalar attributes of a ModelConfig, with the family's neuron spelled out."""
-    from .model import FAMILIES
+    from ..model import FAMILIES
 
     fam = FAMILIES[cfg.activation]
     a = {k: getattr(cfg, k) for k in _MODEL_FIELDS}
@@ -1112,7 +1113,7 @@ def _model_attrs(cfg):
 
 
 def _model_config(attrs):
-    from .model import ModelConfig
+    from ..model import ModelConfig
 
     fields = {k: attrs[k] for k in _MODEL_FIELDS + ("d_model", "d_state", "n_layers", "n_classes",
                                                     "d_input", "vocab", "dropout")}
@@ -1145,7 +1146,7 @@ def _randomise(rng, p, cfg):
 
 
 def _block_specs(rngs, size):
-    from .model import ModelConfig, init_model
+    from ..model import ModelConfig, init_model
 
     big = 8 if size == "large" else 1
     out = []
@@ -1213,7 +1214,7 @@ def _block_split(case):
 
 
 def _block_fwd(case):
-    from .model import block_fwd
+    from ..model import block_fwd
 
     cfg, p, buf = _block_split(case)
     y, cache, _ = block_fwd(cfg, p, buf, 0, case.data["inputs/u"], True, None, new_buf={})
@@ -1241,7 +1242,7 @@ def _model_diag(cfg, blocks):
 
 
 def _block_bwd(case, state, cot):
-    from .model import block_bwd
+    from ..model import block_bwd
 
     cfg, p, cache = state
     dx, g = block_bwd(cfg, p, 0, cache, cot["y"])
@@ -1260,8 +1261,8 @@ ADAMW = dict(lr=1e-2, weight_decay=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
 def _model_specs(rngs, size):
-    from .model import ModelConfig, init_model
-    from .optim import cosine_schedule
+    from ..model import ModelConfig, init_model
+    from ..optim import cosine_schedule
 
     big = 8 if size == "large" else 1
     out = []
@@ -1310,9 +1311,9 @@ def _model_specs(rngs, size):
 
 
 def _model_fwd(case):
-    from . import layers as Ly
-    from .model import model_bwd, model_fwd, optimizer_rules, project
-    from .optim import adamw_init, adamw_step, make_groups
+    from .. import layers as Ly
+    from ..model import model_bwd, model_fwd, optimizer_rules, project
+    from ..optim import adamw_init, adamw_step, make_groups
 
     c = case.config
     cfg = _model_config(c)
@@ -1353,8 +1354,8 @@ def _model_depth(case):
 
 def _model_meta(case):
     """Per-parameter AdamW group settings (lr before the schedule factor, weight_decay)."""
-    from .model import optimizer_rules
-    from .optim import make_groups
+    from ..model import optimizer_rules
+    from ..optim import make_groups
 
     c = case.config
     p = {k: v for k, v in case.group("params").items() if not k.startswith("sdn.")}
