@@ -2,19 +2,20 @@
 
 Every file refimpl writes carries ``schema``, ``schema_version`` and provenance attributes on
 its root group; readers reject other schemas and unknown versions with a one-line
-:class:`FileFormatError`. Writes go to a temporary file in the destination folder that is
-renamed into place only after it was closed successfully, so an interrupted or failed run
-never leaves a half-written file behind (NIR ``serialization.py`` is the model, with its
+:class:`FileFormatError`. Writes go through :func:`refimpl.atomic.atomic_path`: a temporary file in the destination
+folder, renamed into place only after it was closed successfully, so an interrupted or failed
+run never leaves a half-written file behind (NIR ``serialization.py`` is the model, with its
 nested-group bug as the caution: nested groups are written and read recursively here).
 """
 import contextlib
 import datetime
 import os
 import platform
-import tempfile
 
 import h5py
 import numpy as np
+
+from .atomic import atomic_path
 
 
 class FileFormatError(ValueError):
@@ -58,25 +59,13 @@ def atomic_h5(path, schema, schema_version, overwrite=False, attrs=None):
         Open on a temporary file in the same folder; renamed to ``path`` when the block exits
         without an exception, deleted otherwise.
     """
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path, overwrite) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["schema"] = schema
             f.attrs["schema_version"] = int(schema_version)
             for k, v in {**provenance(), **(attrs or {})}.items():
                 f.attrs[k] = v
             yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def open_h5(path, schema, versions=(1,)):

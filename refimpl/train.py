@@ -12,11 +12,11 @@ The library never prints: pass ``progress`` to receive per-batch events.
 import dataclasses
 import json
 import os
-import tempfile
 
 import numpy as np
 
 from . import model as M
+from .atomic import atomic_write_json
 from .h5io import FileFormatError, atomic_h5, open_h5, read_tree, write_tree
 from .optim import adamw_init, adamw_step, cosine_schedule, make_groups
 
@@ -34,20 +34,6 @@ class TrainConfig:
     warmup_frac: float = 0.1
     clip_norm: float = 0.0  # 0 = no clipping
     seed: int = 0
-
-
-def atomic_write_text(path, text):
-    """Write ``text`` to ``path`` through a temporary file in the same folder + rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_checkpoint(path, cfg, tcfg, params, buffers, opt_state, epoch, metrics):
@@ -161,9 +147,9 @@ def train(cfg, tcfg, data, out_dir, resume=False, sdn_weights=None, progress=Non
     os.makedirs(out_dir, exist_ok=True)
     warmup = min(int(round(tcfg.warmup_frac * total)), total - 1)
     L = xtr.shape[1]
-    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(
-        {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
-         "data": data.get("name", "")}, indent=2) + "\n")
+    atomic_write_json(os.path.join(out_dir, "config.json"),
+                      {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
+                       "data": data.get("name", "")})
     for epoch in range(start, tcfg.epochs):
         rng = np.random.default_rng([tcfg.seed, epoch])
         loss_sum = correct = 0.0
@@ -183,7 +169,7 @@ def train(cfg, tcfg, data, out_dir, resume=False, sdn_weights=None, progress=Non
         ev = evaluate(cfg, params, buffers, data["x_test"], data["y_test"])
         metrics.append(_epoch_metrics(cfg, epoch, loss_sum / len(ytr), correct / len(ytr), ev, L))
         save_checkpoint(ckpt, cfg, tcfg, params, buffers, opt, epoch + 1, metrics)
-        atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2) + "\n")
+        atomic_write_json(os.path.join(out_dir, "metrics.json"), metrics)
         if progress is not None:
             progress({"epoch_done": epoch, "metrics": metrics[-1]})
     return metrics
