@@ -106,3 +106,46 @@ def neuron(x, tau, theta, reset="hard", u_reset=0.0, rho=None, refractory_steps=
             raise ValueError(f"unknown reset {reset!r}")
         u_prev = u[:, :, t]
     return s, h, u
+
+
+# ============================================================================================
+# SDN (DESIGN.md section 6): the fused Surrogate Dynamic Network
+# ============================================================================================
+
+
+def sdn_predict(x, weights):
+    """The fused SDN's prediction ``m`` of the decayed potential ``tau u_{t-1}``.
+
+    ::
+
+        h1[c, t] = relu(b1[c] + sum_{k=0..7} W1[c, k] x[t-8+k])      (x[j] = 0 for j < 0)
+        h2[c, t] = relu(b2[c] + sum_j W2[c, j] h1[j, t] + h1[c, t])
+        m[t]     = b3 + sum_c w3[c] h2[c, t]
+
+    Parameters
+    ----------
+    x : (..., L) float64
+        Every row (last axis) is an independent sequence.
+    weights : dict
+        The published layout ``w0 .. w5``: ``W1 = w0[:, 0, :]`` (8, 8), ``b1 = w1`` (8,),
+        ``W2 = w2[:, :, 0]`` (8, 8), ``b2 = w3`` (8,), ``w3 = w4[0, :, 0]`` (8,),
+        ``b3 = w5[0]``.
+
+    Returns
+    -------
+    m : (..., L) float64
+        Strictly causal: ``m[t]`` depends on ``x[t-8 .. t-1]`` only.
+    """
+    W1 = np.asarray(weights["w0"])[:, 0, :]  # (C, K)
+    b1 = np.asarray(weights["w1"])  # (C,)
+    W2 = np.asarray(weights["w2"])[:, :, 0]  # (C, C)
+    b2 = np.asarray(weights["w3"])  # (C,)
+    w3 = np.asarray(weights["w4"])[0, :, 0]  # (C,)
+    b3 = np.asarray(weights["w5"])[0]  # ()
+    K = W1.shape[1]
+    L = x.shape[-1]
+    xp = np.concatenate([np.zeros(x.shape[:-1] + (K,)), x], axis=-1)  # (..., K + L)
+    win = np.stack([xp[..., k:k + L] for k in range(K)], axis=-1)  # (..., L, K): x[t-K+k]
+    h1 = np.maximum(b1 + win @ W1.T, 0.0)  # (..., L, C)
+    h2 = np.maximum(b2 + h1 @ W2.T + h1, 0.0)  # (..., L, C)
+    return b3 + h2 @ w3  # (..., L)
