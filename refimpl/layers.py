@@ -6,6 +6,8 @@ gradient first, then one gradient per parameter in argument order, all freshly a
 (overwrite semantics; callers accumulate where a parameter is shared).
 Plain NumPy (einsum): these layers are matrix products, not loops.
 """
+from typing import NamedTuple
+
 import numpy as np
 from scipy.special import erf
 
@@ -109,6 +111,14 @@ def ternary(v, axis=None, ratio=0.15):
     return np.sign(v) * (np.abs(v) >= ratio * m) * (m > 0)
 
 
+class GSUCache(NamedTuple):
+    """What :func:`gsu_bwd` needs: the quantised input and weight and the two factors."""
+    Tx: np.ndarray  # (B, H, L) Ter(x), max over channels per token
+    TW: np.ndarray  # (H, H) Ter(W), max over the matrix
+    P: np.ndarray  # (B, H, L) Ter(x) W + b
+    Q: np.ndarray  # (B, H, L) x Ter(W) + c
+
+
 def gsu_fwd(x, W, b, c, Tx=None, TW=None):
     """Gated Spiking Unit (Binary S4D): ``z = (Ter(x) W + b) * (x Ter(W) + c)`` per token.
 
@@ -120,7 +130,7 @@ def gsu_fwd(x, W, b, c, Tx=None, TW=None):
     TW = ternary(W) if TW is None else TW  # (H, H), max over the matrix
     P = chanmix(W.T, Tx) + b[:, None]  # (B, H, L): P[:, j] = sum_i Tx[:, i] W[i, j]
     Q = chanmix(TW.T, x) + c[:, None]  # (B, H, L)
-    return P * Q, (Tx, TW, P, Q)
+    return P * Q, GSUCache(Tx, TW, P, Q)
 
 
 def gsu_bwd(cache, dz):

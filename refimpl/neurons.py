@@ -199,6 +199,15 @@ class NeuronConfig:
             object.__setattr__(self, name, value)
 
     @property
+    def theta_fire(self):
+        """The spike test as one ``>=`` comparison, ``s = [h >= theta_fire]``: ``theta`` for
+        ``ge``; for ``gt`` the next float above ``theta`` (``h > theta`` iff ``h >= nextafter(theta,
+        inf)`` for every finite float). Every kernel (neurons, PMBC, the SDN neuron) fires on
+        this value, so the spike condition is encoded once."""
+        strict = SPIKE_CONDITIONS[self.spike_condition]
+        return float(np.nextafter(self.theta, np.inf)) if strict else float(self.theta)
+
+    @property
     def scale(self):
         """The surrogate shape constant in use (``surrogate_scale`` or the surrogate's default)."""
         return get_surrogate(self.surrogate).resolve_scale(self.surrogate_scale)
@@ -446,9 +455,7 @@ def _kernel_args(cfg, rho, Bsz, H):
     """``(theta_fire, a, b_rows (B*H,), R)`` as the kernels take them (see kernel conventions)."""
     a, b = reset_coefficients(cfg, rho, H)
     b_rows = np.ascontiguousarray(np.broadcast_to(b, (Bsz, H)).reshape(-1))  # (B*H,)
-    gt = SPIKE_CONDITIONS[cfg.spike_condition]
-    theta_fire = float(np.nextafter(cfg.theta, np.inf)) if gt else cfg.theta
-    return theta_fire, a, b_rows, cfg.refractory_steps
+    return cfg.theta_fire, a, b_rows, cfg.refractory_steps
 
 
 def neuron_fwd(x, cfg, rho=None, smooth=False):

@@ -73,7 +73,7 @@ def _last_spike_before(S, t, R):
 
 
 @njit(**config.NJIT_OPTS)
-def _evaluate(x, S, tau, theta, c, u_reset, kind, R, ge, p, b, r, h, S_new, a, beta, P):
+def _evaluate(x, S, tau, theta, c, u_reset, kind, R, theta_fire, p, b, r, h, S_new, a, beta, P):
     """One evaluation of ``F(S)`` on ``[p, L)``: writes ``h`` and ``S_new`` there.
 
     ``kind``: 0 none, 1 linear reset (soft/refractory, ``c = theta + rho``), 2 hard.
@@ -98,12 +98,12 @@ def _evaluate(x, S, tau, theta, c, u_reset, kind, R, ge, p, b, r, h, S_new, a, b
     for t in range(p, L):
         if t > 0 and S[t - 1] != 0.0:
             last = t - 1
-        fire = h[t] >= theta if ge else h[t] > theta
+        fire = h[t] >= theta_fire  # the neuron's one spike test (NeuronConfig.theta_fire)
         S_new[t] = 1.0 if (fire and t - last > R) else 0.0
 
 
 @njit(**config.NJIT_OPTS)
-def _pmbc_row(x, tau, theta, c, u_reset, kind, R, ge, max_iter, s, h, u):
+def _pmbc_row(x, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u):
     """PMBC on one row ``x (L,)``; writes ``s, h, u (L,)``; returns the number of evaluations
     of ``F`` (``-1`` if ``max_iter`` was reached without convergence)."""
     L = x.shape[0]
@@ -123,7 +123,7 @@ def _pmbc_row(x, tau, theta, c, u_reset, kind, R, ge, max_iter, s, h, u):
     it = 0
     while it < max_iter:
         it += 1
-        _evaluate(x, s, tau, theta, c, u_reset, kind, R, ge, p, b, r, h, S_new, a, beta, P)
+        _evaluate(x, s, tau, theta, c, u_reset, kind, R, theta_fire, p, b, r, h, S_new, a, beta, P)
         q = L
         for t in range(p, L):
             if S_new[t] != s[t]:
@@ -146,19 +146,19 @@ def _pmbc_row(x, tau, theta, c, u_reset, kind, R, ge, max_iter, s, h, u):
     return it
 
 
-@njit(parallel=True, fastmath=config.FASTMATH)
-def _pmbc_rows(x, tau, theta, c, u_reset, kind, R, ge, max_iter, s, h, u, iters):
+@njit(**config.PARALLEL_OPTS)
+def _pmbc_rows(x, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u, iters):
     """Rows of ``x (M, L)`` in parallel (disjoint writes; results independent of threads)."""
     for m in prange(x.shape[0]):
-        iters[m] = _pmbc_row(x[m], tau, theta, c[m], u_reset, kind, R, ge, max_iter,
+        iters[m] = _pmbc_row(x[m], tau, theta, c[m], u_reset, kind, R, theta_fire, max_iter,
                              s[m], h[m], u[m])
 
 
 @njit(**config.NJIT_OPTS)
-def _pmbc_rows_serial(x, tau, theta, c, u_reset, kind, R, ge, max_iter, s, h, u, iters):
+def _pmbc_rows_serial(x, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u, iters):
     """Serial twin of :func:`_pmbc_rows` (same results)."""
     for m in range(x.shape[0]):
-        iters[m] = _pmbc_row(x[m], tau, theta, c[m], u_reset, kind, R, ge, max_iter,
+        iters[m] = _pmbc_row(x[m], tau, theta, c[m], u_reset, kind, R, theta_fire, max_iter,
                              s[m], h[m], u[m])
 
 
@@ -209,7 +209,7 @@ def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True):
     iters = np.empty(x2.shape[0], dtype=np.int64)  # (B*H,)
     kernel = _pmbc_rows if parallel else _pmbc_rows_serial
     kernel(x2, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset), _RESET_CODES[cfg.reset],
-           int(cfg.refractory_steps), cfg.spike_condition == "ge", max_iter, s, h, u, iters)
+           int(cfg.refractory_steps), cfg.theta_fire, max_iter, s, h, u, iters)
     if np.any(iters < 0):
         raise RuntimeError(f"PMBC did not converge within max_iter={max_iter} evaluations on "
                            f"{int((iters < 0).sum())} rows; raise max_iter (L + 1 always suffices)")
@@ -243,12 +243,12 @@ def spike_map(S, x, cfg, rho=None):
     out = np.empty_like(x2)  # (B*H, L)
     _spike_map_rows(x2, S2, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset),
                     _RESET_CODES[cfg.reset], int(cfg.refractory_steps),
-                    cfg.spike_condition == "ge", out)
+                    cfg.theta_fire, out)
     return out.reshape(x.shape)
 
 
 @njit(**config.NJIT_OPTS)
-def _spike_map_rows(x, S, tau, theta, c, u_reset, kind, R, ge, out):
+def _spike_map_rows(x, S, tau, theta, c, u_reset, kind, R, theta_fire, out):
     """``out[m] = F(S[m])`` for every row (full evaluation from ``p = 0``)."""
     M, L = x.shape
     b, r, h, a = np.empty(L), np.empty(L), np.empty(L), np.empty(L)
@@ -259,7 +259,7 @@ def _spike_map_rows(x, S, tau, theta, c, u_reset, kind, R, ge, out):
             for t in range(L):
                 a[t] = tau
             _scan_segment(a, x[m], 0.0, 0, L, b, P)
-        _evaluate(x[m], S[m], tau, theta, c[m], u_reset, kind, R, ge, 0, b, r, h, out[m],
+        _evaluate(x[m], S[m], tau, theta, c[m], u_reset, kind, R, theta_fire, 0, b, r, h, out[m],
                   a, beta, P)
 
 
