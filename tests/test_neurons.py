@@ -14,8 +14,9 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from naive import neuron_fwd_naive, neuron_jvp_naive
+from naive import neuron_jvp_naive
 from refimpl import neurons
+from refimpl.reference import neuron_trace
 from refimpl.neurons import (GRAD_MODES, RESETS, NeuronConfig, neuron_bwd, neuron_fwd,
                              threshold_scale_bwd, threshold_scale_fwd)
 from refimpl.surrogates import SURROGATES, get_surrogate
@@ -25,13 +26,14 @@ EPS = 1e-6  # finite-difference step
 
 
 def naive(x, cfg, rho=None, smooth=False, **kw):
-    """The naive oracle for a config: returns ``(s, h, u, m, allowed)``."""
+    """The naive oracle for a config, :func:`refimpl.reference.neuron_trace`: returns
+    ``(s, h, u, m, allowed)``."""
     G = None
     if smooth:
         sur = get_surrogate(cfg.surrogate)
         G = lambda z: sur.primitive(z, cfg.scale)  # noqa: E731
-    return neuron_fwd_naive(x, cfg.reset, cfg.tau, cfg.theta, cfg.u_reset, rho,
-                            cfg.refractory_steps, cfg.spike_condition, G=G, **kw)
+    return neuron_trace(x, cfg.tau, cfg.theta, cfg.reset, cfg.u_reset, rho,
+                        cfg.refractory_steps, cfg.spike_condition, G=G, **kw)
 
 
 def surrogate_fn(cfg):
