@@ -7,6 +7,10 @@ import sys
 import click
 
 import refimpl
+from refimpl.equivalence import CHECKS
+from refimpl.table import render_table
+
+from .common import choice
 from .golden import golden
 from .sdn import sdn
 from .train import evaluate, train
@@ -61,32 +65,23 @@ def _fmt(v, spec):
 @click.option("--cases", default=50, show_default=True, type=click.IntRange(min=1),
               help="Random cases per check.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the case generator.")
-@click.option("--check", "checks", multiple=True, help="Run only these checks (repeatable).")
+@click.option("--check", "checks", multiple=True, type=choice(CHECKS),
+              help="Run only these checks (repeatable).")
 def equivalence(cases, seed, checks):
     """Run the parallel-vs-iterative checks on random cases and print a table."""
-    from refimpl.equivalence import CHECKS
-
     names = list(checks) or list(CHECKS)
-    unknown = [n for n in names if n not in CHECKS]
-    if unknown:
-        raise click.BadParameter(f"unknown check(s) {unknown}; valid: {list(CHECKS)}",
-                                 param_hint="--check")
     rows = []
     with click.progressbar(length=cases * len(names), label="equivalence", file=sys.stderr) as bar:
         for name in names:
             rows.append(CHECKS[name](cases, seed=seed, progress=bar.update))
     header = ("forms compared", "cases", "worst error", "spike mismatches", "iterations min/med/max")
-    table = [header]
+    table = []
     for r in rows:
         it = r["iterations"]
-        table.append((r["forms"], str(r["cases"]), _fmt(r["worst_error"], ".2e"),
+        table.append((r["forms"], r["cases"], _fmt(r["worst_error"], ".2e"),
                       _fmt(r["spike_mismatches"], "d"),
                       "-" if it is None else f"{it[0]} / {it[1]:g} / {it[2]}"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for i, row in enumerate(table):
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if i == 0:
-            click.echo("  ".join("-" * w for w in widths))
+    click.echo(render_table(header, table))
 
 
 main.add_command(train)

@@ -5,7 +5,7 @@ Block (one layer), input ``x (B, H, L)``::
     z = norm(x) if prenorm else x
     y = s4d(z)                               S4D kernel + FFT convolution + D skip
     y = y / exp(ln_vth)                      learnable threshold (spiking families that use it)
-    s = activation(y)                        per the family, see FAMILIES
+    s = activation(y)                        per the family (refimpl.activations)
     s = dropout(s)                           one mask per (batch, channel), shared over time
     z = GLU(s)  or  GSU(y)
     x = x + dropout(z);  x = norm(x) if postnorm
@@ -18,53 +18,26 @@ Parameters are one flat dict ``name -> float64 array`` with dotted names
 state (BatchNorm running statistics, the SDN's fixed weights) lives in a second flat dict,
 ``buffers``. Both are what a checkpoint stores.
 
-Activation families **[choice]** (the papers' settings where they state them):
-
-| family | activation | mixing | neuron |
-|---|---|---|---|
-| ``gelu`` | exact GELU (non-spiking S4D baseline) | GLU | - |
-| ``binary`` | Heaviside ``Theta(y)`` (Binary S4D) | GLU | reset none, tau 0, theta 0, surrogate atan |
-| ``binary_gsu`` | none: GSU ternarises ``y`` itself (Binary S4D + GSU) | GSU | - (rate = mean abs Ter(y)) |
-| ``lif`` | iterative hard-reset LIF (SpikingSSM) | GLU | hard, tau 0.125, theta 1, triangle, ``y/exp(ln_vth)`` |
-| ``sdn`` | SDN neuron (SpikingSSM): SDN prediction constant | GLU | theta 1, triangle, ``y/exp(ln_vth)`` |
-| ``refractory`` | reset-refractory (SPikE-SSM), PMBC or iterative | GLU | refractory, tau 0.5, theta 1, rho >= 0 trainable (init 0.5), triangle, ``y/exp(ln_vth)`` |
-
-``rho`` stays in ``[0, inf)`` by projection after each optimizer step (:func:`project`).
+The activation families (``gelu``, ``binary``, ``binary_gsu``, ``lif``, ``sdn``,
+``refractory``) are entries of :data:`refimpl.activations.ACTIVATIONS`; their settings and
+**[choice]** table are in :mod:`refimpl.activations`. The block asks its family for the
+forward, backward, firing rate, diagnostics and frozen constants, and never branches on it.
 """
 import dataclasses
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from . import layers as Ly
 from ._checks import check_array, check_int, check_name, check_real
-from .s4d import s4d_layer_bwd, s4d_layer_fwd
+from .activations import ACTIVATIONS
+from .neurons import NeuronConfig, threshold_scale_bwd, threshold_scale_fwd
+from .s4d import LAYER_PARAMS, s4d_layer_bwd, s4d_layer_fwd
 from .ssm import DISCRETIZATIONS, INITS, s4d_init
 
-SSM_KEYS = ("log_dt", "log_A_real", "A_imag", "C_re", "C_im", "D")
 
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """How one activation family builds a block."""
-    mixing: str  # "glu" | "gsu"
-    neuron: dict = None  # NeuronConfig fields, None for non-neuron activations
-    threshold: bool = False  # learnable threshold by input scaling
-    kind: str = "neuron"  # "gelu" | "neuron" | "sdn" | "none"
-
-
-FAMILIES = {
-    "gelu": Family("glu", kind="gelu"),
-    "binary": Family("glu", dict(reset="none", tau=0.0, theta=0.0, surrogate="atan")),
-    "binary_gsu": Family("gsu", kind="none"),
-    "lif": Family("glu", dict(reset="hard", tau=0.125, theta=1.0, surrogate="triangle"), True),
-    "sdn": Family("glu", dict(reset="hard", tau=0.125, theta=1.0, surrogate="triangle"), True,
-                  kind="sdn"),
-    "refractory": Family("glu", dict(reset="refractory", tau=0.5, theta=1.0, surrogate="triangle"),
-                         True),
-}
 NORMS = ("layer", "batch")
 NEURON_IMPLS = ("pmbc", "iterative")
-RHO_INIT = 0.5
 ENERGY_PJ = {"MAC": 4.6, "AC": 0.9}  # 45 nm figures (SpikingSSM paper)
 
 
@@ -74,8 +47,8 @@ class ModelConfig:
     n_classes: int
     d_input: int = 1
     vocab: int = 0
-    d_model: int = 64
-    d_state: int = 64
+    d_model: int = 32
+    d_state: int = 16
     n_layers: int = 2
     activation: str = "lif"
     norm: str = "layer"
@@ -97,7 +70,7 @@ class ModelConfig:
         check_int("d_model", self.d_model, 1)
         check_int("d_state", self.d_state, 2)
         check_int("n_layers", self.n_layers, 1)
-        check_name("activation", self.activation, FAMILIES)
+        check_name("activation", self.activation, ACTIVATIONS)
         check_name("norm", self.norm, {k: k for k in NORMS})
         check_name("disc", self.disc, DISCRETIZATIONS)
         check_name("init", self.init, INITS)
@@ -107,13 +80,20 @@ class ModelConfig:
             raise ValueError(f"d_state must be even (d_state // 2 complex modes), got {self.d_state}")
         self.neuron_config()  # validates grad_mode / surrogate through NeuronConfig
 
+    @classmethod
+    def for_data(cls, data, **options):
+        """The config for a data set (:mod:`refimpl.tasks` layout): ``n_classes``, ``vocab`` and
+        ``d_input`` (features per step: 1 for ``(N, L)`` or token inputs, ``C`` for
+        ``(N, L, C)``) come from ``data``; ``options`` set the other fields."""
+        x = data["x_train"]
+        d_input = 1 if data["vocab"] or x.ndim == 2 else x.shape[2]
+        return cls(n_classes=data["n_classes"], vocab=data["vocab"], d_input=d_input, **options)
+
     def neuron_config(self):
         """The NeuronConfig of this model's spiking family, or None."""
-        fam = FAMILIES[self.activation]
+        fam = ACTIVATIONS[self.activation]
         if fam.neuron is None:
             return None
-        from .neurons import NeuronConfig
-
         fields = dict(fam.neuron, grad_mode=self.grad_mode)
         if self.surrogate:
             fields["surrogate"] = self.surrogate
@@ -144,17 +124,17 @@ def init_model(cfg, seed=0, sdn_weights=None):
     else:
         p["encoder.W"] = _uniform(rng, cfg.d_input, (H, cfg.d_input))  # (H, d_input)
         p["encoder.b"] = _uniform(rng, cfg.d_input, (H,))
-    fam = FAMILIES[cfg.activation]
+    fam = ACTIVATIONS[cfg.activation]
     for i in range(cfg.n_layers):
         pre = f"layers.{i}."
         ssm = s4d_init(H, cfg.d_state, init=cfg.init, seed=rng, dt_min=cfg.dt_min,
                        dt_max=cfg.dt_max, bidirectional=cfg.bidirectional)
-        for k in SSM_KEYS:
+        for k in LAYER_PARAMS:
             p[pre + "ssm." + k] = ssm[k]
         if fam.threshold:
             p[pre + "ln_vth"] = np.zeros(H)  # (H,), threshold exp(0) = 1
-        if fam.neuron is not None and fam.neuron["reset"] == "refractory":
-            p[pre + "rho"] = np.full(H, RHO_INIT)  # (H,)
+        for k, v in fam.init_params(H).items():
+            p[pre + k] = v
         if fam.mixing == "glu":
             p[pre + "mix.W"] = _uniform(rng, H, (2 * H, H))  # (2H, H)
             p[pre + "mix.b"] = _uniform(rng, H, (2 * H,))
@@ -169,21 +149,18 @@ def init_model(cfg, seed=0, sdn_weights=None):
             buf[pre + "norm.running_var"] = np.ones(H)
     p["decoder.W"] = _uniform(rng, H, (cfg.n_classes, H))  # (C, H)
     p["decoder.b"] = _uniform(rng, H, (cfg.n_classes,))
-    if fam.kind == "sdn":
-        if sdn_weights is None:
-            raise ValueError("activation='sdn' needs sdn_weights (w0..w5); train them with "
-                             "'refimpl sdn train' or load the published .npz")
-        for k, v in sdn_weights.items():
-            buf["sdn." + k] = np.asarray(v, dtype=np.float64)
+    buf.update(fam.init_buffers(sdn_weights))
     return p, buf
 
 
 def project(params, cfg):
-    """Keep constrained parameters feasible after an optimizer step (in place): ``rho >= 0``."""
+    """Keep constrained parameters feasible after an optimizer step (in place), as each layer's
+    activation family defines it (``rho >= 0`` for ``refractory``)."""
+    fam = ACTIVATIONS[cfg.activation]
     for i in range(cfg.n_layers):
-        rho = params.get(f"layers.{i}.rho")
-        if rho is not None:
-            np.maximum(rho, 0.0, out=rho)
+        pre = f"layers.{i}."
+        layer = {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
+        fam.project(layer)
 
 
 def optimizer_rules(lr):
@@ -215,126 +192,96 @@ def _norm_bwd(cfg, cache, d):
     return (Ly.layernorm_bwd if cfg.norm == "layer" else Ly.batchnorm_bwd)(cache, d)
 
 
-def _sdn_weights(buf):
-    return {k[4:]: v for k, v in buf.items() if k.startswith("sdn.")}
+class BlockCache(NamedTuple):
+    """What :func:`block_bwd` needs from :func:`block_fwd`."""
+    norm: object  # the norm's cache
+    ssm: object  # the S4D layer's cache
+    y: np.ndarray  # (B, H, L) S4D output before threshold scaling
+    ln_vth: Optional[np.ndarray]  # (H,) or None without a learnable threshold
+    act: object  # the activation family's cache (refimpl.activations)
+    mask_s: Optional[np.ndarray]  # dropout mask on s (None: no dropout)
+    mix: object  # GLU or GSU cache
+    mask_z: Optional[np.ndarray]  # dropout mask on the mixing output
 
 
-def _activation_fwd(cfg, p, buf, pre, y, smooth, frozen):
-    """Returns ``(s, cache, rate_source)``; ``frozen`` may hold SDN predictions to reuse."""
-    fam = FAMILIES[cfg.activation]
-    if fam.kind == "gelu":
-        s, c = Ly.gelu_fwd(y)
-        return s, c
-    if fam.kind == "none":
-        return None, None
-    ncfg = cfg.neuron_config()
-    if fam.kind == "sdn":
-        from .sdn import sdn_forward
-        from .surrogates import get_surrogate
-
-        m = frozen.get(pre + "m") if frozen else None
-        if m is None:
-            m, _ = sdn_forward(y, _sdn_weights(buf), theta=ncfg.theta)  # (B, H, L), a constant
-        z = m + y - ncfg.theta
-        s = get_surrogate(ncfg.surrogate).primitive(z, ncfg.surrogate_scale) if smooth else \
-            (z >= 0).astype(np.float64)
-        return s, ("sdn", {"x": y, "m": m, "cfg": ncfg})
-    from .neurons import neuron_fwd
-
-    rho = p.get(pre + "rho")
-    if ncfg.reset == "refractory" and cfg.neuron_impl == "pmbc" and not smooth:
-        from .pmbc import pmbc_fwd
-
-        s, h, u, _ = pmbc_fwd(y, ncfg, rho=rho)
-    else:
-        s, h, u = neuron_fwd(y, ncfg, rho=rho, smooth=smooth)
-    return s, ("neuron", (y, s, h, u, ncfg, rho, smooth))
-
-
-def _activation_bwd(cfg, cache, ds):
-    """Returns ``(dy, drho)``."""
-    fam = FAMILIES[cfg.activation]
-    if fam.kind == "gelu":
-        return Ly.gelu_bwd(cache, ds)[0], None
-    tag, c = cache
-    if tag == "sdn":
-        from .surrogates import get_surrogate
-
-        ncfg = c["cfg"]  # ds/dx = g(m + x - theta), m constant (DESIGN.md 6)
-        return ds * get_surrogate(ncfg.surrogate).grad(c["m"] + c["x"] - ncfg.theta,
-                                                     ncfg.surrogate_scale), None
-    from .neurons import neuron_bwd
-
-    y, s, h, u, ncfg, rho, smooth = c
-    return neuron_bwd(y, s, h, u, ncfg, ds, rho=rho, smooth=smooth)
+class ModelCache(NamedTuple):
+    """What :func:`model_bwd` needs from :func:`model_fwd`."""
+    embed: object  # encoder or embedding cache
+    blocks: list  # BlockCache per layer
+    pool: object  # mean-pool cache (the shape)
+    pooled: np.ndarray  # (B, H)
 
 
 def block_fwd(cfg, p, buf, i, x, training, rng, smooth=False, frozen=None, new_buf=None):
-    """One block; returns ``(x_out, cache, stats)`` with ``stats = {"rate": firing rate}``."""
+    """One block; returns ``(x_out, cache, stats)`` with ``stats = {"rate": firing rate}``.
+
+    ``x (B, H, L)``; ``training`` turns dropout on and BatchNorm to batch statistics (their
+    running statistics go into ``new_buf``); ``smooth`` and ``frozen`` as in :func:`model_fwd`.
+    """
     pre = f"layers.{i}."
-    fam = FAMILIES[cfg.activation]
-    c = {}
-    z = x
+    fam = ACTIVATIONS[cfg.activation]
+    z, norm_c = x, None
     if cfg.prenorm:
-        z, c["norm"] = _norm_fwd(cfg, p, buf, pre, x, training, new_buf)
-    ssm = {k: p[pre + "ssm." + k] for k in SSM_KEYS}
-    y, c["ssm"] = s4d_layer_fwd(z, ssm, cfg.disc)  # (B, H, L)
-    if fam.threshold:
-        scale = np.exp(-p[pre + "ln_vth"])[:, None]  # (H, 1)
-        y = y * scale
-        c["scale"] = (y, scale)
-    s, c["act"] = _activation_fwd(cfg, p, buf, pre, y, smooth, frozen)
+        z, norm_c = _norm_fwd(cfg, p, buf, pre, x, training, new_buf)
+    ssm = {k: p[pre + "ssm." + k] for k in LAYER_PARAMS}
+    y, ssm_c = s4d_layer_fwd(z, ssm, cfg.disc)  # (B, H, L)
+    ln_vth = p[pre + "ln_vth"] if fam.threshold else None
+    v = y if ln_vth is None else threshold_scale_fwd(y, ln_vth)  # (B, H, L)
+    s, act_c = fam.forward(v, cfg, p, buf, pre, smooth, frozen)
     drop = training and cfg.dropout > 0
+    mask_s = None
     if fam.mixing == "glu":
-        c["mask_s"] = Ly.dropout_mask(rng, s.shape, cfg.dropout) if drop else None
-        s_d, _ = Ly.dropout_fwd(s, c["mask_s"])
-        out, c["mix"] = Ly.glu_fwd(s_d, p[pre + "mix.W"], p[pre + "mix.b"])
+        mask_s = Ly.dropout_mask(rng, s.shape, cfg.dropout) if drop else None
+        s_d, _ = Ly.dropout_fwd(s, mask_s)
+        out, mix_c = Ly.glu_fwd(s_d, p[pre + "mix.W"], p[pre + "mix.b"])
     else:
         fz = frozen or {}
-        out, c["mix"] = Ly.gsu_fwd(y, p[pre + "mix.W"], p[pre + "mix.b"], p[pre + "mix.c"],
-                                   fz.get(pre + "Tx"), fz.get(pre + "TW"))
-    c["mask_z"] = Ly.dropout_mask(rng, out.shape, cfg.dropout) if drop else None
-    out, _ = Ly.dropout_fwd(out, c["mask_z"])
+        out, mix_c = Ly.gsu_fwd(v, p[pre + "mix.W"], p[pre + "mix.b"], p[pre + "mix.c"],
+                                fz.get(pre + "Tx"), fz.get(pre + "TW"))
+    mask_z = Ly.dropout_mask(rng, out.shape, cfg.dropout) if drop else None
+    out, _ = Ly.dropout_fwd(out, mask_z)
     x_out = x + out
     if not cfg.prenorm:
-        x_out, c["norm"] = _norm_fwd(cfg, p, buf, pre, x_out, training, new_buf)
-    if fam.kind == "gelu":
-        rate = None
-    elif fam.kind == "none":
-        rate = float(np.abs(c["mix"][0]).mean())  # GSU's ternary activations Ter(y)
-    else:
-        rate = float(s.mean())
-    return x_out, c, {"rate": rate}
+        x_out, norm_c = _norm_fwd(cfg, p, buf, pre, x_out, training, new_buf)
+    cache = BlockCache(norm_c, ssm_c, y, ln_vth, act_c, mask_s, mix_c, mask_z)
+    return x_out, cache, {"rate": fam.rate(s, act_c, mix_c)}
 
 
 def block_bwd(cfg, p, i, c, dx_out):
     """Backward of :func:`block_fwd`: returns ``(dx, grads)`` for this block's parameters."""
     pre = f"layers.{i}."
-    fam = FAMILIES[cfg.activation]
+    fam = ACTIVATIONS[cfg.activation]
     g = {}
     d = dx_out
     if not cfg.prenorm:
-        d, g[pre + "norm.gamma"], g[pre + "norm.beta"] = _norm_bwd(cfg, c["norm"], d)
+        d, g[pre + "norm.gamma"], g[pre + "norm.beta"] = _norm_bwd(cfg, c.norm, d)
     dx = d.copy()  # residual path
-    (dout,) = Ly.dropout_bwd(c["mask_z"], d)
+    (dout,) = Ly.dropout_bwd(c.mask_z, d)
     if fam.mixing == "glu":
-        ds_d, g[pre + "mix.W"], g[pre + "mix.b"] = Ly.glu_bwd(c["mix"], dout)
-        (ds,) = Ly.dropout_bwd(c["mask_s"], ds_d)
-        dy, drho = _activation_bwd(cfg, c["act"], ds)
-        if drho is not None:
-            g[pre + "rho"] = drho
+        ds_d, g[pre + "mix.W"], g[pre + "mix.b"] = Ly.glu_bwd(c.mix, dout)
+        (ds,) = Ly.dropout_bwd(c.mask_s, ds_d)
+        dv, ga = fam.backward(c.act, ds)
+        g.update({pre + k: v for k, v in ga.items()})
     else:
-        dy, g[pre + "mix.W"], g[pre + "mix.b"], g[pre + "mix.c"] = Ly.gsu_bwd(c["mix"], dout)
-    if fam.threshold:
-        y_scaled, scale = c["scale"]
-        g[pre + "ln_vth"] = -(dy * y_scaled).sum(axis=(0, 2))  # d/dln_vth of y exp(-ln_vth)
-        dy = dy * scale
-    dz, gs = s4d_layer_bwd(c["ssm"], dy)
+        dv, g[pre + "mix.W"], g[pre + "mix.b"], g[pre + "mix.c"] = Ly.gsu_bwd(c.mix, dout)
+    if c.ln_vth is None:
+        dy = dv
+    else:
+        dy, g[pre + "ln_vth"] = threshold_scale_bwd(c.y, c.ln_vth, dv)
+    dz, gs = s4d_layer_bwd(c.ssm, dy)
     for k, v in gs.items():
         g[pre + "ssm." + k] = v
     if cfg.prenorm:
-        dz, g[pre + "norm.gamma"], g[pre + "norm.beta"] = _norm_bwd(cfg, c["norm"], dz)
+        dz, g[pre + "norm.gamma"], g[pre + "norm.beta"] = _norm_bwd(cfg, c.norm, dz)
     return dx + dz, g
+
+
+def block_diagnostics(cfg, cache):
+    """What decided the spikes of one block (from :func:`block_fwd`'s cache): ``{"spikes":
+    {name: array}, "membranes": {name: (value, threshold)}}``, as the block's activation family
+    defines them (``s`` and ``h`` for neurons, ``s`` and ``m+x`` for the SDN neuron, ``Tx`` and
+    ``TW`` for the GSU; empty for GELU)."""
+    return ACTIVATIONS[cfg.activation].diagnostics(cache.act, cache.mix)
 
 
 def check_inputs(cfg, x, labels=None):
@@ -392,47 +339,43 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
     if training and cfg.dropout > 0 and rng is None:
         raise ValueError("training with dropout needs rng (a numpy Generator)")
     new_buf = dict(buf)
-    c = {}
     if cfg.vocab:
-        h, c["embed"] = Ly.embedding_fwd(x, p["embedding.E"])
+        h, embed_c = Ly.embedding_fwd(x, p["embedding.E"])  # (B, H, L)
     else:
-        h, c["embed"] = Ly.linear_fwd(np.ascontiguousarray(x.transpose(0, 2, 1)),
-                                      p["encoder.W"], p["encoder.b"])  # (B, H, L)
-    c["blocks"], rates = [], []
+        h, embed_c = Ly.linear_fwd(np.ascontiguousarray(x.transpose(0, 2, 1)),
+                                   p["encoder.W"], p["encoder.b"])  # (B, H, L)
+    blocks, rates = [], []
     for i in range(cfg.n_layers):
         h, bc, st = block_fwd(cfg, p, buf, i, h, training, rng, smooth, frozen, new_buf)
-        c["blocks"].append(bc)
+        blocks.append(bc)
         rates.append(st["rate"])
-    pooled, c["pool"] = Ly.meanpool_fwd(h)  # (B, H)
+    pooled, pool_c = Ly.meanpool_fwd(h)  # (B, H)
     logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, C)
-    c["pooled"] = pooled
-    return logits, c, new_buf, {"rates": rates}
+    return logits, ModelCache(embed_c, blocks, pool_c, pooled), new_buf, {"rates": rates}
 
 
 def frozen_constants(cfg, p, buf, x, training=True, rng=None):
     """The quantities the backward treats as constants (SDN's m, GSU's Ter(y) and Ter(W)),
     recorded at ``p`` so that a finite-difference check can hold them fixed."""
     _, cache, _, _ = model_fwd(cfg, p, buf, x, training, rng, smooth=True)
+    fam = ACTIVATIONS[cfg.activation]
     out = {}
-    for i, c in enumerate(cache["blocks"]):
-        if FAMILIES[cfg.activation].kind == "sdn":
-            out[f"layers.{i}.m"] = c["act"][1]["m"]
-        if FAMILIES[cfg.activation].mixing == "gsu":
-            out[f"layers.{i}.Tx"], out[f"layers.{i}.TW"] = c["mix"][0], c["mix"][1]
+    for i, c in enumerate(cache.blocks):
+        out.update({f"layers.{i}.{k}": v for k, v in fam.frozen(c.act, c.mix).items()})
     return out
 
 
 def model_bwd(cfg, p, cache, dlogits):
     """Gradients of every parameter given ``dlogits (B, C)``: a dict like ``p``."""
-    g = {"decoder.W": dlogits.T @ cache["pooled"], "decoder.b": dlogits.sum(0)}
-    (dh,) = Ly.meanpool_bwd(cache["pool"], dlogits @ p["decoder.W"])  # (B, H, L)
+    g = {"decoder.W": dlogits.T @ cache.pooled, "decoder.b": dlogits.sum(0)}
+    (dh,) = Ly.meanpool_bwd(cache.pool, dlogits @ p["decoder.W"])  # (B, H, L)
     for i in reversed(range(cfg.n_layers)):
-        dh, gb = block_bwd(cfg, p, i, cache["blocks"][i], dh)
+        dh, gb = block_bwd(cfg, p, i, cache.blocks[i], dh)
         g.update(gb)
     if cfg.vocab:
-        _, g["embedding.E"] = Ly.embedding_bwd(cache["embed"], dh)
+        _, g["embedding.E"] = Ly.embedding_bwd(cache.embed, dh)
     else:
-        _, g["encoder.W"], g["encoder.b"] = Ly.linear_bwd(cache["embed"], dh)
+        _, g["encoder.W"], g["encoder.b"] = Ly.linear_bwd(cache.embed, dh)
     return g
 
 

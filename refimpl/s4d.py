@@ -8,15 +8,15 @@ C_im, D`` and optionally ``B_re, B_im`` (see :func:`refimpl.ssm.s4d_init`).
 """
 from ._checks import check_array, check_name
 from .conv import fftconv, fftconv_bwd
-from .ssm import DISCRETIZATIONS, s4d_kernel, s4d_kernel_bwd
+from .ssm import DISCRETIZATIONS, KERNEL_PARAMS, s4d_kernel, s4d_kernel_bwd
 
-#: Kernel parameter names in the argument order of :func:`refimpl.ssm.s4d_kernel`.
-KERNEL_PARAMS = ("log_dt", "log_A_real", "A_imag", "C_re", "C_im")
+#: Every parameter of the layer: the kernel's and the skip ``D``.
+LAYER_PARAMS = KERNEL_PARAMS + ("D",)
 TRAINABLE_B = ("B_re", "B_im")
 
 
 def _kernel_args(params):
-    missing = [k for k in KERNEL_PARAMS + ("D",) if k not in params]
+    missing = [k for k in LAYER_PARAMS if k not in params]
     if missing:
         raise ValueError(f"params is missing {missing}; build it with refimpl.ssm.s4d_init")
     args = [params[k] for k in KERNEL_PARAMS]

@@ -46,6 +46,10 @@ def _init_real(N):
 
 INITS = {"lin": _init_lin, "inv": _init_inv, "real": _init_real}
 
+#: The kernel's parameter names, in the argument order of :func:`s4d_kernel` (the one list:
+#: the S4D layer, the model and golden traces take it from here).
+KERNEL_PARAMS = ("log_dt", "log_A_real", "A_imag", "C_re", "C_im")
+
 
 def s4d_init(H, N, init="lin", seed=0, dt_min=1e-3, dt_max=1e-1, trainable_B=False,
              bidirectional=False):

@@ -113,6 +113,17 @@ def make_task(name, n=1000, L=None, seed=0):
     return fn(n=n, seed=seed, **kw)
 
 
+def load_data(task=None, path=None, tokens=0, n=1000, L=None, seed=0):
+    """A data set from exactly one source: a built-in ``task`` name (:func:`make_task` with
+    ``n``, ``L``, ``seed``) or an ``.npz`` file at ``path`` (:func:`load_npz` with ``tokens``)."""
+    if (task is None) == (path is None):
+        raise ValueError("give exactly one of task (a built-in task name, --task) or path "
+                         "(an .npz file, --data)")
+    if task is not None:
+        return make_task(task, n=n, L=L, seed=seed)
+    return load_npz(path, tokens=tokens)
+
+
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 

@@ -44,7 +44,7 @@ def test_equivalence_table():
 def test_equivalence_unknown_check_is_a_usage_error():
     r = CliRunner().invoke(main, ["equivalence", "--check", "nope"])
     assert r.exit_code == 2
-    assert "unknown check(s) ['nope']" in r.output
+    assert "Invalid value for '--check': 'nope' is not one of 'ssm', 'pmbc'" in r.output
 
 
 def test_installed_command_runs():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from refimpl import model as M
 from refimpl.cli.main import main
 
 SMALL = ["--samples", "64", "--length", "16", "--d-model", "8", "--d-state", "4",
@@ -166,3 +167,14 @@ def test_checkpoint_does_not_fit_data(tmp_path):
     assert run(["train", "--task", "adding", "--activation", "gelu", "--out", str(out)] + SMALL).exit_code == 0
     one_line_error(run(["evaluate", str(out / "checkpoint.h5"), "--task", "parity"]),
                    "data does not fit the checkpoint's model")
+
+
+def test_choices_come_from_the_library_registries():
+    """A name registered in the library is accepted by the CLI without touching the CLI."""
+    from refimpl.activations import ACTIVATIONS
+    from refimpl.tasks import TASKS
+
+    params = {p.name: p for p in main.commands["train"].params}
+    assert list(params["activation"].type.choices) == list(ACTIVATIONS)
+    assert list(params["task"].type.choices) == list(TASKS)
+    assert params["d_model"].default == M.ModelConfig.__dataclass_fields__["d_model"].default

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from refimpl import model as M
+from refimpl.progress import EpochEnd
 from refimpl.tasks import make_task
 from refimpl.train import TrainConfig, load_checkpoint, train
 
@@ -119,10 +120,7 @@ def tiny_task(name="adding", n=96, L=24, seed=0):
 
 
 def model_for(data, **kw):
-    x = data["x_train"]
-    return M.ModelConfig(n_classes=data["n_classes"], vocab=data["vocab"],
-                         d_input=1 if data["vocab"] else x.shape[2],
-                         **{**dict(d_model=8, d_state=4, n_layers=1), **kw})
+    return M.ModelConfig.for_data(data, **{**dict(d_model=8, d_state=4, n_layers=1), **kw})
 
 
 def test_same_seed_same_numbers(tmp_path):
@@ -132,8 +130,8 @@ def test_same_seed_same_numbers(tmp_path):
     m1 = train(cfg, tcfg, data, str(tmp_path / "a"))
     m2 = train(cfg, tcfg, data, str(tmp_path / "b"))
     assert m1 == m2
-    p1 = load_checkpoint(str(tmp_path / "a" / "checkpoint.h5"))[2]
-    p2 = load_checkpoint(str(tmp_path / "b" / "checkpoint.h5"))[2]
+    p1 = load_checkpoint(str(tmp_path / "a" / "checkpoint.h5")).params
+    p2 = load_checkpoint(str(tmp_path / "b" / "checkpoint.h5")).params
     for k in p1:
         np.testing.assert_array_equal(p1[k], p2[k])
     m3 = train(cfg, dataclasses.replace(tcfg, seed=4), data, str(tmp_path / "c"))
@@ -145,7 +143,7 @@ class Interrupt(Exception):
 
 
 def interrupt_after_first_epoch(ev):
-    if "epoch_done" in ev:
+    if isinstance(ev, EpochEnd):
         raise Interrupt  # like Ctrl-C right after the epoch's checkpoint was written
 
 
@@ -157,15 +155,15 @@ def test_resume_is_bit_exact(tmp_path, activation):
     full = train(cfg, tcfg, data, str(tmp_path / "full"))
     with pytest.raises(Interrupt):
         train(cfg, tcfg, data, str(tmp_path / "part"), progress=interrupt_after_first_epoch)
-    assert load_checkpoint(str(tmp_path / "part" / "checkpoint.h5"))[5] == 1
+    assert load_checkpoint(str(tmp_path / "part" / "checkpoint.h5")).epoch == 1
     resumed = train(cfg, tcfg, data, str(tmp_path / "part"), resume=True)
     assert resumed == full
     a = load_checkpoint(str(tmp_path / "full" / "checkpoint.h5"))
     b = load_checkpoint(str(tmp_path / "part" / "checkpoint.h5"))
-    for k in a[2]:
-        np.testing.assert_array_equal(a[2][k], b[2][k])
-    for k in a[3]:
-        np.testing.assert_array_equal(a[3][k], b[3][k])
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+    for k in a.buffers:
+        np.testing.assert_array_equal(a.buffers[k], b.buffers[k])
 
 
 FAMILY_TASKS = {"gelu": "adding", "binary": "adding", "binary_gsu": "adding", "lif": "adding",
@@ -184,8 +182,8 @@ def test_each_family_learns(tmp_path, activation):
     before = evaluate(cfg, p0, b0, data["x_train"], data["y_train"])["loss"]
     train(cfg, TrainConfig(epochs=6, batch_size=16, lr=1e-2, seed=0), data, str(tmp_path),
           sdn_weights=w)
-    _, _, p, b, _, _, _ = load_checkpoint(str(tmp_path / "checkpoint.h5"))
-    after = evaluate(cfg, p, b, data["x_train"], data["y_train"])["loss"]
+    ckpt = load_checkpoint(str(tmp_path / "checkpoint.h5"))
+    after = evaluate(cfg, ckpt.params, ckpt.buffers, data["x_train"], data["y_train"])["loss"]
     assert after < 0.9 * before, (before, after)
 
 
