@@ -37,10 +37,8 @@ def run_one(task, family, sdn_weights, out_root):
     from refimpl.train import TrainConfig, train
 
     data = make_task(task, n=SIZE["samples"], L=TASKS[task]["length"], seed=0)
-    x = data["x_train"]
-    cfg = M.ModelConfig(n_classes=data["n_classes"], vocab=data["vocab"],
-                        d_input=1 if data["vocab"] else x.shape[2], d_model=SIZE["d_model"],
-                        d_state=SIZE["d_state"], n_layers=SIZE["layers"], activation=family)
+    cfg = M.ModelConfig.for_data(data, d_model=SIZE["d_model"], d_state=SIZE["d_state"],
+                                 n_layers=SIZE["layers"], activation=family)
     tcfg = TrainConfig(epochs=SIZE["epochs"], batch_size=SIZE["batch_size"], lr=SIZE["lr"], seed=0)
     w = load_weights(sdn_weights)[0] if family == "sdn" else None
     t0 = time.perf_counter()
