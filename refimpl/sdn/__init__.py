@@ -71,9 +71,9 @@ import zipfile
 import numpy as np
 from numba import njit
 
-from . import config
-from ._checks import check_array, check_int, check_name, check_real
-from .h5io import FileFormatError, atomic_h5, open_h5, read_tree, write_tree
+from .. import config
+from .._checks import check_array, check_int, check_name, check_real
+from ..h5io import FileFormatError, atomic_h5, open_h5, read_tree, write_tree
 
 #: Hidden channels and taps of the causal convolution (fixed by the published architecture).
 C = 8
@@ -524,7 +524,7 @@ def sdn_neuron_fwd(x, weights, theta=1.0, spike_condition="ge", surrogate="trian
     m : float64 (B, H, L)
         The SDN prediction; pass it to :func:`sdn_neuron_bwd`.
     """
-    from .surrogates import get_surrogate
+    from ..surrogates import get_surrogate
 
     x = check_array("x", x, 3)
     sur = get_surrogate(surrogate)
@@ -541,7 +541,7 @@ def sdn_spikes(m, x, theta=1.0, spike_condition="ge", smooth=False, surrogate="t
 
     The map the SDN neuron differentiates (``m`` a constant); float64 arrays of one shape.
     """
-    from .surrogates import get_surrogate
+    from ..surrogates import get_surrogate
 
     z = m + x - theta  # (B, H, L)
     if smooth:
@@ -573,7 +573,7 @@ def sdn_neuron_bwd(x, m, ds, theta=1.0, surrogate="triangle", surrogate_scale=No
     (DESIGN.md section 6). It is the ``sltt`` grad mode of the iterative neuron with the SDN's
     ``m`` in place of ``tau u_{t-1}``.
     """
-    from .surrogates import get_surrogate
+    from ..surrogates import get_surrogate
 
     sur = get_surrogate(surrogate)
     scale = sur.resolve_scale(surrogate_scale)
@@ -960,7 +960,7 @@ def lif_decayed_potential(x, tau, theta=1.0, spike_condition="ge"):
     Uses :func:`refimpl.neurons.neuron_fwd` (reset ``hard``, ``u_reset = 0``). Returns
     ``m (R, L)`` and ``s (R, L)``; ``m[:, 0] = 0``.
     """
-    from .neurons import NeuronConfig, neuron_fwd
+    from ..neurons import NeuronConfig, neuron_fwd
 
     cfg = NeuronConfig(reset="hard", tau=tau, theta=theta, spike_condition=spike_condition)
     s, _, u = neuron_fwd(x[None], cfg)  # (1, R, L) each
@@ -1109,7 +1109,7 @@ def train_sdn(cfg=None, progress=None, **overrides):
     training-mode BatchNorm with running statistics. The result is folded with the running
     statistics and scored by :func:`evaluate` on ``eval_samples`` fresh sequences.
     """
-    from .optim import adamw_init, adamw_step, cosine_schedule, make_groups
+    from ..optim import adamw_init, adamw_step, cosine_schedule, make_groups
 
     cfg = dataclasses.replace(cfg or SDNTrainConfig(), **overrides).validate()
     x, target, _ = make_dataset(cfg.samples, cfg.length, cfg.tau, cfg.theta, cfg.mean,
