@@ -6,12 +6,12 @@ STAMP  := $(VENV)/.installed-stamp
 NUMBA_NUM_THREADS ?= 2
 export NUMBA_NUM_THREADS
 
-.PHONY: install run test test-all golden bench lint clean
+.PHONY: install run test test-all golden bench lint wheel-check clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,13 +38,25 @@ golden: install
 bench: install
 	$(BIN)/python benchmarks/run.py
 
-# Byte-compile everything and import every module with warnings as errors (pyflakes/ruff are
-# not dependencies; run them by hand if installed).
+# ruff (settings in pyproject.toml), then the checks ruff cannot make (tools/check_style.py: every
+# Numba kernel takes fastmath from refimpl.config; setup.cfg lists every package; --strict adds
+# notes on Numba options spelled inline), then byte-compile everything and import every module
+# with warnings as errors. A separate CI step after `make test` (.ci/run); the fastmath and
+# package checks also run inside `make test` (tests/test_style.py).
 lint: install
-	$(BIN)/python -m compileall -q refimpl cli tests benchmarks examples
-	$(BIN)/python -W error -c "import pkgutil, importlib, refimpl, cli; [importlib.import_module(m.name) for p in (refimpl, cli) for m in pkgutil.iter_modules(p.__path__, p.__name__ + '.')]"
+	$(BIN)/ruff check .
+	$(BIN)/python tools/check_style.py --strict
+	$(BIN)/python -m compileall -q refimpl cli tests benchmarks examples tools
+	$(BIN)/python -W error -c "import importlib, pkgutil, refimpl, refimpl.cli; [importlib.import_module(m.name) for p in (refimpl, refimpl.cli) for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.')]"
+
+# Build the sdist and the wheel, check their contents, install the wheel into a fresh venv in a
+# temporary folder and run the installed `refimpl golden check/verify/show` there (about a
+# minute and a half with a warm pip cache; tools/wheel_check.sh). Not part of `make test`.
+wheel-check: install
+	bash tools/wheel_check.sh $(BIN)/python
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .hypothesis .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .hypothesis .pytest_cache .ruff_cache
+	rm -rf $${TMPDIR:-/tmp}/refimpl-wheel-check.*
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -name '*.nbi' -delete -o -name '*.nbc' -delete
