@@ -23,8 +23,9 @@ def _sdn_weights():
         with np.load(SHARED_SDN) as f:
             return {k: f[k].astype(np.float64) for k in f.files}
     rng = np.random.default_rng(0)  # timing only needs valid shapes
-    return {"w0": rng.normal(0, .3, (8, 1, 8)), "w1": np.zeros(8), "w2": rng.normal(0, .3, (8, 8, 1)),
-            "w3": np.zeros(8), "w4": rng.normal(0, .3, (1, 8, 1)), "w5": np.zeros(1)}
+    return {"w0": rng.normal(0, .3, (8, 1, 8)), "w1": np.zeros(8),
+            "w2": rng.normal(0, .3, (8, 8, 1)), "w3": np.zeros(8),
+            "w4": rng.normal(0, .3, (1, 8, 1)), "w5": np.zeros(1)}
 
 
 def make_step(activation, s):

@@ -7,12 +7,14 @@ baseline of the same math, checked with ``allclose`` before anything is timed) o
 module, so a later issue adds a group by adding one file::
 
     from harness import register
+    from refimpl.neurons import NeuronConfig, neuron_fwd
 
     @register("neurons", title="Spiking neurons", order=20)
     def neurons(ctx):
-        x = ...
+        x = ...  # (B, H, L) float64
+        cfg = NeuronConfig(reset="hard", tau=0.125, theta=1.0)
         ctx.compare("LIF hard reset", {"B": 8, "H": 128, "L": 2048},
-                    refimpl=lambda: lif_forward(x), baseline=lambda: numpy_lif(x),
+                    refimpl=lambda: neuron_fwd(x, cfg), baseline=lambda: numpy_lif(x),
                     baseline_name="NumPy loop over t", rtol=1e-12)
 
 Timing: one warm-up call per function (it triggers Numba compilation and is not timed), then
@@ -20,6 +22,9 @@ Timing: one warm-up call per function (it triggers Numba compilation and is not 
 are timed alternately (refimpl, baseline, refimpl, ...) so that load changes on a shared
 machine hit both alike. Each figure records the median (the reported number), the min and
 every individual time.
+
+Files are written with :func:`refimpl.atomic.atomic_write_text` (a temporary file in the same
+folder, renamed into place), so an interrupted run never leaves half a results file.
 
 This module is not part of the library: it may print, and it never changes refimpl's state.
 """
@@ -32,12 +37,12 @@ import platform
 import re
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from refimpl.atomic import atomic_write_text
 
 SCHEMA = "refimpl-benchmarks"
 SCHEMA_VERSION = 1
@@ -310,34 +315,12 @@ def machine_info(root):
 
 
 # --------------------------------------------------------------------------------------------
-# Files: atomic writes, results JSON
+# Files: results JSON (written atomically by refimpl.atomic)
 # --------------------------------------------------------------------------------------------
 
 
-def write_atomic(path, text):
-    """Write ``text`` to a temporary file in ``path``'s folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:  # mkstemp makes the file private: give it the mode a plain open() would
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+#: Kept for callers of the old name (``task_runs.py``); new code calls the library helper.
+write_atomic = atomic_write_text
 
 
 def load_results(path):

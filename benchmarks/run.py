@@ -21,6 +21,9 @@ if str(HERE) not in sys.path:  # run as a script from anywhere, or imported by a
 
 import harness  # noqa: E402
 
+from refimpl.atomic import atomic_write_text  # noqa: E402
+from refimpl.table import render_table  # noqa: E402
+
 
 def discover():
     """Import every ``bench_*.py`` next to this file (each registers its groups)."""
@@ -72,8 +75,7 @@ def main(argv=None):
     parser, args = parse_args(argv)
     groups = discover()
     if args.list:
-        for g in groups:
-            print(f"{g.name:12s} {g.title}")
+        print(render_table(["group", "title"], [(g.name, g.title) for g in groups]))
         return 0
     if args.out_dir is not None:
         json_path = args.out_dir / "results.json"
@@ -122,12 +124,12 @@ def main(argv=None):
                        for r in ctx.rows if r["target_met"] is False]
         if len(failed) < len(chosen):
             doc["machine"] = machine
-            harness.write_atomic(json_path, harness.dump_results(doc))
+            atomic_write_text(json_path, harness.dump_results(doc))
             print(f"wrote {json_path}", file=sys.stderr)
 
     existing = md_path.read_text(encoding="utf-8") if md_path.exists() else None
     markdown = harness.merge_markdown(existing, harness.render_regions(doc))
-    harness.write_atomic(md_path, markdown)
+    atomic_write_text(md_path, markdown)
     print(f"wrote {md_path}", file=sys.stderr)
 
     for m in missed:

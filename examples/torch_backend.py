@@ -88,7 +88,8 @@ def vjp(inputs, outputs, cotangents):
     loss = sum((outputs[k] * cotangents[k]).sum() for k in cotangents)
     leaves = list(inputs.values())
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(inputs.items(), grads)}
+    return {k: (torch.zeros_like(v) if g is None else g)
+            for (k, v), g in zip(inputs.items(), grads)}
 
 
 def check_finite(**tensors):

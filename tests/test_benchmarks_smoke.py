@@ -50,3 +50,12 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
     assert "<!-- generated:begin machine -->" in text
     assert "| S4D kernel generation (zoh) |" in text
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_bench_list_is_a_table():
+    proc = subprocess.run([sys.executable, str(RUN), "--list"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["group", "title"] and set(lines[1]) <= {"-", " "}
+    assert {line.split()[0] for line in lines[2:]} >= {"ssm", "neurons", "training"}
