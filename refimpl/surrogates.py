@@ -17,17 +17,16 @@ of that forward must equal the hand-written backward: this is how every backward
 ``fast_sigmoid`` is used as snntorch defines it, unnormalised: its integral is ``2/k``, so its
 primitive climbs from 0 to ``2/k`` rather than to 1. Every other ``G`` goes from 0 to 1.
 
-Two implementations of each formula, kept independent on purpose:
+One implementation of each formula: a Numba scalar function, reached through
+:func:`surrogate_grad` and :func:`surrogate_primitive`, which dispatch on an integer code.
+Kernels call these (a jitted callable passed as an argument would miss Numba's on-disk cache,
+pynndescent #226; an integer code does not). Plain-Python callers use
+:meth:`Surrogate.grad` / :meth:`Surrogate.primitive`, which run the same scalar functions over
+an array, so a model, a golden trace and a kernel see the same numbers. The independent oracle
+is the NumPy table in :mod:`refimpl.reference` (``tests/test_surrogates.py``).
 
-- Numba scalar functions, reached through :func:`surrogate_grad` and
-  :func:`surrogate_primitive`, which dispatch on an integer code. Kernels call these. (A jitted
-  callable passed as an argument would miss Numba's on-disk cache, pynndescent #226; an integer
-  code does not.)
-- NumPy versions (:attr:`Surrogate.grad`, :attr:`Surrogate.primitive`), vectorised, for tests
-  and plain-Python callers.
-
-:data:`SURROGATES` maps each name to a :class:`Surrogate` record (code, default scale, NumPy
-functions, kinks). Unknown names raise ``ValueError`` listing the valid ones.
+:data:`SURROGATES` maps each name to a :class:`Surrogate` record (code, default scale, kinks).
+Unknown names raise ``ValueError`` listing the valid ones.
 """
 import math
 from dataclasses import dataclass
@@ -166,51 +165,44 @@ def surrogate_primitive(code, z, scale):
 
 
 # --------------------------------------------------------------------------------------------
-# NumPy versions (vectorised; an independent transcription of the same formulas)
+# Array kernels: the scalar dispatchers above, applied elementwise (one formula per surrogate)
 # --------------------------------------------------------------------------------------------
 
 
-def _np_triangle_grad(z, w):
-    return np.maximum(0.0, 1.0 - np.abs(z) / w) / w
+@njit(**config.NJIT_OPTS)
+def _grad_array(code, z, scale, out):
+    """``out[i] = surrogate_grad(code, z[i], scale)`` over flat float64 arrays of one size."""
+    for i in range(z.size):
+        out[i] = surrogate_grad(code, z[i], scale)
 
 
-def _np_triangle_primitive(z, w):
-    zc = np.clip(z / w, -1.0, 1.0)  # z/w, saturated
-    return np.where(zc <= 0.0, 0.5 * (1.0 + zc) ** 2, 1.0 - 0.5 * (1.0 - zc) ** 2)
+@njit(**config.NJIT_OPTS)
+def _primitive_array(code, z, scale, out):
+    """``out[i] = surrogate_primitive(code, z[i], scale)`` over flat float64 arrays of one size."""
+    for i in range(z.size):
+        out[i] = surrogate_primitive(code, z[i], scale)
 
 
-def _np_rectangle_grad(z, w):
-    return np.where(np.abs(z) < 0.5 * w, 1.0 / w, 0.0)
+def _check_z(z):
+    """``z`` as a float64 array: float64 arrays as they are, Python/NumPy real scalars as 0-d."""
+    if isinstance(z, np.ndarray):
+        if z.dtype != np.float64:
+            raise TypeError(f"z must have dtype float64, got {z.dtype}; refimpl never casts "
+                            "silently: pass z.astype(np.float64)")
+        return z
+    if isinstance(z, (int, float, np.integer, np.floating)) and not isinstance(z, bool):
+        return np.array(float(z))  # ()
+    raise TypeError(f"z must be a float64 array or a real number, got {type(z).__name__}")
 
 
-def _np_rectangle_primitive(z, w):
-    return np.clip(z / w + 0.5, 0.0, 1.0)
-
-
-def _np_sigmoid_grad(z, a):
-    e = np.exp(-np.abs(a * z))
-    return a * e / (1.0 + e) ** 2
-
-
-def _np_sigmoid_primitive(z, a):
-    e = np.exp(-np.abs(a * z))  # in (0, 1], no overflow
-    return np.where(a * z >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-def _np_atan_grad(z, a):
-    return (a / 2.0) / (1.0 + (np.pi * a * z / 2.0) ** 2)
-
-
-def _np_atan_primitive(z, a):
-    return 0.5 + np.arctan(np.pi * a * z / 2.0) / np.pi
-
-
-def _np_fast_sigmoid_grad(z, k):
-    return 1.0 / (1.0 + k * np.abs(z)) ** 2
-
-
-def _np_fast_sigmoid_primitive(z, k):
-    return 1.0 / k + z / (1.0 + k * np.abs(z))
+def _apply(kernel, code, z, scale):
+    """Run an array kernel on ``z``; returns float64 of ``z``'s shape (a NumPy scalar for a
+    scalar ``z``, as a ufunc would)."""
+    z = _check_z(z)
+    flat = np.ascontiguousarray(z).reshape(-1)  # (n,)
+    out = np.empty_like(flat)  # (n,)
+    kernel(code, flat, scale, out)
+    return out.reshape(z.shape) if z.ndim else out[0]
 
 
 @dataclass(frozen=True)
@@ -228,7 +220,7 @@ class Surrogate:
     scale_name : str
         ``"w"``, ``"a"`` or ``"k"``.
     g, G : str
-        The formulas, as documentation.
+        The formulas, as documentation (the code is the Numba scalar kernels).
     kinks : callable ``scale -> tuple of float``
         Points where ``g`` is not differentiable (where ``G`` is only C^1, or for ``rectangle``
         only C^0). Finite-difference tests keep ``z`` away from them.
@@ -244,16 +236,19 @@ class Surrogate:
     G: str
     kinks: Callable[[float], Tuple[float, ...]]
     total: Callable[[float], float]
-    _np_grad: Callable
-    _np_primitive: Callable
 
     def grad(self, z, scale=None):
-        """``g(z)`` elementwise (NumPy); ``scale=None`` is the default shape constant."""
-        return self._np_grad(np.asarray(z, dtype=np.float64), self.resolve_scale(scale))
+        """``g(z)`` elementwise by :func:`surrogate_grad`; ``scale=None`` is the default shape
+        constant.
+
+        ``z``: a float64 array (any shape) or a real number. Returns float64 of ``z``'s shape (a
+        NumPy float for a scalar). A float array of another dtype raises ``TypeError``.
+        """
+        return _apply(_grad_array, self.code, z, self.resolve_scale(scale))
 
     def primitive(self, z, scale=None):
-        """``G(z)`` elementwise (NumPy); ``scale=None`` is the default shape constant."""
-        return self._np_primitive(np.asarray(z, dtype=np.float64), self.resolve_scale(scale))
+        """``G(z)`` elementwise by :func:`surrogate_primitive`; arguments as :meth:`grad`."""
+        return _apply(_primitive_array, self.code, z, self.resolve_scale(scale))
 
     def resolve_scale(self, scale=None):
         """The shape constant to use: ``default_scale`` for ``None``, else a finite float > 0."""
@@ -272,27 +267,27 @@ SURROGATES = {
         "triangle", TRIANGLE, 1.0, "w",
         "max(0, 1 - |z|/w) / w",
         "0 for z <= -w; (1 + z/w)^2 / 2 for -w < z <= 0; 1 - (1 - z/w)^2 / 2 for 0 < z < w; 1",
-        lambda w: (-w, 0.0, w), _one, _np_triangle_grad, _np_triangle_primitive),
+        lambda w: (-w, 0.0, w), _one),
     "rectangle": Surrogate(
         "rectangle", RECTANGLE, 1.0, "w",
         "1[|z| < w/2] / w",
         "clip(z/w + 1/2, 0, 1)",
-        lambda w: (-0.5 * w, 0.5 * w), _one, _np_rectangle_grad, _np_rectangle_primitive),
+        lambda w: (-0.5 * w, 0.5 * w), _one),
     "sigmoid": Surrogate(
         "sigmoid", SIGMOID, 4.0, "a",
         "a sig(a z) (1 - sig(a z))",
         "sig(a z)",
-        lambda a: (), _one, _np_sigmoid_grad, _np_sigmoid_primitive),
+        lambda a: (), _one),
     "atan": Surrogate(
         "atan", ATAN, 2.0, "a",
         "(a/2) / (1 + (pi a z / 2)^2)",
         "1/2 + arctan(pi a z / 2) / pi",
-        lambda a: (), _one, _np_atan_grad, _np_atan_primitive),
+        lambda a: (), _one),
     "fast_sigmoid": Surrogate(
         "fast_sigmoid", FAST_SIGMOID, 25.0, "k",
         "1 / (1 + k |z|)^2",
         "1/k + z / (1 + k |z|)  (from 0 to 2/k: snntorch's surrogate is not normalised)",
-        lambda k: (0.0,), lambda k: 2.0 / k, _np_fast_sigmoid_grad, _np_fast_sigmoid_primitive),
+        lambda k: (0.0,), lambda k: 2.0 / k),
 }
 
 
