@@ -44,11 +44,11 @@ def sdn(ctx):
     w, source = _weights()
     lif = NeuronConfig(reset="hard", tau=0.125, theta=1.0)
     row = ctx.compare("SDN neuron forward vs iterative LIF forward", s,
-                      refimpl=lambda: sdn_neuron_fwd(x, w)[0],
+                      refimpl=lambda: sdn_neuron_fwd(x, w, lif)[0],
                       baseline=lambda: neuron_fwd(x, lif)[0],
                       baseline_name="iterative LIF (refimpl.neurons.neuron_fwd)",
                       rtol=None)
-    s_sdn = sdn_neuron_fwd(x, w)[0]
+    s_sdn = sdn_neuron_fwd(x, w, lif)[0]
     s_lif = neuron_fwd(x, lif)[0]
     agreement = float(np.mean(s_sdn == s_lif))
     n = x.size

@@ -1,24 +1,23 @@
 """``refimpl sdn``: train and evaluate the Surrogate Dynamic Network (DESIGN.md section 6).
 
 A thin click layer over :mod:`refimpl.sdn`: it parses, calls the library, draws the progress
-bar (on stderr) and reports. Problems with files or values become one-line
-``click.ClickException`` errors (exit status 1, no traceback).
+bar (on stderr, :func:`~refimpl.cli.common.progress_bar`) and reports. Problems with files or
+values become one-line errors through :func:`~refimpl.cli.common.fail` (exit status 1, no
+traceback).
 """
-import os
-import sys
 import time
 
 import click
 
-from refimpl.sdn import SDNTrainConfig
+from refimpl.atomic import check_destination
+from refimpl.sdn import INITS, LOSSES, SDNTrainConfig, evaluate, load_weights, train_sdn
+
+from .common import choice, fail, progress_bar
 
 _DEFAULTS = SDNTrainConfig()
 
-
-def _fail(e):
-    """A library error as a one-line click error."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise click.ClickException(msg) from None
+#: Errors the library raises for bad values or files: shown as one line.
+USER_ERRORS = (OSError, ValueError, TypeError)  # FileFormatError is a ValueError
 
 
 @click.group()
@@ -48,9 +47,9 @@ def sdn():
 @click.option("--weight-decay", default=_DEFAULTS.weight_decay, show_default=True, type=float,
               help="AdamW decoupled weight decay.")
 @click.option("--loss", default=_DEFAULTS.loss, show_default=True,
-              type=click.Choice(["huber", "mse"]), help="Training loss on m.")
+              type=choice(LOSSES), help="Training loss on m.")
 @click.option("--init", default=_DEFAULTS.init, show_default=True,
-              type=click.Choice(["lif", "torch"]),
+              type=choice(INITS),
               help="Initialisation of the training network (see refimpl.sdn.init_train_params).")
 @click.option("--eval-samples", default=_DEFAULTS.eval_samples, show_default=True,
               type=click.IntRange(min=1), help="Fresh sequences for the final score.")
@@ -66,37 +65,32 @@ def train(tau, theta, mean, std, samples, length, epochs, batch_size, lr, weight
     The file holds the fused weights (w0 .. w5), the training network with its BatchNorm
     statistics, the training configuration and the final scores.
     """
-    from refimpl.sdn import train_sdn
-
-    if os.path.exists(out) and not overwrite:
-        raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
     try:
         cfg = SDNTrainConfig(tau=tau, theta=theta, mean=mean, std=std, samples=samples,
                              length=length, epochs=epochs, batch_size=batch_size, lr=lr,
                              weight_decay=weight_decay, loss=loss, init=init,
-                             eval_samples=eval_samples,
-                             seed=seed).validate()
-    except (TypeError, ValueError) as e:
-        _fail(e)
+                             eval_samples=eval_samples, seed=seed).validate()
+        check_destination(out, overwrite)  # before the expensive work
+    except FileExistsError:
+        fail(f"{out} exists; pass --overwrite to replace it")
+    except USER_ERRORS as e:
+        fail(e)
     t0 = time.perf_counter()
-    with click.progressbar(length=cfg.total_steps, label="training SDN", file=sys.stderr,
-                           show_pos=True, item_show_func=lambda s: s) as bar:
-        def progress(info):
-            bar.update(1, f"epoch {info['epoch'] + 1}/{cfg.epochs} loss {info['loss']:.2e}")
-
-        try:
-            result = train_sdn(cfg, progress=progress)
-        except (TypeError, ValueError) as e:
-            _fail(e)
     try:
+        with progress_bar(cfg.total_steps, "training SDN", _epoch_summary) as on_event:
+            result = train_sdn(cfg, progress=on_event)
         result.save(out, overwrite=overwrite)
-    except (OSError, ValueError) as e:
-        _fail(e)
+    except USER_ERRORS as e:
+        fail(e)
     wall = time.perf_counter() - t0
     m = result.metrics
     click.echo(f"wrote {out}")
     click.echo(f"training time: {result.seconds:.1f} s (total {wall:.1f} s)")
     _report(m)
+
+
+def _epoch_summary(event):
+    return f"epoch {event.epoch + 1}/{event.epochs} mean loss {event.loss:.2e}"
 
 
 def _report(m):
@@ -122,8 +116,6 @@ def _report(m):
               help="Seed of the fresh inputs (a stream training never uses).")
 def eval_(weights, tau, theta, mean, std, length, samples, seed):
     """Score SDN WEIGHTS (refimpl HDF5 or the published .npz) against the iterative LIF."""
-    from refimpl.sdn import evaluate, load_weights
-
     try:
         w, meta = load_weights(weights)
         trained = meta.get("config", {})
@@ -131,8 +123,8 @@ def eval_(weights, tau, theta, mean, std, length, samples, seed):
         theta = trained.get("theta", 1.0) if theta is None else theta
         m = evaluate(w, tau=tau, theta=theta, mean=mean, std=std, length=length,
                      samples=samples, seed=seed)
-    except (OSError, TypeError, ValueError) as e:
-        _fail(e)
+    except USER_ERRORS as e:
+        fail(e)
     click.echo(f"weights: {weights} ({meta['format']}); LIF tau = {tau:g}, theta = {theta:g}; "
                f"inputs N({mean:g}, {std:g}^2), {samples} x {length}")
     _report(m)

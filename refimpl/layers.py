@@ -167,37 +167,45 @@ def layernorm_bwd(cache, dy):
     return dx, (dy * xh).sum(axis=(0, 2)), dy.sum(axis=(0, 2))
 
 
-def batchnorm_fwd(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5):
+def batchnorm_fwd(x, gamma, beta, running_mean, running_var, training, momentum=0.1, eps=1e-5,
+                  channel_axis=1):
     """BatchNorm over (B, L) per channel: x (B, H, L); gamma, beta, running stats (H,).
 
     Training mode normalises with the batch statistics (biased variance) and returns *new*
     running statistics ``(1 - momentum) r + momentum stat`` with the unbiased variance, as
     torch does; eval mode uses the running ones. Returns ``(y, cache, (new_mean, new_var))``.
+    ``channel_axis`` names the channel axis of ``x`` (any rank); the statistics run over all the
+    other axes. The default is the ``(B, H, L)`` layout; the SDN's training network keeps its
+    activations channel-major, ``(C, B, T)``, and passes 0, so that every reduction runs over
+    contiguous memory.
     """
+    axes = tuple(i for i in range(x.ndim) if i != channel_axis)
+    col = tuple(-1 if i == channel_axis else 1 for i in range(x.ndim))  # e.g. (1, H, 1)
     if training:
-        n = x.shape[0] * x.shape[2]
-        mu = x.mean(axis=(0, 2))  # (H,)
-        var = x.var(axis=(0, 2))  # (H,)
+        n = x.size // x.shape[channel_axis]
+        mu = x.mean(axis=axes)  # (H,)
+        var = x.var(axis=axes)  # (H,)
         new_stats = ((1 - momentum) * running_mean + momentum * mu,
                      (1 - momentum) * running_var + momentum * var * n / max(n - 1, 1))
     else:
         mu, var = running_mean, running_var
         new_stats = (running_mean, running_var)
     rstd = 1.0 / np.sqrt(var + eps)  # (H,)
-    xh = (x - mu[:, None]) * rstd[:, None]  # (B, H, L)
-    return xh * gamma[:, None] + beta[:, None], (xh, rstd, gamma, training), new_stats
+    xh = (x - mu.reshape(col)) * rstd.reshape(col)  # (B, H, L)
+    y = xh * gamma.reshape(col) + beta.reshape(col)  # (B, H, L)
+    return y, (xh, rstd, gamma, training, axes, col), new_stats
 
 
 def batchnorm_bwd(cache, dy):
     """Returns ``(dx, dgamma, dbeta)``; in eval mode the map is affine (``dx = dy gamma rstd``)."""
-    xh, rstd, gamma, training = cache
-    g = dy * gamma[:, None]  # (B, H, L)
+    xh, rstd, gamma, training, axes, col = cache
+    g = dy * gamma.reshape(col)  # (B, H, L)
     if training:
-        dx = rstd[:, None] * (g - g.mean(axis=(0, 2), keepdims=True)
-                              - xh * (g * xh).mean(axis=(0, 2), keepdims=True))
+        dx = rstd.reshape(col) * (g - g.mean(axis=axes, keepdims=True)
+                                  - xh * (g * xh).mean(axis=axes, keepdims=True))
     else:
-        dx = g * rstd[:, None]
-    return dx, (dy * xh).sum(axis=(0, 2)), dy.sum(axis=(0, 2))
+        dx = g * rstd.reshape(col)
+    return dx, (dy * xh).sum(axis=axes), dy.sum(axis=axes)
 
 
 # --------------------------------------------------------------------------------------------

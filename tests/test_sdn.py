@@ -16,8 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 from refimpl.cli.main import main
-from refimpl import sdn
+from refimpl import layers, sdn
 from refimpl.h5io import FileFormatError, atomic_h5
+from refimpl.neurons import NeuronConfig
+from refimpl.progress import EpochEnd, Step
 from refimpl.surrogates import get_surrogate
 
 from gradcheck import assert_close_scalar, coordinate_fd, directional_fd
@@ -80,7 +82,7 @@ def test_kernel_matches_numpy_and_naive_loops(L):
     x = np.random.default_rng(L).normal(size=(3, L))
     m, s = sdn.sdn_forward(x, w)
     scale = 1.0 + np.abs(m).max()
-    np.testing.assert_allclose(m, sdn.fused_forward_numpy(x, w), rtol=0, atol=1e-13 * scale)
+    np.testing.assert_allclose(m, sdn.fused_fwd(x, w)[0], rtol=0, atol=1e-13 * scale)
     np.testing.assert_allclose(m, naive_fused(x, w), rtol=0, atol=1e-13 * scale)
     np.testing.assert_array_equal(s, (m + x >= 1.0).astype(float))
 
@@ -144,7 +146,7 @@ def test_training_network_has_193_parameters_and_fused_153():
 def test_folding_is_exact_in_eval_mode(seed):
     p, b = random_training_net(seed)
     x = np.random.default_rng(seed).normal(size=(3, 70))
-    m_unfused, _ = sdn.train_fwd(x, p, b, training=False)
+    m_unfused, _, _ = sdn.train_fwd(x, p, b, training=False)
     m_fused, _ = sdn.sdn_forward(x, sdn.fold(p, b))
     scale = np.abs(m_unfused).max()
     assert scale > 0.1  # a non-trivial network
@@ -157,7 +159,7 @@ def test_training_network_backward_by_finite_differences(training):
     rng = np.random.default_rng(6)
     x = rng.normal(size=(2, 11))
     c = rng.normal(size=(2, 11))
-    m, cache = sdn.train_fwd(x, p, b, training)
+    m, cache, _ = sdn.train_fwd(x, p, b, training)
     dx, grads = sdn.train_bwd(cache, c)
 
     def loss(name):
@@ -182,7 +184,7 @@ def test_training_network_dot_product():
     p, b = random_training_net(7)
     rng = np.random.default_rng(8)
     x, c = rng.normal(size=(3, 17)), rng.normal(size=(3, 17))
-    _, cache = sdn.train_fwd(x, p, b, True)
+    _, cache, _ = sdn.train_fwd(x, p, b, True)
     dx, grads = sdn.train_bwd(cache, c)
     names = list(sdn.TRAIN_LAYOUT)
     v = {k: rng.normal(size=p[k].shape) for k in names}
@@ -206,7 +208,7 @@ def test_conv_bias_gradient_vanishes_under_train_mode_batchnorm():
     # BatchNorm subtracts the batch mean, so a bias right before it cannot change the output.
     p, b = random_training_net(9)
     x = np.random.default_rng(9).normal(size=(2, 30))
-    _, cache = sdn.train_fwd(x, p, b, True)
+    _, cache, _ = sdn.train_fwd(x, p, b, True)
     _, g = sdn.train_bwd(cache, np.ones((2, 30)))
     assert np.abs(g["conv1.bias"]).max() < 1e-12 and np.abs(g["conv2.bias"]).max() < 1e-12
 
@@ -214,8 +216,7 @@ def test_conv_bias_gradient_vanishes_under_train_mode_batchnorm():
 def test_running_statistics_follow_torch_batchnorm():
     p, b = random_training_net(10)
     x = np.random.default_rng(11).normal(size=(3, 25))
-    _, cache = sdn.train_fwd(x, p, b, True)
-    new = sdn.update_running_stats(b, cache, momentum=0.1)
+    _, _, new = sdn.train_fwd(x, p, b, True, momentum=0.1)
     # bn1 sees the whole padded convolution, length L + 9, computed here with np.convolve:
     # conv[t] = sum_k Wd[k] x[t - 8 + k] = [0, convolve(x, Wd[::-1], "full"), 0][t]
     a = p["encoder.weight"][:, 0, 0]
@@ -230,6 +231,42 @@ def test_running_statistics_follow_torch_batchnorm():
                                rtol=1e-12)
     for k in b:  # the input dict is not modified
         assert not np.shares_memory(new[k], b[k])
+
+
+def test_both_batchnorms_are_refimpl_layers_batchnorm(monkeypatch):
+    # train_fwd / train_bwd normalise through refimpl.layers (channel-major, channel_axis=0)
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls.append((name, args[0].shape if name == "fwd" else args[1].shape,
+                          kwargs.get("channel_axis")))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(layers, "batchnorm_fwd", spy("fwd", layers.batchnorm_fwd))
+    monkeypatch.setattr(layers, "batchnorm_bwd", spy("bwd", layers.batchnorm_bwd))
+    p, b = random_training_net(24)
+    x = np.random.default_rng(24).normal(size=(3, 20))
+    _, cache, _ = sdn.train_fwd(x, p, b, True)
+    sdn.train_bwd(cache, np.ones((3, 20)))
+    assert calls == [("fwd", (8, 3, 29), 0), ("fwd", (8, 3, 20), 0),
+                     ("bwd", (8, 3, 20), None), ("bwd", (8, 3, 29), None)]
+
+
+def test_channel_major_batchnorm_is_the_b_h_l_batchnorm_transposed():
+    rng = np.random.default_rng(25)
+    z = rng.normal(size=(8, 3, 29))  # (C, B, T)
+    g, beta, rm, rv = rng.normal(size=8), rng.normal(size=8), rng.normal(size=8), rng.uniform(1, 2, 8)
+    dy = rng.normal(size=z.shape)
+    for training in (True, False):
+        y0, c0, st0 = layers.batchnorm_fwd(z, g, beta, rm, rv, training, channel_axis=0)
+        y1, c1, st1 = layers.batchnorm_fwd(z.transpose(1, 0, 2), g, beta, rm, rv, training)
+        np.testing.assert_allclose(y0, y1.transpose(1, 0, 2), rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(st0, st1, rtol=1e-13)
+        for a0, a1 in zip(layers.batchnorm_bwd(c0, dy), layers.batchnorm_bwd(c1, dy.transpose(1, 0, 2))):
+            a0 = a0 if a0.ndim == 1 else a0.transpose(1, 0, 2)
+            np.testing.assert_allclose(a0, a1, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("loss", ["mse", "huber"])
@@ -250,9 +287,12 @@ def test_losses_and_their_gradients(loss):
 # --------------------------------------------------------------------------------------------
 
 
+SDN_CFG = NeuronConfig(reset="hard", tau=0.125, theta=1.0)  # the model's sdn family
+
+
 def test_sdn_neuron_forward_is_the_fused_network(published):
     x = np.random.default_rng(13).normal(size=(2, 3, 64))
-    s, m = sdn.sdn_neuron_fwd(x, published)
+    s, m = sdn.sdn_neuron_fwd(x, published, SDN_CFG)
     m_ref, s_ref = sdn.sdn_forward(x, published)
     np.testing.assert_array_equal(m, m_ref)
     np.testing.assert_array_equal(s, s_ref)
@@ -264,25 +304,83 @@ def test_sdn_neuron_backward_is_the_surrogate_with_m_constant(surrogate, scale):
     rng = np.random.default_rng(15)
     x = rng.normal(size=(2, 2, 20))
     ds = rng.normal(size=x.shape)
-    s_smooth, m = sdn.sdn_neuron_fwd(x, w, theta=0.8, surrogate=surrogate, surrogate_scale=scale,
-                                     smooth=True)
-    dx = sdn.sdn_neuron_bwd(x, m, ds, theta=0.8, surrogate=surrogate, surrogate_scale=scale)
+    cfg = NeuronConfig(reset="hard", theta=0.8, surrogate=surrogate, surrogate_scale=scale)
+    s_smooth, m = sdn.sdn_neuron_fwd(x, w, cfg, smooth=True)
+    dx = sdn.sdn_neuron_bwd(x, m, cfg, ds)
     sur = get_surrogate(surrogate)
     np.testing.assert_array_equal(dx, ds * sur.grad(m + x - 0.8, scale))
     np.testing.assert_array_equal(s_smooth, sur.primitive(m + x - 0.8, scale))
-    # finite differences of the smooth spike map with the SDN prediction held constant
-    f = lambda v: float((sdn.sdn_spikes(m, v, 0.8, smooth=True, surrogate=surrogate,
-                                        surrogate_scale=scale) * ds).sum())
+    # finite differences of the smooth forward with the SDN prediction held constant (frozen m)
+    f = lambda v: float((sdn.sdn_neuron_fwd(v, None, cfg, m=m, smooth=True)[0] * ds).sum())
     np.testing.assert_allclose(dx, coordinate_fd(f, x, 1e-6), rtol=1e-6, atol=1e-8)
+
+
+def test_sdn_neuron_dot_product():
+    # <J v, c> by a directional difference of the smooth forward == <v, J^T c>
+    rng = np.random.default_rng(22)
+    x, m = rng.normal(size=(2, 3, 16)), rng.normal(0.5, 0.3, size=(2, 3, 16))
+    c, v = rng.normal(size=x.shape), rng.normal(size=x.shape)
+    cfg = SDN_CFG.replace(surrogate="atan")
+    f = lambda z: float((sdn.sdn_neuron_fwd(z, None, cfg, m=m, smooth=True)[0] * c).sum())
+    jtc = float((sdn.sdn_neuron_bwd(x, m, cfg, c) * v).sum())
+    assert_close_scalar(directional_fd(f, x, v, 1e-6), jtc, 1e-7, 1.0, "dot product")
 
 
 def test_sdn_neuron_default_surrogate_is_triangle():
     w = random_weights(16)
     x = np.random.default_rng(17).normal(size=(1, 2, 15))
-    _, m = sdn.sdn_neuron_fwd(x, w)
+    _, m = sdn.sdn_neuron_fwd(x, w, SDN_CFG)
     z = m + x - 1.0
-    np.testing.assert_array_equal(sdn.sdn_neuron_bwd(x, m, np.ones_like(x)),
+    np.testing.assert_array_equal(sdn.sdn_neuron_bwd(x, m, SDN_CFG, np.ones_like(x)),
                                   np.maximum(0.0, 1.0 - np.abs(z)))
+
+
+def test_spike_condition_at_an_exact_tie():
+    # every weight 0 except b3 = 0.25: m = 0.25 exactly, and m + x == theta at x = 0.75
+    w = {k: np.zeros(shape) for k, (_, shape) in sdn.FUSED_LAYOUT.items()}
+    w["w5"][0] = 0.25
+    x = np.array([0.75, 0.5, 1.0]).reshape(1, 1, 3)  # tie, below, above
+    for cond, want in (("ge", [1.0, 0.0, 1.0]), ("gt", [0.0, 0.0, 1.0])):
+        cfg = SDN_CFG.replace(spike_condition=cond)
+        m, s = sdn.sdn_forward(x, w, spike_condition=cond)
+        np.testing.assert_array_equal(m, 0.25)
+        np.testing.assert_array_equal(s.ravel(), want, err_msg=cond)
+        np.testing.assert_array_equal(sdn.sdn_neuron_fwd(x, w, cfg)[0].ravel(), want, err_msg=cond)
+        np.testing.assert_array_equal(sdn.sdn_neuron_fwd(x, None, cfg, m=m)[0].ravel(), want,
+                                      err_msg=cond)
+
+
+def test_sdn_neuron_uses_a_given_m_instead_of_the_network():
+    x = np.random.default_rng(23).normal(size=(1, 2, 10))
+    m = np.full(x.shape, 2.0)
+    s, m_out = sdn.sdn_neuron_fwd(x, None, SDN_CFG, m=m)
+    np.testing.assert_array_equal(m_out, m)
+    np.testing.assert_array_equal(s, (x + 2.0 >= 1.0).astype(float))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(reset="soft"), r"reset must be 'hard' for the SDN neuron .*got reset='soft'"),
+    (dict(reset="refractory"), r"reset must be 'hard' for the SDN neuron .*got reset='refractory'"),
+    (dict(u_reset=0.5), r"u_reset must be 0 for the SDN neuron .*got u_reset=0.5"),
+    (dict(refractory_steps=2), r"refractory_steps must be 0 for the SDN neuron, got refractory_steps=2"),
+])
+def test_sdn_neuron_refuses_what_the_sdn_does_not_predict(change, message):
+    cfg = SDN_CFG.replace(**change)
+    x = np.zeros((1, 1, 5))
+    with pytest.raises(ValueError, match=message):
+        sdn.sdn_neuron_fwd(x, random_weights(), cfg)
+    with pytest.raises(ValueError, match=message):
+        sdn.sdn_neuron_bwd(x, x, cfg, x)
+
+
+def test_sdn_neuron_needs_a_neuron_config():
+    with pytest.raises(TypeError, match=r"cfg must be a refimpl.neurons.NeuronConfig, got dict"):
+        sdn.sdn_neuron_fwd(np.zeros((1, 1, 5)), random_weights(), {"theta": 1.0})
+
+
+def test_sdn_neuron_given_m_must_match_x():
+    with pytest.raises(ValueError, match=r"x and m must have the same shape"):
+        sdn.sdn_neuron_fwd(np.zeros((1, 1, 4)), None, SDN_CFG, m=np.zeros((1, 1, 3)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,7 +552,7 @@ def test_unknown_spike_condition():
 
 def test_neuron_backward_shapes_must_match():
     with pytest.raises(ValueError, match=r"x, m and ds must have the same shape"):
-        sdn.sdn_neuron_bwd(np.zeros((1, 1, 4)), np.zeros((1, 1, 3)), np.zeros((1, 1, 4)))
+        sdn.sdn_neuron_bwd(np.zeros((1, 1, 4)), np.zeros((1, 1, 3)), SDN_CFG, np.zeros((1, 1, 4)))
 
 
 def test_dataset_tau_range():
@@ -499,11 +597,14 @@ TINY = dict(samples=16, length=48, epochs=3, batch_size=8, eval_samples=4, seed=
 
 
 def test_tiny_training_run_is_deterministic_and_reports_progress():
-    calls = []
-    r1 = sdn.train_sdn(progress=calls.append, **TINY)
+    events = []
+    r1 = sdn.train_sdn(progress=events.append, **TINY)
     r2 = sdn.train_sdn(**TINY)
-    assert [c["step"] for c in calls] == list(range(1, r1.config.total_steps + 1))
     assert r1.config.total_steps == 3 * 2
+    steps = [e for e in events if isinstance(e, Step)]
+    ends = [e for e in events if isinstance(e, EpochEnd)]
+    assert len(steps) + len(ends) == len(events)
+    assert [e.global_step for e in steps] == list(range(r1.config.total_steps))
     for k in r1.weights:
         np.testing.assert_array_equal(r1.weights[k], r2.weights[k])
     fused = sdn.fold(r1.params, r1.buffers)
@@ -511,6 +612,21 @@ def test_tiny_training_run_is_deterministic_and_reports_progress():
         np.testing.assert_array_equal(fused[k], r1.weights[k])
     assert set(r1.metrics) >= {"agreement", "membrane_mse", "rate_lif", "rate_sdn"}
     assert r1.history["loss"].shape == (3,)
+
+
+def test_training_reports_a_step_per_update_and_an_epoch_end_per_epoch():
+    events = []
+    r = sdn.train_sdn(progress=events.append, **TINY)
+    # per epoch: two Steps (16 samples, batches of 8), then its EpochEnd
+    assert [type(e) for e in events] == [Step, Step, EpochEnd] * 3
+    steps = [e for e in events if isinstance(e, Step)]
+    assert [(e.epoch, e.step) for e in steps] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(e.epochs == 3 and e.steps_per_epoch == 2 and e.total_steps == 6 for e in steps)
+    assert all(e.rate is None and isinstance(e.loss, float) and e.loss > 0 for e in steps)
+    ends = [e for e in events if isinstance(e, EpochEnd)]
+    assert [e.epoch for e in ends] == [0, 1, 2] and all(e.epochs == 3 for e in ends)
+    np.testing.assert_array_equal([e.loss for e in ends], r.history["loss"])
+    assert ends[0].loss == pytest.approx(np.mean([steps[0].loss, steps[1].loss]), rel=1e-15)
 
 
 def test_short_training_lowers_the_loss():

@@ -1,10 +1,12 @@
-"""The fused SDN's hand-written backward (refimpl.sdn_fused): finite differences, dot product,
-and agreement of its forward with refimpl.sdn's fused kernel."""
+"""The fused SDN's differentiable NumPy form (refimpl.sdn.fused_fwd / fused_bwd): finite
+differences, dot product, and agreement of its forward with the fast kernel sdn_forward."""
 import numpy as np
 import pytest
 
-from refimpl.sdn_fused import SHAPES, sdn_fused_bwd, sdn_fused_fwd
+from refimpl.sdn import FUSED_LAYOUT, fused_bwd, fused_fwd, sdn_forward
 from gradcheck import directional_fd
+
+SHAPES = {k: shape for k, (_, shape) in FUSED_LAYOUT.items()}
 
 
 def weights(seed=0):
@@ -17,19 +19,18 @@ def inputs(seed=1, shape=(2, 3, 20)):
 
 
 def test_forward_matches_refimpl_sdn_kernel():
-    sdn = pytest.importorskip("refimpl.sdn")
     w, x = weights(), inputs()
-    m, _ = sdn_fused_fwd(x, w)
-    m_ref, _ = sdn.sdn_forward(x, w)
+    m, _ = fused_fwd(x, w)
+    m_ref, _ = sdn_forward(x, w)
     np.testing.assert_allclose(m, m_ref, rtol=1e-13, atol=1e-13)
 
 
 def test_forward_is_strictly_causal_and_sees_eight_steps():
     w, x = weights(), inputs(shape=(1, 30))
-    m, _ = sdn_fused_fwd(x, w)
+    m, _ = fused_fwd(x, w)
     x2 = x.copy()
     x2[0, 10] += 1.0  # affects m[11 .. 18] only
-    m2, _ = sdn_fused_fwd(x2, w)
+    m2, _ = fused_fwd(x2, w)
     changed = np.flatnonzero(m2[0] != m[0])
     assert changed.min() >= 11 and changed.max() <= 18
 
@@ -41,16 +42,16 @@ def test_backward_matches_finite_differences(seed):
     w, x = weights(seed), inputs(seed + 10, (2, 2, 13))
     rng = np.random.default_rng(seed + 20)
     dm = rng.normal(size=x.shape)
-    _, cache = sdn_fused_fwd(x, w)
-    dx, dw = sdn_fused_bwd(cache, dm)
+    _, cache = fused_fwd(x, w)
+    dx, dw = fused_bwd(cache, dm)
     v = rng.normal(size=x.shape)
-    fd = directional_fd(lambda z: float((sdn_fused_fwd(z, w)[0] * dm).sum()), x, v)
+    fd = directional_fd(lambda z: float((fused_fwd(z, w)[0] * dm).sum()), x, v)
     assert abs(fd - float((dx * v).sum())) <= 1e-8 * max(1.0, abs(fd))
     for k in SHAPES:
         vk = rng.normal(size=SHAPES[k])
 
         def f(a, k=k):
-            return float((sdn_fused_fwd(x, {**w, k: a})[0] * dm).sum())
+            return float((fused_fwd(x, {**w, k: a})[0] * dm).sum())
 
         fd = directional_fd(f, w[k], vk)
         assert dw[k].shape == SHAPES[k]
@@ -64,11 +65,11 @@ def test_dot_product_of_the_linearisation():
     c = rng.normal(size=x.shape)
     vx = rng.normal(size=x.shape)
     vw = {k: rng.normal(size=s) for k, s in SHAPES.items()}
-    _, cache = sdn_fused_fwd(x, w)
-    dx, dw = sdn_fused_bwd(cache, c)
+    _, cache = fused_fwd(x, w)
+    dx, dw = fused_bwd(cache, c)
     h = 1e-7
-    plus = sdn_fused_fwd(x + h * vx, {k: w[k] + h * vw[k] for k in w})[0]
-    minus = sdn_fused_fwd(x - h * vx, {k: w[k] - h * vw[k] for k in w})[0]
+    plus = fused_fwd(x + h * vx, {k: w[k] + h * vw[k] for k in w})[0]
+    minus = fused_fwd(x - h * vx, {k: w[k] - h * vw[k] for k in w})[0]
     jv = (plus - minus) / (2 * h)
     lhs = float((jv * c).sum())
     rhs = float((dx * vx).sum()) + sum(float((dw[k] * vw[k]).sum()) for k in SHAPES)
@@ -78,13 +79,13 @@ def test_dot_product_of_the_linearisation():
 def test_validation():
     w, x = weights(), inputs()
     with pytest.raises(ValueError, match="missing"):
-        sdn_fused_fwd(x, {k: v for k, v in w.items() if k != "w3"})
-    with pytest.raises(ValueError, match="w2 must have shape"):
-        sdn_fused_fwd(x, {**w, "w2": np.zeros((8, 8))[:, :, None][:, :7]})
+        fused_fwd(x, {k: v for k, v in w.items() if k != "w3"})
+    with pytest.raises(ValueError, match=r"SDN weight w2 \(conv2.weight\) must have shape \(8, 8, 1\)"):
+        fused_fwd(x, {**w, "w2": np.zeros((8, 8))[:, :, None][:, :7]})
     with pytest.raises(TypeError, match="float64"):
-        sdn_fused_fwd(x.astype(np.float32), w)
+        fused_fwd(x.astype(np.float32), w)
     with pytest.raises(ValueError, match="non-finite"):
-        sdn_fused_fwd(np.full((1, 4), np.nan), w)
-    _, cache = sdn_fused_fwd(x, w)
+        fused_fwd(np.full((1, 4), np.nan), w)
+    _, cache = fused_fwd(x, w)
     with pytest.raises(ValueError, match="dm must have shape"):
-        sdn_fused_bwd(cache, np.zeros((1, 2)))
+        fused_bwd(cache, np.zeros((1, 2)))
