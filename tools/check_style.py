@@ -5,8 +5,8 @@ functions in ``make test``) prints one ``path:line: message`` per finding and ex
 
 1. **fastmath from the one config value** (STYLE.md "Numba"; stumpy's ``fastmath.py`` and its
    test that every njit function uses ``config.STUMPY_FASTMATH_FLAGS``). Every use of a Numba
-   compiler in ``refimpl/`` (``njit``, ``jit``, ``vectorize``, ``guvectorize``, ``cfunc``,
-   ``stencil``; as ``@njit(...)``, ``@numba.njit(...)`` or a plain call ``njit(...)(fn)``) must
+   compiler in ``refimpl/`` (``njit``, ``jit``, ``vectorize``, ``guvectorize``, ``cfunc``; as
+   ``@njit(...)``, ``@numba.njit(...)`` or a plain call ``njit(...)(fn)``) must
    take ``fastmath`` from :mod:`refimpl.config`: either ``**NJIT_OPTS`` / ``**config.NJIT_OPTS``
    (any options dict defined in ``refimpl/config.py`` whose ``fastmath`` is ``FASTMATH``) or
    ``fastmath=FASTMATH`` / ``fastmath=config.FASTMATH``. A bare ``@njit`` (numba's default,
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Numba entry points that compile a Python function and accept ``fastmath``.
-NUMBA_COMPILERS = frozenset({"njit", "jit", "vectorize", "guvectorize", "cfunc", "stencil"})
+NUMBA_COMPILERS = frozenset({"njit", "jit", "vectorize", "guvectorize", "cfunc"})
 
 FASTMATH_NAME = "FASTMATH"
 
