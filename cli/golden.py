@@ -3,7 +3,6 @@
 All the work is in :mod:`refimpl.golden`; this module parses options, prints what the library
 returns and turns file errors into one-line messages (no traceback).
 """
-import json
 import math
 import os
 import sys
@@ -11,11 +10,10 @@ import sys
 import click
 
 from refimpl import golden as G
+from refimpl.atomic import atomic_write_json
 from refimpl.h5io import FileFormatError
 
-
-def _fail(msg):
-    raise click.ClickException(" ".join(str(msg).split()))
+from .common import choice, fail
 
 
 def _jsonable(v):
@@ -28,12 +26,8 @@ def _jsonable(v):
     return v
 
 
-def _write_json(path, report):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(report), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write_report(path, report):
+    atomic_write_json(path, _jsonable(report))
 
 
 @click.group()
@@ -41,7 +35,7 @@ def golden():
     """Golden HDF5 traces: the contract with other backends (golden/SCHEMA.md).
 
     \b
-    refimpl golden show golden/v1/fftconv.h5            what a suite holds
+    refimpl golden show fftconv                         what a suite holds (or show FILE.h5)
     refimpl golden verify my_backend/fftconv.h5         check a backend's candidate file
     refimpl golden check                                refimpl against its committed files
     refimpl golden generate --overwrite                 regenerate golden/v1
@@ -49,7 +43,7 @@ def golden():
 
 
 @golden.command()
-@click.option("--suite", "suites", multiple=True, type=click.Choice(list(G.SUITES)),
+@click.option("--suite", "suites", multiple=True, type=choice(G.SUITES),
               help="Generate only this suite (repeatable); default: all.")
 @click.option("--out", "out_dir", default=str(G.DEFAULT_DIR), show_default=True,
               type=click.Path(file_okay=False), help="Folder for <suite>.h5.")
@@ -67,7 +61,7 @@ def generate(suites, out_dir, overwrite, seed, size):
             paths = G.generate(out_dir, names, seed=seed, size=size, overwrite=overwrite,
                                progress=bar.update)
     except (FileExistsError, RuntimeError, ValueError) as e:
-        _fail(e)
+        fail(e)
     for p in paths:
         gf = G.read_golden(p)
         counts = {}
@@ -94,14 +88,14 @@ def verify(candidates, golden_dir, json_path, skip, verbose):
     suite = '<suite>', and /cases/<id>/outputs/<name> and /cases/<id>/grads/<name> datasets
     (an 'error' attribute on /cases/<id> says the backend rejected the case). Prints PASS or the
     worst mismatch per tensor; exits 1 on any MISMATCH, MISSING, SHAPE, DTYPE, NOT_REJECTED,
-    ERROR or EXTRA row. Golden files are only read.
+    ERROR or EXTRA row. Golden files are only read (by default the installed committed set).
     """
     try:
         report = G.verify(candidates, golden_dir, skip=skip)
     except FileFormatError as e:
         if json_path:
-            _write_json(json_path, {"passed": False, "error": str(e), "files": []})
-        _fail(e)
+            _write_report(json_path, {"passed": False, "error": str(e), "files": []})
+        fail(e)
     _finish(report, json_path, verbose)
 
 
@@ -109,7 +103,7 @@ def _finish(report, json_path, verbose):
     """Print the report table, write the JSON report if asked, exit 1 on any failure."""
     click.echo(G.format_report(report, verbose=verbose), nl=False)
     if json_path:
-        _write_json(json_path, report)
+        _write_report(json_path, report)
     if not report["passed"]:
         sys.exit(1)
 
@@ -117,26 +111,32 @@ def _finish(report, json_path, verbose):
 @golden.command()
 @click.option("--golden", "golden_dir", default=str(G.DEFAULT_DIR), show_default=True,
               type=click.Path(file_okay=False), help="Folder of the committed <suite>.h5 files.")
-@click.option("--suite", "suites", multiple=True, type=click.Choice(list(G.SUITES)),
+@click.option("--suite", "suites", multiple=True, type=choice(G.SUITES),
               help="Check only this suite (repeatable); default: all.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Also write the report as JSON to this file.")
 @click.option("-v", "--verbose", is_flag=True, help="Show a detail column for every row.")
 def check(golden_dir, suites, json_path, verbose):
-    """Recompute every committed case with the installed refimpl and compare (regression test)."""
+    """Recompute every committed case with the installed refimpl and compare (regression test),
+    then rebuild each case from its definition: STALE (fails) where the file differs beyond
+    rounding, DRIFT (informational) where it differs only within rounding (golden/SCHEMA.md)."""
     try:
         report = G.check(golden_dir, list(suites) or None)
     except FileFormatError as e:
-        _fail(e)
+        fail(e)
     _finish(report, json_path, verbose)
 
 
 @golden.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", metavar="FILE_OR_SUITE")
 @click.option("--case", "case_id", help="Show one case in detail (datasets, shapes, tolerances).")
 def show(file, case_id):
-    """List the suite, cases, flags and shapes of a golden or candidate file."""
+    """List the suite, cases, flags and shapes of a golden or candidate file.
+
+    FILE_OR_SUITE is a file, or a suite name for the installed committed file
+    (e.g. 'refimpl golden show neuron --case 0001').
+    """
     try:
         click.echo(G.show(file, case_id), nl=False)
     except (FileFormatError, KeyError) as e:
-        _fail(e.args[0] if isinstance(e, KeyError) else e)
+        fail(e.args[0] if isinstance(e, KeyError) else e)

@@ -109,7 +109,7 @@ attr_values = st.one_of(texts.map(lambda s: s[:10]), st.integers(-10**6, 10**6),
 def test_write_read_round_trip_with_nested_groups(tmp_path_factory, groups, config, flags,
                                                   comment, margin):
     path = tmp_path_factory.mktemp("rt") / "x.h5"
-    data = G._flatten(groups)
+    data = G.flatten(groups)
     meta = {p: {"compare": "allclose", "rtol": 1e-15, "atol": 0.5} for p in data
             if p.startswith("outputs/")}
     case = G.Case(id="0000", op="op", comment=comment, flags=flags, result="acceptable",

@@ -1,0 +1,304 @@
+"""Golden suites of one block (``block``) and one training step of the whole model
+(``model_step``), DESIGN.md 8.
+
+The cases are ``refimpl.model`` configurations; every ``ModelConfig`` field is a case attribute
+(:func:`_model_attrs`, read back by :func:`_model_config`), with the activation family's neuron
+spelled out. Parameters are moved off their initial constants (:func:`_randomise`) so that every
+gradient is generic. ``model_step`` records the loss, the logits, the gradient and the
+parameters after one AdamW step.
+"""
+import numpy as np
+
+from .. import layers as Ly
+from ..activations import ACTIVATIONS
+from ..model import (ModelConfig, block_bwd, block_fwd, init_model, model_bwd, model_fwd,
+                     optimizer_rules, project)
+from ..optim import adamw_init, adamw_step, cosine_schedule, make_groups
+from .registry import Spec, register
+from .spiking import sdn_weights
+from .ssm import fft_depth
+
+#: ModelConfig fields stored verbatim as case attributes.
+_MODEL_FIELDS = ("activation", "norm", "prenorm", "bidirectional", "disc", "init", "grad_mode",
+                 "surrogate", "neuron_impl")
+
+
+def _model_attrs(cfg):
+    """Scalar attributes of a ModelConfig, with the family's neuron spelled out."""
+    fam = ACTIVATIONS[cfg.activation]
+    a = {k: getattr(cfg, k) for k in _MODEL_FIELDS}
+    a.update(d_model=cfg.d_model, d_state=cfg.d_state, n_layers=cfg.n_layers,
+             n_classes=cfg.n_classes, d_input=cfg.d_input, vocab=cfg.vocab,
+             dropout=float(cfg.dropout), dt_min=float(cfg.dt_min), dt_max=float(cfg.dt_max),
+             training=True, mixing=fam.mixing,
+             threshold_scaling=bool(fam.threshold), activation_kind=fam.kind)
+    ncfg = cfg.neuron_config()
+    if ncfg is not None:
+        a["surrogate"] = ncfg.surrogate
+        for k, v in ncfg.attrs().items():
+            a["neuron_" + k] = v
+    return a
+
+
+def _model_config(attrs):
+    fields = {k: attrs[k] for k in _MODEL_FIELDS + ("d_model", "d_state", "n_layers", "n_classes",
+                                                    "d_input", "vocab", "dropout")}
+    # dt_min, dt_max were added to v1 later; files without them were generated with the defaults
+    # (only the initialisation reads them)
+    fields.update({k: attrs[k] for k in ("dt_min", "dt_max") if k in attrs})
+    return ModelConfig(**fields)
+
+
+def _model_buffers(cfg, params_group):
+    """Buffers block_fwd / model_fwd read: SDN weights (stored as non-trainable params) and
+    BatchNorm running statistics (unused in training mode: placeholders)."""
+    buf = {k: v for k, v in params_group.items() if k.startswith("sdn.")}
+    for i in range(cfg.n_layers):
+        buf[f"layers.{i}.norm.running_mean"] = np.zeros(cfg.d_model)
+        buf[f"layers.{i}.norm.running_var"] = np.ones(cfg.d_model)
+    return buf
+
+
+def _randomise(rng, p, cfg):
+    """Move parameters off their initial constants so that every gradient is generic, and put the
+    spiking thresholds where the membranes reach them."""
+    for k in list(p):
+        if k.endswith("ln_vth"):
+            p[k] = rng.normal(-1.0, 0.2, size=p[k].shape)
+        elif k.endswith("norm.gamma"):
+            p[k] = 1.0 + 0.1 * rng.normal(size=p[k].shape)
+        elif k.endswith(("norm.beta", "mix.c")) or (k.endswith("mix.b") and cfg.activation == "binary_gsu"):
+            p[k] = 0.1 * rng.normal(size=p[k].shape)
+        elif k.endswith(".rho"):
+            p[k] = rng.uniform(0.2, 1.0, size=p[k].shape)
+    return p
+
+
+def _block_specs(rngs, size):
+    big = 8 if size == "large" else 1
+    out = []
+
+    def add(comment, flags=(), B=2, H=4, N=4, L=32, uscale=1.0, result="valid", edit=None, **kw):
+        rng = rngs()
+        cfg = ModelConfig(n_classes=2, d_model=H, d_state=N, n_layers=1, **kw)
+        sdn_w = sdn_weights(rng) if cfg.activation == "sdn" else None
+        p, _ = init_model(cfg, seed=rng, sdn_weights=sdn_w)
+        p = _randomise(rng, {k[len("layers.0."):]: v for k, v in p.items()
+                             if k.startswith("layers.0.")}, cfg)
+        meta = {}
+        if sdn_w is not None:
+            for k, v in sdn_w.items():
+                p["sdn." + k] = v
+                meta["params/sdn." + k] = {"trainable": False}
+        u = uscale * rng.normal(size=(B, H, L))
+        inputs = {"u": u}
+        if edit:
+            edit(inputs, p)
+        out.append(Spec(comment, list(flags), _model_attrs(cfg), inputs, p, result, meta=meta))
+
+    add("SpikingSSM block: LIF (hard reset, tau 0.125), threshold scaling, GLU, LayerNorm "
+        "after the residual", ["default"], activation="lif", L=32 * big)
+    add("GELU (non-spiking S4D), prenorm", activation="gelu", prenorm=True, L=32 * big)
+    add("Binary S4D: Heaviside (reset none, tau 0, theta 0, atan), GLU", activation="binary")
+    add("Binary S4D + GSU: the GSU ternarises the SSM output", activation="binary_gsu")
+    add("SDN neuron: m from the fused SDN (weights sdn.w0..w5, not trained) is a constant",
+        activation="sdn")
+    add("SPikE-SSM reset-refractory neuron (rho trainable), iterative", activation="refractory",
+        neuron_impl="iterative")
+    add("refractory neuron, BatchNorm (training mode, batch statistics), prenorm",
+        activation="refractory", neuron_impl="iterative", norm="batch", prenorm=True)
+    add("LIF, BatchNorm after the residual, bilinear, S4D-Inv", activation="lif", norm="batch",
+        disc="bilinear", init="inv")
+    add("LIF, bidirectional SSM, S4D-Real", activation="lif", bidirectional=True, init="real")
+    add("LIF, grad_mode detach_reset, sigmoid surrogate", activation="lif",
+        grad_mode="detach_reset", surrogate="sigmoid")
+    add("LIF, grad_mode sltt, fast_sigmoid surrogate", activation="lif", grad_mode="sltt",
+        surrogate="fast_sigmoid")
+    add("refractory neuron, detach_reset, rectangle surrogate", activation="refractory",
+        neuron_impl="iterative", grad_mode="detach_reset", surrogate="rectangle")
+    add("long sequence, L = 1024", ["long_sequence"], activation="lif", B=1, H=2, L=1024 * big)
+
+    def zero(i, p):
+        i["u"][:] = 0.0
+
+    add("all-zero input (LIF): y = norm(GLU(0))", ["all_zero"], activation="lif", edit=zero)
+    add("GELU saturation: inputs scaled by 1e3", ["saturation"], activation="gelu",
+        uscale=1e3)
+
+    def nan(i, p):
+        i["u"][0, 0, 0] = np.nan
+
+    add("NaN input: must be rejected", ["nan_input"], activation="lif", result="invalid", edit=nan)
+    return out
+
+
+def _block_split(case):
+    """``(cfg, p with layers.0. names, buffers)`` from a block case."""
+    cfg = _model_config(case.config)
+    params = case.group("params")
+    p = {"layers.0." + k: v for k, v in params.items() if not k.startswith("sdn.")}
+    return cfg, p, _model_buffers(cfg, params)
+
+
+def _block_fwd(case):
+    cfg, p, buf = _block_split(case)
+    y, cache, _ = block_fwd(cfg, p, buf, 0, case.data["inputs/u"], True, None, new_buf={})
+    return {"y": y}, (cfg, p, cache), _model_diag(cfg, [cache])
+
+
+def _model_diag(cfg, blocks):
+    spikes, membranes = {}, {}
+    for i, c in enumerate(blocks):
+        act = c.get("act")
+        tag = act[0] if isinstance(act, tuple) and act and isinstance(act[0], str) else None
+        if tag == "neuron":
+            _, s, h, _, ncfg, _, _ = act[1]
+            spikes[f"s{i}"] = s
+            membranes[f"h{i}"] = (h, ncfg.theta)
+        elif tag == "sdn":
+            d = act[1]
+            v = d["m"] + d["x"]
+            spikes[f"s{i}"] = (v >= d["cfg"].theta).astype(np.float64)
+            membranes[f"m+x{i}"] = (v, d["cfg"].theta)
+        if cfg.activation == "binary_gsu":
+            Tx, TW = c["mix"][0], c["mix"][1]
+            spikes[f"Tx{i}"], spikes[f"TW{i}"] = Tx, TW
+    return {"spikes": spikes, "membranes": membranes}
+
+
+def _block_bwd(case, state, cot):
+    cfg, p, cache = state
+    dx, g = block_bwd(cfg, p, 0, cache, cot["y"])
+    return {"u": dx, **{k[len("layers.0."):]: v for k, v in g.items()}}
+
+
+def _block_depth(case):
+    Bsz, H, L = case.data["inputs/u"].shape
+    N2 = case.config["d_state"] // 2
+    d = L + N2 + fft_depth(L) + 4 * H + 16
+    return {"*": d, "grads/*": Bsz * L + d}
+
+
+register(
+    name="block",
+    math="one block of DESIGN.md section 8",
+    specs=_block_specs,
+    fwd=_block_fwd,
+    bwd=_block_bwd,
+    differentiable=("y",),
+    depth=_block_depth,
+)
+
+
+#: AdamW settings of the model_step suite (torch.optim.AdamW parametrisation).
+ADAMW = dict(lr=1e-2, weight_decay=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+def _model_specs(rngs, size):
+    big = 8 if size == "large" else 1
+    out = []
+
+    def add(comment, flags=(), B=3, L=16, clip_norm=0.0, result="valid", edit=None, **kw):
+        rng = rngs()
+        kw = {"n_classes": 3, "d_input": 2, "d_model": 4, "d_state": 4, "n_layers": 2, **kw}
+        cfg = ModelConfig(**kw)
+        sdn_w = sdn_weights(rng) if cfg.activation == "sdn" else None
+        p, _ = init_model(cfg, seed=rng, sdn_weights=sdn_w)
+        p = _randomise(rng, p, cfg)
+        meta = {}
+        if sdn_w is not None:
+            for k, v in sdn_w.items():
+                p["sdn." + k] = v
+                meta["params/sdn." + k] = {"trainable": False}
+        if cfg.vocab:
+            x = rng.integers(0, cfg.vocab, size=(B, L)).astype(np.int64)
+        else:
+            x = rng.normal(size=(B, L, cfg.d_input))
+        labels = rng.integers(0, cfg.n_classes, size=B).astype(np.int64)
+        inputs = {"x": x, "labels": labels}
+        if edit:
+            edit(inputs, p)
+        attrs = _model_attrs(cfg)
+        attrs.update(ADAMW, lr_scale=cosine_schedule(0, 10, 2), clip_norm=float(clip_norm), step=1)
+        out.append(Spec(comment, list(flags), attrs, inputs, p, result, meta=meta))
+
+    add("two LIF blocks (SpikingSSM), LayerNorm, one AdamW step with warm-up factor 0.5",
+        ["default"], activation="lif", L=16 * big)
+    add("GELU blocks, prenorm", activation="gelu", prenorm=True)
+    add("Binary S4D + GSU", activation="binary_gsu")
+    add("refractory neurons, BatchNorm (batch statistics), rho projected onto rho >= 0",
+        activation="refractory", neuron_impl="iterative", norm="batch")
+    add("SDN neurons (sdn.w0..w5 fixed, not updated)", activation="sdn")
+    add("token embedding (vocab 5) instead of the linear encoder", activation="lif", vocab=5,
+        d_input=1)
+    add("global-norm gradient clipping to 0.1 before the step", activation="binary",
+        clip_norm=0.1)
+
+    def nan(i, p):
+        i["x"][1, 2, 0] = np.nan
+
+    add("NaN input: must be rejected", ["nan_input"], activation="lif", result="invalid", edit=nan)
+    return out
+
+
+def _model_fwd(case):
+    c = case.config
+    cfg = _model_config(c)
+    params = case.group("params")
+    buf = _model_buffers(cfg, params)
+    p = {k: v for k, v in params.items() if not k.startswith("sdn.")}
+    x, labels = case.data["inputs/x"], case.data["inputs/labels"]
+    logits, cache, _, _ = model_fwd(cfg, p, buf, x, training=True)
+    loss, ce = Ly.cross_entropy_fwd(logits, labels)
+    (dlogits,) = Ly.cross_entropy_bwd(ce)
+    grads = model_bwd(cfg, p, cache, dlogits)
+    new = {k: np.array(v, dtype=np.float64, copy=True) for k, v in p.items()}
+    groups = make_groups(new, c["lr"], c["weight_decay"], optimizer_rules(c["lr"]))
+    state = adamw_init(new)
+    adamw_step(new, grads, state, groups, lr_scale=c["lr_scale"], betas=(c["beta1"], c["beta2"]),
+               eps=c["eps"], clip_norm=c["clip_norm"] or None)
+    project(new, cfg)
+    outputs = {"loss": np.asarray(loss), "logits": logits,
+               **{"params/" + k: v for k, v in new.items()}}
+    return outputs, grads, _model_diag(cfg, cache["blocks"])
+
+
+def _model_bwd(case, grads, cot):
+    return {k: v * float(cot["loss"]) for k, v in grads.items()}
+
+
+def _model_cotangents(outputs, rng):
+    return {"loss": np.asarray(1.0)}
+
+
+def _model_depth(case):
+    c = case.config
+    x = case.data["inputs/x"]
+    Bsz, L = x.shape[0], x.shape[1]
+    d = c["n_layers"] * (L + c["d_state"] // 2 + fft_depth(L) + 4 * c["d_model"] + 16)
+    return {"*": d + L, "grads/*": Bsz * L + d + L}
+
+
+def _model_meta(case):
+    """Per-parameter AdamW group settings (lr before the schedule factor, weight_decay)."""
+    c = case.config
+    p = {k: v for k, v in case.group("params").items() if not k.startswith("sdn.")}
+    meta = {}
+    for g in make_groups(p, c["lr"], c["weight_decay"], optimizer_rules(c["lr"])):
+        for name in g["params"]:
+            meta["params/" + name] = {"trainable": True, "lr": float(g["lr"]),
+                                      "weight_decay": float(g["weight_decay"])}
+    return meta
+
+
+register(
+    name="model_step",
+    math="cross-entropy loss, its gradient, one AdamW step",
+    specs=_model_specs,
+    fwd=_model_fwd,
+    bwd=_model_bwd,
+    differentiable=("loss",),
+    cotangents=_model_cotangents,
+    depth=_model_depth,
+    meta=_model_meta,
+)

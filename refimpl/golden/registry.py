@@ -1,0 +1,152 @@
+"""The suite registry: :class:`Spec`, :class:`Suite`, :data:`SUITES` and :func:`register`.
+
+A suite is one op family. Its module defines the case specifications, how refimpl computes
+them (forward and backward) and its tolerance model, and registers all of it in one call::
+
+    register(
+        name="fftconv",
+        math="y[t] = sum_{s<=t} K0[t-s] u[s] + D u[t]",
+        specs=_fftconv_specs,                  # (rngs, size) -> [Spec]
+        fwd=_fftconv_fwd, bwd=_fftconv_bwd,    # refimpl's forward / VJP
+        differentiable=("y",),                 # outputs that get a cotangent
+        depth=_fftconv_depth,                  # tolerance model (generate.py)
+        scales=_fftconv_scales,
+    )
+
+Adding a suite = one module (or one ``register`` block in a family module) imported by
+``refimpl/golden/__init__.py``. Suites are generated and checked in registration order.
+"""
+import dataclasses
+import zlib
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..h5io import FileFormatError
+from .schema import DEFAULT_DIR, SIZES
+
+
+@dataclasses.dataclass
+class Spec:
+    """A case before refimpl ran it. ``exact`` marks dyadic inputs that every float64
+    arithmetic computes exactly: no perturbation, and a zero margin stays ``valid``."""
+
+    comment: str
+    flags: list
+    config: dict
+    inputs: dict
+    params: dict
+    result: str = "valid"
+    exact: bool = False
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Suite:
+    """One op family (keyword arguments only; see :func:`register`).
+
+    - ``name``: the suite (file ``<name>.h5``); ``op``: the case attribute (default ``name``);
+      ``math``: the formula the cases sample, shown by ``refimpl golden show``.
+    - ``specs(rngs, size) -> [Spec]``: the cases; ``rngs()`` returns the next case's generator.
+    - ``fwd(case) -> (outputs, state, diag)``; ``bwd(case, state, cotangents) -> grads``.
+      ``diag`` may hold ``spikes`` (name -> array, for flip detection) and ``membranes``
+      (name -> (array, threshold), for margins).
+    - ``differentiable``: outputs that get a N(0, 1) cotangent, unless ``cotangents(outputs,
+      rng)`` supplies them; ``spikes``: outputs compared exactly.
+    - Tolerance model: ``depth(case) -> {path or group/* or *: depth}``; ``scales(case, outputs,
+      grads, cot) -> {path: scale}`` (default ``max |T|``); ``floors(case) -> {path: minimal
+      atol}``; ``meta(case) -> {path: attrs}`` adds dataset attributes.
+    """
+
+    name: str
+    specs: Callable
+    fwd: Callable
+    bwd: Callable
+    differentiable: tuple
+    depth: Callable
+    op: str = ""
+    math: str = ""
+    scales: Optional[Callable] = None
+    floors: Optional[Callable] = None
+    spikes: tuple = ()
+    cotangents: Optional[Callable] = None
+    meta: Optional[Callable] = None
+
+    def __post_init__(self):
+        if not self.op:
+            object.__setattr__(self, "op", self.name)
+
+
+#: suite name -> :class:`Suite`, in registration (= generation) order.
+SUITES = {}
+
+
+def register(**fields):
+    """Register the suite ``Suite(**fields)`` under its name and return it.
+
+    Raises ``ValueError`` if the name is taken (two modules defining one suite).
+    """
+    suite = Suite(**fields)
+    if suite.name in SUITES:
+        raise ValueError(f"golden suite {suite.name!r} is registered twice")
+    SUITES[suite.name] = suite
+    return suite
+
+
+def get_suite(name):
+    """The registered suite ``name``; ``ValueError`` listing the valid names otherwise."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; valid suites are {', '.join(SUITES)}")
+    return SUITES[name]
+
+
+def rngs(seed, suite):
+    """Factory of per-case generators: case ``i`` draws from ``[seed, crc32(suite), i]`` only."""
+    key = zlib.crc32(suite.encode())
+    state = {"i": 0}
+
+    def next_rng():
+        rng = np.random.default_rng([seed, key, state["i"]])
+        state["i"] += 1
+        return rng
+
+    return next_rng
+
+
+def suite_specs(name, seed=0, size="small"):
+    """The case specifications of suite ``name``: list of ``(id, Spec)``."""
+    suite = get_suite(name)
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; valid sizes are {list(SIZES)}")
+    specs = suite.specs(rngs(seed, name), size)
+    return [(f"{i:04d}", s) for i, s in enumerate(specs)]
+
+
+def golden_path(name_or_path, golden_dir=DEFAULT_DIR):
+    """A golden file named by path or by suite.
+
+    An existing path is returned as is; otherwise a registered suite name gives
+    ``<golden_dir>/<name>.h5`` (the installed committed set by default), so that
+    ``refimpl golden show neuron`` works from any folder. Anything else raises a one-line
+    :class:`~refimpl.h5io.FileFormatError` listing the suites.
+    """
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    if str(name_or_path) in SUITES:
+        return Path(golden_dir) / f"{name_or_path}.h5"
+    raise FileFormatError(f"{name_or_path}: no such file, and not a suite name "
+                          f"(suites: {', '.join(SUITES)})")
+
+
+def maxabs(a):
+    """``max |a|`` as a float (0 for an empty array): the default scale of a tensor."""
+    a = np.asarray(a, dtype=np.float64)
+    return float(np.max(np.abs(a))) if a.size else 0.0
+
+
+def dyadic(rng, shape, lo=-1.0, hi=2.0, step=0.125):
+    """Multiples of ``step`` in [lo, hi]: sums and halvings of these are exact in float64."""
+    n = int(round((hi - lo) / step))
+    return lo + step * rng.integers(0, n + 1, size=shape).astype(np.float64)

@@ -1,0 +1,93 @@
+"""Text output: the verify/check table and the listing of a file (returned as strings; the CLI
+prints them). Every table goes through :func:`refimpl.table.render_table`."""
+import numpy as np
+
+from ..table import render_table
+from .registry import SUITES, golden_path
+from .schema import FAILURES, read_file
+
+
+def _fmt(v, spec):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def _count(values):
+    counts = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+def format_report(report, verbose=False):
+    """The verify/check table: one row per passing case, one per failing tensor (and for
+    ``check`` one STALE and one DRIFT row per case that has them).
+
+    Columns: suite, case, status, tensor, worst index, value, reference, bound. With
+    ``verbose`` a detail column is added. Ends with one summary line per file (every status
+    counted), then the details of the failing rows.
+    """
+    header = ("suite", "case", "status", "tensor", "worst index", "value", "reference", "bound")
+    lines = []
+    for f in report["files"]:
+        rows = []
+        for r in f["rows"]:
+            row = (r["suite"], r["case"], r["status"], r["tensor"], r["index"],
+                   _fmt(r["value"], ".17g"), _fmt(r["reference"], ".17g"), _fmt(r["bound"], ".3g"))
+            rows.append(row + ((r["detail"],) if verbose else ()))
+        lines.append(render_table(header + (("detail",) if verbose else ()), rows))
+        s = f["summary"]
+        st = ", ".join(f"{v} {k}" for k, v in sorted(s["statuses"].items()))
+        verdict = "PASSED" if f["passed"] else "FAILED"
+        lines.append(f"{verdict}: {f['suite']}: {s['cases']} cases, {s['cases_failed']} failed "
+                     f"({st}); {f['candidate']} vs {f['golden']}")
+        for r in f["rows"]:
+            if r["status"] in FAILURES and r["detail"] and not verbose:
+                lines.append(f"  {r['case']} {r['status']} {r['tensor']}: {r['detail']}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def show(path, case_id=None):
+    """A readable listing of a golden or candidate file (one case in detail with ``case_id``).
+
+    ``path`` may also be a suite name: the installed committed file (:func:`.registry.golden_path`).
+    """
+    gf = read_file(golden_path(path))
+    a = gf.attrs
+    lines = [f"{gf.path}: suite {gf.suite!r}, schema {a.get('schema')} v{a.get('schema_version')}, "
+             f"{len(gf.cases)} cases"]
+    prov = [f"{k} {a[k]}" for k in ("generator", "numpy", "numba", "python", "seed", "size",
+                                    "created") if k in a]
+    if prov:
+        lines.append("  " + ", ".join(prov))
+    if gf.suite in SUITES and SUITES[gf.suite].math:
+        lines.append("  math: " + SUITES[gf.suite].math)
+    counts = _count(c.result for c in gf.cases.values())
+    lines.append("  results: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    lines.append("")
+    if case_id is None:
+        rows = [(c.id, c.op, c.result, _fmt(c.extra.get("margin"), ".3g"),
+                 ",".join(c.flags) or "-", c.comment) for c in gf.cases.values()]
+        lines.append(render_table(("id", "op", "result", "margin", "flags", "comment"), rows))
+        return "\n".join(lines) + "\n"
+    if case_id not in gf.cases:
+        raise KeyError(f"{gf.path}: no case {case_id!r}; cases are {', '.join(gf.cases)}")
+    c = gf.cases[case_id]
+    lines += [f"case {c.id}: op {c.op}, result {c.result}",
+              f"  comment: {c.comment}", f"  flags: {', '.join(c.flags) or '-'}"]
+    for k, v in {**c.config, **c.extra}.items():
+        lines.append(f"  {k} = {v!r}")
+    rows = []
+    for p, v in c.data.items():
+        m = c.meta.get(p, {})
+        other = ", ".join(f"{k}={m[k]!r}" for k in m if k not in ("compare", "rtol", "atol"))
+        rows.append((p, str(tuple(np.shape(v))), str(np.asarray(v).dtype), m.get("compare", ""),
+                     _fmt(m.get("rtol"), ".3g"), _fmt(m.get("atol"), ".3g"), other))
+    lines.append("")
+    lines.append(render_table(("dataset", "shape", "dtype", "compare", "rtol", "atol",
+                               "other attrs"), rows))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,281 @@
+"""Golden suites of the spiking neurons (DESIGN.md 4), PMBC (5) and the fused SDN (6).
+
+Spikes compare exactly and record their ``margin`` (min |membrane - threshold|); cases whose
+margin is within the membrane's rounding bound become ``acceptable``. Membranes ``h``, ``u``
+get at least :func:`refimpl.pmbc.rounding_bound` (any evaluation order with chunks of up to 64
+steps), through the suites' ``floors``.
+"""
+import functools
+
+import numpy as np
+
+from ..neurons import NeuronConfig, neuron_bwd, neuron_fwd
+from ..pmbc import pmbc_bwd, pmbc_fwd, rounding_bound
+from ..sdn import fused_bwd, fused_fwd, sdn_forward
+from ..surrogates import SURROGATES, get_surrogate
+from .registry import Spec, dyadic, register
+
+#: What the neuron and PMBC cases sample (``golden show``).
+NEURON_MATH = "m_t = tau u_{t-1}, h_t = m_t + x_t, s_t = Theta(h_t - theta), u_t = reset(h_t, s_t)"
+
+
+# ---- neurons and PMBC ------------------------------------------------------------------------
+
+
+def _neuron_config(reset="hard", tau=0.5, theta=1.0, u_reset=0.0, refractory_steps=0,
+                   spike_condition="ge", surrogate="triangle", surrogate_scale=None,
+                   grad_mode="bptt"):
+    """The scalar attributes of a neuron case (NeuronConfig fields, surrogate_scale resolved)."""
+    if surrogate_scale is None:
+        surrogate_scale = SURROGATES[surrogate].default_scale
+    return dict(reset=reset, tau=float(tau), theta=float(theta), u_reset=float(u_reset),
+                refractory_steps=int(refractory_steps), spike_condition=spike_condition,
+                surrogate=surrogate, surrogate_scale=float(surrogate_scale), grad_mode=grad_mode)
+
+
+def _neuron_specs(rngs, size, pmbc=False):
+    big = 8 if size == "large" else 1
+    out = []
+
+    def add(comment, flags=(), B=2, H=3, L=32, shift=0.5, scale=1.0, x=None, rho=None,
+            result="valid", exact=False, **cfg):
+        rng = rngs()
+        config = _neuron_config(**cfg)
+        if x is None:
+            x = shift + scale * rng.normal(size=(B, H, L))
+        elif callable(x):
+            x = x(rng)
+        params = {}
+        if config["reset"] == "refractory":
+            params["rho"] = rng.uniform(0.0, 1.5, size=x.shape[1]) if rho is None else rho
+        out.append(Spec(comment, list(flags), config, {"x": x}, params, result, exact))
+
+    sur = ["triangle", "atan", "sigmoid", "fast_sigmoid", "rectangle"]
+    taus = [0.125, 0.5, 0.9, 0.25]
+    resets = ["soft", "refractory", "hard", "none"] if pmbc else ["hard", "soft", "refractory", "none"]
+    i = 0
+    for reset in resets:
+        for gm in ("bptt", "detach_reset", "sltt"):
+            extra = {"u_reset": [0.0, -0.5, 0.3][i % 3]} if reset == "hard" else {}
+            theta = 0.0 if reset == "none" and i % 2 else [1.0, 0.5, 2.0][i % 3]
+            flags = ["default"] if (reset, gm) == ("hard", "bptt") else []
+            add(f"reset {reset}, grad_mode {gm}, surrogate {sur[i % 5]}, "
+                f"{['ge', 'gt'][i % 2]}, tau {taus[i % 4]}", flags, L=32 * big,
+                shift=0.6 * (theta if theta else 1.0), reset=reset, grad_mode=gm,
+                surrogate=sur[i % 5], spike_condition=["ge", "gt"][i % 2], tau=taus[i % 4],
+                theta=theta, **extra)
+            i += 1
+    for j, reset in enumerate(resets):
+        add(f"absolute refractory period R = {j + 1}, reset {reset}", L=32 * big, shift=1.0,
+            reset=reset, refractory_steps=j + 1, surrogate=sur[j], grad_mode="bptt",
+            spike_condition=["gt", "ge"][j % 2], tau=0.5)
+    add("non-default surrogate scales: triangle w = 0.5", reset="soft", surrogate="triangle",
+        surrogate_scale=0.5)
+    add("atan a = 4, sigmoid-like sharpness", reset="refractory", surrogate="atan",
+        surrogate_scale=4.0, grad_mode="detach_reset")
+    add("rectangle w = 2, fast_sigmoid-free wide window", reset="hard", surrogate="rectangle",
+        surrogate_scale=2.0, grad_mode="sltt")
+    add("fast_sigmoid k = 10", reset="none", surrogate="fast_sigmoid", surrogate_scale=10.0)
+
+    def at_threshold(rng, B=2, H=2, L=16):
+        x = dyadic(rng, (B, H, L))
+        x[:, :, 0] = 1.0  # h_0 = x_0 = theta exactly: spike for ge, none for gt
+        x[:, :, 1] = 0.5
+        x[:, :, 2] = 0.75  # soft/hard from u_1 = 0.5 or 0.25 ... stays dyadic
+        return x
+
+    for cond in ("ge", "gt"):
+        for reset in ("hard", "soft"):
+            add(f"membrane exactly at theta = 1 at t = 0 (and later): {cond} decides; dyadic "
+                f"inputs with tau = 0.5 are exact in any float64 arithmetic",
+                ["at_threshold", "spike_at_t0"] if cond == "ge" else ["at_threshold"],
+                x=at_threshold, exact=True, reset=reset, spike_condition=cond, tau=0.5,
+                surrogate="atan")
+    add("membrane within an ulp of theta (tau = 0.1, x_0 = 0.7, x_1 = 0.93): rounding decides",
+        ["near_threshold"], x=np.array([[[0.7, 0.93, 0.2, 0.8, 0.93, 0.0, 0.7, 0.93]]]),
+        result="acceptable", reset="none", tau=0.1, surrogate="triangle")
+    add("all-zero input: no spike, gradients through the surrogate at h - theta = -theta",
+        ["all_zero"], x=lambda rng: np.zeros((2, 3, 16)), reset="hard", tau=0.125)
+    add("spike at t = 0 in every row (x_0 = theta + 0.5)", ["spike_at_t0"],
+        x=lambda rng: np.concatenate([np.full((2, 3, 1), 1.5), rng.normal(size=(2, 3, 15))], -1),
+        reset="refractory", tau=0.5)
+    add("long sequence, tau = 0.9", ["long_sequence"], B=1, H=1, L=(1024 if pmbc else 2048) * big,
+        shift=0.2,
+        reset="soft" if pmbc else "hard", tau=0.9, surrogate="sigmoid")
+    add("saturation: x ~ 1e6 spikes at every step, surrogate tails ~ 0", ["saturation"],
+        x=lambda rng: 1e6 * (1.0 + rng.random((2, 2, 16))), reset="soft", tau=0.5,
+        surrogate="atan")
+    add("saturation: tau = 0.99 soft reset accumulates, spikes most steps", ["saturation"],
+        shift=3.0, reset="soft", tau=0.99, surrogate="fast_sigmoid")
+    add("memoryless Heaviside (Binary S4D): reset none, tau = 0, theta = 0", reset="none",
+        tau=0.0, theta=0.0, shift=0.0, surrogate="atan")
+    add("refractory with rho = 0 (equals soft reset)", rho=np.zeros(3), reset="refractory",
+        tau=0.5)
+    add("hard reset to u_reset = -0.5 with negative inputs (a reset can raise the membrane)",
+        shift=-0.3, scale=1.5, reset="hard", u_reset=-0.5, tau=0.5)
+    add("B = H = L = 1", ["short_sequence"], B=1, H=1, L=1, shift=1.5, reset="soft")
+    add("tau = 1 is outside [0, 1): must be rejected", ["invalid_config"], result="invalid",
+        reset="soft", tau=1.0)
+    add("tau = -0.25 is outside [0, 1): must be rejected", ["invalid_config"], result="invalid",
+        reset="hard", tau=-0.25)
+    add("NaN input: must be rejected", ["nan_input"], result="invalid",
+        x=lambda rng: np.where(np.arange(32) == 5, np.nan, rng.normal(size=(2, 3, 32))),
+        reset="hard")
+    add("negative rho: must be rejected", ["invalid_config"], result="invalid",
+        rho=np.array([0.5, -0.1, 0.2]), reset="refractory")
+    add("theta = 0 with a hard reset: must be rejected (theta > 0 required)", ["invalid_config"],
+        result="invalid", reset="hard", theta=0.0)
+    return out
+
+
+def _neuron_cfg(case):
+    return NeuronConfig(**case.config)
+
+
+def _rho(case):
+    return case.data.get("params/rho")
+
+
+def _neuron_fwd(case):
+    cfg = _neuron_cfg(case)
+    s, h, u = neuron_fwd(case.data["inputs/x"], cfg, rho=_rho(case))
+    return {"s": s, "h": h, "u": u}, (s, h, u, cfg), {"spikes": {"s": s},
+                                                     "membranes": {"h": (h, cfg.theta)}}
+
+
+def _spiking_bwd(bwd, case, state, cot):
+    """VJP of the neuron / pmbc suites through ``bwd`` (neuron_bwd or pmbc_bwd)."""
+    s, h, u, cfg = state
+    dx, drho = bwd(case.data["inputs/x"], s, h, u, cfg, cot["s"], dh=cot["h"], du=cot["u"],
+                   rho=_rho(case))
+    return {"x": dx} if drho is None else {"x": dx, "rho": drho}
+
+
+def _neuron_bwd(case, state, cot):
+    return _spiking_bwd(neuron_bwd, case, state, cot)
+
+
+def _pmbc_fwd(case):
+    cfg = _neuron_cfg(case)
+    s, h, u, it = pmbc_fwd(case.data["inputs/x"], cfg, rho=_rho(case), parallel=False)
+    return ({"s": s, "h": h, "u": u, "iterations": it}, (s, h, u, cfg),
+            {"spikes": {"s": s}, "membranes": {"h": (h, cfg.theta)}})
+
+
+def _pmbc_bwd(case, state, cot):
+    return _spiking_bwd(pmbc_bwd, case, state, cot)
+
+
+def _neuron_depth(case):
+    Bsz, H, L = case.data["inputs/x"].shape
+    return {"*": L, "grads/rho": Bsz * L + L}
+
+
+def _neuron_floors(case):
+    b = rounding_bound(case.data["inputs/x"], _neuron_cfg(case), _rho(case))
+    return {"outputs/h": b, "outputs/u": b, "membrane/h": b}
+
+
+register(
+    name="neuron",
+    math=NEURON_MATH,
+    specs=functools.partial(_neuron_specs, pmbc=False),
+    fwd=_neuron_fwd,
+    bwd=_neuron_bwd,
+    differentiable=("s", "h", "u"),
+    spikes=("s",),
+    depth=_neuron_depth,
+    floors=_neuron_floors,
+)
+
+register(
+    name="pmbc",
+    math="PMBC fixed-point iteration S_{k+1} = F(S_k) of the neuron below; " + NEURON_MATH,
+    specs=functools.partial(_neuron_specs, pmbc=True),
+    fwd=_pmbc_fwd,
+    bwd=_pmbc_bwd,
+    differentiable=("s", "h", "u"),
+    spikes=("s",),
+    depth=_neuron_depth,
+    floors=_neuron_floors,
+)
+
+
+# ---- SDN -------------------------------------------------------------------------------------
+
+
+def sdn_weights(rng):
+    """Random fused SDN weights of the published shapes (the published checkpoint is external
+    reference data, not part of refimpl's files)."""
+    return {"w0": rng.normal(0.0, 0.4, size=(8, 1, 8)), "w1": rng.normal(0.0, 0.2, size=8),
+            "w2": rng.normal(0.0, 0.3, size=(8, 8, 1)), "w3": rng.normal(0.0, 0.2, size=8),
+            "w4": rng.normal(0.0, 0.3, size=(1, 8, 1)), "w5": rng.normal(0.0, 0.1, size=1)}
+
+
+def _sdn_specs(rngs, size):
+    big = 8 if size == "large" else 1
+    out = []
+
+    def add(comment, flags=(), B=2, H=2, L=32, theta=1.0, spike_condition="ge",
+            surrogate="triangle", surrogate_scale=None, result="valid", edit=None):
+        rng = rngs()
+        w = sdn_weights(rng)
+        x = rng.normal(size=(B, H, L))
+        if edit:
+            x = edit(x)
+        scale = SURROGATES[surrogate].default_scale if surrogate_scale is None else surrogate_scale
+        cfg = dict(tau=0.125, theta=float(theta), spike_condition=spike_condition,
+                   surrogate=surrogate, surrogate_scale=float(scale))
+        out.append(Spec(comment, list(flags), cfg, {"x": x}, w, result))
+
+    add("SpikingSSM setting: tau = 0.125, theta = 1, ge, triangle", ["default"], L=32 * big)
+    add("gt, atan surrogate", spike_condition="gt", surrogate="atan", L=32 * big)
+    add("sigmoid surrogate, a = 2", surrogate="sigmoid", surrogate_scale=2.0)
+    add("fast_sigmoid surrogate", surrogate="fast_sigmoid")
+    add("rectangle surrogate, theta = 0.5", surrogate="rectangle", theta=0.5)
+    add("L = 5 < 8 taps: the window is partly before t = 0", ["short_sequence"], L=5)
+    add("L = 1: m_0 = b3 + sum_c w3[c] relu(b2 + W2 relu(b1) + relu(b1))", ["short_sequence"],
+        L=1)
+    add("all-zero input", ["all_zero"], edit=lambda x: np.zeros_like(x))
+    add("long sequence, L = 2048", ["long_sequence"], B=1, H=1, L=2048 * big)
+
+    def nan(x):
+        x[1, 0, 4] = np.nan
+        return x
+
+    add("NaN input: must be rejected", ["nan_input"], result="invalid", edit=nan)
+    return out
+
+
+def _sdn_fwd(case):
+    x = case.data["inputs/x"]
+    c = case.config
+    m, s = sdn_forward(x, case.group("params"), theta=c["theta"],
+                       spike_condition=c["spike_condition"])
+    return {"m": m, "s": s}, m, {"spikes": {"s": s}, "membranes": {"m+x": (m + x, c["theta"])}}
+
+
+def _sdn_bwd(case, m, cot):
+    x = case.data["inputs/x"]
+    c = case.config
+    g = get_surrogate(c["surrogate"]).grad(m + x - c["theta"], c["surrogate_scale"])
+    _, cache = fused_fwd(x, case.group("params"))
+    _, dw = fused_bwd(cache, cot["m"])
+    return {"x": cot["s"] * g, **dw}
+
+
+def _sdn_depth(case):
+    Bsz, H, L = case.data["inputs/x"].shape
+    return {"*": 32, "grads/*": Bsz * H * L + 32, "grads/x": 32}
+
+
+register(
+    name="sdn",
+    math="m = fused SDN(x), s = Theta(m + x - theta); dx = ds g(m + x - theta)",
+    specs=_sdn_specs,
+    fwd=_sdn_fwd,
+    bwd=_sdn_bwd,
+    differentiable=("m", "s"),
+    spikes=("s",),
+    depth=_sdn_depth,
+)
