@@ -1,8 +1,8 @@
 """SDN (DESIGN.md section 6): fused kernel, published weights, folding, training-network
 backward, the SDN neuron, weights files, training, the ``refimpl sdn`` commands.
 
-Tolerances: the fused kernel and the NumPy forms sum in different orders (agreement to
-1e-13 of the output scale); folding is exact up to rounding (1e-12, required by the issue);
+Tolerances: the fused kernel, its NumPy form and refimpl.reference.sdn_predict sum in
+different orders (agreement to 1e-13 of the output scale); folding is exact up to rounding (1e-12, required by the issue);
 gradients by central differences with a Richardson step, eps 1e-6 (rtol 1e-6: the BatchNorm
 chain loses a few digits), plus a random-direction dot-product test.
 """
@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from refimpl.cli.main import main
-from refimpl import layers, sdn
+from refimpl import layers, reference, sdn
 from refimpl.h5io import FileFormatError, atomic_h5
 from refimpl.neurons import NeuronConfig
 from refimpl.progress import EpochEnd, Step
@@ -49,41 +49,19 @@ def random_training_net(seed=0):
     return p, b
 
 
-def naive_fused(x, w):
-    """DESIGN.md section 6 transcribed with scalar loops (the oracle of the oracle)."""
-    R, L = x.shape
-    m = np.zeros((R, L))
-    for r in range(R):
-        for t in range(L):
-            h1 = np.zeros(8)
-            for c in range(8):
-                acc = w["w1"][c]
-                for k in range(8):
-                    j = t - 8 + k
-                    if j >= 0:
-                        acc += w["w0"][c, 0, k] * x[r, j]
-                h1[c] = max(acc, 0.0)
-            mt = w["w5"][0]
-            for c in range(8):
-                acc = w["w3"][c] + h1[c] + sum(w["w2"][c, j, 0] * h1[j] for j in range(8))
-                mt += w["w4"][0, c, 0] * max(acc, 0.0)
-            m[r, t] = mt
-    return m
-
-
 # --------------------------------------------------------------------------------------------
 # Fused inference
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("L", [1, 5, 8, 9, 40])
-def test_kernel_matches_numpy_and_naive_loops(L):
+def test_kernel_matches_numpy_and_the_reference(L):
     w = random_weights(L)
     x = np.random.default_rng(L).normal(size=(3, L))
     m, s = sdn.sdn_forward(x, w)
     scale = 1.0 + np.abs(m).max()
     np.testing.assert_allclose(m, sdn.fused_fwd(x, w)[0], rtol=0, atol=1e-13 * scale)
-    np.testing.assert_allclose(m, naive_fused(x, w), rtol=0, atol=1e-13 * scale)
+    np.testing.assert_allclose(m, reference.sdn_predict(x, w), rtol=0, atol=1e-13 * scale)
     np.testing.assert_array_equal(s, (m + x >= 1.0).astype(float))
 
 
@@ -295,6 +273,18 @@ def test_sdn_neuron_forward_is_the_fused_network(published):
     s, m = sdn.sdn_neuron_fwd(x, published, SDN_CFG)
     m_ref, s_ref = sdn.sdn_forward(x, published)
     np.testing.assert_array_equal(m, m_ref)
+    np.testing.assert_array_equal(s, s_ref)
+
+
+@pytest.mark.parametrize("cond", ["ge", "gt"])
+def test_sdn_neuron_matches_the_reference(cond):
+    w = random_weights(26)
+    x = np.random.default_rng(26).normal(size=(2, 3, 40))
+    s, m = sdn.sdn_neuron_fwd(x, w, SDN_CFG.replace(theta=0.9, spike_condition=cond))
+    s_ref, m_ref = reference.sdn_neuron(x, w, theta=0.9, spike_condition=cond)
+    np.testing.assert_allclose(m, m_ref, rtol=0, atol=1e-13 * (1 + np.abs(m).max()))
+    h = m + x - 0.9
+    assert np.abs(h).min() > 1e-12  # no spike decided by rounding
     np.testing.assert_array_equal(s, s_ref)
 
 

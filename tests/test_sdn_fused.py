@@ -3,7 +3,8 @@ differences, dot product, and agreement of its forward with the fast kernel sdn_
 import numpy as np
 import pytest
 
-from refimpl.sdn import FUSED_LAYOUT, fused_bwd, fused_fwd, sdn_forward
+from refimpl.sdn import (FUSED_LAYOUT, causal_windows, causal_windows_adjoint, fused_bwd, fused_fwd,
+                         sdn_forward)
 from gradcheck import directional_fd
 
 SHAPES = {k: shape for k, (_, shape) in FUSED_LAYOUT.items()}
@@ -89,3 +90,18 @@ def test_validation():
     _, cache = fused_fwd(x, w)
     with pytest.raises(ValueError, match="dm must have shape"):
         fused_bwd(cache, np.zeros((1, 2)))
+
+
+@pytest.mark.parametrize("L, T", [(13, 13), (13, 22), (3, 3), (3, 12)])
+def test_windows_and_their_adjoint(L, T):
+    """X[k, r, t] = x[r, t - 8 + k] (zero outside), and <X(x), dX> == <x, X^T(dX)>."""
+    rng = np.random.default_rng(L + T)
+    x, dX = rng.normal(size=(2, L)), rng.normal(size=(8, 2, T))
+    X = causal_windows(x, T)
+    assert X.shape == (8, 2, T)
+    for k, r, t in [(0, 0, 0), (7, 1, min(8, T - 1)), (3, 0, T - 1), (0, 1, T - 1), (7, 0, 0)]:
+        j = t - 8 + k
+        assert X[k, r, t] == (x[r, j] if 0 <= j < L else 0.0)
+    dx = causal_windows_adjoint(dX, L)
+    assert dx.shape == (2, L)
+    assert abs(float((X * dX).sum()) - float((x * dx).sum())) <= 1e-12 * np.abs(dX).sum()

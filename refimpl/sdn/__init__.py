@@ -34,7 +34,8 @@ Modules, one concern each:
 
 Shapes: ``R`` rows of length ``L`` (any ``(B, H, L)`` is flattened to ``R = B * H`` rows).
 """
-from .fused import FusedCache, causal_windows, fused_bwd, fused_fwd, sdn_forward
+from .fused import (FusedCache, causal_windows, causal_windows_adjoint, fused_bwd, fused_fwd,
+                    sdn_forward)
 from .network import INITS, TrainCache, fold, init_train_params, train_bwd, train_fwd
 from .neuron import sdn_neuron_bwd, sdn_neuron_fwd
 from .training import (LOSSES, SDNTrainConfig, SDNTrainResult, evaluate,
@@ -47,7 +48,7 @@ from .weights import (BN_EPS, BUFFER_LAYOUT, FUSED_LAYOUT, SCHEMA, SCHEMA_VERSIO
 __all__ = [
     "BN_EPS", "BUFFER_LAYOUT", "C", "FUSED_LAYOUT", "FusedCache", "FusedMatrices", "INITS", "K",
     "LOSSES", "SCHEMA", "SCHEMA_VERSION", "SDNTrainConfig", "SDNTrainResult", "TRAIN_LAYOUT",
-    "TrainCache", "causal_windows", "check_buffers", "check_train_params", "check_weights",
+    "TrainCache", "causal_windows", "causal_windows_adjoint", "check_buffers", "check_train_params", "check_weights",
     "evaluate", "fold", "fused_bwd", "fused_fwd", "init_train_params", "lif_decayed_potential",
     "load_training_state", "load_weights", "loss_fwd_bwd", "make_dataset", "resolve_weights",
     "save_weights", "sdn_forward", "sdn_neuron_bwd", "sdn_neuron_fwd", "train_bwd", "train_fwd",

@@ -51,6 +51,19 @@ def causal_windows(x2, T):
     return np.stack([xp[:, k:k + T] for k in range(K)])  # (K, R, T)
 
 
+def causal_windows_adjoint(dX, L):
+    """Adjoint of :func:`causal_windows`: ``dX (K, R, T)`` -> ``dx (R, L)``, newly allocated.
+
+    ``dx[r, j] = sum_k dX[k, r, j + K - k]`` over the taps whose window holds ``x[r, j]``,
+    added in the order ``k = 0 .. K-1``.
+    """
+    _, R, T = dX.shape
+    dxp = np.zeros((R, K + max(L, T)))  # (R, K + max(L, T)): gradient of the padded input
+    for k in range(K):  # X[k, r, t] = xp[r, t + k]
+        dxp[:, k:k + T] += dX[k]
+    return dxp[:, K:K + L].copy()  # (R, L)
+
+
 def _check_x(x, ndim=None):
     x = check_array("x", x, ndim)
     if x.ndim < 1 or x.shape[-1] < 1:
@@ -232,10 +245,7 @@ def fused_bwd(cache, dm):
     dh1 = da2 @ W2 + da2  # (R, L, C): W2^T da2 per token, plus the residual
     da1 = dh1 * (a1 > 0.0)  # (R, L, C)
     dwin = da1 @ W1  # (R, L, K)
-    dxp = np.zeros((R, L + K))  # (R, L + K): adjoint of the zero-padded windows
-    for k in range(K):
-        dxp[:, k:k + L] += dwin[:, :, k]
-    dx = dxp[:, K:].reshape(shape)  # shape of x
+    dx = causal_windows_adjoint(dwin.transpose(2, 0, 1), L).reshape(shape)  # shape of x
     dweights = {
         "w0": np.einsum("rlc,rlk->ck", da1, win)[:, None, :],  # (C, 1, K)
         "w1": da1.sum(axis=(0, 1)),  # (C,)
@@ -244,4 +254,4 @@ def fused_bwd(cache, dm):
         "w4": np.einsum("rl,rlc->c", dm2, h2)[None, :, None],  # (1, C, 1)
         "w5": np.array([dm2.sum()]),  # (1,)
     }
-    return np.ascontiguousarray(dx), dweights
+    return dx, dweights

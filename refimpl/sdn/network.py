@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import layers
 from .._checks import check_name, check_real
-from .fused import causal_windows
+from .fused import causal_windows, causal_windows_adjoint
 from .weights import (BN_EPS, BUFFER_LAYOUT, TRAIN_LAYOUT, C, K, check_buffers,
                       check_train_params)
 
@@ -254,10 +254,7 @@ def train_bwd(cache, dm):
     g["conv1.weight"] = (a[:, None] * G)[:, None, :]  # (C, 1, K)
     g["encoder.weight"] = np.einsum("cn,cn->c", dz1_2, cache.conv.reshape(C, -1))[:, None, None]
     dX = ((a[:, None] * Wd).T @ dz1_2).reshape(K, Bsz, T1)  # (K, B, T1)
-    dxp = np.zeros((Bsz, T1 + K - 1))  # (B, L + 2K): gradient of the padded input
-    for k in range(K):  # X[k, b, t] = xp[b, t + k]
-        dxp[:, k:k + T1] += dX[k]
-    dx = dxp[:, K:K + L].copy()  # (B, L)
+    dx = causal_windows_adjoint(dX, L)  # (B, L)
     return dx, {name: g[name] for name in TRAIN_LAYOUT}
 
 
