@@ -2,7 +2,8 @@
 backward, the SDN neuron, weights files, training, the ``refimpl sdn`` commands.
 
 Tolerances: the fused kernel, its NumPy form and refimpl.reference.sdn_predict sum in
-different orders (agreement to 1e-13 of the output scale); folding is exact up to rounding (1e-12, required by the issue);
+different orders (agreement to 1e-13 of the output scale); folding is exact up to rounding
+(1e-12, required by the issue);
 gradients by central differences with a Richardson step, eps 1e-6 (rtol 1e-6: the BatchNorm
 chain loses a few digits), plus a random-direction dot-product test.
 """
@@ -24,7 +25,8 @@ from refimpl.surrogates import get_surrogate
 
 from gradcheck import assert_close_scalar, coordinate_fd, directional_fd
 
-PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "external" / "sdn_spikingssm_tau0125.npz"
+PUBLISHED = (Path(__file__).resolve().parents[2] / "shared" / "external"
+             / "sdn_spikingssm_tau0125.npz")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,8 @@ def test_published_npz_is_converted_exactly_to_float64(published):
 
 def test_weights_may_be_given_as_a_path(published):
     x = np.random.default_rng(0).normal(size=(2, 50))
-    np.testing.assert_array_equal(sdn.sdn_forward(x, PUBLISHED)[0], sdn.sdn_forward(x, published)[0])
+    np.testing.assert_array_equal(sdn.sdn_forward(x, PUBLISHED)[0],
+                                  sdn.sdn_forward(x, published)[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +201,8 @@ def test_running_statistics_follow_torch_batchnorm():
     # bn1 sees the whole padded convolution, length L + 9, computed here with np.convolve:
     # conv[t] = sum_k Wd[k] x[t - 8 + k] = [0, convolve(x, Wd[::-1], "full"), 0][t]
     a = p["encoder.weight"][:, 0, 0]
-    z1 = np.stack([[a[c] * np.concatenate([[0.0], np.convolve(xb, p["conv1.weight"][c, 0, ::-1]), [0.0]])
+    z1 = np.stack([[a[c] * np.concatenate([[0.0], np.convolve(xb, p["conv1.weight"][c, 0, ::-1]),
+                                           [0.0]])
                     + p["conv1.bias"][c] for xb in x] for c in range(8)])  # (C, B, L + 9)
     assert z1.shape == (8, 3, 34)
     n = z1[0].size
@@ -235,14 +239,17 @@ def test_both_batchnorms_are_refimpl_layers_batchnorm(monkeypatch):
 def test_channel_major_batchnorm_is_the_b_h_l_batchnorm_transposed():
     rng = np.random.default_rng(25)
     z = rng.normal(size=(8, 3, 29))  # (C, B, T)
-    g, beta, rm, rv = rng.normal(size=8), rng.normal(size=8), rng.normal(size=8), rng.uniform(1, 2, 8)
+    g, beta, rm = rng.normal(size=(3, 8))
+    rv = rng.uniform(1, 2, 8)
     dy = rng.normal(size=z.shape)
     for training in (True, False):
         y0, c0, st0 = layers.batchnorm_fwd(z, g, beta, rm, rv, training, channel_axis=0)
         y1, c1, st1 = layers.batchnorm_fwd(z.transpose(1, 0, 2), g, beta, rm, rv, training)
         np.testing.assert_allclose(y0, y1.transpose(1, 0, 2), rtol=1e-13, atol=1e-13)
         np.testing.assert_allclose(st0, st1, rtol=1e-13)
-        for a0, a1 in zip(layers.batchnorm_bwd(c0, dy), layers.batchnorm_bwd(c1, dy.transpose(1, 0, 2))):
+        grads0 = layers.batchnorm_bwd(c0, dy)
+        grads1 = layers.batchnorm_bwd(c1, dy.transpose(1, 0, 2))
+        for a0, a1 in zip(grads0, grads1):
             a0 = a0 if a0.ndim == 1 else a0.transpose(1, 0, 2)
             np.testing.assert_allclose(a0, a1, rtol=1e-12, atol=1e-12)
 
@@ -352,7 +359,8 @@ def test_sdn_neuron_uses_a_given_m_instead_of_the_network():
     (dict(reset="soft"), r"reset must be 'hard' for the SDN neuron .*got reset='soft'"),
     (dict(reset="refractory"), r"reset must be 'hard' for the SDN neuron .*got reset='refractory'"),
     (dict(u_reset=0.5), r"u_reset must be 0 for the SDN neuron .*got u_reset=0.5"),
-    (dict(refractory_steps=2), r"refractory_steps must be 0 for the SDN neuron, got refractory_steps=2"),
+    (dict(refractory_steps=2),
+     r"refractory_steps must be 0 for the SDN neuron, got refractory_steps=2"),
 ])
 def test_sdn_neuron_refuses_what_the_sdn_does_not_predict(change, message):
     cfg = SDN_CFG.replace(**change)
@@ -416,7 +424,8 @@ def test_npz_missing_tensor_is_named(tmp_path):
 
 def test_npz_wrong_shape_is_named(tmp_path):
     with pytest.raises(FileFormatError,
-                       match=r"tensor w2 \(conv2.weight\) has shape \(8, 8\), expected \(8, 8, 1\)"):
+                       match=r"tensor w2 \(conv2.weight\) has shape \(8, 8\), "
+                             r"expected \(8, 8, 1\)"):
         sdn.load_weights(_npz(tmp_path, w2=np.zeros((8, 8), np.float32)))
 
 
@@ -440,7 +449,8 @@ def test_npz_corrupted_tensor_is_named(tmp_path):
     start = info.header_offset + 30 + name_len + extra_len
     data[start + 200] ^= 0xFF  # inside the array payload: the CRC check fails on reading w2
     path.write_bytes(bytes(data))
-    with pytest.raises(FileFormatError, match=r"tensor w2 \(conv2.weight\) cannot be read, the file is corrupted"):
+    with pytest.raises(FileFormatError,
+                       match=r"tensor w2 \(conv2.weight\) cannot be read, the file is corrupted"):
         sdn.load_weights(path)
 
 
@@ -485,7 +495,8 @@ def test_hdf5_missing_and_misshapen_tensors_are_named(tmp_path):
         sdn.load_weights(path)
     with h5py.File(path, "a") as f:
         f["fused/w4"] = np.zeros((8,))
-    with pytest.raises(FileFormatError, match=r"tensor w4 \(conv3.weight\) has shape \(8,\), expected \(1, 8, 1\)"):
+    with pytest.raises(FileFormatError,
+                       match=r"tensor w4 \(conv3.weight\) has shape \(8,\), expected \(1, 8, 1\)"):
         sdn.load_weights(path)
 
 
@@ -503,13 +514,15 @@ def test_weights_missing_key():
 
 def test_weights_wrong_shape():
     w = dict(random_weights(), w2=np.zeros((8, 8)))
-    with pytest.raises(ValueError, match=r"SDN weight w2 \(conv2.weight\) must have shape \(8, 8, 1\), got \(8, 8\)"):
+    with pytest.raises(ValueError, match=r"SDN weight w2 \(conv2.weight\) must have shape "
+                                         r"\(8, 8, 1\), got \(8, 8\)"):
         sdn.sdn_forward(np.zeros((1, 5)), w)
 
 
 def test_weights_wrong_dtype():
     w = dict(random_weights(), w0=np.zeros((8, 1, 8), np.float32))
-    with pytest.raises(TypeError, match=r"SDN weight w0 \(conv1.weight\) must have dtype float64, got float32"):
+    with pytest.raises(TypeError, match=r"SDN weight w0 \(conv1.weight\) must have dtype "
+                                        r"float64, got float32"):
         sdn.sdn_forward(np.zeros((1, 5)), w)
 
 
@@ -536,7 +549,8 @@ def test_x_empty_sequence():
 
 
 def test_unknown_spike_condition():
-    with pytest.raises(ValueError, match=r"unknown spike_condition 'lt'; valid names are 'ge', 'gt'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown spike_condition 'lt'; valid names are 'ge', 'gt'"):
         sdn.sdn_forward(np.zeros((1, 5)), random_weights(), spike_condition="lt")
 
 
@@ -689,7 +703,8 @@ def test_cli_eval_bad_file_is_a_one_line_error(tmp_path, content, message):
         path.write_bytes(content)
     r = CliRunner().invoke(main, ["sdn", "eval", str(path)])
     assert r.exit_code == 1
-    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+    assert ("Traceback" not in r.output and r.exception is None
+            or isinstance(r.exception, SystemExit))
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], r.output
 

@@ -3,8 +3,8 @@ differences, dot product, and agreement of its forward with the fast kernel sdn_
 import numpy as np
 import pytest
 
-from refimpl.sdn import (FUSED_LAYOUT, causal_windows, causal_windows_adjoint, fused_bwd, fused_fwd,
-                         sdn_forward)
+from refimpl.sdn import (FUSED_LAYOUT, causal_windows, causal_windows_adjoint, fused_bwd,
+                         fused_fwd, sdn_forward)
 from gradcheck import directional_fd
 
 SHAPES = {k: shape for k, (_, shape) in FUSED_LAYOUT.items()}
@@ -81,7 +81,8 @@ def test_validation():
     w, x = weights(), inputs()
     with pytest.raises(ValueError, match="missing"):
         fused_fwd(x, {k: v for k, v in w.items() if k != "w3"})
-    with pytest.raises(ValueError, match=r"SDN weight w2 \(conv2.weight\) must have shape \(8, 8, 1\)"):
+    with pytest.raises(ValueError,
+                       match=r"SDN weight w2 \(conv2.weight\) must have shape \(8, 8, 1\)"):
         fused_fwd(x, {**w, "w2": np.zeros((8, 8))[:, :, None][:, :7]})
     with pytest.raises(TypeError, match="float64"):
         fused_fwd(x.astype(np.float32), w)

@@ -46,11 +46,12 @@ from .weights import (BN_EPS, BUFFER_LAYOUT, FUSED_LAYOUT, SCHEMA, SCHEMA_VERSIO
                       save_weights, unpack)
 
 __all__ = [
-    "BN_EPS", "BUFFER_LAYOUT", "C", "FUSED_LAYOUT", "FusedCache", "FusedMatrices", "INITS", "K",
-    "LOSSES", "SCHEMA", "SCHEMA_VERSION", "SDNTrainConfig", "SDNTrainResult", "TRAIN_LAYOUT",
-    "TrainCache", "causal_windows", "causal_windows_adjoint", "check_buffers", "check_train_params", "check_weights",
-    "evaluate", "fold", "fused_bwd", "fused_fwd", "init_train_params", "lif_decayed_potential",
-    "load_training_state", "load_weights", "loss_fwd_bwd", "make_dataset", "resolve_weights",
-    "save_weights", "sdn_forward", "sdn_neuron_bwd", "sdn_neuron_fwd", "train_bwd", "train_fwd",
-    "train_sdn", "unpack",
+    "BN_EPS", "BUFFER_LAYOUT", "C", "FUSED_LAYOUT", "INITS", "K", "LOSSES", "SCHEMA",
+    "SCHEMA_VERSION", "TRAIN_LAYOUT", "FusedCache", "FusedMatrices", "SDNTrainConfig",
+    "SDNTrainResult", "TrainCache", "causal_windows", "causal_windows_adjoint",
+    "check_buffers", "check_train_params", "check_weights", "evaluate", "fold", "fused_bwd",
+    "fused_fwd", "init_train_params", "lif_decayed_potential", "load_training_state",
+    "load_weights", "loss_fwd_bwd", "make_dataset", "resolve_weights", "save_weights",
+    "sdn_forward", "sdn_neuron_bwd", "sdn_neuron_fwd", "train_bwd", "train_fwd", "train_sdn",
+    "unpack",
 ]
