@@ -304,7 +304,14 @@ def _dataset_attrs(d, path, old, new, loose, margin_bound):
     }
     allow["atol"] = (SAFETY * (depth * EPS * allow["scale"] + allow["spread"])
                      + SAFETY * EPS * new.get("floor", 0.0))
-    for k in list(new) + [k for k in old if k not in new]:
+    keys = list(new) + [k for k in old if k not in new]
+    if all(k in old for k in ("atol", "depth", "scale", "spread")):
+        want = tolerance(old["depth"], old["scale"], old["spread"], old.get("floor", 0.0))
+        if old["atol"] != want:
+            d.stale.append((math.inf, f"{path}@atol", "", want, old["atol"], 0.0,
+                            "does not follow from the stored depth, scale, spread, floor"))
+            keys.remove("atol")
+    for k in keys:
         a, b, item = old.get(k, _ABSENT), new.get(k, _ABSENT), f"{path}@{k}"
         if _is_float(b) and k in allow:
             d.number(item, a, b, allow[k], loose=loose)
@@ -312,11 +319,6 @@ def _dataset_attrs(d, path, old, new, loose, margin_bound):
             d.number(item, a, b, SAFETY * EPS * max(abs(b), abs(a) if _is_float(a) else 0.0))
         else:
             d.exact(item, a, b)
-    if all(k in old for k in ("atol", "depth", "scale", "spread")):
-        want = tolerance(old["depth"], old["scale"], old["spread"], old.get("floor", 0.0))
-        if old["atol"] != want:
-            d.stale.append((math.inf, f"{path}@atol", "", want, old["atol"], 0.0,
-                            "does not follow from the stored depth, scale, spread, floor"))
 
 
 def staleness(gcase, built):

@@ -118,14 +118,26 @@ class Built(NamedTuple):
 
 
 def regenerate(suite, cid, spec, seed):
-    """Run refimpl on one spec: outputs, cotangents, grads, tolerances, margin, result.
+    """Run refimpl on one spec: outputs, cotangents, grads, tolerances, margin, result, and
+    the suite's dataset attributes (``suite.meta``).
 
     Returns :class:`Built`; ``build_case`` returns only the case.
     """
     case = case_from_spec(suite, cid, spec)
     if spec.result == "invalid":
         case.extra["error"] = _expect_rejection(suite, case)
-        return Built(case, 0.0)
+        margin_bound = 0.0
+    else:
+        margin_bound = _compute(suite, case, spec, seed)
+    if suite.meta is not None:
+        for p, m in suite.meta(case).items():
+            case.meta.setdefault(p, {}).update(m)
+    return Built(case, margin_bound)
+
+
+def _compute(suite, case, spec, seed):
+    """Fill a valid case in place (see :func:`regenerate`); returns its margin's bound."""
+    cid = case.id
     key = [seed, zlib.crc32(suite.name.encode()), int(cid), 1]
     outputs, grads, diag, cot = run(suite, case, rng=np.random.default_rng(key))
     key[-1] = 2
@@ -187,10 +199,7 @@ def regenerate(suite, cid, spec, seed):
         case.result = "acceptable"
         if "near_threshold" not in case.flags:
             case.flags.append("near_threshold")
-    if suite.meta is not None:
-        for p, m in suite.meta(case).items():
-            case.meta.setdefault(p, {}).update(m)
-    return Built(case, margin_bound)
+    return margin_bound
 
 
 def build_case(suite, cid, spec, seed):

@@ -11,8 +11,8 @@ import numpy as np
 
 from .. import layers as Ly
 from ..activations import ACTIVATIONS
-from ..model import (ModelConfig, block_bwd, block_fwd, init_model, model_bwd, model_fwd,
-                     optimizer_rules, project)
+from ..model import (ModelConfig, block_bwd, block_diagnostics, block_fwd, init_model, model_bwd,
+                     model_fwd, optimizer_rules, project)
 from ..optim import adamw_init, adamw_step, cosine_schedule, make_groups
 from .registry import Spec, register
 from .spiking import sdn_weights
@@ -147,22 +147,13 @@ def _block_fwd(case):
 
 
 def _model_diag(cfg, blocks):
+    """Spikes and membranes of every block (:func:`refimpl.model.block_diagnostics`), names
+    suffixed with the block index (``s0``, ``h0``, ``m+x1``, ``Tx0``, ...)."""
     spikes, membranes = {}, {}
     for i, c in enumerate(blocks):
-        act = c.get("act")
-        tag = act[0] if isinstance(act, tuple) and act and isinstance(act[0], str) else None
-        if tag == "neuron":
-            _, s, h, _, ncfg, _, _ = act[1]
-            spikes[f"s{i}"] = s
-            membranes[f"h{i}"] = (h, ncfg.theta)
-        elif tag == "sdn":
-            d = act[1]
-            v = d["m"] + d["x"]
-            spikes[f"s{i}"] = (v >= d["cfg"].theta).astype(np.float64)
-            membranes[f"m+x{i}"] = (v, d["cfg"].theta)
-        if cfg.activation == "binary_gsu":
-            Tx, TW = c["mix"][0], c["mix"][1]
-            spikes[f"Tx{i}"], spikes[f"TW{i}"] = Tx, TW
+        d = block_diagnostics(cfg, c)
+        spikes.update({f"{k}{i}": v for k, v in d["spikes"].items()})
+        membranes.update({f"{k}{i}": v for k, v in d["membranes"].items()})
     return {"spikes": spikes, "membranes": membranes}
 
 
@@ -260,7 +251,7 @@ def _model_fwd(case):
     project(new, cfg)
     outputs = {"loss": np.asarray(loss), "logits": logits,
                **{"params/" + k: v for k, v in new.items()}}
-    return outputs, grads, _model_diag(cfg, cache["blocks"])
+    return outputs, grads, _model_diag(cfg, cache.blocks)
 
 
 def _model_bwd(case, grads, cot):
