@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from refimpl.cli.main import main
 from refimpl import config
 from refimpl import golden as G
+from refimpl.golden.model import _model_config
 from refimpl.h5io import FileFormatError
 
 COMMITTED = G.DEFAULT_DIR
@@ -391,7 +392,8 @@ def _bad_files(tmp_path, golden_dir):
     return files
 
 
-EXPECTED = {"truncated": "truncated|corrupted|not an HDF5", "corrupted": "corrupted|truncated|not an HDF5",
+EXPECTED = {"truncated": "truncated|corrupted|not an HDF5",
+            "corrupted": "corrupted|truncated|not an HDF5",
             "garbage": "not an HDF5 file", "version": "schema_version 7",
             "schema": "schema is 'refimpl-sdn'", "nosuite": "no 'suite' attribute",
             "missing": "no such file"}
@@ -485,7 +487,8 @@ def test_cli_show_lists_cases_and_one_case(golden_dir):
 
 @pytest.fixture(scope="module")
 def committed_check(tmp_path_factory):
-    """``refimpl golden check`` on the committed files, run once: ``(exit code, output, report)``."""
+    """``refimpl golden check`` on the committed files, run once: ``(exit code, output,
+    report)``."""
     path = tmp_path_factory.mktemp("check") / "report.json"
     r = CliRunner().invoke(main, ["golden", "check", "--json", str(path)])
     return r.exit_code, r.output, json.loads(path.read_text())
@@ -577,7 +580,8 @@ def test_atol_edited_by_one_percent_is_stale(tmp_path, fresh_glu):
     (row,) = rows_of(report, "STALE")
     assert "does not follow from the stored depth, scale, spread" in row["detail"]
     assert not rows_of(report, "MISMATCH")
-    r = CliRunner().invoke(main, ["golden", "check", "--golden", str(path.parent), "--suite", "glu"])
+    r = CliRunner().invoke(main, ["golden", "check", "--golden", str(path.parent),
+                                  "--suite", "glu"])
     assert r.exit_code == 1 and re.search(r"glu\s+0000\s+STALE\s+grads/W@atol", r.output), r.output
     assert "1 STALE" in r.output and "FAILED: glu" in r.output
 
@@ -595,7 +599,8 @@ def test_one_ulp_in_an_output_is_drift_not_mismatch(tmp_path, fresh_glu):
     assert _statuses(report) == {("0001", "DRIFT", "outputs/z")}
     (row,) = rows_of(report, "DRIFT")
     assert row["index"] == "(0, 1, 2)" and row["value"] != row["reference"]
-    r = CliRunner().invoke(main, ["golden", "check", "--golden", str(path.parent), "--suite", "glu"])
+    r = CliRunner().invoke(main, ["golden", "check", "--golden", str(path.parent),
+                                  "--suite", "glu"])
     assert r.exit_code == 0 and "1 DRIFT" in r.output and "PASSED: glu" in r.output, r.output
     assert "MISMATCH" not in r.output and "STALE" not in r.output
 
@@ -630,8 +635,6 @@ def test_staleness_rules(tmp_path, fresh_glu, what, edit, statuses):
 
 
 def test_block_and_model_cases_store_dt_range():
-    from refimpl.golden.model import _model_config
-
     for suite in ("block", "model_step"):
         for _, spec in G.suite_specs(suite)[:2]:
             assert spec.config["dt_min"] == 1e-3 and spec.config["dt_max"] == 1e-1

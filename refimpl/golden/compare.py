@@ -254,8 +254,8 @@ class _Differences:
         """Arrays elementwise against ``allowance`` (scalar or array; 0 for integer arrays)."""
         old, new = np.asarray(old), np.asarray(new)
         if old.dtype != new.dtype or old.shape != new.shape:
-            self.stale.append((math.inf, item, "", None, None, None,
-                               f"is {old.dtype} {old.shape} in the file, {new.dtype} {new.shape} now"))
+            self.stale.append((math.inf, item, "", None, None, None, f"is {old.dtype} "
+                               f"{old.shape} in the file, {new.dtype} {new.shape} now"))
             return
         same = (old == new) | (np.isnan(old) & np.isnan(new)) if old.dtype.kind in "fc" \
             else (old == new)

@@ -180,7 +180,8 @@ def _compute(suite, case, spec, seed):
     for p, v in base.items():
         m = dict(case.meta.get(p, {}))
         if p[len("outputs/"):] in suite.spikes and p.startswith("outputs/"):
-            m.update(compare="exact", rtol=0.0, atol=0.0, margin=math.inf if margin is None else margin)
+            m.update(compare="exact", rtol=0.0, atol=0.0,
+                     margin=math.inf if margin is None else margin)
         elif v.dtype.kind != "f":
             m.update(compare="exact", rtol=0.0, atol=0.0)
         else:

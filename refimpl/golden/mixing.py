@@ -25,7 +25,8 @@ def _glu_specs(rngs, size):
 
     def add(comment, flags=(), B=2, H=4, L=16, spikes=True, wscale=1.0, edit=None):
         rng = rngs()
-        s = (rng.random((B, H, L)) < 0.3).astype(np.float64) if spikes else rng.normal(size=(B, H, L))
+        s = ((rng.random((B, H, L)) < 0.3).astype(np.float64) if spikes
+             else rng.normal(size=(B, H, L)))
         W = wscale * _linear_init(rng, (2 * H, H), H)
         b = wscale * _linear_init(rng, (2 * H,), H)
         inputs = {"s": s}

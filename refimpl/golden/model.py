@@ -67,7 +67,8 @@ def _randomise(rng, p, cfg):
             p[k] = rng.normal(-1.0, 0.2, size=p[k].shape)
         elif k.endswith("norm.gamma"):
             p[k] = 1.0 + 0.1 * rng.normal(size=p[k].shape)
-        elif k.endswith(("norm.beta", "mix.c")) or (k.endswith("mix.b") and cfg.activation == "binary_gsu"):
+        elif k.endswith(("norm.beta", "mix.c")) or (k.endswith("mix.b")
+                                                    and cfg.activation == "binary_gsu"):
             p[k] = 0.1 * rng.normal(size=p[k].shape)
         elif k.endswith(".rho"):
             p[k] = rng.uniform(0.2, 1.0, size=p[k].shape)

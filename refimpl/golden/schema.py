@@ -31,15 +31,18 @@ SIZES = ("small", "large")
 #: Named flags and what they mark (SCHEMA.md repeats this table).
 FLAGS = {
     "default": "the op's default configuration",
-    "at_threshold": "a membrane equals theta exactly (dyadic inputs: exact in any float64 arithmetic)",
+    "at_threshold": "a membrane equals theta exactly (dyadic inputs: exact in any float64 "
+                    "arithmetic)",
     "near_threshold": "a membrane is within rounding of a threshold: ge/gt or rounding may differ",
     "all_zero": "all-zero input",
     "spike_at_t0": "a spike at t = 0",
     "long_sequence": "a long sequence",
     "short_sequence": "L shorter than the op's window, or L = 1",
     "non_power_of_two": "L whose FFT length is not a power of two",
-    "extreme_dt": "dt far outside the default range (cancellation in exp(dt A) - 1, fast oscillation)",
-    "saturation": "saturated nonlinearities or surrogates (tiny gradients), or spikes at every step",
+    "extreme_dt": "dt far outside the default range (cancellation in exp(dt A) - 1, fast "
+                  "oscillation)",
+    "saturation": "saturated nonlinearities or surrogates (tiny gradients), or spikes at every "
+                  "step",
     "ternary_threshold": "a value exactly at the GSU ternarisation threshold 0.15 max|v|",
     "invalid_config": "a configuration value out of range: the backend must reject it",
     "nan_input": "a NaN in an input or parameter: the backend must reject it",
@@ -234,8 +237,8 @@ def read_file(path, schemas=(SCHEMA, CANDIDATE_SCHEMA)):
         with f:
             attrs = {k: _to_python(v) for k, v in f.attrs.items()}
             if not attrs.get("suite"):
-                raise FileFormatError(f"{path}: no 'suite' attribute on the root group "
-                                      f"(say which suite the cases belong to, e.g. suite='fftconv')")
+                raise FileFormatError(f"{path}: no 'suite' attribute on the root group (say "
+                                      f"which suite the cases belong to, e.g. suite='fftconv')")
             if "cases" not in f or not isinstance(f["cases"], h5py.Group):
                 raise FileFormatError(f"{path}: no /cases group")
             cases = {cid: _read_case(cid, g) for cid, g in f["cases"].items()
@@ -253,10 +256,13 @@ def read_golden(path):
     gf = read_file(path, (SCHEMA,))
     for cid, c in gf.cases.items():
         if c.result not in RESULTS:
-            raise FileFormatError(f"{path}: case {cid} has result {c.result!r}, expected one of {RESULTS}")
+            raise FileFormatError(f"{path}: case {cid} has result {c.result!r}, expected one "
+                                  f"of {RESULTS}")
         for p, m in c.meta.items():
-            if p.startswith(("outputs/", "grads/")) and m.get("compare") not in ("exact", "allclose"):
-                raise FileFormatError(f"{path}: case {cid} dataset {p} has no valid 'compare' attribute")
+            if p.startswith(("outputs/", "grads/")) and m.get("compare") not in ("exact",
+                                                                                 "allclose"):
+                raise FileFormatError(f"{path}: case {cid} dataset {p} has no valid 'compare' "
+                                      f"attribute")
     return gf
 
 

@@ -52,7 +52,8 @@ def _neuron_specs(rngs, size, pmbc=False):
 
     sur = ["triangle", "atan", "sigmoid", "fast_sigmoid", "rectangle"]
     taus = [0.125, 0.5, 0.9, 0.25]
-    resets = ["soft", "refractory", "hard", "none"] if pmbc else ["hard", "soft", "refractory", "none"]
+    resets = (["soft", "refractory", "hard", "none"] if pmbc
+              else ["hard", "soft", "refractory", "none"])
     i = 0
     for reset in resets:
         for gm in ("bptt", "detach_reset", "sltt"):

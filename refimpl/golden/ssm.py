@@ -52,7 +52,8 @@ def _kernel_specs(rngs, size):
                 disc, init, L=32 * big)
     add("trainable B (B_re, B_im moved off 1), zoh", disc="zoh", tb=True, L=32 * big)
     add("trainable B, bilinear, S4D-Inv", disc="bilinear", init="inv", tb=True, L=32 * big)
-    add("bidirectional: C (2, H, N2), K (2, H, L); both directions share A, dt", bi=True, L=32 * big)
+    add("bidirectional: C (2, H, N2), K (2, H, L); both directions share A, dt", bi=True,
+        L=32 * big)
     add("bidirectional, bilinear, S4D-Real, trainable B", disc="bilinear", init="real", bi=True,
         tb=True, L=32 * big)
     add("dt = 1e-6 (zoh): exp(dt A) - 1 cancels unless computed as expm1", ["extreme_dt"], dt=1e-6)
@@ -226,7 +227,8 @@ def _fftconv_specs(rngs, size):
 
 
 def _fftconv_fwd(case):
-    return {"y": fftconv(case.data["inputs/u"], case.data["params/K"], case.data["params/D"])}, None, {}
+    y = fftconv(case.data["inputs/u"], case.data["params/K"], case.data["params/D"])
+    return {"y": y}, None, {}
 
 
 def _fftconv_bwd(case, state, cot):
