@@ -177,16 +177,17 @@ def _neuron_floors(case):
     return {"outputs/h": b, "outputs/u": b, "membrane/h": b}
 
 
+#: What the neuron and PMBC suites share: outputs, exact spikes and the tolerance model.
+_NEURON_OUTPUTS = dict(differentiable=("s", "h", "u"), spikes=("s",), depth=_neuron_depth,
+                       floors=_neuron_floors)
+
 register(
     name="neuron",
     math=NEURON_MATH,
     specs=functools.partial(_neuron_specs, pmbc=False),
     fwd=_neuron_fwd,
     bwd=_neuron_bwd,
-    differentiable=("s", "h", "u"),
-    spikes=("s",),
-    depth=_neuron_depth,
-    floors=_neuron_floors,
+    **_NEURON_OUTPUTS,
 )
 
 register(
@@ -195,10 +196,7 @@ register(
     specs=functools.partial(_neuron_specs, pmbc=True),
     fwd=_pmbc_fwd,
     bwd=_pmbc_bwd,
-    differentiable=("s", "h", "u"),
-    spikes=("s",),
-    depth=_neuron_depth,
-    floors=_neuron_floors,
+    **_NEURON_OUTPUTS,
 )
 
 
