@@ -170,17 +170,16 @@ def surrogate_primitive(code, z, scale):
 
 
 @njit(**config.NJIT_OPTS)
-def _grad_array(code, z, scale, out):
-    """``out[i] = surrogate_grad(code, z[i], scale)`` over flat float64 arrays of one size."""
-    for i in range(z.size):
-        out[i] = surrogate_grad(code, z[i], scale)
+def _elementwise(code, primitive, z, scale, out):
+    """``out[i] = G(z[i])`` if ``primitive`` else ``g(z[i])``, for the surrogate ``code``.
 
-
-@njit(**config.NJIT_OPTS)
-def _primitive_array(code, z, scale, out):
-    """``out[i] = surrogate_primitive(code, z[i], scale)`` over flat float64 arrays of one size."""
+    Preconditions: ``z``, ``out`` flat float64 arrays of one size, ``scale > 0``.
+    """
     for i in range(z.size):
-        out[i] = surrogate_primitive(code, z[i], scale)
+        if primitive:
+            out[i] = surrogate_primitive(code, z[i], scale)
+        else:
+            out[i] = surrogate_grad(code, z[i], scale)
 
 
 def _check_z(z):
@@ -195,13 +194,13 @@ def _check_z(z):
     raise TypeError(f"z must be a float64 array or a real number, got {type(z).__name__}")
 
 
-def _apply(kernel, code, z, scale):
-    """Run an array kernel on ``z``; returns float64 of ``z``'s shape (a NumPy scalar for a
+def _apply(code, primitive, z, scale):
+    """:func:`_elementwise` on ``z``; returns float64 of ``z``'s shape (a NumPy scalar for a
     scalar ``z``, as a ufunc would)."""
     z = _check_z(z)
     flat = np.ascontiguousarray(z).reshape(-1)  # (n,)
     out = np.empty_like(flat)  # (n,)
-    kernel(code, flat, scale, out)
+    _elementwise(code, primitive, flat, scale, out)
     return out.reshape(z.shape) if z.ndim else out[0]
 
 
@@ -244,11 +243,11 @@ class Surrogate:
         ``z``: a float64 array (any shape) or a real number. Returns float64 of ``z``'s shape (a
         NumPy float for a scalar). A float array of another dtype raises ``TypeError``.
         """
-        return _apply(_grad_array, self.code, z, self.resolve_scale(scale))
+        return _apply(self.code, False, z, self.resolve_scale(scale))
 
     def primitive(self, z, scale=None):
         """``G(z)`` elementwise by :func:`surrogate_primitive`; arguments as :meth:`grad`."""
-        return _apply(_primitive_array, self.code, z, self.resolve_scale(scale))
+        return _apply(self.code, True, z, self.resolve_scale(scale))
 
     def resolve_scale(self, scale=None):
         """The shape constant to use: ``default_scale`` for ``None``, else a finite float > 0."""

@@ -38,7 +38,8 @@ from strategies_neurons import neuron_configs, neuron_inputs
 EPS = np.finfo(np.float64).eps
 BLOCK_ATOL = 1e-10
 MARGIN = 1e-9
-PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "external" / "sdn_spikingssm_tau0125.npz"
+PUBLISHED = (Path(__file__).resolve().parents[2] / "shared" / "external"
+             / "sdn_spikingssm_tau0125.npz")  # reference data, not part of the project
 
 
 def test_reference_is_standalone():
