@@ -53,7 +53,7 @@ def s4d_kernel(log_dt, log_A_real, A_imag, C, L, B=None, disc="zoh"):
 
     ``C`` is complex (H, N2) or, bidirectional, (2, H, N2); returns (H, L) or (2, H, L).
     """
-    dA, dB = s4d_discretize(log_dt, log_A_real, A_imag, B, disc)
+    dA, dB = s4d_discretize(log_dt, log_A_real, A_imag, B, disc)  # (H, N2) each
     powers = np.exp(np.log(dA)[:, :, None] * np.arange(L))  # (H, N2, L)
     return 2.0 * np.einsum("...hn,hnl->...hl", C * dB, powers).real  # (H, L) or (2, H, L)
 
@@ -94,12 +94,12 @@ def ssm_recurrence(u, dA, dB, C, D=None):
     x = np.zeros((Bsz,) + dA.shape, dtype=complex)  # (B, H, N2)
     for t in range(L):
         x = dA * x + dB * u[:, :, t, None]  # (B, H, N2)
-        y[:, :, t] = 2.0 * (C0 * x).sum(-1).real
+        y[:, :, t] = 2.0 * (C0 * x).sum(-1).real  # (B, H)
     if C1 is not None:
         r = np.zeros_like(x)  # (B, H, N2)
         for t in range(L - 2, -1, -1):
             r = dA * r + dB * u[:, :, t + 1, None]  # (B, H, N2)
-            y[:, :, t] += 2.0 * (C1 * r).sum(-1).real
+            y[:, :, t] += 2.0 * (C1 * r).sum(-1).real  # (B, H)
     if D is not None:
         y += D[:, None] * u
     return y
@@ -202,8 +202,8 @@ def neuron_trace(x, tau, theta, reset="hard", u_reset=0.0, rho=None, refractory_
     u_prev = np.zeros((Bsz, H))  # (B, H)
     blocked_for = np.zeros((Bsz, H), dtype=int)  # (B, H) steps left in the refractory period
     for t in range(L):
-        m[:, :, t] = tau * u_prev if m_fixed is None else m_fixed[:, :, t]
-        h[:, :, t] = m[:, :, t] + x[:, :, t]
+        m[:, :, t] = tau * u_prev if m_fixed is None else m_fixed[:, :, t]  # (B, H)
+        h[:, :, t] = m[:, :, t] + x[:, :, t]  # (B, H)
         ok = blocked_for == 0 if mask is None else mask[:, :, t] > 0  # (B, H)
         hard = ok & fires(h[:, :, t], theta, spike_condition)  # (B, H)
         if G is None:
@@ -251,7 +251,7 @@ def triangle_grad(z, w):
 
 def triangle_primitive(z, w):
     """``0 (z <= -w); (1 + z/w)^2 / 2 (z <= 0); 1 - (1 - z/w)^2 / 2 (z < w); 1``."""
-    v = z / w
+    v = z / w  # shape of z
     return np.select([v <= -1.0, v <= 0.0, v < 1.0],
                      [0.0, 0.5 * (1.0 + v) ** 2, 1.0 - 0.5 * (1.0 - v) ** 2], 1.0)
 
@@ -355,7 +355,8 @@ def sdn_neuron(x, weights, theta=1.0, spike_condition="ge"):
     ``m`` is a constant for differentiation (DESIGN.md section 6); both (..., L).
     """
     m = sdn_predict(x, weights)  # (..., L)
-    return fires(m + x, theta, spike_condition).astype(np.float64), m
+    s = fires(m + x, theta, spike_condition).astype(np.float64)  # (..., L)
+    return s, m
 
 
 # ============================================================================================
@@ -385,7 +386,7 @@ def ternary(v, axis=None, ratio=0.15):
     An all-zero ``v`` gives zeros.
     """
     vmax = np.abs(v).max(axis=axis, keepdims=True)  # (1, 1) or (B, 1, L)
-    return np.where((vmax > 0) & (np.abs(v) >= ratio * vmax), np.sign(v), 0.0)
+    return np.where((vmax > 0) & (np.abs(v) >= ratio * vmax), np.sign(v), 0.0)  # shape of v
 
 
 def gsu(x, W, b, c):
@@ -430,8 +431,9 @@ def batchnorm(x, gamma, beta, running_mean, running_var, training=False, momentu
     else:
         mu, var = running_mean, running_var
         new_mean, new_var = running_mean, running_var
-    y = (x - mu[:, None]) / np.sqrt(var[:, None] + eps) * gamma[:, None] + beta[:, None]
-    return y, (new_mean, new_var)  # (B, H, L), ((H,), (H,))
+    xh = (x - mu[:, None]) / np.sqrt(var[:, None] + eps)  # (B, H, L)
+    y = xh * gamma[:, None] + beta[:, None]  # (B, H, L)
+    return y, (new_mean, new_var)
 
 
 # ============================================================================================
@@ -480,7 +482,7 @@ def block_trace(x, params, config):
     tr = {}
     z = x  # (B, H, L)
     if config["prenorm"]:
-        z, tr["running_stats"] = _norm(x, params, config)
+        z, tr["running_stats"] = _norm(x, params, config)  # (B, H, L)
     tr["z"] = z
     ssm = {k[4:]: v for k, v in params.items() if k.startswith("ssm.")}
     y = s4d_layer(z, ssm, config.get("disc", "zoh"))  # (B, H, L)
@@ -490,10 +492,11 @@ def block_trace(x, params, config):
     if fam["activation"] == "gelu":
         s = gelu(y)  # (B, H, L)
     elif fam["activation"] == "neuron":
-        s, tr["h"], _ = neuron(y, fam["tau"], fam["theta"], fam["reset"], rho=params.get("rho"))
+        s, tr["h"], _ = neuron(y, fam["tau"], fam["theta"], fam["reset"],
+                               rho=params.get("rho"))  # (B, H, L) each
     elif fam["activation"] == "sdn":
         weights = {k[4:]: v for k, v in params.items() if k.startswith("sdn.")}
-        s, tr["m"] = sdn_neuron(y, weights, fam["theta"])
+        s, tr["m"] = sdn_neuron(y, weights, fam["theta"])  # (B, H, L) each
     else:
         s = None
     tr["s"] = s
@@ -504,7 +507,7 @@ def block_trace(x, params, config):
     tr["mix"] = mix
     out = x + mix  # (B, H, L) residual
     if not config["prenorm"]:
-        out, tr["running_stats"] = _norm(out, params, config)
+        out, tr["running_stats"] = _norm(out, params, config)  # (B, H, L)
     tr["out"] = out
     return tr
 
