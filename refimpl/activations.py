@@ -164,7 +164,7 @@ class Neuron(Activation):
         return s, NeuronCache(y, s, h, u, ncfg, rho, smooth)
 
     def backward(self, cache, ds):
-        dy, drho = neuron_bwd(cache.y, cache.s, cache.h, cache.u, cache.cfg, ds, rho=cache.rho,
+        dy, drho = neuron_bwd(cache.y, cache.s, cache.h, cache.cfg, ds, rho=cache.rho,
                               smooth=cache.smooth)
         return dy, ({} if drho is None else {"rho": drho})
 

@@ -504,16 +504,17 @@ def neuron_fwd(x, cfg, rho=None, smooth=False):
     return s, h, u
 
 
-def neuron_bwd(x, s, h, u, cfg, ds, dh=None, du=None, rho=None, smooth=False):
+def neuron_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, smooth=False):
     """VJP of :func:`neuron_fwd` for the config's ``grad_mode``.
 
     Parameters
     ----------
     x : float64 array (B, H, L)
         The forward's input (only its shape is used).
-    s, h, u : float64 arrays (B, H, L)
-        The forward's outputs: any forward that produced them (the iterative kernel, PMBC).
-        Only ``s`` and ``h`` enter the formulas; in hard mode ``s`` must be 0/1.
+    s, h : float64 arrays (B, H, L)
+        Spikes and membrane before reset from any forward that produced them (the iterative
+        kernel, PMBC): the only forward outputs the formulas need (not ``u``); in hard mode
+        ``s`` must be 0/1.
     cfg : NeuronConfig
     ds : float64 array (B, H, L)
         Cotangent of ``s`` (required).
@@ -546,7 +547,7 @@ def neuron_bwd(x, s, h, u, cfg, ds, dh=None, du=None, rho=None, smooth=False):
     shape = x.shape
     Bsz, H, L = shape
     arrays = {}
-    for name, v in (("s", s), ("h", h), ("u", u), ("ds", ds), ("dh", dh), ("du", du)):
+    for name, v in (("s", s), ("h", h), ("ds", ds), ("dh", dh), ("du", du)):
         if v is None and name in ("dh", "du"):
             arrays[name] = None
             continue

@@ -217,7 +217,7 @@ def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True):
     return s.reshape(shape), h.reshape(shape), u.reshape(shape), iters.reshape(Bsz, H)
 
 
-def pmbc_bwd(x, s, h, u, cfg, ds, dh=None, du=None, rho=None):
+def pmbc_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None):
     """Backward of :func:`pmbc_fwd`: the iterative neuron's backward for ``cfg.grad_mode``.
 
     PMBC changes how the forward is computed, not what it is, so its VJP is
@@ -225,7 +225,7 @@ def pmbc_bwd(x, s, h, u, cfg, ds, dh=None, du=None, rho=None):
     """
     from .neurons import neuron_bwd
 
-    return neuron_bwd(x, s, h, u, cfg, ds, dh=dh, du=du, rho=rho)
+    return neuron_bwd(x, s, h, cfg, ds, dh=dh, du=du, rho=rho)
 
 
 def spike_map(S, x, cfg, rho=None):

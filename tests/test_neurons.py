@@ -266,7 +266,7 @@ def _check_fd(cfg, x, rho, rng, directions=2):
     f, h0 = _mode_forward(cfg, x, rho)
     cots = cotangents(rng, x.shape)
     s, h, u = neuron_fwd(x, cfg, rho, smooth=True)
-    dx, drho = neuron_bwd(x, s, h, u, cfg, *cots, rho=rho, smooth=True)
+    dx, drho = neuron_bwd(x, s, h, cfg, *cots, rho=rho, smooth=True)
     assert (drho is None) == (cfg.reset != "refractory")
     for _ in range(directions):
         vx = rng.normal(size=x.shape)
@@ -328,7 +328,7 @@ def test_bptt_equals_finite_differences_of_the_kernel(reset):
     cfg = cfg.replace(refractory_steps=0)
     cots = cotangents(rng, x.shape)
     s, h, u = neuron_fwd(x, cfg, rho, smooth=True)
-    dx, drho = neuron_bwd(x, s, h, u, cfg, *cots, rho=rho, smooth=True)
+    dx, drho = neuron_bwd(x, s, h, cfg, *cots, rho=rho, smooth=True)
     vx = rng.normal(size=x.shape)
     vr = None if rho is None else rng.normal(size=rho.shape)
 
@@ -361,7 +361,7 @@ def test_vjp_dot_jvp(data, smooth):
                                 cfg.refractory_steps, cfg.spike_condition, g=surrogate_fn(cfg),
                                 G=G, grad_mode=cfg.grad_mode)
     s, h, u = neuron_fwd(x, cfg, rho, smooth=smooth)
-    dx, drho = neuron_bwd(x, s, h, u, cfg, *cots, rho=rho, smooth=smooth)
+    dx, drho = neuron_bwd(x, s, h, cfg, *cots, rho=rho, smooth=smooth)
     lhs = sum(dot(c, t) for c, t in zip(cots, tangents))
     rhs = dot(dx, vx) + (0.0 if rho is None else dot(drho, vr))
     scale = np.sum(np.abs(dx * vx)) + (0.0 if rho is None else np.sum(np.abs(drho * vr)))
@@ -382,7 +382,7 @@ def test_detach_reset_is_a_linear_reverse_scan(reset):
     cfg = NeuronConfig(reset=reset, tau=0.8, grad_mode="detach_reset", surrogate="atan")
     ds, dh, du = cotangents(rng, x.shape)
     s, h, u = neuron_fwd(x, cfg, rho)
-    dx, drho = neuron_bwd(x, s, h, u, cfg, ds, dh, du, rho=rho)
+    dx, drho = neuron_bwd(x, s, h, cfg, ds, dh, du, rho=rho)
     g = get_surrogate("atan").grad(h - cfg.theta)  # (B, H, L)
     gh = np.zeros_like(x)
     nxt = np.zeros(x.shape[:2])
@@ -404,7 +404,7 @@ def test_sltt_with_spike_cotangent_only_is_local(reset):
     cfg = NeuronConfig(reset=reset, tau=0.5, grad_mode="sltt", refractory_steps=1)
     ds = rng.normal(size=x.shape)
     s, h, u = neuron_fwd(x, cfg, rho)
-    dx, drho = neuron_bwd(x, s, h, u, cfg, ds, rho=rho)
+    dx, drho = neuron_bwd(x, s, h, cfg, ds, rho=rho)
     allowed = naive(x, cfg, rho)[4]
     np.testing.assert_array_equal(dx, ds * allowed * get_surrogate("triangle").grad(h - 1.0))
     if drho is not None:
@@ -418,22 +418,23 @@ def test_no_reset_makes_bptt_and_detach_reset_agree(grad_mode):
     cots = cotangents(rng, x.shape)
     cfg = NeuronConfig(reset="none", tau=0.5, grad_mode="bptt")
     out = neuron_fwd(x, cfg)
-    ref = neuron_bwd(x, *out, cfg, *cots)[0]
+    ref = neuron_bwd(x, *out[:2], cfg, *cots)[0]
     if grad_mode != "sltt":
-        got = neuron_bwd(x, *out, cfg.replace(grad_mode=grad_mode), *cots)[0]
+        got = neuron_bwd(x, *out[:2], cfg.replace(grad_mode=grad_mode), *cots)[0]
         np.testing.assert_array_equal(got, ref)
 
 
 def test_backward_reads_only_spikes_and_membrane():
-    """PMBC reuses neuron_bwd with its own arrays: ``u`` and the values of ``x`` are not read."""
+    """PMBC reuses neuron_bwd with its own arrays: the values of ``x`` are not read (and ``u``
+    is not even an argument)."""
     rng = np.random.default_rng(6)
     x = rng.normal(0.5, 1.0, size=(2, 3, 40))
     rho = rng.uniform(0, 1, 3)
     cfg = NeuronConfig(reset="refractory", refractory_steps=2)
     cots = cotangents(rng, x.shape)
     s, h, u = neuron_fwd(x, cfg, rho)
-    a = neuron_bwd(x, s, h, u, cfg, *cots, rho=rho)
-    b = neuron_bwd(np.zeros_like(x), s, h, np.zeros_like(u), cfg, *cots, rho=rho)
+    a = neuron_bwd(x, s, h, cfg, *cots, rho=rho)
+    b = neuron_bwd(np.zeros_like(x), s, h, cfg, *cots, rho=rho)
     for p, q in zip(a, b):
         np.testing.assert_array_equal(p, q)
 
@@ -445,8 +446,8 @@ def test_cotangent_none_means_zero():
     out = neuron_fwd(x, cfg)
     ds = rng.normal(size=x.shape)
     z = np.zeros_like(x)
-    np.testing.assert_array_equal(neuron_bwd(x, *out, cfg, ds)[0],
-                                  neuron_bwd(x, *out, cfg, ds, z, z)[0])
+    np.testing.assert_array_equal(neuron_bwd(x, *out[:2], cfg, ds)[0],
+                                  neuron_bwd(x, *out[:2], cfg, ds, z, z)[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,7 +482,7 @@ def test_threshold_scale_then_neuron_chain_rule():
 
     z = threshold_scale_fwd(y, ln_vth)
     out = neuron_fwd(z, cfg, smooth=True)
-    dz, _ = neuron_bwd(z, *out, cfg, ds, smooth=True)
+    dz, _ = neuron_bwd(z, *out[:2], cfg, ds, smooth=True)
     _, dl = threshold_scale_bwd(y, ln_vth, dz)
     for hh in range(2):
         e = np.zeros(2)
@@ -599,21 +600,21 @@ def test_rho_validation(reset, rho, err, match):
     with pytest.raises(err, match=match):
         neuron_fwd(X, NeuronConfig(reset=reset), rho)
     with pytest.raises(err, match=match):
-        neuron_bwd(X, X, X, X, NeuronConfig(reset=reset), X, rho=rho)
+        neuron_bwd(X, X, X, NeuronConfig(reset=reset), X, rho=rho)
 
 
-@pytest.mark.parametrize("name", ["s", "h", "u", "ds", "dh", "du"])
+@pytest.mark.parametrize("name", ["s", "h", "ds", "dh", "du"])
 def test_backward_shape_mismatch(name):
-    args = dict(s=X, h=X, u=X, ds=X, dh=None, du=None)
+    args = dict(s=X, h=X, ds=X, dh=None, du=None)
     args[name] = np.zeros((2, 3, 4))
     with pytest.raises(ValueError, match=rf"{name} must have shape \(2, 3, 5\), got \(2, 3, 4\)"):
-        neuron_bwd(X, args["s"], args["h"], args["u"], NeuronConfig(), args["ds"],
+        neuron_bwd(X, args["s"], args["h"], NeuronConfig(), args["ds"],
                    dh=args["dh"], du=args["du"])
 
 
 def test_backward_wrong_dtype():
     with pytest.raises(TypeError, match=r"dh must have dtype float64, got float32"):
-        neuron_bwd(X, X, X, X, NeuronConfig(), X, dh=X.astype(np.float32))
+        neuron_bwd(X, X, X, NeuronConfig(), X, dh=X.astype(np.float32))
 
 
 def test_backward_nonfinite_cotangent():
@@ -621,7 +622,7 @@ def test_backward_nonfinite_cotangent():
     ds[0, 1, 2] = np.inf
     with pytest.raises(ValueError,
                        match=r"ds contains non-finite values \(first at index \(0, 1, 2\)"):
-        neuron_bwd(X, X, X, X, NeuronConfig(), ds)
+        neuron_bwd(X, X, X, NeuronConfig(), ds)
 
 
 def test_backward_hard_mode_needs_binary_spikes():
@@ -629,7 +630,7 @@ def test_backward_hard_mode_needs_binary_spikes():
     s[1, 0, 3] = 0.5
     with pytest.raises(ValueError,
                        match=r"s must hold spikes 0/1 when smooth=False, got s\[1, 0, 3\] = 0.5"):
-        neuron_bwd(X, s, X, X, NeuronConfig(), X)
+        neuron_bwd(X, s, X, NeuronConfig(), X)
 
 
 @pytest.mark.parametrize("ln_vth, match", [

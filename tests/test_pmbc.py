@@ -183,8 +183,8 @@ def test_pmbc_backward_equals_iterative_backward(case, grad_mode):
     s, h, u, _ = pmbc_fwd(x, cfg, rho=rho)
     rng = np.random.default_rng(0)
     ds, dh, du = (rng.normal(size=x.shape) for _ in range(3))
-    dx0, drho0 = neuron_bwd(x, s0, h0, u0, cfg, ds, dh=dh, du=du, rho=rho)
-    dx, drho = pmbc_bwd(x, s, h, u, cfg, ds, dh=dh, du=du, rho=rho)
+    dx0, drho0 = neuron_bwd(x, s0, h0, cfg, ds, dh=dh, du=du, rho=rho)
+    dx, drho = pmbc_bwd(x, s, h, cfg, ds, dh=dh, du=du, rho=rho)
     scale = 1e-9 * (1 + np.abs(dx0).max())
     np.testing.assert_allclose(dx, dx0, rtol=1e-9, atol=scale)
     if rho is not None:

@@ -147,7 +147,7 @@ def _neuron_fwd(case):
 def _spiking_bwd(bwd, case, state, cot):
     """VJP of the neuron / pmbc suites through ``bwd`` (neuron_bwd or pmbc_bwd)."""
     s, h, u, cfg = state
-    dx, drho = bwd(case.data["inputs/x"], s, h, u, cfg, cot["s"], dh=cot["h"], du=cot["u"],
+    dx, drho = bwd(case.data["inputs/x"], s, h, cfg, cot["s"], dh=cot["h"], du=cot["u"],
                    rho=_rho(case))
     return {"x": dx} if drho is None else {"x": dx, "rho": drho}
 
