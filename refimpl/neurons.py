@@ -16,8 +16,9 @@ DESIGN.md section 4. Input ``x (B, H, L)``; every row ``(b, h)`` runs, with ``u_
 
 All four are one formula, ``u_t = h_t (1 - a s_t) + b s_t`` (the columns ``a``, ``b``); for
 spikes in {0, 1} it gives bit for bit the same numbers as the per-reset form in the table, so
-the kernels use it and the tests compare them with the literal per-reset loops in
-``tests/naive.py`` for exact equality. Its partial derivatives, used by the backward pass, are
+the kernels use it and the tests compare them with the literal per-reset loops of
+:func:`refimpl.reference.neuron_trace` for exact equality. Its partial derivatives, used by
+the backward pass, are
 ``du/dh = 1 - a s``, ``du/ds = b - a h`` and, for ``refractory``, ``du/drho = -s``.
 
 **Absolute refractory period** ``refractory_steps = R`` (default 0): for the ``R`` steps after a
