@@ -23,8 +23,9 @@ are timed alternately (refimpl, baseline, refimpl, ...) so that load changes on 
 machine hit both alike. Each figure records the median (the reported number), the min and
 every individual time.
 
-Files are written with :func:`refimpl.atomic.atomic_write_text` (a temporary file in the same
-folder, renamed into place), so an interrupted run never leaves half a results file.
+The runners (``run.py``, ``task_runs.py``) write files with :mod:`refimpl.atomic` (a temporary
+file in the same folder, renamed into place), so an interrupted run never leaves half a results
+file.
 
 This module is not part of the library: it may print, and it never changes refimpl's state.
 """
@@ -41,8 +42,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from refimpl.atomic import atomic_write_text
 
 SCHEMA = "refimpl-benchmarks"
 SCHEMA_VERSION = 1
@@ -317,10 +316,6 @@ def machine_info(root):
 # --------------------------------------------------------------------------------------------
 # Files: results JSON (written atomically by refimpl.atomic)
 # --------------------------------------------------------------------------------------------
-
-
-#: Kept for callers of the old name (``task_runs.py``); new code calls the library helper.
-write_atomic = atomic_write_text
 
 
 def load_results(path):

@@ -22,6 +22,8 @@ sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
 
+from refimpl.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+
 TASKS = {"adding": {"length": 200}, "listops": {"length": 128}, "recall": {"length": 200},
          "parity": {"length": 64}}
 FAMILIES = ["gelu", "binary", "lif", "sdn", "refractory"]
@@ -60,7 +62,9 @@ def render(doc):
              f"d_model {s['d_model']}, d_state {s['d_state']}, {s['layers']} layers, "
              f"{s['epochs']} epochs, batch {s['batch_size']}, lr {s['lr']}, seed 0. "
              "Energy: SpikingSSM estimate per sample (mixing layers only), ANN = all MACs.",
-             "", "| task | L | family | test acc | train acc | mean firing rate | energy / ANN | wall time |",
+             "",
+             "| task | L | family | test acc | train acc | mean firing rate | energy / ANN "
+             "| wall time |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in doc["runs"]:
         rate = "-" if r["mean_firing_rate"] is None else f"{r['mean_firing_rate']:.3f}"
@@ -93,10 +97,10 @@ def main(argv=None):
             keep[(task, fam)] = r
             doc["runs"] = [keep[k] for k in sorted(keep, key=lambda k: (list(TASKS).index(k[0]),
                                                                           FAMILIES.index(k[1])))]
-            harness.write_atomic(out_json, json.dumps(doc, indent=2) + "\n")
+            atomic_write_json(out_json, doc)
             md = ROOT / "BENCHMARKS.md"
             text = md.read_text() if md.exists() else None
-            harness.write_atomic(md, harness.merge_markdown(text, {"task-runs": render(doc)}))
+            atomic_write_text(md, harness.merge_markdown(text, {"task-runs": render(doc)}))
 
 
 if __name__ == "__main__":

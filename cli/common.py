@@ -45,6 +45,7 @@ class progress_bar:
     def __call__(self, event):
         if isinstance(event, Step):
             rate = "" if event.rate is None else f" rate {event.rate:.3f}"
-            self._bar.update(1, f"epoch {event.epoch + 1}/{event.epochs} loss {event.loss:.4g}{rate}")
+            self._bar.update(
+                1, f"epoch {event.epoch + 1}/{event.epochs} loss {event.loss:.4g}{rate}")
         elif isinstance(event, EpochEnd) and self._summary is not None:
             self._bar.update(0, self._summary(event))

@@ -46,7 +46,8 @@ def info():
         ("click", importlib.metadata.version("click")),
         ("platform", platform.platform()),
         ("cpu cores", str(os.cpu_count())),
-        ("numba threads", f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})"),
+        ("numba threads",
+         f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})"),
         ("numba threading layer", numba.config.THREADING_LAYER),
         ("numba JIT", "disabled (NUMBA_DISABLE_JIT=1)" if numba.config.DISABLE_JIT else "enabled"),
         ("fastmath", f"{config.FASTMATH} (reference path requires False)"),
@@ -74,7 +75,8 @@ def equivalence(cases, seed, checks):
     with click.progressbar(length=cases * len(names), label="equivalence", file=sys.stderr) as bar:
         for name in names:
             rows.append(CHECKS[name](cases, seed=seed, progress=bar.update))
-    header = ("forms compared", "cases", "worst error", "spike mismatches", "iterations min/med/max")
+    header = ("forms compared", "cases", "worst error", "spike mismatches",
+              "iterations min/med/max")
     table = []
     for r in rows:
         it = r["iterations"]

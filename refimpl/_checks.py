@@ -64,7 +64,8 @@ def check_int(name, value, minimum=None):
 def check_real(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
     """A finite real scalar in the given interval."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number, got {value!r} "
+                        f"of type {type(value).__name__}")
     v = float(value)
     if not np.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value}")

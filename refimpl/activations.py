@@ -16,14 +16,24 @@ mixing reads. Each family is one :class:`Activation` subclass registered in
 
 The families **[choice]** (the papers' settings where they state them):
 
-| family | activation | mixing | neuron |
-|---|---|---|---|
-| ``gelu`` | exact GELU (non-spiking S4D baseline) | GLU | - |
-| ``binary`` | Heaviside ``Theta(y)`` (Binary S4D) | GLU | reset none, tau 0, theta 0, surrogate atan |
-| ``binary_gsu`` | none: GSU ternarises ``y`` itself (Binary S4D + GSU) | GSU | - (rate = mean abs Ter(y)) |
-| ``lif`` | iterative hard-reset LIF (SpikingSSM) | GLU | hard, tau 0.125, theta 1, triangle, ``y/exp(ln_vth)`` |
-| ``sdn`` | SDN neuron (SpikingSSM): SDN prediction constant | GLU | theta 1, triangle, ``y/exp(ln_vth)`` |
-| ``refractory`` | reset-refractory (SPikE-SSM), PMBC or iterative | GLU | refractory, tau 0.5, theta 1, rho >= 0 trainable (init 0.5), triangle, ``y/exp(ln_vth)`` |
+| family | activation | mixing |
+|---|---|---|
+| ``gelu`` | exact GELU (non-spiking S4D baseline) | GLU |
+| ``binary`` | Heaviside ``Theta(y)`` (Binary S4D) | GLU |
+| ``binary_gsu`` | none: GSU ternarises ``y`` itself (Binary S4D + GSU) | GSU |
+| ``lif`` | iterative hard-reset LIF (SpikingSSM) | GLU |
+| ``sdn`` | SDN neuron (SpikingSSM): SDN prediction constant | GLU |
+| ``refractory`` | reset-refractory (SPikE-SSM), PMBC or iterative | GLU |
+
+The neuron of each family (``-``: none):
+
+- ``gelu``: -
+- ``binary``: reset none, tau 0, theta 0, surrogate atan
+- ``binary_gsu``: - (rate = mean abs Ter(y))
+- ``lif``: hard, tau 0.125, theta 1, triangle, ``y/exp(ln_vth)``
+- ``sdn``: theta 1, triangle, ``y/exp(ln_vth)``
+- ``refractory``: refractory, tau 0.5, theta 1, rho >= 0 trainable (init 0.5), triangle,
+  ``y/exp(ln_vth)``
 
 Adding a family: one subclass here with ``@register``, and its tests (``tests/test_model.py``
 runs the whole-model gradient checks over every registered family).

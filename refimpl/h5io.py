@@ -2,10 +2,11 @@
 
 Every file refimpl writes carries ``schema``, ``schema_version`` and provenance attributes on
 its root group; readers reject other schemas and unknown versions with a one-line
-:class:`FileFormatError`. Writes go through :func:`refimpl.atomic.atomic_path`: a temporary file in the destination
-folder, renamed into place only after it was closed successfully, so an interrupted or failed
-run never leaves a half-written file behind (NIR ``serialization.py`` is the model, with its
-nested-group bug as the caution: nested groups are written and read recursively here).
+:class:`FileFormatError`. Writes go through :func:`refimpl.atomic.atomic_path`: a temporary
+file in the destination folder, renamed into place only after it was closed successfully, so an
+interrupted or failed run never leaves a half-written file behind (NIR ``serialization.py`` is
+the model, with its nested-group bug as the caution: nested groups are written and read
+recursively here).
 """
 import contextlib
 import datetime

@@ -46,7 +46,8 @@ def linear_bwd(cache, dy):
 def embedding_fwd(tokens, E):
     """``y[b, :, t] = E[tokens[b, t]]``: tokens int64 (B, L) in [0, V), E (V, H) -> (B, H, L)."""
     if tokens.dtype != np.int64:
-        raise TypeError(f"tokens must have dtype int64, got {tokens.dtype}; pass tokens.astype(np.int64)")
+        raise TypeError(f"tokens must have dtype int64, got {tokens.dtype}; "
+                        "pass tokens.astype(np.int64)")
     V = E.shape[0]
     if tokens.size and (tokens.min() < 0 or tokens.max() >= V):
         raise ValueError(f"tokens must lie in [0, {V}), got range [{tokens.min()}, {tokens.max()}]")
@@ -160,7 +161,8 @@ def layernorm_fwd(x, gamma, beta, eps=1e-5):
 
 
 def layernorm_bwd(cache, dy):
-    """Returns ``(dx, dgamma, dbeta)``: ``dx = rstd (g - mean(g) - xh mean(g xh))``, ``g = dy gamma``."""
+    """Returns ``(dx, dgamma, dbeta)``: ``dx = rstd (g - mean(g) - xh mean(g xh))``,
+    ``g = dy gamma``."""
     xh, rstd, gamma = cache
     g = dy * gamma[:, None]  # (B, H, L)
     dx = rstd * (g - g.mean(axis=1, keepdims=True) - xh * (g * xh).mean(axis=1, keepdims=True))

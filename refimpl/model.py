@@ -77,7 +77,8 @@ class ModelConfig:
         check_name("neuron_impl", self.neuron_impl, {k: k for k in NEURON_IMPLS})
         check_real("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         if self.d_state % 2:
-            raise ValueError(f"d_state must be even (d_state // 2 complex modes), got {self.d_state}")
+            raise ValueError("d_state must be even (d_state // 2 complex modes), "
+                             f"got {self.d_state}")
         self.neuron_config()  # validates grad_mode / surrogate through NeuronConfig
 
     @classmethod
@@ -297,7 +298,8 @@ def check_inputs(cfg, x, labels=None):
         if x.ndim == 2:
             x = x[:, :, None]
         if x.shape[2] != cfg.d_input:
-            raise ValueError(f"x must have {cfg.d_input} features per step (d_input), got shape {x.shape}")
+            raise ValueError(f"x must have {cfg.d_input} features per step (d_input), "
+                             f"got shape {x.shape}")
     if x.shape[1] < 1:
         raise ValueError(f"x must have at least one time step, got shape {x.shape}")
     if labels is not None:

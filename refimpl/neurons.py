@@ -11,8 +11,10 @@ DESIGN.md section 4. Input ``x (B, H, L)``; every row ``(b, h)`` runs, with ``u_
 |---|---|---|---|
 | ``hard`` | ``h_t (1 - s_t) + u_reset s_t`` | 1 | ``u_reset`` |
 | ``soft`` | ``h_t - theta s_t`` | 0 | ``-theta`` |
-| ``refractory`` | ``h_t - (theta + rho[h]) s_t``, ``rho >= 0`` per channel | 0 | ``-(theta + rho[h])`` |
+| ``refractory`` | ``h_t - (theta + rho[h]) s_t`` | 0 | ``-(theta + rho[h])`` |
 | ``none`` | ``h_t`` | 0 | 0 |
+
+For ``refractory``, ``rho >= 0`` is per channel (``rho[h]``).
 
 All four are one formula, ``u_t = h_t (1 - a s_t) + b s_t`` (the columns ``a``, ``b``); for
 spikes in {0, 1} it gives bit for bit the same numbers as the per-reset form in the table, so
@@ -60,17 +62,55 @@ floating-point operations in the same order; "to rounding" means the same real-n
 recurrence evaluated in a different order (spikes then agree wherever ``|h - theta|`` exceeds a
 few ulps).
 
-| library, model | refimpl config | input, outputs | agreement |
+| row | library, model | refimpl ``reset=`` | agreement |
 |---|---|---|---|
-| snntorch ``Leaky(beta, threshold=thr, reset_mechanism="zero")`` | ``reset="hard", u_reset=0, tau=beta, theta=thr, spike_condition="gt"`` | ``x = input``; ``spk = s``; returned ``mem = h`` (``reset_delay=True``, default) or ``u`` (``reset_delay=False``) | bit-exact |
-| snntorch ``Leaky(..., reset_mechanism="subtract")``, ``reset_delay=True`` (default) | ``reset="refractory", rho = thr (1 - beta) / beta, tau=beta, theta=thr, "gt"`` (``beta > 0``) | ``mem = h`` | to rounding: snntorch subtracts ``thr`` *after* the decay, from the previous step's spike, ``mem_t = beta mem_{t-1} + x_t - thr s_{t-1}``; refimpl subtracts ``theta + rho = thr / beta`` before it |
-| snntorch ``Leaky(..., reset_mechanism="subtract", reset_delay=False)`` | ``reset="soft", tau=beta, theta=thr, "gt"`` | ``mem = u`` | bit-exact while ``h <= 2 thr`` at every spike; after a spike with ``h > 2 thr`` the stored membrane still exceeds ``thr``, and snntorch's next step subtracts a delayed reset before its threshold test (adding it back after), so it fires there only if ``h > 2 thr`` |
-| snntorch ``Leaky(..., reset_mechanism="none")`` | ``reset="none", tau=beta, theta=thr, "gt"`` | ``mem = h`` | bit-exact |
-| spikingjelly ``LIFNode(tau=T, decay_input=False, v_reset=0.0, v_threshold=vth)`` | ``reset="hard", u_reset=0, tau = 1 - 1/T, theta=vth, "ge"`` | ``H = h``, ``V = u``, ``S = s`` | bit-exact |
-| spikingjelly ``LIFNode(..., decay_input=False, v_reset=None)`` (soft) | ``reset="soft", tau = 1 - 1/T, theta=vth, "ge"`` | as above | bit-exact |
-| spikingjelly ``LIFNode(..., decay_input=False, v_reset=vr != 0)`` | ``reset="hard", u_reset=0, tau = 1 - 1/T, theta = vth - vr`` | ``h = H - vr``, ``u = V - vr`` | to rounding (spikingjelly leaks towards ``vr``, refimpl towards 0) |
-| spikingjelly ``detach_reset=False / True``, ``surrogate.Sigmoid(alpha)`` | ``grad_mode="bptt" / "detach_reset"``, ``surrogate="sigmoid", surrogate_scale=alpha`` | | same definitions |
-| norse ``lif_feed_forward_step`` (``LIFParameters``, ``dt``) | ``reset="hard", tau = 1 - dt tau_mem_inv, theta = v_th, u_reset = v_reset, "gt"`` | ``x_t = dt tau_mem_inv (v_leak + i_t)`` with the synaptic current entering step ``t``: ``i_0 = 0``, ``i_{t+1} = (1 - dt tau_syn_inv) i_t + input_t`` (feed-forward, so computable in advance; the input reaches ``v`` one step late); norse's ``v = u`` | to rounding (norse evaluates ``v + dt tau_mem_inv ((v_leak - v) + i)``); reproduces norse's published sequence ``0, 0.1, 0.27, 0.487, 0.7335, 0.9963, 0, 0.3951, 0.7717, 0`` (``norse/torch/functional/test/test_lif.py``) |
+| 1 | snntorch ``Leaky``, ``reset_mechanism="zero"`` | ``hard`` | bit-exact |
+| 2 | snntorch ``Leaky``, ``"subtract"``, ``reset_delay=True`` | ``refractory`` | to rounding |
+| 3 | snntorch ``Leaky``, ``"subtract"``, ``reset_delay=False`` | ``soft`` | bit-exact (see 3) |
+| 4 | snntorch ``Leaky``, ``reset_mechanism="none"`` | ``none`` | bit-exact |
+| 5 | spikingjelly ``LIFNode``, ``v_reset=0.0`` | ``hard`` | bit-exact |
+| 6 | spikingjelly ``LIFNode``, ``v_reset=None`` (soft) | ``soft`` | bit-exact |
+| 7 | spikingjelly ``LIFNode``, ``v_reset=vr != 0`` | ``hard`` | to rounding |
+| 8 | spikingjelly ``detach_reset``, ``surrogate.Sigmoid`` | (backward) | same definitions |
+| 9 | norse ``lif_feed_forward_step`` | ``hard`` | to rounding |
+
+Each row in full (library, model: refimpl config; input, outputs; agreement):
+
+1. snntorch ``Leaky(beta, threshold=thr, reset_mechanism="zero")``:
+   ``reset="hard", u_reset=0, tau=beta, theta=thr, spike_condition="gt"``;
+   ``x = input``; ``spk = s``; returned ``mem = h`` (``reset_delay=True``, default) or ``u``
+   (``reset_delay=False``); bit-exact.
+2. snntorch ``Leaky(..., reset_mechanism="subtract")``, ``reset_delay=True`` (default):
+   ``reset="refractory", rho = thr (1 - beta) / beta, tau=beta, theta=thr, "gt"``
+   (``beta > 0``); ``mem = h``; to rounding: snntorch subtracts ``thr`` *after* the decay, from
+   the previous step's spike, ``mem_t = beta mem_{t-1} + x_t - thr s_{t-1}``; refimpl subtracts
+   ``theta + rho = thr / beta`` before it.
+3. snntorch ``Leaky(..., reset_mechanism="subtract", reset_delay=False)``:
+   ``reset="soft", tau=beta, theta=thr, "gt"``; ``mem = u``; bit-exact while ``h <= 2 thr`` at
+   every spike; after a spike with ``h > 2 thr`` the stored membrane still exceeds ``thr``, and
+   snntorch's next step subtracts a delayed reset before its threshold test (adding it back
+   after), so it fires there only if ``h > 2 thr``.
+4. snntorch ``Leaky(..., reset_mechanism="none")``: ``reset="none", tau=beta, theta=thr, "gt"``;
+   ``mem = h``; bit-exact.
+5. spikingjelly ``LIFNode(tau=T, decay_input=False, v_reset=0.0, v_threshold=vth)``:
+   ``reset="hard", u_reset=0, tau = 1 - 1/T, theta=vth, "ge"``; ``H = h``, ``V = u``,
+   ``S = s``; bit-exact.
+6. spikingjelly ``LIFNode(..., decay_input=False, v_reset=None)`` (soft):
+   ``reset="soft", tau = 1 - 1/T, theta=vth, "ge"``; outputs as in row 5; bit-exact.
+7. spikingjelly ``LIFNode(..., decay_input=False, v_reset=vr != 0)``:
+   ``reset="hard", u_reset=0, tau = 1 - 1/T, theta = vth - vr``; ``h = H - vr``,
+   ``u = V - vr``; to rounding (spikingjelly leaks towards ``vr``, refimpl towards 0).
+8. spikingjelly ``detach_reset=False / True``, ``surrogate.Sigmoid(alpha)``:
+   ``grad_mode="bptt" / "detach_reset"``, ``surrogate="sigmoid", surrogate_scale=alpha``;
+   same definitions.
+9. norse ``lif_feed_forward_step`` (``LIFParameters``, ``dt``):
+   ``reset="hard", tau = 1 - dt tau_mem_inv, theta = v_th, u_reset = v_reset, "gt"``;
+   ``x_t = dt tau_mem_inv (v_leak + i_t)`` with the synaptic current entering step ``t``:
+   ``i_0 = 0``, ``i_{t+1} = (1 - dt tau_syn_inv) i_t + input_t`` (feed-forward, so computable
+   in advance; the input reaches ``v`` one step late); norse's ``v = u``; to rounding (norse
+   evaluates ``v + dt tau_mem_inv ((v_leak - v) + i)``); reproduces norse's published sequence
+   ``0, 0.1, 0.27, 0.487, 0.7335, 0.9963, 0, 0.3951, 0.7717, 0``
+   (``norse/torch/functional/test/test_lif.py``).
 
 snntorch's ``Leaky`` docstring states the "zero" rule as ``U[t+1] = beta U[t] + I[t+1] -
 R (beta U[t] + I[t+1])`` (the input is zeroed too); its code (``_base_zero``) instead zeroes the

@@ -12,7 +12,8 @@ Three implementations of the same map:
   each a vectorised elementwise step: the parallel form).
 
 Bidirectional ``C (2, H, N2)`` adds the anti-causal state ``r_t = dA r_{t+1} + dB u_{t+1}``
-(``r_{L-1} = 0``) with ``y_t += 2 Re sum_n C[1] r_t``; its kernel is ``K1[j] = 2 Re sum C1 dB dA^j``.
+(``r_{L-1} = 0``) with ``y_t += 2 Re sum_n C[1] r_t``; its kernel is
+``K1[j] = 2 Re sum C1 dB dA^j``.
 """
 import numpy as np
 from numba import njit

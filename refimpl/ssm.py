@@ -13,7 +13,8 @@ conjugate pairs, and ``2 Re(.)`` adds the conjugate half back (S4D paper, sectio
 
 Gradients with respect to a complex number ``z`` are exchanged as the pair
 ``g_z = dL/dRe z + i dL/dIm z``. For a holomorphic map ``w = f(z)`` and a real loss,
-``g_z = conj(f'(z)) g_w``; for a real variable ``t`` feeding ``w(t)``, ``dL/dt = Re(conj(w'(t)) g_w)``.
+``g_z = conj(f'(z)) g_w``; for a real variable ``t`` feeding ``w(t)``,
+``dL/dt = Re(conj(w'(t)) g_w)``.
 """
 import numpy as np
 from numba import njit
@@ -276,7 +277,8 @@ def _vandermonde_bwd(dK, zr, zi, Q0r, Q0i, Q1r, Q1i):
 
 
 def vandermonde(W, z, L):
-    """``K[m, l] = 2 Re sum_n W[m, n] z[m, n]^l`` for complex ``W, z (M, N2)``; returns ``(M, L)``."""
+    """``K[m, l] = 2 Re sum_n W[m, n] z[m, n]^l`` for complex ``W, z (M, N2)``; returns
+    ``(M, L)``."""
     M = W.shape[0]
     K = np.empty((M, L))  # (M, L)
     _vandermonde_fwd(np.ascontiguousarray(W.real), np.ascontiguousarray(W.imag),
@@ -314,7 +316,8 @@ def check_ssm_params(log_dt, log_A_real, A_imag, C_re, C_im, B_re=None, B_im=Non
     check_shape("log_A_real", log_A_real, (H, None))
     N2 = log_A_real.shape[1]
     if N2 < 1:
-        raise ValueError(f"log_A_real must have at least one mode (N2 >= 1), got shape {log_A_real.shape}")
+        raise ValueError("log_A_real must have at least one mode (N2 >= 1), "
+                         f"got shape {log_A_real.shape}")
     A_imag = check_array("A_imag", A_imag, 2)
     check_shape("A_imag", A_imag, (H, N2))
     C_re = check_array("C_re", C_re, (2, 3))
@@ -336,8 +339,9 @@ def check_ssm_params(log_dt, log_A_real, A_imag, C_re, C_im, B_re=None, B_im=Non
                          "to dt = 0; keep log_dt > -700")
     if np.any(np.exp(log_A_real) <= 0):
         i = tuple(int(k) for k in np.argwhere(np.exp(log_A_real) <= 0)[0])
-        raise ValueError(f"unstable mode: Re A = -exp(log_A_real) must be < 0, but log_A_real{list(i)} "
-                         f"= {log_A_real[i]} underflows to Re A = 0; keep log_A_real > -700")
+        raise ValueError("unstable mode: Re A = -exp(log_A_real) must be < 0, "
+                         f"but log_A_real{list(i)} = {log_A_real[i]} underflows to Re A = 0; "
+                         "keep log_A_real > -700")
     return log_dt, log_A_real, A_imag, C_re, C_im, B_re, B_im, H, N2, bidirectional
 
 

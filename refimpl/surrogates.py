@@ -6,13 +6,21 @@ surrogate here ships with its **primitive** ``G`` (``G' = g``), a smooth step. A
 ``smooth`` mode uses ``G`` instead of ``Theta`` in its forward pass, and then finite differences
 of that forward must equal the hand-written backward: this is how every backward is tested.
 
-| name | g(z) | G(z) | scale (default) | used by |
-|---|---|---|---|---|
-| ``triangle`` | ``max(0, 1 - abs(z)/w) / w`` | piecewise quadratic, 0 -> 1 | ``w`` (1) | SpikingSSM code ("piecewise_quadratic") |
-| ``rectangle`` | ``1[abs(z) < w/2] / w`` | ``clip(z/w + 1/2, 0, 1)`` | ``w`` (1) | |
-| ``sigmoid`` | ``a sig(a z) (1 - sig(a z))`` | ``sig(a z)`` | ``a`` (4) | spikingjelly default |
-| ``atan`` | ``(a/2) / (1 + (pi a z / 2)^2)`` | ``1/2 + arctan(pi a z / 2) / pi`` | ``a`` (2) | snntorch default, Binary S4D |
-| ``fast_sigmoid`` | ``1 / (1 + k abs(z))^2`` | ``1/k + z / (1 + k abs(z))``, 0 -> 2/k | ``k`` (25) | snntorch, Binary S4D ablation |
+| name | g(z) | G(z) |
+|---|---|---|
+| ``triangle`` | ``max(0, 1 - abs(z)/w) / w`` | piecewise quadratic, 0 -> 1 |
+| ``rectangle`` | ``1[abs(z) < w/2] / w`` | ``clip(z/w + 1/2, 0, 1)`` |
+| ``sigmoid`` | ``a sig(a z) (1 - sig(a z))`` | ``sig(a z)`` |
+| ``atan`` | ``(a/2) / (1 + (pi a z / 2)^2)`` | ``1/2 + arctan(pi a z / 2) / pi`` |
+| ``fast_sigmoid`` | ``1 / (1 + k abs(z))^2`` | ``1/k + z / (1 + k abs(z))``, 0 -> 2/k |
+
+| name | scale (default) | used by |
+|---|---|---|
+| ``triangle`` | ``w`` (1) | SpikingSSM code ("piecewise_quadratic") |
+| ``rectangle`` | ``w`` (1) | |
+| ``sigmoid`` | ``a`` (4) | spikingjelly default |
+| ``atan`` | ``a`` (2) | snntorch default, Binary S4D |
+| ``fast_sigmoid`` | ``k`` (25) | snntorch, Binary S4D ablation |
 
 ``fast_sigmoid`` is used as snntorch defines it, unnormalised: its integral is ``2/k``, so its
 primitive climbs from 0 to ``2/k`` rather than to 1. Every other ``G`` goes from 0 to 1.

@@ -3,12 +3,21 @@
 Every task returns a dict ``x_train, y_train, x_test, y_test`` plus metadata: float inputs
 ``(N, L, C)`` (float64) or integer tokens ``(N, L)`` (int64), integer labels ``(N,)``.
 
-| task | input | label | what it tests |
-|---|---|---|---|
-| ``adding`` | ``(L, 2)``: values U[0, 1] and a marker channel with two ones | ``1[sum of the two marked values > 1]`` | long-range memory (the adding problem, as classification) |
-| ``listops`` | tokens of a nested expression (LRA's ListOps generator, scaled down) | its value 0..9 | hierarchical structure |
-| ``recall`` | ``(L, K + 1)``: a one-hot cue among ``K = 4`` channels early in the sequence, noise on the last channel throughout | the cue's class | delayed recall: memory over the whole sequence |
-| ``parity`` | ``(L, 1)`` sparse 0/1 pulses | number of pulses mod 2 | counting; sensitive to how neurons reset |
+| task | label | what it tests |
+|---|---|---|
+| ``adding`` | ``1[sum of the two marked values > 1]`` | long-range memory |
+| ``listops`` | its value 0..9 | hierarchical structure |
+| ``recall`` | the cue's class | delayed recall: memory over the whole sequence |
+| ``parity`` | number of pulses mod 2 | counting; sensitive to how neurons reset |
+
+The inputs:
+
+- ``adding`` (the adding problem, as classification): ``(L, 2)``: values U[0, 1] and a marker
+  channel with two ones.
+- ``listops``: tokens of a nested expression (LRA's ListOps generator, scaled down).
+- ``recall``: ``(L, K + 1)``: a one-hot cue among ``K = 4`` channels early in the sequence,
+  noise on the last channel throughout.
+- ``parity``: ``(L, 1)`` sparse 0/1 pulses.
 """
 import numpy as np
 
@@ -129,8 +138,9 @@ REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 def load_npz(path, tokens=0):
     """Load user data: ``x_train (N, L)`` or ``(N, L, C)``, integer ``y_train (N,)``, same for
-    test, and optionally a scalar ``n_classes`` (default: max label + 1). Float inputs must be float64 (or float32, which is *rejected*: convert explicitly);
-    integer inputs need ``tokens = V`` (vocabulary size) and use the embedding.
+    test, and optionally a scalar ``n_classes`` (default: max label + 1). Float inputs must be
+    float64 (or float32, which is *rejected*: convert explicitly); integer inputs need
+    ``tokens = V`` (vocabulary size) and use the embedding.
 
     Raises ValueError / TypeError with one line naming the problem.
     """
@@ -151,7 +161,8 @@ def load_npz(path, tokens=0):
         if y.ndim != 1:
             raise ValueError(f"{path}: y_{split} must have shape (N,), got {y.shape}")
         if x.ndim not in (2, 3):
-            raise ValueError(f"{path}: x_{split} must have shape (N, L) or (N, L, C), got {x.shape}")
+            raise ValueError(f"{path}: x_{split} must have shape (N, L) or (N, L, C), "
+                             f"got {x.shape}")
         if len(x) != len(y):
             raise ValueError(f"{path}: x_{split} has {len(x)} samples but y_{split} has {len(y)}")
         if len(y) == 0:
@@ -160,7 +171,8 @@ def load_npz(path, tokens=0):
             if not np.issubdtype(x.dtype, np.integer):
                 raise TypeError(f"{path}: --tokens needs integer x_{split}, got dtype {x.dtype}")
             if x.ndim != 2:
-                raise ValueError(f"{path}: token input x_{split} must have shape (N, L), got {x.shape}")
+                raise ValueError(f"{path}: token input x_{split} must have shape (N, L), "
+                                 f"got {x.shape}")
             if x.min() < 0 or x.max() >= tokens:
                 raise ValueError(f"{path}: x_{split} tokens must lie in [0, {tokens}), got "
                                  f"[{x.min()}, {x.max()}]")

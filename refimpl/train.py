@@ -99,8 +99,9 @@ def load_checkpoint(path):
     expected, _ = M.init_model(cfg, 0, sdn_weights=_sdn_from_buffers(buffers))
     bad = [k for k in expected if k not in params or params[k].shape != expected[k].shape]
     if bad or set(params) != set(expected):
+        first = (bad or sorted(set(params) ^ set(expected)))[0]
         raise FileFormatError(f"{path}: parameters do not match the stored model config "
-                              f"(first mismatch: {(bad or sorted(set(params) ^ set(expected)))[0]})")
+                              f"(first mismatch: {first})")
     return Checkpoint(cfg, tcfg, params, buffers, opt, epoch, metrics)
 
 

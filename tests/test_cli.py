@@ -48,7 +48,8 @@ def test_equivalence_unknown_check_is_a_usage_error():
 
 
 def test_installed_command_runs():
-    exe = shutil.which("refimpl") or str(__import__("pathlib").Path(sys.executable).with_name("refimpl"))
+    exe = shutil.which("refimpl") or str(
+        __import__("pathlib").Path(sys.executable).with_name("refimpl"))
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "refimpl" in out.stdout

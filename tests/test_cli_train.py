@@ -77,14 +77,17 @@ def save(tmp_path, name="d.npz", **arrays):
 
 BAD_DATA = {
     "missing key": (dict(y_test=None), "missing key(s) ['y_test']"),
-    "mismatched lengths": (dict(y_train=np.zeros(19, dtype=np.int64)), "x_train has 20 samples but y_train has 19"),
+    "mismatched lengths": (dict(y_train=np.zeros(19, dtype=np.int64)),
+                           "x_train has 20 samples but y_train has 19"),
     "NaN values": (dict(x_test=np.full((6, 10), np.nan)), "x_test contains NaN or inf values"),
     "labels out of range": (dict(y_train=np.full(20, -1)), "labels must be >= 0"),
     "declared classes exceeded": (dict(n_classes=np.array(2), y_test=np.array([0, 1, 2, 0, 1, 0])),
                                   "labels out of range: max label 2"),
     "float labels": (dict(y_train=np.zeros(20)), "y_train must hold integer labels"),
-    "float32 inputs": (dict(x_train=np.zeros((20, 10), dtype=np.float32)), "x_train must be float64, got float32"),
-    "integer inputs without --tokens": (dict(x_train=np.zeros((20, 10), dtype=np.int64)), "pass --tokens V"),
+    "float32 inputs": (dict(x_train=np.zeros((20, 10), dtype=np.float32)),
+                       "x_train must be float64, got float32"),
+    "integer inputs without --tokens": (dict(x_train=np.zeros((20, 10), dtype=np.int64)),
+                                        "pass --tokens V"),
 }
 
 
@@ -100,7 +103,8 @@ def test_bad_data_file(tmp_path, name):
 def test_data_file_not_npz(tmp_path):
     p = tmp_path / "d.npz"
     p.write_bytes(b"not a zip")
-    one_line_error(run(["train", "--data", str(p), "--out", str(tmp_path / "o")]), "not a readable .npz")
+    one_line_error(run(["train", "--data", str(p), "--out", str(tmp_path / "o")]),
+                   "not a readable .npz")
 
 
 def test_tokens_out_of_vocabulary(tmp_path):
@@ -151,7 +155,8 @@ def test_corrupted_checkpoint(tmp_path):
 
 def test_incompatible_checkpoint(tmp_path):
     out = tmp_path / "run"
-    assert run(["train", "--task", "adding", "--activation", "gelu", "--out", str(out)] + SMALL).exit_code == 0
+    r = run(["train", "--task", "adding", "--activation", "gelu", "--out", str(out)] + SMALL)
+    assert r.exit_code == 0
     with h5py.File(out / "checkpoint.h5", "a") as f:
         del f["params/decoder.W"]
     one_line_error(run(["evaluate", str(out / "checkpoint.h5"), "--task", "adding"]),
@@ -164,7 +169,8 @@ def test_incompatible_checkpoint(tmp_path):
 
 def test_checkpoint_does_not_fit_data(tmp_path):
     out = tmp_path / "run"
-    assert run(["train", "--task", "adding", "--activation", "gelu", "--out", str(out)] + SMALL).exit_code == 0
+    r = run(["train", "--task", "adding", "--activation", "gelu", "--out", str(out)] + SMALL)
+    assert r.exit_code == 0
     one_line_error(run(["evaluate", str(out / "checkpoint.h5"), "--task", "parity"]),
                    "data does not fit the checkpoint's model")
 

@@ -35,7 +35,8 @@ def check_layer(fwd, bwd, args, names, rng=RNG, tol=1e-7):
         fd = coordinate_fd(f, args[i], 1e-5)
         np.testing.assert_allclose(g, fd, rtol=tol, atol=tol * (1 + np.abs(fd).max()), err_msg=name)
         v = rng.normal(size=args[i].shape)
-        assert_close_scalar(float((g * v).sum()), directional_fd(f, args[i], v, 1e-5), tol, 1.0, name)
+        assert_close_scalar(float((g * v).sum()), directional_fd(f, args[i], v, 1e-5), tol, 1.0,
+                            name)
 
 
 def test_linear():
@@ -50,7 +51,8 @@ def test_linear_is_linear_dot_product():
     _, cache = Ly.linear_fwd(x, W)
     dx, dW, db = Ly.linear_bwd(cache, c)
     assert db is None
-    assert_close_scalar(float((Ly.linear_fwd(v, W)[0] * c).sum()), float((v * dx).sum()), 1e-13, 1.0)
+    assert_close_scalar(float((Ly.linear_fwd(v, W)[0] * c).sum()), float((v * dx).sum()),
+                        1e-13, 1.0)
 
 
 def test_gelu():
@@ -143,7 +145,8 @@ def test_cross_entropy():
     loss, cache = Ly.cross_entropy_fwd(logits, labels)
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert abs(loss + np.mean(np.log(p[[0, 1], labels]))) < 1e-14
-    check_layer(lambda z: Ly.cross_entropy_fwd(z, labels), lambda c, d: Ly.cross_entropy_bwd(c, float(d)),
+    check_layer(lambda z: Ly.cross_entropy_fwd(z, labels),
+                lambda c, d: Ly.cross_entropy_bwd(c, float(d)),
                 [logits], ["logits"])
 
 

@@ -97,7 +97,8 @@ def test_model_dot_product_random_cotangent(activation):
 
     def f(e):
         q = {k: p[k] + e * v[k] for k in p}
-        return float((M.model_fwd(cfg, q, buf, x, training=True, smooth=True, frozen=frozen)[0] * c).sum())
+        y = M.model_fwd(cfg, q, buf, x, training=True, smooth=True, frozen=frozen)[0]
+        return float((y * c).sum())
 
     jv = directional_fd(lambda e: f(float(e)), np.array(0.0), np.array(1.0), 1e-4)
     vjp = sum(float((g[k] * v[k]).sum()) for k in p)

@@ -4,22 +4,35 @@ No torch here: each library's update rule is transcribed below as a small indepe
 from the library's own source (cited per function), and refimpl must match it under the
 mapping in this table (also in the module docstring of :mod:`refimpl.neurons`):
 
-| library, model | refimpl config | outputs | agreement |
+| row | library, model | refimpl ``reset`` | agreement |
 |---|---|---|---|
-| snntorch ``Leaky``, ``reset_mechanism="zero"`` | ``hard``, ``u_reset=0``, ``tau=beta``, ``theta=thr``, ``gt`` | ``spk = s``; ``mem = h`` (``reset_delay=True``) / ``u`` (``False``) | bit-exact |
-| snntorch ``Leaky``, ``"subtract"``, ``reset_delay=True`` | ``refractory``, ``rho = thr (1 - beta) / beta``, ``gt`` | ``mem = h`` | to rounding |
-| snntorch ``Leaky``, ``"subtract"``, ``reset_delay=False`` | ``soft``, ``gt`` | ``mem = u`` | bit-exact while ``h <= 2 thr`` at every spike (see the test) |
-| snntorch ``Leaky``, ``"none"`` | ``none``, ``gt`` | ``mem = h`` | bit-exact |
-| spikingjelly ``LIFNode(decay_input=False, v_reset=0)`` | ``hard``, ``u_reset=0``, ``tau = 1 - 1/T``, ``ge`` | ``H = h, V = u, S = s`` | bit-exact |
-| spikingjelly ``LIFNode(decay_input=False, v_reset=None)`` | ``soft``, ``tau = 1 - 1/T``, ``ge`` | ``H = h, V = u`` | bit-exact |
-| spikingjelly ``LIFNode(decay_input=False, v_reset=vr)`` | ``hard``, ``u_reset=0``, ``theta = vth - vr`` | ``H - vr = h``, ``V - vr = u`` | to rounding |
-| norse ``lif_feed_forward_step`` | ``hard``, ``tau = 1 - dt tau_mem_inv``, ``theta = v_th``, ``u_reset = v_reset``, ``gt``; ``x_t = dt tau_mem_inv (v_leak + i_t)`` | ``v = u``, ``z = s`` | to rounding; norse's published sequence to its own 1e-4 |
+| 1 | snntorch ``Leaky``, ``reset_mechanism="zero"`` | ``hard`` | bit-exact |
+| 2 | snntorch ``Leaky``, ``"subtract"``, ``reset_delay=True`` | ``refractory`` | to rounding |
+| 3 | snntorch ``Leaky``, ``"subtract"``, ``reset_delay=False`` | ``soft`` | bit-exact (see 3) |
+| 4 | snntorch ``Leaky``, ``"none"`` | ``none`` | bit-exact |
+| 5 | spikingjelly ``LIFNode(decay_input=False, v_reset=0)`` | ``hard`` | bit-exact |
+| 6 | spikingjelly ``LIFNode(decay_input=False, v_reset=None)`` | ``soft`` | bit-exact |
+| 7 | spikingjelly ``LIFNode(decay_input=False, v_reset=vr)`` | ``hard`` | to rounding |
+| 8 | norse ``lif_feed_forward_step`` | ``hard`` | to rounding (see 8) |
+
+The rest of each row's refimpl config, its outputs, and the agreement in full:
+
+1. ``u_reset=0``, ``tau=beta``, ``theta=thr``, ``gt``; ``spk = s``; ``mem = h``
+   (``reset_delay=True``) / ``u`` (``False``); bit-exact.
+2. ``rho = thr (1 - beta) / beta``, ``gt``; ``mem = h``; to rounding.
+3. ``gt``; ``mem = u``; bit-exact while ``h <= 2 thr`` at every spike (see the test).
+4. ``gt``; ``mem = h``; bit-exact.
+5. ``u_reset=0``, ``tau = 1 - 1/T``, ``ge``; ``H = h, V = u, S = s``; bit-exact.
+6. ``tau = 1 - 1/T``, ``ge``; ``H = h, V = u``; bit-exact.
+7. ``u_reset=0``, ``theta = vth - vr``; ``H - vr = h``, ``V - vr = u``; to rounding.
+8. ``tau = 1 - dt tau_mem_inv``, ``theta = v_th``, ``u_reset = v_reset``, ``gt``;
+   ``x_t = dt tau_mem_inv (v_leak + i_t)``; ``v = u``, ``z = s``; to rounding; norse's
+   published sequence to its own 1e-4.
 
 "to rounding": the same real-number recurrence evaluated in another order; membranes agree to
 ``1e-12`` relative and spikes agree wherever the margin ``|h - theta|`` exceeds ``1e-9``.
 """
 import numpy as np
-import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 

@@ -46,7 +46,8 @@ def test_groups_use_their_own_lr_and_weight_decay():
     # "a" follows the hand example; "b" has lr 0.1 and no decay, so its first step is exactly
     # 1 - 0.1 * 0.5 / (0.5 + 1e-8) (sign-like first Adam step, no shrinkage).
     params = {"a": np.array([1.0]), "b.bias": np.array([1.0])}
-    groups = make_groups(params, lr=0.1, weight_decay=0.01, rules=[("*bias", {"weight_decay": 0.0})])
+    groups = make_groups(params, lr=0.1, weight_decay=0.01,
+                         rules=[("*bias", {"weight_decay": 0.0})])
     assert groups == [{"params": ["a"], "lr": 0.1, "weight_decay": 0.01},
                       {"params": ["b.bias"], "lr": 0.1, "weight_decay": 0.0}]
     state = adamw_init(params)
@@ -217,7 +218,8 @@ def test_grads_keys_must_match():
 
 def test_grad_shape_must_match():
     params, groups, state = _scalar_problem()
-    with pytest.raises(ValueError, match=r"grads\['w'\] has shape \(2,\), parameter 'w' has \(1,\)"):
+    with pytest.raises(ValueError,
+                       match=r"grads\['w'\] has shape \(2,\), parameter 'w' has \(1,\)"):
         adamw_step(params, {"w": np.ones(2)}, state, groups)
 
 
@@ -237,7 +239,8 @@ def test_non_finite_gradient_is_refused():
 def test_state_of_other_params_is_refused():
     params, groups, _ = _scalar_problem()
     state = adamw_init({"w": np.zeros(3)})
-    with pytest.raises(ValueError, match=r"exp_avg\['w'\] has shape \(3,\), parameter 'w' has \(1,\)"):
+    with pytest.raises(ValueError,
+                       match=r"exp_avg\['w'\] has shape \(3,\), parameter 'w' has \(1,\)"):
         adamw_step(params, {"w": np.ones(1)}, state, groups)
 
 
@@ -249,7 +252,8 @@ def test_state_missing_entry():
 
 
 def test_make_groups_unknown_override():
-    with pytest.raises(ValueError, match=r"rules\[0\] overrides unknown setting\(s\) \['momentum'\]"):
+    with pytest.raises(ValueError,
+                       match=r"rules\[0\] overrides unknown setting\(s\) \['momentum'\]"):
         make_groups({"w": 0}, 0.1, 0.0, rules=[("w", {"momentum": 0.9})])
 
 

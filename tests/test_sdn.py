@@ -307,8 +307,11 @@ def test_sdn_neuron_backward_is_the_surrogate_with_m_constant(surrogate, scale):
     sur = get_surrogate(surrogate)
     np.testing.assert_array_equal(dx, ds * sur.grad(m + x - 0.8, scale))
     np.testing.assert_array_equal(s_smooth, sur.primitive(m + x - 0.8, scale))
+
     # finite differences of the smooth forward with the SDN prediction held constant (frozen m)
-    f = lambda v: float((sdn.sdn_neuron_fwd(v, None, cfg, m=m, smooth=True)[0] * ds).sum())
+    def f(v):
+        return float((sdn.sdn_neuron_fwd(v, None, cfg, m=m, smooth=True)[0] * ds).sum())
+
     np.testing.assert_allclose(dx, coordinate_fd(f, x, 1e-6), rtol=1e-6, atol=1e-8)
 
 
@@ -318,7 +321,10 @@ def test_sdn_neuron_dot_product():
     x, m = rng.normal(size=(2, 3, 16)), rng.normal(0.5, 0.3, size=(2, 3, 16))
     c, v = rng.normal(size=x.shape), rng.normal(size=x.shape)
     cfg = SDN_CFG.replace(surrogate="atan")
-    f = lambda z: float((sdn.sdn_neuron_fwd(z, None, cfg, m=m, smooth=True)[0] * c).sum())
+
+    def f(z):
+        return float((sdn.sdn_neuron_fwd(z, None, cfg, m=m, smooth=True)[0] * c).sum())
+
     jtc = float((sdn.sdn_neuron_bwd(x, m, cfg, c) * v).sum())
     assert_close_scalar(directional_fd(f, x, v, 1e-6), jtc, 1e-7, 1.0, "dot product")
 

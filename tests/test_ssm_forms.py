@@ -10,7 +10,7 @@ modest ``c``: we use ``atol = 1e3 * eps * S`` (about 2e-13 S), far below any rea
 ``atol = 1e3 * eps * (1 + L max|log dA|) * 2 sum_n |C dB|``.
 """
 import numpy as np
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from refimpl import reference as R
@@ -36,7 +36,8 @@ def coeffs_of(p, disc):
 
 def magnitude(u, K, D):
     """``S = max_t sum_s |K||u| + |D||u|``: the scale of the rounding bound."""
-    return float(np.abs(direct_conv(np.abs(u), np.abs(K))).max() + np.abs(D[:, None] * u).max()) + 1e-300
+    return float(np.abs(direct_conv(np.abs(u), np.abs(K))).max()
+                 + np.abs(D[:, None] * u).max()) + 1e-300
 
 
 # single time step, bidirectional: K1 is never used, the anti-causal sum is empty

@@ -68,7 +68,8 @@ def test_kernel_backward_directional(case):
     scale = float(np.abs(c).sum())
     for name in g:
         v = rng.normal(size=p[name].shape)
-        fd = directional_fd(lambda x: kernel_loss(perturbed(p, name, x), L, disc, c), p[name], v, 1e-5)
+        fd = directional_fd(lambda x: kernel_loss(perturbed(p, name, x), L, disc, c), p[name], v,
+                            1e-5)
         assert_close_scalar(float((g[name] * v).sum()), fd, 1e-7, 1e-3 * scale, name)
 
 

@@ -29,7 +29,8 @@ U = np.zeros((2, 3, 10))
 
 def test_float32_input_is_rejected_not_cast(p):
     K = s4d_kernel(*kargs(p), 10)
-    with pytest.raises(TypeError, match=r"u must have dtype float64, got float32.*u\.astype\(np\.float64\)"):
+    with pytest.raises(TypeError,
+                       match=r"u must have dtype float64, got float32.*u\.astype\(np\.float64\)"):
         fftconv(U.astype(np.float32), K, p["D"])
 
 
@@ -127,7 +128,8 @@ def test_empty_sequence_recurrence(p):
 def test_nan_input(p):
     u = U.copy()
     u[1, 2, 5] = np.nan
-    with pytest.raises(ValueError, match=r"u contains non-finite values \(first at index \(1, 2, 5\): nan\)"):
+    with pytest.raises(ValueError,
+                       match=r"u contains non-finite values \(first at index \(1, 2, 5\): nan\)"):
         direct_conv(u, s4d_kernel(*kargs(p), 10))
 
 
@@ -147,7 +149,8 @@ def test_dt_zero_in_discretize(p):
 
 def test_log_dt_underflow(p):
     p["log_dt"][1] = -800.0
-    with pytest.raises(ValueError, match=r"dt = exp\(log_dt\) must be > 0, but log_dt\[1\] = -800.0"):
+    with pytest.raises(ValueError,
+                       match=r"dt = exp\(log_dt\) must be > 0, but log_dt\[1\] = -800.0"):
         s4d_kernel(*kargs(p), 10)
 
 
@@ -181,12 +184,14 @@ def test_unstable_recurrence(p):
 # --- unknown names ----------------------------------------------------------------------------
 
 def test_unknown_init():
-    with pytest.raises(ValueError, match=r"unknown init 'legs'; valid names are 'lin', 'inv', 'real'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown init 'legs'; valid names are 'lin', 'inv', 'real'"):
         s4d_init(3, 4, init="legs")
 
 
 def test_unknown_disc(p):
-    with pytest.raises(ValueError, match=r"unknown disc 'euler'; valid names are 'zoh', 'bilinear'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown disc 'euler'; valid names are 'zoh', 'bilinear'"):
         s4d_kernel(*kargs(p), 10, disc="euler")
 
 
