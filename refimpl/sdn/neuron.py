@@ -14,7 +14,7 @@ neuron is written; the model's ``sdn`` activation family calls them.
 import numpy as np
 
 from .._checks import check_array
-from ..neurons import SPIKE_CONDITIONS, NeuronConfig
+from ..neurons import NeuronConfig
 from ..surrogates import get_surrogate
 from .fused import sdn_forward
 
@@ -69,13 +69,11 @@ def sdn_neuron_fwd(x, weights, cfg, m=None, smooth=False):
         m = check_array("m", m, 3)
         if m.shape != x.shape:
             raise ValueError(f"x and m must have the same shape, got x {x.shape}, m {m.shape}")
-    z = m + x - cfg.theta  # (B, H, L); z >= 0 exactly when m + x >= theta
+    v = m + x  # (B, H, L) what the spike test compares with theta
     if smooth:
-        s = get_surrogate(cfg.surrogate).primitive(z, cfg.surrogate_scale)  # (B, H, L)
-    elif SPIKE_CONDITIONS[cfg.spike_condition]:  # strict: gt
-        s = (z > 0.0).astype(np.float64)  # (B, H, L)
+        s = get_surrogate(cfg.surrogate).primitive(v - cfg.theta, cfg.surrogate_scale)
     else:
-        s = (z >= 0.0).astype(np.float64)  # (B, H, L)
+        s = (v >= cfg.theta_fire).astype(np.float64)  # (B, H, L), the neuron's one spike test
     return s, m
 
 
