@@ -69,7 +69,7 @@ def train(tau, theta, mean, std, samples, length, epochs, batch_size, lr, weight
         cfg = SDNTrainConfig(tau=tau, theta=theta, mean=mean, std=std, samples=samples,
                              length=length, epochs=epochs, batch_size=batch_size, lr=lr,
                              weight_decay=weight_decay, loss=loss, init=init,
-                             eval_samples=eval_samples, seed=seed).validate()
+                             eval_samples=eval_samples, seed=seed)
         check_destination(out, overwrite)  # before the expensive work
     except FileExistsError:
         fail(f"{out} exists; pass --overwrite to replace it")

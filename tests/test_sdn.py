@@ -572,12 +572,12 @@ def test_dataset_tau_range():
 
 def test_train_config_unknown_loss():
     with pytest.raises(ValueError, match=r"unknown loss 'l1'; valid names are 'mse', 'huber'"):
-        sdn.SDNTrainConfig(loss="l1").validate()
+        sdn.SDNTrainConfig(loss="l1")
 
 
 def test_train_config_unknown_init():
     with pytest.raises(ValueError, match=r"unknown init 'zeros'; valid names are 'lif', 'torch'"):
-        sdn.SDNTrainConfig(init="zeros").validate()
+        sdn.SDNTrainConfig(init="zeros")
 
 
 def test_fold_refuses_negative_running_variance():

@@ -113,7 +113,8 @@ def make_dataset(samples, length, tau, theta=1.0, mean=0.0, std=1.0, seed=0,
 
 @dataclasses.dataclass(frozen=True)
 class SDNTrainConfig:
-    """Settings of :func:`train_sdn` (defaults: the ``refimpl sdn train`` defaults).
+    """Settings of :func:`train_sdn` (defaults: the ``refimpl sdn train`` defaults); validated
+    on construction, like every config class of refimpl.
 
     ``tau, theta, mean, std, length, samples``: the LIF and the training data;
     ``epochs, batch_size, lr, weight_decay, warmup_steps, min_lr_factor, loss, huber_delta,
@@ -143,7 +144,7 @@ class SDNTrainConfig:
     eval_samples: int = 200
     seed: int = 0
 
-    def validate(self):
+    def __post_init__(self):
         check_real("tau", self.tau, 0.0, 1.0, hi_open=True)
         check_real("theta", self.theta, 0.0, lo_open=True)
         check_real("mean", self.mean)
@@ -162,7 +163,6 @@ class SDNTrainConfig:
         if self.warmup_steps >= self.total_steps:
             raise ValueError(f"warmup_steps must be < the number of updates "
                              f"({self.total_steps}), got {self.warmup_steps}")
-        return self
 
     @property
     def steps_per_epoch(self):
@@ -220,7 +220,7 @@ def train_sdn(cfg=None, progress=None, **overrides):
     training-mode BatchNorm with running statistics. The result is folded with the running
     statistics and scored by :func:`evaluate` on ``eval_samples`` fresh sequences.
     """
-    cfg = dataclasses.replace(cfg or SDNTrainConfig(), **overrides).validate()
+    cfg = dataclasses.replace(cfg or SDNTrainConfig(), **overrides)
     x, target, _ = make_dataset(cfg.samples, cfg.length, cfg.tau, cfg.theta, cfg.mean,
                                 cfg.std, cfg.seed)  # (S, L) each
     params, buffers = init_train_params(_rng(cfg.seed, _STREAM_INIT), cfg.init, cfg.tau)
