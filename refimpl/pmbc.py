@@ -33,11 +33,15 @@ from numba import njit, prange
 
 from . import config
 from ._checks import check_array, check_int, check_shape
+from .neurons import NeuronConfig, check_rho, neuron_bwd, reset_coefficients
 
 #: Chunk length of the two-level scan.
 CHUNK = 64
 
-_RESET_CODES = {"none": 0, "soft": 1, "refractory": 1, "hard": 2}
+#: Kernel codes of the reset: every reset of :data:`refimpl.neurons.RESETS` is
+#: ``u = h (1 - a s) + b s``; ``a = 0`` makes it linear in the spikes (``u = h - c s`` with
+#: ``c = -b``: soft, refractory, none with ``c = 0``), ``a = 1`` is the hard reset to ``b``.
+LINEAR, HARD = 1, 2
 
 
 @njit(**config.NJIT_OPTS)
@@ -76,12 +80,12 @@ def _last_spike_before(S, t, R):
 def _evaluate(x, S, tau, theta, c, u_reset, kind, R, theta_fire, p, b, r, h, S_new, a, beta, P):
     """One evaluation of ``F(S)`` on ``[p, L)``: writes ``h`` and ``S_new`` there.
 
-    ``kind``: 0 none, 1 linear reset (soft/refractory, ``c = theta + rho``), 2 hard.
-    For kind 0/1, ``b = leaky(x)`` must be filled and ``r[p-1]`` must hold
+    ``kind``: LINEAR (``u = h - c s``: soft/refractory with ``c = theta + rho``, none with
+    ``c = 0``) or HARD. For LINEAR, ``b = leaky(x)`` must be filled and ``r[p-1]`` must hold
     ``leaky(shift(S))[p-1]``; ``r`` is updated on ``[p, L)``.
     """
     L = x.shape[0]
-    if kind == 2:
+    if kind == HARD:
         for t in range(p, L):
             sp = S[t - 1] if t > 0 else 0.0
             a[t] = tau * (1.0 - sp)
@@ -115,7 +119,7 @@ def _pmbc_row(x, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u)
     P = np.empty(CHUNK)
     for t in range(L):
         s[t] = 0.0
-    if kind != 2:
+    if kind != HARD:
         for t in range(L):
             a[t] = tau
         _scan_segment(a, x, 0.0, 0, L, b, P)  # b = leaky(x)
@@ -139,7 +143,7 @@ def _pmbc_row(x, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u)
     else:
         return -1
     for t in range(L):
-        if kind == 2:
+        if kind == HARD:
             u[t] = h[t] * (1.0 - s[t]) + s[t] * u_reset
         else:
             u[t] = h[t] - c * s[t]
@@ -163,10 +167,9 @@ def _pmbc_rows_serial(x, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, 
 
 
 def _check(x, cfg, rho):
-    """Validate like :func:`refimpl.neurons.neuron_fwd`; returns ``x`` and ``c`` per row (B*H,),
-    the reset magnitude of the linear resets (``u = h - c s``; unused for ``hard``)."""
-    from .neurons import NeuronConfig, check_rho, reset_coefficients
-
+    """Validate like :func:`refimpl.neurons.neuron_fwd`; returns ``x``, the kernel's reset code
+    and ``c`` per row (B*H,), the reset magnitude of the linear resets (``u = h - c s``; unused
+    for ``hard``)."""
     if not isinstance(cfg, NeuronConfig):
         raise TypeError(f"cfg must be a refimpl.neurons.NeuronConfig, got {type(cfg).__name__}")
     x = check_array("x", x, 3)
@@ -174,8 +177,9 @@ def _check(x, cfg, rho):
     if L < 1:
         raise ValueError(f"x must have at least one time step (L >= 1), got shape {x.shape}")
     rho = check_rho(cfg, rho, H)
-    _, b = reset_coefficients(cfg, rho, H)  # u = h (1 - a s) + b s; linear resets: b = -c
-    return x, np.ascontiguousarray(np.broadcast_to(-b, (Bsz, H)).reshape(-1))
+    a, b = reset_coefficients(cfg, rho, H)  # u = h (1 - a s) + b s; linear resets: b = -c
+    kind = HARD if a == 1.0 else LINEAR
+    return x, kind, np.ascontiguousarray(np.broadcast_to(-b, (Bsz, H)).reshape(-1))
 
 
 def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True):
@@ -201,14 +205,14 @@ def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True):
     iterations : int64 (B, H)
         Evaluations of ``F`` per row, the confirming one included.
     """
-    x, c = _check(x, cfg, rho)
+    x, kind, c = _check(x, cfg, rho)
     Bsz, H, L = x.shape
     max_iter = L + 1 if max_iter is None else check_int("max_iter", max_iter, 1)
     x2 = x.reshape(-1, L)  # (B*H, L)
     s, h, u = (np.empty_like(x2) for _ in range(3))  # (B*H, L)
     iters = np.empty(x2.shape[0], dtype=np.int64)  # (B*H,)
     kernel = _pmbc_rows if parallel else _pmbc_rows_serial
-    kernel(x2, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset), _RESET_CODES[cfg.reset],
+    kernel(x2, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset), kind,
            int(cfg.refractory_steps), cfg.theta_fire, max_iter, s, h, u, iters)
     if np.any(iters < 0):
         raise RuntimeError(f"PMBC did not converge within max_iter={max_iter} evaluations on "
@@ -223,8 +227,6 @@ def pmbc_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None):
     PMBC changes how the forward is computed, not what it is, so its VJP is
     :func:`refimpl.neurons.neuron_bwd` evaluated at PMBC's own ``s, h, u``; returns ``(dx, drho)``.
     """
-    from .neurons import neuron_bwd
-
     return neuron_bwd(x, s, h, cfg, ds, dh=dh, du=du, rho=rho)
 
 
@@ -235,14 +237,14 @@ def spike_map(S, x, cfg, rho=None):
     from ``S_0 = 0`` are lower bounds and odd ones upper bounds of the true spike train; for
     ``hard`` reset they are not in general.
     """
-    x, c = _check(x, cfg, rho)
+    x, kind, c = _check(x, cfg, rho)
     S = check_array("S", S, 3)
     check_shape("S", S, x.shape)
     Bsz, H, L = x.shape
     x2, S2 = x.reshape(-1, L), S.reshape(-1, L)
     out = np.empty_like(x2)  # (B*H, L)
     _spike_map_rows(x2, S2, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset),
-                    _RESET_CODES[cfg.reset], int(cfg.refractory_steps),
+                    kind, int(cfg.refractory_steps),
                     cfg.theta_fire, out)
     return out.reshape(x.shape)
 
@@ -255,7 +257,7 @@ def _spike_map_rows(x, S, tau, theta, c, u_reset, kind, R, theta_fire, out):
     beta = np.empty(L)
     P = np.empty(CHUNK)
     for m in range(M):
-        if kind != 2:
+        if kind != HARD:
             for t in range(L):
                 a[t] = tau
             _scan_segment(a, x[m], 0.0, 0, L, b, P)
