@@ -7,6 +7,8 @@ iteration counts. The CLI adds the progress bar and the table; this module never
 import numpy as np
 
 from .conv import direct_conv, fftconv
+from .neurons import RESETS, SPIKE_CONDITIONS, NeuronConfig, neuron_fwd
+from .pmbc import pmbc_fwd
 from .recurrence import ssm_recurrence, ssm_scan
 from .ssm import INITS, DISCRETIZATIONS, discretize_params, s4d_init, s4d_kernel
 
@@ -53,16 +55,14 @@ def check_ssm_forms(n_cases, seed=0, progress=None):
 
 def _neuron_case(rng):
     """One random neuron case for PMBC: reset, tau, theta, R, input scale and sign, length."""
-    from .neurons import NeuronConfig
-
-    reset = str(rng.choice(["soft", "refractory", "hard", "none"]))
+    reset = str(rng.choice(list(RESETS)))
     cfg = NeuronConfig(
         reset=reset,
         tau=float(rng.choice([0.0, 0.125, 0.5, 0.9])),
         theta=float(rng.uniform(0.25, 2.0)),
         u_reset=float(rng.uniform(-0.5, 0.0)) if reset == "hard" else 0.0,
         refractory_steps=int(rng.integers(0, 3)),
-        spike_condition=str(rng.choice(["ge", "gt"])),
+        spike_condition=str(rng.choice(list(SPIKE_CONDITIONS))),
     )
     H, L = int(rng.integers(1, 5)), int(rng.integers(1, 2049))
     x = rng.normal(float(rng.choice([-0.5, 0.0, 0.5])), float(rng.choice([0.3, 1.0, 3.0])),
@@ -79,9 +79,6 @@ def check_pmbc(n_cases, seed=0, progress=None):
     iterative margin is below :func:`refimpl.pmbc.rounding_bound`); ``iterations``:
     (min, median, max) evaluations of ``F`` per row.
     """
-    from .neurons import neuron_fwd
-    from .pmbc import pmbc_fwd
-
     rng = np.random.default_rng(seed)
     worst, mismatches, iters = 0.0, 0, []
     for _ in range(n_cases):
