@@ -9,12 +9,19 @@ Modules (one concept each; see DESIGN.md for the math):
 - :mod:`refimpl.surrogates` - surrogate gradients with their primitives;
 - :mod:`refimpl.neurons` - the LIF family (hard/soft/refractory/none resets), three grad modes;
 - :mod:`refimpl.pmbc` - PMBC, exact parallel spiking by boundary compression;
-- :mod:`refimpl.sdn` - the Surrogate Dynamic Network (inference, training, SDN neuron);
+- :mod:`refimpl.sdn` - the Surrogate Dynamic Network (package: weights, fused kernel, SDN
+  neuron, training network, training);
 - :mod:`refimpl.layers` - GLU, GSU, norms, dropout, pooling, loss;
+- :mod:`refimpl.activations` - the activation registry, one entry per family;
 - :mod:`refimpl.model` - spiking SSM blocks and classifiers, whole-model backward;
 - :mod:`refimpl.optim` - AdamW with parameter groups, cosine schedule;
 - :mod:`refimpl.tasks` / :mod:`refimpl.train` - built-in tasks, the training loop, checkpoints;
-- :mod:`refimpl.h5io` - atomic HDF5 files with provenance;
-- :mod:`refimpl.reference` - the standalone pure-NumPy statement of the math (the oracle).
+- :mod:`refimpl.progress` - the progress events of every training loop;
+- :mod:`refimpl.golden` - golden traces (package: schema, suite registry, suites, generation,
+  comparison, reports; the committed files are the package data ``refimpl.golden.data``);
+- :mod:`refimpl.h5io`, :mod:`refimpl.atomic`, :mod:`refimpl.table` - HDF5 files with
+  provenance, atomic writes, plain-text tables;
+- :mod:`refimpl.reference` - the standalone pure-NumPy statement of the math (the oracle);
+- :mod:`refimpl.cli` - the ``refimpl`` command (the repository's ``cli/`` folder).
 """
 __version__ = "0.1.0"
