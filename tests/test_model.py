@@ -206,3 +206,46 @@ def test_labels_out_of_range():
     cfg, p, buf, x, y = small_model(activation="gelu")
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got range \[0, 3\]"):
         M.loss_and_grads(cfg, p, buf, x, np.array([0, 3, 1]))
+
+
+def test_every_registered_family_is_checked():
+    """The gradient checks above and the reference block cover every registered family."""
+    from refimpl import reference as R
+    from refimpl.activations import ACTIVATIONS
+
+    assert {c["activation"] for c in CASES} == set(ACTIVATIONS)
+    assert set(R.FAMILIES) == set(ACTIVATIONS)
+
+
+def test_a_new_family_is_one_registry_entry(monkeypatch):
+    """A family registered in refimpl.activations (here a soft-reset LIF) is a model
+    activation with a correct backward, with no change anywhere else."""
+    from refimpl.activations import ACTIVATIONS, LIF
+
+    class SoftLIF(LIF):
+        name = "soft_lif"
+        neuron = dict(reset="soft", tau=0.5, theta=1.0, surrogate="triangle")
+
+    monkeypatch.setitem(ACTIVATIONS, "soft_lif", SoftLIF())
+    cfg, p, buf, x, y = small_model(activation="soft_lif")
+    assert cfg.neuron_config().reset == "soft" and "layers.0.ln_vth" in p
+
+    def loss(q):
+        return M.loss_and_grads(cfg, q, buf, x, y, training=False, smooth=True)
+
+    _, _, g, _, stats = loss(p)
+    assert all(r is not None for r in stats["rates"])
+    v = np.random.default_rng(3).normal(size=p["layers.0.ln_vth"].shape)
+
+    def f(val):
+        return loss({**p, "layers.0.ln_vth": val})[0]
+
+    fd = directional_fd(f, p["layers.0.ln_vth"], v, 1e-4)
+    assert_close_scalar(float((g["layers.0.ln_vth"] * v).sum()), fd, 1e-7, 1e-2, "ln_vth")
+
+
+def test_registering_a_name_twice_is_refused():
+    from refimpl.activations import LIF, register
+
+    with pytest.raises(ValueError, match="activation family 'lif' is registered twice"):
+        register(LIF)
