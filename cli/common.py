@@ -4,6 +4,7 @@ The CLI is a thin click layer (STYLE.md): it parses, calls the library, writes f
 progress. Library errors reach the user as one line through :func:`fail`, never a traceback.
 """
 import sys
+import time
 
 import click
 
@@ -20,32 +21,70 @@ def choice(registry):
     return click.Choice(list(registry))
 
 
-class progress_bar:
-    """A click progress bar on stderr driven by :mod:`refimpl.progress` events.
+class progress:
+    """Progress of ``total`` units of work on stderr, for a terminal and for a log file alike.
 
-    Use as ``with progress_bar(total, "train") as on_event: run(..., progress=on_event)``. Each
-    :class:`~refimpl.progress.Step` advances the bar and shows epoch, loss and firing rate; an
-    :class:`~refimpl.progress.EpochEnd` shows ``summary(event)`` if given. Click redraws the bar
-    in place on a terminal and prints plain lines (about one per second) when stderr is not a
-    terminal, so a log file shows progress too.
+    On a terminal: a click progress bar redrawn in place. Otherwise (a pipe, a file, CI) click
+    would print only the label, so this prints a plain line ``label: done/total (pct) text``
+    at most every ``interval`` seconds, and one at the end. Use as a context manager; call
+    ``update(n, text=None)`` as work completes.
     """
 
-    def __init__(self, total, label, summary=None):
-        self._bar = click.progressbar(length=max(int(total), 0), label=label, file=sys.stderr,
-                                      show_pos=True, item_show_func=lambda s: s)
-        self._summary = summary
+    def __init__(self, total, label, interval=5.0):
+        self.total, self.label, self.interval = max(int(total), 0), label, interval
+        self.done, self._text, self._last = 0, "", None
+        self._tty = sys.stderr.isatty()
+        self._bar = None
+        if self._tty:
+            self._bar = click.progressbar(length=self.total, label=label, file=sys.stderr,
+                                          show_pos=True, item_show_func=lambda t: t)
 
     def __enter__(self):
-        self._bar.__enter__()
+        if self._bar is not None:
+            self._bar.__enter__()
+        else:
+            self._last = time.monotonic()
+            click.echo(f"{self.label}: 0/{self.total}", err=True)
         return self
 
     def __exit__(self, *exc):
-        return self._bar.__exit__(*exc)
+        if self._bar is not None:
+            return self._bar.__exit__(*exc)
+        if exc[0] is None:
+            self._line()
+        return False
+
+    def update(self, n=1, text=None):
+        self.done += n
+        if text is not None:
+            self._text = text
+        if self._bar is not None:
+            self._bar.update(n, text)
+        elif time.monotonic() - self._last >= self.interval:
+            self._line()
+
+    def _line(self):
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        text = f"  {self._text}" if self._text else ""
+        click.echo(f"{self.label}: {self.done}/{self.total} ({pct:.0f} %){text}", err=True)
+        self._last = time.monotonic()
+
+
+class progress_bar(progress):
+    """:class:`progress` driven by :mod:`refimpl.progress` events: the object is the callback.
+
+    Use as ``with progress_bar(total, "train") as on_event: run(..., progress=on_event)``. Each
+    :class:`~refimpl.progress.Step` advances it and shows epoch, loss and firing rate; an
+    :class:`~refimpl.progress.EpochEnd` shows ``summary(event)`` if given.
+    """
+
+    def __init__(self, total, label, summary=None, interval=5.0):
+        super().__init__(total, label, interval)
+        self._summary = summary
 
     def __call__(self, event):
         if isinstance(event, Step):
             rate = "" if event.rate is None else f" rate {event.rate:.3f}"
-            self._bar.update(
-                1, f"epoch {event.epoch + 1}/{event.epochs} loss {event.loss:.4g}{rate}")
+            self.update(1, f"epoch {event.epoch + 1}/{event.epochs} loss {event.loss:.4g}{rate}")
         elif isinstance(event, EpochEnd) and self._summary is not None:
-            self._bar.update(0, self._summary(event))
+            self.update(0, self._summary(event))

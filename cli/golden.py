@@ -13,7 +13,7 @@ from refimpl import golden as G
 from refimpl.atomic import atomic_write_json
 from refimpl.h5io import FileFormatError
 
-from .common import choice, fail
+from .common import choice, fail, progress
 
 
 def _jsonable(v):
@@ -57,7 +57,7 @@ def generate(suites, out_dir, overwrite, seed, size):
     try:
         G.check_fastmath()
         total = sum(len(G.suite_specs(n, seed, size)) for n in names)
-        with click.progressbar(length=total, label="golden cases", file=sys.stderr) as bar:
+        with progress(total, "golden cases") as bar:
             paths = G.generate(out_dir, names, seed=seed, size=size, overwrite=overwrite,
                                progress=bar.update)
     except (FileExistsError, RuntimeError, ValueError) as e:
@@ -120,8 +120,11 @@ def check(golden_dir, suites, json_path, verbose):
     """Recompute every committed case with the installed refimpl and compare (regression test),
     then rebuild each case from its definition: STALE (fails) where the file differs beyond
     rounding, DRIFT (informational) where it differs only within rounding (golden/SCHEMA.md)."""
+    names = list(suites) or list(G.SUITES)
     try:
-        report = G.check(golden_dir, list(suites) or None)
+        total = sum(len(G.suite_specs(n)) for n in names)
+        with progress(total, "golden check") as bar:
+            report = G.check(golden_dir, names, progress=bar.update)
     except FileFormatError as e:
         fail(e)
     _finish(report, json_path, verbose)

@@ -10,7 +10,7 @@ import refimpl
 from refimpl.equivalence import CHECKS
 from refimpl.table import render_table
 
-from .common import choice
+from .common import choice, progress
 from .golden import golden
 from .sdn import sdn
 from .train import evaluate, train
@@ -72,7 +72,7 @@ def equivalence(cases, seed, checks):
     """Run the parallel-vs-iterative checks on random cases and print a table."""
     names = list(checks) or list(CHECKS)
     rows = []
-    with click.progressbar(length=cases * len(names), label="equivalence", file=sys.stderr) as bar:
+    with progress(cases * len(names), "equivalence") as bar:
         for name in names:
             rows.append(CHECKS[name](cases, seed=seed, progress=bar.update))
     header = ("forms compared", "cases", "worst error", "spike mismatches",

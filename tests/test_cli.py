@@ -53,3 +53,18 @@ def test_installed_command_runs():
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "refimpl" in out.stdout
+
+
+def test_progress_prints_plain_lines_when_not_a_terminal(capsys):
+    """Off a terminal click's bar prints only its label; ours prints progress lines."""
+    from refimpl.cli.common import progress_bar
+    from refimpl.progress import EpochEnd, Step
+
+    with progress_bar(4, "train", summary=lambda e: f"done {e.epoch}", interval=0.0) as cb:
+        for i in range(4):
+            cb(Step(0, 1, i, 4, i, 4, 0.5, None))
+        cb(EpochEnd(0, 1, 0.5))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "train: 0/4"
+    assert "train: 2/4 (50 %)  epoch 1/1 loss 0.5" in lines
+    assert lines[-1] == "train: 4/4 (100 %)  done 0"
