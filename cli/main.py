@@ -2,7 +2,6 @@
 import importlib.metadata
 import os
 import platform
-import sys
 
 import click
 
