@@ -1,0 +1,680 @@
+"""A float32 NumPy backend for refimpl's golden suites, with planted bugs (issue 10).
+
+Independent of refimpl's kernels: every input, parameter, cotangent and configuration value is
+rounded to float32 when read, and all arithmetic is float32 / complex64 (NumPy 2 keeps float32
+through ``np.fft``; Python scalars are weak under NEP 50, float64 attributes are converted
+explicitly). Only ``refimpl.golden.golden_path`` is used, to find the committed golden file.
+
+Suites: ``s4d_kernel``, ``fftconv``, ``neuron``, ``pmbc`` (computed by the iterative neuron; no
+``iterations`` output: verify with ``skip=('*/outputs/iterations',)``), ``glu``, ``sdn`` and
+``block`` (every family, norm and placement the committed cases use, composed from the pieces
+above plus GELU, GSU, LayerNorm and BatchNorm).
+
+Each op is ``op(case, bug=None) -> (outputs, grads)`` on a :class:`Case` (float32 arrays read
+from a golden case); invalid cases raise :class:`Reject`. ``write_candidate(suite, path, bug)``
+writes the candidate file for the committed golden file. ``BUGS`` lists the planted bugs; the
+special bug ``"rel_error_1e-3"`` multiplies the dataset named by ``target`` (``"outputs/y"``,
+``"grads/x"``, ...) by ``1 + 1e-3``.
+"""
+import math
+
+import h5py
+import numpy as np
+
+from refimpl.golden import golden_path
+
+F32 = np.float32
+C64 = np.complex64
+
+#: planted bug -> (suite it is tested on, the tensor it affects)
+BUGS = {
+    "ge_for_gt": ("neuron", "outputs/s"),
+    "refractory_theta": ("neuron", "outputs/u"),
+    "surrogate_scale_x2": ("neuron", "grads/x"),
+    "anticausal_not_reversed": ("fftconv", "outputs/y"),
+    "no_D_in_backward": ("fftconv", "grads/u"),
+    "missing_conj": ("s4d_kernel", "grads/C_im"),
+    "refractory_counter_off_by_one": ("neuron", "outputs/s"),
+    "detach_reset_as_bptt": ("neuron", "grads/x"),
+    "sdn_sees_x_t": ("sdn", "outputs/m"),
+    "glu_gate_wrong_half": ("glu", "outputs/z"),
+}
+REL_ERROR = "rel_error_1e-3"
+SUITES = ("s4d_kernel", "fftconv", "neuron", "pmbc", "glu", "sdn", "block")
+
+
+class Reject(Exception):
+    """The backend rejects the case (written as the case's ``error`` attribute)."""
+
+
+def f32(a):
+    return np.asarray(a, dtype=F32)
+
+
+class Case:
+    """One golden case read as float32: ``attrs`` (floats as float32), ``inputs``, ``params``,
+    ``cot`` (cotangents) and ``grad_names`` (the grads the golden case holds)."""
+
+    def __init__(self, gcase):
+        self.attrs = {}
+        for k, v in gcase.attrs.items():
+            if isinstance(v, (float, np.floating)):
+                v = F32(v)
+            elif isinstance(v, bytes):
+                v = v.decode()
+            elif isinstance(v, (np.integer,)):
+                v = int(v)
+            elif isinstance(v, np.bool_):
+                v = bool(v)
+            self.attrs[k] = v
+        get = lambda g: {n: f32(gcase[g][n][()]) for n in gcase[g]} if g in gcase else {}
+        self.inputs, self.params, self.cot = get("inputs"), get("params"), get("cotangents")
+        self.trainable = {n: bool(gcase["params"][n].attrs.get("trainable", True))
+                          for n in self.params}
+        self.grad_names = list(gcase["grads"]) if "grads" in gcase else []
+        self.output_names = list(gcase["outputs"]) if "outputs" in gcase else []
+
+
+def _finite(**arrays):
+    for name, a in arrays.items():
+        if a is not None and not np.isfinite(a).all():
+            raise Reject(f"{name} contains non-finite values")
+
+
+def _cplx(re, im):
+    z = np.empty(np.shape(re), dtype=C64)
+    z.real, z.imag = re, im
+    return z
+
+
+def _re2(c):
+    """(d/d re, d/d im) of ``f`` when ``df = 2 Re(c dz)``."""
+    return (F32(2) * c.real).astype(F32), (F32(-2) * c.imag).astype(F32)
+
+
+# ============================================================================================
+# S4D kernel
+# ============================================================================================
+
+def _expm1c(w):
+    """``exp(w) - 1`` for complex64 ``w`` without cancellation."""
+    x, y = w.real, w.imag
+    re = np.expm1(x) * np.cos(y) - F32(2) * np.sin(y / F32(2)) ** 2
+    im = np.exp(x) * np.sin(y)
+    return _cplx(re, im)
+
+
+def _dphi1(w):
+    """``d/dw (exp(w) - 1) / w``: a Taylor series for ``|w| < 1``, the closed form elsewhere."""
+    small = np.abs(w) < 1
+    ws = np.where(small, w, C64(0))
+    series = np.zeros_like(w)
+    for k in range(14, 0, -1):  # sum_k k w^(k-1) / (k+1)!
+        series = series * ws + C64(k / math.factorial(k + 1))
+    wb = np.where(small, C64(1), w)
+    closed = (wb * np.exp(wb) - _expm1c(wb)) / (wb * wb)
+    return np.where(small, series, closed).astype(C64)
+
+
+def _discretize(log_dt, lar, aim, B, disc):
+    """``dA, dB`` and their partial derivatives w.r.t. dt, A, B (complex64, (H, N2))."""
+    dt = np.exp(log_dt)[:, None]  # (H, 1)
+    A = _cplx(-np.exp(lar), aim)  # (H, N2)
+    w = (dt * A).astype(C64)
+    if disc == "zoh":
+        dA = np.exp(w)
+        E1 = _expm1c(w) / A  # (exp(dt A) - 1) / A
+        dB = E1 * B
+        d = dict(dA_dt=dA * A, dA_A=dA * dt, dB_dt=B * dA, dB_A=B * dt * dt * _dphi1(w),
+                 dB_B=E1, logdA=w)
+    elif disc == "bilinear":
+        q = C64(1) - w / F32(2)
+        dA = (C64(1) + w / F32(2)) / q
+        dB = dt * B / q
+        q2 = q * q
+        d = dict(dA_dt=A / q2, dA_A=dt / q2, dB_dt=B / q2, dB_A=dt * dt * B / (F32(2) * q2),
+                 dB_B=dt / q, logdA=np.log(dA))
+    else:
+        raise Reject(f"unknown disc {disc!r}")
+    return dt, A, dA.astype(C64), dB.astype(C64), d
+
+
+def _powers(logdA, L):
+    """``dA^l`` for l = 0..L-1 as ``exp(l log dA)``, (H, N2, L) complex64."""
+    return np.exp(logdA[:, :, None] * np.arange(L, dtype=F32)).astype(C64)
+
+
+def kernel_fwd_bwd(p, L, disc, dK=None, bug=None):
+    """S4D kernel from params ``log_dt, log_A_real, A_imag, C_re, C_im [, B_re, B_im]``;
+    returns ``K`` and, given the cotangent ``dK``, the param grads."""
+    for n in ("log_dt", "log_A_real", "A_imag", "C_re", "C_im"):
+        if n not in p:
+            raise Reject(f"missing parameter {n}")
+    _finite(**p)
+    if L < 1:
+        raise Reject(f"L must be >= 1, got {L}")
+    Cm = _cplx(p["C_re"], p["C_im"])  # (H, N2) or (2, H, N2)
+    bidir = Cm.ndim == 3
+    Bm = _cplx(p["B_re"], p["B_im"]) if "B_re" in p else np.ones(p["A_imag"].shape, C64)
+    dt, A, dA, dB, d = _discretize(p["log_dt"], p["log_A_real"], p["A_imag"], Bm, disc)
+    P = _powers(d["logdA"], L)  # (H, N2, L)
+    W = Cm * dB  # (..., H, N2)
+    K = (F32(2) * np.einsum("...hn,hnl->...hl", W, P).real).astype(F32)
+    if dK is None:
+        return K, None
+    G = dK.astype(C64)  # (..., H, L)
+    S0 = np.einsum("...hl,hnl->...hn", G, P)  # sum_l G_l dA^l
+    lG = G[..., 1:] * np.arange(1, L, dtype=F32)
+    S1 = np.einsum("...hl,hnl->...hn", lG, P[:, :, :L - 1])  # sum_l l G_l dA^(l-1)
+    cC = dB * S0
+    cdB = Cm * S0
+    cdA = W * S1
+    if bidir:
+        cdB, cdA = cdB.sum(0), cdA.sum(0)
+    grads = {}
+    grads["C_re"], grads["C_im"] = _re2(cC)
+    if bug == "missing_conj":  # d/d C_im taken from conj-less c: sign of the imaginary part
+        grads["C_im"] = -grads["C_im"]
+    c_dt = cdA * d["dA_dt"] + cdB * d["dB_dt"]
+    c_A = cdA * d["dA_A"] + cdB * d["dB_A"]
+    grads["log_dt"] = (F32(2) * c_dt.real.sum(-1) * dt[:, 0]).astype(F32)
+    gre, grads["A_imag"] = _re2(c_A)
+    grads["log_A_real"] = (-gre * np.exp(p["log_A_real"])).astype(F32)
+    if "B_re" in p:
+        grads["B_re"], grads["B_im"] = _re2(cdB * d["dB_B"])
+    return K, grads
+
+
+def s4d_kernel(case, bug=None):
+    a = case.attrs
+    K, g = kernel_fwd_bwd(case.params, int(a["L"]), a["disc"], case.cot.get("K"), bug)
+    return {"K": K}, g
+
+
+# ============================================================================================
+# FFT convolution
+# ============================================================================================
+
+def conv_fwd_bwd(u, K, D, dy=None, bug=None):
+    """``y = conv(u, K) + D u`` and, given ``dy``, grads of u, K, D (float32 FFTs)."""
+    _finite(u=u, K=K, D=D)
+    Bsz, H, L = u.shape
+    if K.shape[-2:] != (H, L) or K.ndim not in (2, 3) or (K.ndim == 3 and K.shape[0] != 2):
+        raise Reject(f"K must have shape (..., {H}, {L}), got {K.shape}")
+    if D.shape != (H,):
+        raise Reject(f"D must have shape ({H},), got {D.shape}")
+    n = 2 * L
+    k = np.zeros((H, n), F32)
+    bidir = K.ndim == 3
+    k[:, :L] = K[0] if bidir else K
+    if bidir:  # anticausal half: k[n - 1 - j] = K1[j]
+        k[:, n - L:] = K[1] if bug == "anticausal_not_reversed" else K[1][:, ::-1]
+    kf, uf = np.fft.rfft(k, n), np.fft.rfft(u, n)
+    y = (np.fft.irfft(uf * kf, n)[..., :L] + D[:, None] * u).astype(F32)
+    if dy is None:
+        return y, None
+    dyf = np.fft.rfft(dy, n)
+    du = np.fft.irfft(dyf * np.conj(kf), n)[..., :L]
+    if bug != "no_D_in_backward":
+        du = du + D[:, None] * dy
+    dk = np.fft.irfft((dyf * np.conj(uf)).sum(0), n)
+    if bidir:
+        dK = np.stack([dk[:, :L], dk[:, n - L:][:, ::-1]])
+    else:
+        dK = dk[:, :L]
+    dD = (dy * u).sum(axis=(0, 2))
+    return y, {"u": du.astype(F32), "K": dK.astype(F32), "D": dD.astype(F32)}
+
+
+def fftconv(case, bug=None):
+    y, g = conv_fwd_bwd(case.inputs["u"], case.params["K"], case.params["D"],
+                        case.cot.get("y"), bug)
+    return {"y": y}, g
+
+
+# ============================================================================================
+# Neuron (iterative; PMBC's outputs equal it)
+# ============================================================================================
+
+def _sigmoid(v):
+    with np.errstate(over="ignore"):
+        return (F32(1) / (F32(1) + np.exp(-v))).astype(F32)
+
+
+def surrogate_grad(name, z, c):
+    z = f32(z)
+    c = F32(c)
+    if name == "triangle":
+        return np.maximum(F32(0), F32(1) - np.abs(z) / c) / c
+    if name == "rectangle":
+        return np.where(np.abs(z) < c / F32(2), F32(1) / c, F32(0)).astype(F32)
+    if name == "sigmoid":
+        sg = _sigmoid(c * z)
+        return c * sg * (F32(1) - sg)
+    if name == "atan":
+        return (c / F32(2)) / (F32(1) + (F32(np.pi) * c * z / F32(2)) ** 2)
+    if name == "fast_sigmoid":
+        return F32(1) / (F32(1) + c * np.abs(z)) ** 2
+    raise Reject(f"unknown surrogate {name!r}")
+
+
+DEFAULT_SCALE = {"triangle": 1.0, "rectangle": 1.0, "sigmoid": 4.0, "atan": 2.0,
+                 "fast_sigmoid": 25.0}
+
+
+def neuron_config(a, prefix=""):
+    g = lambda k, default=None: a.get(prefix + k, default)
+    sur = g("surrogate", "triangle")
+    cfg = dict(reset=g("reset", "hard"), tau=F32(g("tau", 0.0)), theta=F32(g("theta", 1.0)),
+               u_reset=F32(g("u_reset", 0.0)), R=int(g("refractory_steps", 0)),
+               cond=g("spike_condition", "ge"), surrogate=sur,
+               scale=F32(g("surrogate_scale", DEFAULT_SCALE.get(sur, 1.0))),
+               grad_mode=g("grad_mode", "bptt"))
+    if not (0 <= cfg["tau"] < 1):
+        raise Reject(f"tau must be in [0.0, 1.0), got {cfg['tau']}")
+    if cfg["reset"] not in ("hard", "soft", "refractory", "none"):
+        raise Reject(f"unknown reset {cfg['reset']!r}")
+    if cfg["reset"] == "hard" and not cfg["theta"] > 0:
+        raise Reject(f"theta (with reset='hard') must be > 0, got {cfg['theta']}")
+    if cfg["cond"] not in ("ge", "gt") or cfg["R"] < 0 or not np.isfinite(cfg["theta"]):
+        raise Reject("bad spike_condition, refractory_steps or theta")
+    if cfg["grad_mode"] not in ("bptt", "detach_reset", "sltt"):
+        raise Reject(f"unknown grad_mode {cfg['grad_mode']!r}")
+    if cfg["surrogate"] not in DEFAULT_SCALE or not cfg["scale"] > 0:
+        raise Reject("bad surrogate")
+    return cfg
+
+
+def _fires(h, theta, cond, bug):
+    if cond == "ge" or bug == "ge_for_gt":
+        return h >= theta
+    return h > theta
+
+
+def neuron_fwd(x, rho, cfg, bug=None):
+    """``s, h, u, allowed`` (B, H, L) float32."""
+    _finite(x=x, rho=rho)
+    if rho is not None and (rho < 0).any():
+        raise Reject("rho must be >= 0 everywhere")
+    Bsz, H, L = x.shape
+    rho = np.zeros(H, F32) if rho is None else rho
+    tau, theta, ur, R = cfg["tau"], cfg["theta"], cfg["u_reset"], cfg["R"]
+    if bug == "refractory_counter_off_by_one" and R > 0:
+        R = R + 1
+    s, h, u, allowed = (np.zeros((Bsz, H, L), F32) for _ in range(4))
+    u_prev = np.zeros((Bsz, H), F32)
+    blocked = np.zeros((Bsz, H), np.int64)
+    for t in range(L):
+        ht = tau * u_prev + x[:, :, t]
+        ok = blocked == 0
+        st = (ok & _fires(ht, theta, cfg["cond"], bug)).astype(F32)
+        blocked = np.where(st > 0, R, np.maximum(blocked - 1, 0))
+        if cfg["reset"] == "hard":
+            ut = ht * (F32(1) - st) + st * ur
+        elif cfg["reset"] == "soft":
+            ut = ht - theta * st
+        elif cfg["reset"] == "refractory":
+            ut = ht - (theta * st if bug == "refractory_theta" else (theta + rho) * st)
+        else:
+            ut = ht
+        s[:, :, t], h[:, :, t], u[:, :, t], allowed[:, :, t] = st, ht, ut, ok
+        u_prev = ut.astype(F32)
+    return s, h, u, allowed
+
+
+def neuron_bwd(s, h, allowed, rho, cfg, gs, gh=None, gu=None, bug=None):
+    """VJP: ``(dx, drho)`` for cotangents on s, h, u (None = zero)."""
+    Bsz, H, L = s.shape
+    rho = np.zeros(H, F32) if rho is None else rho
+    tau, theta, ur = cfg["tau"], cfg["theta"], cfg["u_reset"]
+    scale = cfg["scale"] * (F32(2) if bug == "surrogate_scale_x2" else F32(1))
+    mode = cfg["grad_mode"]
+    if bug == "detach_reset_as_bptt" and mode == "detach_reset":
+        mode = "bptt"
+    dsdh = allowed * surrogate_grad(cfg["surrogate"], h - theta, scale)
+    zero = np.zeros((Bsz, H), F32)
+    dx = np.zeros((Bsz, H, L), F32)
+    drho = np.zeros((Bsz, H), F32)
+    carry = zero  # gradient reaching u_t from h_{t+1}
+    for t in range(L - 1, -1, -1):
+        st, ht = s[:, :, t], h[:, :, t]
+        gut = carry + (gu[:, :, t] if gu is not None else zero)
+        gst = gs[:, :, t] if gs is not None else zero
+        reset = cfg["reset"]
+        if reset == "hard":
+            dudh, duds = F32(1) - st, ur - ht
+        elif reset == "soft":
+            dudh, duds = F32(1), -theta
+        elif reset == "refractory":
+            dudh, duds = F32(1), -(theta + rho)
+            drho = drho - gut * st
+        else:
+            dudh, duds = F32(1), F32(0)
+        if mode != "detach_reset":
+            gst = gst + gut * duds
+        ght = (gh[:, :, t] if gh is not None else zero) + gut * dudh + gst * dsdh[:, :, t]
+        dx[:, :, t] = ght
+        carry = zero if mode == "sltt" else (tau * ght).astype(F32)
+    return dx, drho.sum(0).astype(F32)
+
+
+def neuron(case, bug=None):
+    cfg = neuron_config(case.attrs)
+    x, rho = case.inputs["x"], case.params.get("rho")
+    if cfg["reset"] == "refractory" and rho is None:
+        raise Reject("refractory reset needs rho")
+    s, h, u, allowed = neuron_fwd(x, rho, cfg, bug)
+    dx, drho = neuron_bwd(s, h, allowed, rho, cfg, case.cot.get("s"), case.cot.get("h"),
+                          case.cot.get("u"), bug)
+    grads = {"x": dx}
+    if rho is not None:
+        grads["rho"] = drho
+    return {"s": s, "h": h, "u": u}, grads
+
+
+pmbc = neuron  # same outputs; iterations omitted
+
+
+# ============================================================================================
+# GLU, GSU, GELU
+# ============================================================================================
+
+def glu_fwd_bwd(s, W, b, dz=None, bug=None):
+    H = s.shape[1]
+    o = np.einsum("oi,bil->bol", W, s) + b[:, None]  # (B, 2H, L)
+    a, gate = (o[:, H:], o[:, :H]) if bug == "glu_gate_wrong_half" else (o[:, :H], o[:, H:])
+    sg = _sigmoid(gate)
+    z = (a * sg).astype(F32)
+    if dz is None:
+        return z, None
+    da = dz * sg
+    dgate = dz * a * sg * (F32(1) - sg)
+    do = np.concatenate([dgate, da] if bug == "glu_gate_wrong_half" else [da, dgate], axis=1)
+    return z, {"s": np.einsum("oi,bol->bil", W, do).astype(F32),
+               "W": np.einsum("bol,bil->oi", do, s).astype(F32),
+               "b": do.sum(axis=(0, 2)).astype(F32)}
+
+
+def glu(case, bug=None):
+    z, g = glu_fwd_bwd(case.inputs["s"], case.params["W"], case.params["b"],
+                       case.cot.get("z"), bug)
+    return {"z": z}, g
+
+
+def _ternary(v, axis=None):
+    vmax = np.abs(v).max(axis=axis, keepdims=True)
+    return np.where((vmax > 0) & (np.abs(v) >= F32(0.15) * vmax), np.sign(v), F32(0)).astype(F32)
+
+
+def gsu_fwd_bwd(x, W, b, c, dz):
+    Tx, TW = _ternary(x, axis=1), _ternary(W)
+    P = np.einsum("bil,ij->bjl", Tx, W) + b[:, None]
+    Q = np.einsum("bil,ij->bjl", x, TW) + c[:, None]
+    z = (P * Q).astype(F32)
+    dP, dQ = dz * Q, dz * P
+    return z, {"x": np.einsum("ij,bjl->bil", TW, dQ).astype(F32),
+               "W": np.einsum("bil,bjl->ij", Tx, dP).astype(F32),
+               "b": dP.sum(axis=(0, 2)).astype(F32), "c": dQ.sum(axis=(0, 2)).astype(F32)}
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def gelu_fwd_bwd(y):
+    """``y Phi(y)`` and its derivative (erf correctly rounded to float32)."""
+    Phi = (F32(0.5) * (F32(1) + _erf(y / F32(math.sqrt(2.0))).astype(F32))).astype(F32)
+    phi = np.exp(-F32(0.5) * y * y) / F32(math.sqrt(2 * math.pi))
+    return (y * Phi).astype(F32), (Phi + y * phi).astype(F32)
+
+
+# ============================================================================================
+# SDN
+# ============================================================================================
+
+def _sdn_weights(p, prefix=""):
+    w = {k: p[prefix + k] for k in ("w0", "w1", "w2", "w3", "w4", "w5")}
+    return w["w0"][:, 0, :], w["w1"], w["w2"][:, :, 0], w["w3"], w["w4"][0, :, 0], w["w5"][0]
+
+
+def sdn_fwd_bwd(x, p, prefix="", dm=None, bug=None):
+    """Fused SDN prediction ``m`` (..., L) and, given ``dm``, grads of w0..w5."""
+    W1, b1, W2, b2, w3, b3 = _sdn_weights(p, prefix)
+    K = W1.shape[1]
+    L = x.shape[-1]
+    xp = np.concatenate([np.zeros(x.shape[:-1] + (K,), F32), x], axis=-1)
+    off = 1 if bug == "sdn_sees_x_t" else 0
+    win = np.stack([xp[..., k + off:k + off + L] for k in range(K)], axis=-1)  # x[t-K+k]
+    pre1 = b1 + win @ W1.T  # (..., L, C)
+    h1 = np.maximum(pre1, F32(0))
+    pre2 = b2 + h1 @ W2.T + h1
+    h2 = np.maximum(pre2, F32(0))
+    m = (b3 + h2 @ w3).astype(F32)
+    if dm is None:
+        return m, None
+    lead = tuple(range(dm.ndim))
+    g2 = dm[..., None] * w3 * (pre2 > 0)  # (..., L, C)
+    g1 = (g2 @ W2 + g2) * (pre1 > 0)
+    flat = lambda a: a.reshape(-1, a.shape[-1])
+    gW1 = flat(g1).T @ flat(win)
+    gW2 = flat(g2).T @ flat(h1)
+    grads = {"w0": gW1[:, None, :], "w1": g1.sum(axis=lead), "w2": gW2[:, :, None],
+             "w3": g2.sum(axis=lead), "w4": (flat(h2).T @ dm.reshape(-1))[None, :, None],
+             "w5": dm.sum().reshape(1)}
+    return m, {k: f32(v) for k, v in grads.items()}
+
+
+def sdn(case, bug=None):
+    a = case.attrs
+    x = case.inputs["x"]
+    _finite(x=x, **case.params)
+    theta = F32(a.get("theta", 1.0))
+    sur = a.get("surrogate", "triangle")
+    scale = F32(a.get("surrogate_scale", DEFAULT_SCALE.get(sur, 1.0)))
+    m, grads = sdn_fwd_bwd(x, case.params, "", case.cot["m"], bug)
+    v = m + x
+    s = (v >= theta if a.get("spike_condition", "ge") == "ge" else v > theta).astype(F32)
+    if bug == "surrogate_scale_x2":
+        scale = scale * F32(2)
+    grads["x"] = (case.cot["s"] * surrogate_grad(sur, v - theta, scale)).astype(F32)
+    return {"m": m, "s": s}, grads
+
+
+# ============================================================================================
+# Norms and the block
+# ============================================================================================
+
+def norm_fwd(x, gamma, beta, kind, eps=F32(1e-5)):
+    axes = (1,) if kind == "layer" else (0, 2)
+    mu = x.mean(axis=axes, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
+    rstd = F32(1) / np.sqrt(var + eps)
+    xh = ((x - mu) * rstd).astype(F32)
+    return (xh * gamma[:, None] + beta[:, None]).astype(F32), (xh, rstd, axes)
+
+
+def norm_bwd(dy, gamma, cache):
+    xh, rstd, axes = cache
+    other = tuple(a for a in (0, 1, 2) if a not in axes)  # what gamma is indexed by: axis 1
+    red = tuple(a for a in (0, 1, 2) if a != 1)
+    dgamma = (dy * xh).sum(axis=red)
+    dbeta = dy.sum(axis=red)
+    dxh = dy * gamma[:, None]
+    dx = rstd * (dxh - dxh.mean(axis=axes, keepdims=True)
+                 - xh * (dxh * xh).mean(axis=axes, keepdims=True))
+    del other
+    return dx.astype(F32), dgamma.astype(F32), dbeta.astype(F32)
+
+
+def block(case, bug=None):
+    a, p = case.attrs, case.params
+    u = case.inputs["u"]
+    _finite(u=u, **p)
+    act, kind = a["activation"], a["norm"]
+    if kind not in ("layer", "batch"):
+        raise Reject(f"unknown norm {kind!r}")
+    gamma, beta = p["norm.gamma"], p["norm.beta"]
+    L = u.shape[-1]
+    # forward
+    if a["prenorm"]:
+        z, ncache = norm_fwd(u, gamma, beta, kind)
+    else:
+        z = u
+    ssm = {k[4:]: v for k, v in p.items() if k.startswith("ssm.")}
+    D = ssm.pop("D")
+    K, _ = kernel_fwd_bwd(ssm, L, a.get("disc", "zoh"))
+    y0, _ = conv_fwd_bwd(z, K, D, bug=bug)
+    thr = bool(a.get("threshold_scaling", False)) and "ln_vth" in p
+    if thr:
+        sc = np.exp(p["ln_vth"])[:, None]
+        y = (y0 / sc).astype(F32)
+    else:
+        y = y0
+    kind_act = a.get("activation_kind", "")
+    if act == "gelu":
+        s, dgelu = gelu_fwd_bwd(y)
+    elif act == "binary_gsu":
+        s = None
+    elif act == "sdn":
+        cfg = neuron_config(a, "neuron_")
+        m, _ = sdn_fwd_bwd(y, p, "sdn.", bug=bug)
+        v = m + y
+        s = (v >= cfg["theta"] if cfg["cond"] == "ge" else v > cfg["theta"]).astype(F32)
+    elif kind_act == "neuron" or act in ("lif", "binary", "refractory"):
+        cfg = neuron_config(a, "neuron_")
+        rho = p.get("rho")
+        s, h, _, allowed = neuron_fwd(y, rho, cfg, bug)
+    else:
+        raise Reject(f"unsupported activation {act!r}")
+    if a["mixing"] == "glu":
+        mix, _ = glu_fwd_bwd(s, p["mix.W"], p["mix.b"], bug=bug)
+    else:
+        mix, _ = gsu_fwd_bwd(y, p["mix.W"], p["mix.b"], p["mix.c"], np.zeros_like(y))
+    out = u + mix
+    if not a["prenorm"]:
+        out, ncache = norm_fwd(out, gamma, beta, kind)
+    # backward
+    g = case.cot["y"]
+    grads = {}
+    if not a["prenorm"]:
+        g, grads["norm.gamma"], grads["norm.beta"] = norm_bwd(g, gamma, ncache)
+    gu = g
+    if a["mixing"] == "glu":
+        _, gm = glu_fwd_bwd(s, p["mix.W"], p["mix.b"], g, bug)
+        grads["mix.W"], grads["mix.b"] = gm["W"], gm["b"]
+        gs = gm["s"]
+        if act == "gelu":
+            gy = gs * dgelu
+        elif act == "sdn":
+            gy = gs * surrogate_grad(cfg["surrogate"], v - cfg["theta"],
+                                     cfg["scale"] * (2 if bug == "surrogate_scale_x2" else 1))
+        else:
+            gy, grho = neuron_bwd(s, h, allowed, rho, cfg, gs, bug=bug)
+            if rho is not None and case.trainable.get("rho", True):
+                grads["rho"] = grho
+    else:
+        _, gm = gsu_fwd_bwd(y, p["mix.W"], p["mix.b"], p["mix.c"], g)
+        grads["mix.W"], grads["mix.b"], grads["mix.c"] = gm["W"], gm["b"], gm["c"]
+        gy = gm["x"]
+    gy = f32(gy)
+    if thr:
+        grads["ln_vth"] = (-(gy * y).sum(axis=(0, 2))).astype(F32)
+        gy = (gy / sc).astype(F32)
+    _, gc = conv_fwd_bwd(z, K, D, gy, bug)
+    _, gk = kernel_fwd_bwd(ssm, L, a.get("disc", "zoh"), gc["K"], bug)
+    for k, v in gk.items():
+        grads["ssm." + k] = v
+    grads["ssm.D"] = gc["D"]
+    if a["prenorm"]:
+        gz, grads["norm.gamma"], grads["norm.beta"] = norm_bwd(gc["u"], gamma, ncache)
+        gu = gu + gz
+    else:
+        gu = gu + gc["u"]
+    grads["u"] = f32(gu)
+    return {"y": out}, grads
+
+
+OPS = {"s4d_kernel": s4d_kernel, "fftconv": fftconv, "neuron": neuron, "pmbc": pmbc,
+       "glu": glu, "sdn": sdn, "block": block}
+
+
+# ============================================================================================
+# Candidate files
+# ============================================================================================
+
+def compute_case(suite, gcase, bug=None):
+    """``(outputs, grads)`` of one golden h5 group, or raises :class:`Reject`."""
+    case = Case(gcase)
+    if case.attrs.get("L", 1) is not None and suite == "s4d_kernel" and int(case.attrs["L"]) < 1:
+        raise Reject(f"L must be >= 1, got {case.attrs['L']}")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return OPS[suite](case, bug)
+
+
+_CACHE = {}
+
+
+def compute_suite(suite, bug=None):
+    """``{case id: (outputs, grads) or rejection message}`` for the committed golden file
+    (memoised per suite and bug: the golden files are read-only package data)."""
+    key = (str(golden_path(suite)), suite, bug)
+    if key not in _CACHE:
+        res = {}
+        with h5py.File(golden_path(suite), "r") as gold:
+            for cid, gcase in gold["cases"].items():
+                try:
+                    res[cid] = compute_case(suite, gcase, bug)
+                except Reject as e:
+                    res[cid] = str(e)
+        _CACHE[key] = res
+    return _CACHE[key]
+
+
+def write_candidate(suite, path, bug=None, target=None, dtype=np.float64):
+    """Write the float32 backend's candidate for the committed golden file of ``suite``.
+
+    ``bug``: a key of :data:`BUGS`, or ``"rel_error_1e-3"`` with ``target`` a dataset path
+    (``"outputs/<name>"`` or ``"grads/<name>"``) multiplied by ``1 + 1e-3``. ``dtype``: what
+    the float datasets are written as (float64 by default; float32 for a native candidate).
+    Returns the path.
+    """
+    if bug is not None and bug not in BUGS and bug != REL_ERROR:
+        raise ValueError(f"unknown bug {bug!r}")
+    results = compute_suite(suite, None if bug == REL_ERROR else bug)
+    with h5py.File(golden_path(suite), "r") as gold, h5py.File(path, "w") as cand:
+        cand.attrs.update(schema="refimpl-golden-candidate", schema_version=1, suite=suite,
+                          backend="tests/float32_backend.py" + (f" bug={bug}" if bug else ""))
+        for cid, gcase in gold["cases"].items():
+            grp = cand.create_group(f"cases/{cid}")
+            if isinstance(results[cid], str):
+                grp.attrs["error"] = results[cid]
+                continue
+            outputs, grads = results[cid]
+            for group, tensors in (("outputs", outputs), ("grads", grads)):
+                for name, arr in tensors.items():
+                    if f"{group}/{name}" not in gcase:
+                        continue
+                    arr = np.asarray(arr, dtype=np.float64)
+                    if bug == REL_ERROR and f"{group}/{name}" == target:
+                        arr = arr * (1.0 + 1e-3)
+                    grp[f"{group}/{name}"] = arr.astype(dtype)
+    return path
+
+
+def tensor_names(suite):
+    """Every ``outputs/<name>`` and ``grads/<name>`` path that occurs in the golden suite."""
+    names = set()
+    with h5py.File(golden_path(suite), "r") as gold:
+        for gcase in gold["cases"].values():
+            for group in ("outputs", "grads"):
+                if group in gcase:
+                    names.update(f"{group}/{n}" for n in gcase[group])
+    return sorted(names)
+
+
+if __name__ == "__main__":  # python tests/float32_backend.py OUTDIR [BUG]
+    import sys
+    from pathlib import Path
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    for s in SUITES:
+        print(write_candidate(s, out / f"{s}.h5", sys.argv[2] if len(sys.argv) > 2 else None))
