@@ -1,7 +1,8 @@
 """A worked example: a PyTorch backend checked against refimpl's golden traces.
 
-This is the recipe a backend author copies. It implements four suites in PyTorch (float64,
-autograd for the backward pass, a custom autograd function for the surrogate spike):
+This is the recipe a backend author copies. It implements four suites in PyTorch (autograd for
+the backward pass, a custom autograd function for the surrogate spike), in float64 by default or
+in a lower precision with ``--dtype float32|bfloat16|float16``:
 
     s4d_kernel   K[h, l] = 2 Re sum_n C dB dA^l       (powers as exp(l log dA): a Vandermonde)
     fftconv      y = causal / bidirectional FFT convolution + D u
@@ -14,17 +15,39 @@ cotangents, computes outputs and the VJP ``grads`` (autograd of ``sum(output * c
 and writes ``<out>/<suite>.h5`` in the candidate layout::
 
     /                      attrs: schema = "refimpl-golden-candidate", schema_version = 1, suite
-    /cases/<id>/outputs/<name>, /cases/<id>/grads/<name>     float64, the golden's shapes
+    /cases/<id>/outputs/<name>, /cases/<id>/grads/<name>     the golden's shapes (dtypes below)
     /cases/<id>            attr error = "<message>" when the backend rejects the case
 
 Then ``refimpl golden verify <out>/*.h5`` compares. Run (torch is *not* a refimpl dependency;
-install it into its own environment)::
+install it into its own environment, see examples/README.md)::
 
-    python examples/torch_backend.py --golden golden/v1 --out /tmp/torch_candidates
+    python examples/torch_backend.py --out /tmp/torch_candidates
     refimpl golden verify /tmp/torch_candidates/*.h5
+    python examples/torch_backend.py --dtype float32 --out /tmp/torch_candidates
+    refimpl golden verify /tmp/torch_candidates/*.h5 --precision float32
 
-Only ``torch``, ``numpy`` and ``h5py`` are imported: a backend needs nothing from refimpl to
-read golden files.
+Precision (``--dtype``; float64 is the default and unchanged):
+
+- Inputs, parameters, cotangents and the floating configuration values (``tau``, ``theta``,
+  ``u_reset``, surrogate scale) are read as float64 and rounded once to the dtype: the input
+  rounding every real backend does. Gradients are taken with respect to the rounded leaves.
+- float64 / float32: every operation in that dtype (complex parts in complex128 / complex64).
+- bfloat16 / float16: the elementwise ops, the GLU's matmul and the neuron's recurrence run in the
+  16-bit dtype (torch's CPU kernels round every op's result to it; matmul accumulates in float32
+  internally, as GPU kernels do). torch has no 16-bit FFT and no 16-bit complex ``exp`` on CPU,
+  so ``s4d_kernel`` (all of it: dt, the discretisation, the Vandermonde) and ``fftconv``'s
+  convolution upcast the rounded 16-bit leaves to float32 / complex64 and round the result back
+  to the 16-bit dtype (fftconv's ``D u`` term and the sum stay 16-bit). This is the usual
+  mixed-precision recipe (autocast runs FFTs in float32 too); autograd carries the casts, so the
+  gradients are rounded to the 16-bit dtype at the leaves.
+- Stored: float64 and float32 and float16 outputs and grads are written in their dtype; bfloat16
+  (which HDF5 / NumPy cannot store) is written as float32, an exact widening. ``--store float64``
+  widens everything to float64 instead (exact too); ``verify --precision`` accepts either.
+
+The golden files are found through ``refimpl.golden.golden_path`` when refimpl is importable
+(the installed committed set, no clone needed); otherwise pass ``--golden DIR``. Only ``torch``,
+``numpy`` and ``h5py`` are needed for the rest: a backend needs nothing from refimpl to read
+golden files.
 """
 import argparse
 import math
@@ -35,6 +58,27 @@ import numpy as np
 import torch
 
 torch.set_default_dtype(torch.float64)
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64}
+# The dtype the leaves are rounded to and the ops run in (set by main / set_dtype).
+DTYPE = torch.float64
+
+
+def set_dtype(name):
+    global DTYPE
+    DTYPE = DTYPES[name]
+
+
+def work_dtype():
+    """Where the complex / FFT parts run: the dtype itself, float32 for the 16-bit types."""
+    return DTYPE if DTYPE in COMPLEX else torch.float32
+
+
+def rnd(v):
+    """A float configuration value as the backend holds it: rounded to DTYPE (a Python float)."""
+    return torch.tensor(float(v), dtype=torch.float64).to(DTYPE).item()
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,7 +95,10 @@ def _attr(v):
 
 
 def read_cases(path):
-    """Yield ``(id, attrs, inputs, params, cotangents)`` per case (arrays as float64 tensors)."""
+    """Yield ``(id, attrs, inputs, params, cotangents)`` per case.
+
+    Float arrays are read as float64 and rounded to DTYPE (integer arrays stay as they are).
+    """
     with h5py.File(path, "r") as f:
         assert f.attrs["schema"] == "refimpl-golden" and int(f.attrs["schema_version"]) == 1
         for cid, g in f["cases"].items():
@@ -60,18 +107,32 @@ def read_cases(path):
             def group(name):
                 if name not in g:
                     return {}
-                return {k: torch.from_numpy(np.array(d[()])) for k, d in g[name].items()}
+                out = {}
+                for k, d in g[name].items():
+                    t = torch.from_numpy(np.array(d[()]))
+                    out[k] = t.to(DTYPE) if t.is_floating_point() else t
+                return out
 
             yield cid, attrs, group("inputs"), group("params"), group("cotangents")
 
 
-def write_candidate(path, suite, results):
+def store_dtype(t, store):
+    """The dtype ``t`` is written in: its own (bfloat16: float32), or float64 on request."""
+    if not t.is_floating_point():
+        return t.dtype
+    if store == "float64":
+        return torch.float64
+    return torch.float32 if t.dtype == torch.bfloat16 else t.dtype
+
+
+def write_candidate(path, suite, results, store="native"):
     """``results``: id -> ``{"outputs": {...}, "grads": {...}}`` or ``{"error": message}``."""
     with h5py.File(path, "w") as f:
         f.attrs["schema"] = "refimpl-golden-candidate"
         f.attrs["schema_version"] = 1
         f.attrs["suite"] = suite
-        f.attrs["backend"] = f"torch {torch.__version__} (examples/torch_backend.py)"
+        f.attrs["backend"] = (f"torch {torch.__version__} (examples/torch_backend.py, "
+                              f"dtype {str(DTYPE).replace('torch.', '')})")
         cases = f.create_group("cases")
         for cid, r in results.items():
             g = cases.create_group(cid)
@@ -80,7 +141,8 @@ def write_candidate(path, suite, results):
                 continue
             for group in ("outputs", "grads"):
                 for name, t in r[group].items():
-                    g.create_dataset(f"{group}/{name}", data=t.detach().numpy())
+                    t = t.detach().to(store_dtype(t, store))
+                    g.create_dataset(f"{group}/{name}", data=t.numpy())
 
 
 def vjp(inputs, outputs, cotangents):
@@ -104,7 +166,7 @@ def run_suite(golden_path, suite, compute):
     for cid, attrs, inputs, params, cot in read_cases(golden_path):
         leaves = {**inputs, **params}
         for t in leaves.values():
-            if t.dtype == torch.float64:
+            if t.is_floating_point():
                 t.requires_grad_(True)
         try:
             outputs = compute(attrs, inputs, params)
@@ -150,6 +212,11 @@ def s4d_kernel(log_dt, log_A_real, A_imag, C_re, C_im, L, disc, B_re=None, B_im=
                  B_re=B_re, B_im=B_im)
     if L < 1:
         raise ValueError(f"L must be >= 1, got {L}")
+    out_dtype, wd = log_dt.dtype, work_dtype()  # 16-bit: computed in float32, K rounded back
+    log_dt, log_A_real, A_imag, C_re, C_im = (t.to(wd) for t in
+                                              (log_dt, log_A_real, A_imag, C_re, C_im))
+    if B_re is not None:
+        B_re, B_im = B_re.to(wd), B_im.to(wd)
     dt = torch.exp(log_dt)[:, None]  # (H, 1)
     A = torch.complex(-torch.exp(log_A_real), A_imag)  # (H, N2)
     B = torch.ones_like(A) if B_re is None else torch.complex(B_re, B_im)
@@ -164,9 +231,10 @@ def s4d_kernel(log_dt, log_A_real, A_imag, C_re, C_im, L, disc, B_re=None, B_im=
     else:
         raise ValueError(f"unknown disc {disc!r}")
     C = torch.complex(C_re, C_im)  # (H, N2) or (2, H, N2)
-    l = torch.arange(L, dtype=torch.float64)
+    l = torch.arange(L, dtype=wd)
     V = torch.exp(log_dA[..., None] * l)  # (H, N2, L)
-    return 2.0 * torch.einsum("...hn,hnl->...hl", C * dB, V).real  # (H, L) or (2, H, L)
+    K = 2.0 * torch.einsum("...hn,hnl->...hl", C * dB, V).real  # (H, L) or (2, H, L)
+    return K.to(out_dtype)
 
 
 def compute_s4d_kernel(attrs, inputs, params):
@@ -188,13 +256,14 @@ def fftconv(u, K, D):
         raise ValueError(f"K must be (H, L) or (2, H, L) and D (H,), got {tuple(K.shape)}, "
                          f"{tuple(D.shape)} for u {tuple(u.shape)}")
     n = 2 * L
-    k = torch.zeros(H, n)
+    wd = work_dtype()  # the FFT's dtype (float32 for the 16-bit types: no 16-bit FFT on CPU)
+    uw, K = u.to(wd), K.to(wd)
     if K.dim() == 3:  # y[t] += sum_{s>t} K1[s-t-1] u[s]: K1 sits at the end, reversed
-        k = torch.cat([K[0], torch.zeros(H, n - 2 * L), torch.flip(K[1], [-1])], dim=-1)
+        k = torch.cat([K[0], K.new_zeros(H, n - 2 * L), torch.flip(K[1], [-1])], dim=-1)
     else:
-        k = torch.cat([K, torch.zeros(H, n - L)], dim=-1)
-    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
-    return y + D[:, None] * u
+        k = torch.cat([K, K.new_zeros(H, n - L)], dim=-1)
+    y = torch.fft.irfft(torch.fft.rfft(uw, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :L]
+    return y.to(u.dtype) + D[:, None] * u
 
 
 def compute_fftconv(attrs, inputs, params):
@@ -211,7 +280,7 @@ def surrogate_grad(name, z, scale):
     if name == "triangle":
         return torch.clamp(1.0 - z.abs() / scale, min=0.0) / scale
     if name == "rectangle":
-        return (z.abs() < 0.5 * scale).double() / scale
+        return (z.abs() < 0.5 * scale).to(z.dtype) / scale
     if name == "sigmoid":
         e = torch.exp(-(scale * z).abs())
         return scale * e / (1.0 + e) ** 2
@@ -230,17 +299,18 @@ class Spike(torch.autograd.Function):
         ctx.save_for_backward(h, allowed)
         ctx.theta, ctx.name, ctx.scale = theta, name, scale
         fire = h > theta if strict else h >= theta
-        return (fire & allowed).double()
+        return (fire & allowed).to(h.dtype)
 
     @staticmethod
     def backward(ctx, ds):
         h, allowed = ctx.saved_tensors
-        return ds * allowed.double() * surrogate_grad(ctx.name, h - ctx.theta, ctx.scale), \
+        return ds * allowed.to(ds.dtype) * surrogate_grad(ctx.name, h - ctx.theta, ctx.scale), \
             None, None, None, None, None
 
 
 def neuron(x, cfg, rho=None):
-    reset, tau, theta = cfg["reset"], cfg["tau"], cfg["theta"]
+    reset, tau, theta = cfg["reset"], rnd(cfg["tau"]), rnd(cfg["theta"])
+    u_reset, scale = rnd(cfg["u_reset"]), rnd(cfg["surrogate_scale"])
     check_finite(x=x, rho=rho)
     if not 0.0 <= tau < 1.0:
         raise ValueError(f"tau must be in [0, 1), got {tau}")
@@ -252,17 +322,17 @@ def neuron(x, cfg, rho=None):
     R = int(cfg["refractory_steps"])
     strict = cfg["spike_condition"] == "gt"
     mode = cfg["grad_mode"]
-    u_prev = torch.zeros(Bsz, H)
+    u_prev = x.new_zeros(Bsz, H)
     cnt = torch.zeros(Bsz, H, dtype=torch.int64)
     S, Hs, Us = [], [], []
     for t in range(L):
         m = tau * (u_prev.detach() if mode == "sltt" else u_prev)
         h = m + x[..., t]
         allowed = cnt == 0
-        s = Spike.apply(h, theta, allowed, strict, cfg["surrogate"], cfg["surrogate_scale"])
+        s = Spike.apply(h, theta, allowed, strict, cfg["surrogate"], scale)
         sr = s.detach() if mode == "detach_reset" else s
         if reset == "hard":
-            u = h * (1.0 - sr) + cfg["u_reset"] * sr
+            u = h * (1.0 - sr) + u_reset * sr
         elif reset == "soft":
             u = h - theta * sr
         elif reset == "refractory":
@@ -297,24 +367,47 @@ SUITES = {"s4d_kernel": compute_s4d_kernel, "fftconv": compute_fftconv, "neuron"
           "glu": compute_glu}
 
 
+def find_golden(suite, golden_dir=None):
+    """``<golden_dir>/<suite>.h5``; without a folder, refimpl's installed file for ``suite``."""
+    if golden_dir is not None:
+        return os.path.join(golden_dir, f"{suite}.h5")
+    try:
+        from refimpl.golden import golden_path
+    except ImportError:
+        golden_path = None
+    if golden_path is not None:
+        return str(golden_path(suite))
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "golden", "v1")
+    if os.path.exists(os.path.join(here, f"{suite}.h5")):
+        return os.path.join(here, f"{suite}.h5")
+    raise SystemExit("refimpl is not importable and there is no checkout's golden/v1: "
+                     "pass --golden DIR")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    here = os.path.dirname(os.path.abspath(__file__))
-    ap.add_argument("--golden", default=os.path.join(here, "..", "golden", "v1"),
-                    help="folder of the golden <suite>.h5 files (default: the repository's)")
+    ap.add_argument("--golden", default=None,
+                    help="folder of the golden <suite>.h5 files (default: refimpl's installed "
+                         "set through refimpl.golden.golden_path, else the checkout's golden/v1)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float64",
+                    help="precision of the leaves and the computation (default float64)")
+    ap.add_argument("--store", choices=["native", "float64"], default="native",
+                    help="dtype written: the computation's (bfloat16 as float32), or float64")
     ap.add_argument("--out", required=True, help="folder for the candidate <suite>.h5 files")
     ap.add_argument("--suite", action="append", choices=sorted(SUITES),
                     help="only this suite (repeatable); default: all four")
     args = ap.parse_args(argv)
+    set_dtype(args.dtype)
     os.makedirs(args.out, exist_ok=True)
     written = []
     for suite in args.suite or list(SUITES):
-        results = run_suite(os.path.join(args.golden, f"{suite}.h5"), suite, SUITES[suite])
+        results = run_suite(find_golden(suite, args.golden), suite, SUITES[suite])
         path = os.path.join(args.out, f"{suite}.h5")
-        write_candidate(path, suite, results)
+        write_candidate(path, suite, results, args.store)
         written.append(path)
         print(f"{path}: {len(results)} cases")
-    print("now run: refimpl golden verify " + " ".join(written))
+    precision = "" if args.dtype == "float64" else f" --precision {args.dtype}"
+    print("now run: refimpl golden verify " + " ".join(written) + precision)
     return written
 
 
