@@ -80,8 +80,15 @@ def generate(suites, out_dir, overwrite, seed, size):
 @click.option("--skip", multiple=True, metavar="PATTERN",
               help="Skip cases or datasets matching a glob over 'ID' or 'ID/outputs/NAME' "
                    "(e.g. '*/outputs/iterations'); repeatable. Skipped ones never fail.")
+@click.option("--precision", default="float64", show_default=True,
+              type=click.Choice(list(G.PROFILES)),
+              help="The format the backend computes in: bounds re-derived for its epsilon, "
+                   "spike flips within the bound ACCEPTABLE (golden/SCHEMA.md).")
+@click.option("--select", "select", multiple=True, metavar="EXPR",
+              help="Only cases with NAME=VALUE (a case attribute, e.g. 'reset=hard') or "
+                   "'flag:NAME'; repeatable (all must hold).")
 @click.option("-v", "--verbose", is_flag=True, help="Show a detail column for every row.")
-def verify(candidates, golden_dir, json_path, skip, verbose):
+def verify(candidates, golden_dir, json_path, skip, precision, select, verbose):
     """Compare candidate file(s) with the golden files, case by case.
 
     A candidate has root attributes schema = 'refimpl-golden-candidate', schema_version = 1,
@@ -89,10 +96,12 @@ def verify(candidates, golden_dir, json_path, skip, verbose):
     (an 'error' attribute on /cases/<id> says the backend rejected the case). Prints PASS or the
     worst mismatch per tensor; exits 1 on any MISMATCH, MISSING, SHAPE, DTYPE, NOT_REJECTED,
     ERROR or EXTRA row. Golden files are only read (by default the installed committed set).
+    UNTESTABLE rows (not a test at this precision) and ACCEPTABLE rows never fail.
     """
     try:
-        report = G.verify(candidates, golden_dir, skip=skip)
-    except FileFormatError as e:
+        report = G.verify(candidates, golden_dir, skip=skip, precision=precision,
+                          select=select)
+    except (FileFormatError, G.SelectError) as e:
         if json_path:
             _write_report(json_path, {"passed": False, "error": str(e), "files": []})
         fail(e)

@@ -21,6 +21,8 @@ What lives where:
   :func:`generate`; float64, atomic writes with provenance, refuses fast-math);
 - :mod:`.compare`: :func:`verify` (candidate vs golden) and :func:`check` (refimpl vs its own
   committed files: regressions, and staleness with a rounding-tolerant criterion);
+- :mod:`.precision`: precision profiles (``PROFILES``: float64, float32, bfloat16, float16;
+  the bound of a dataset re-derived for a format's epsilon) and ``--select`` expressions;
 - :mod:`.report`: :func:`format_report` and :func:`show` (strings; the library never prints,
   ``cli/golden.py`` does).
 
@@ -37,11 +39,13 @@ from . import ssm, spiking, mixing, model  # noqa: E402,F401  isort: skip
 from .compare import check, compare_case, compare_tensor, recompute, staleness, verify, verify_file
 from .generate import (EPS, N_PERTURB, PERTURB, SAFETY, build_case, build_suite, check_fastmath,
                        generate, regenerate, tolerance)
+from .precision import PROFILES, Profile, SelectError, get_profile, parse_select, selector
 from .report import format_report, show
 
 __all__ = [
     "CANDIDATE_SCHEMA", "DEFAULT_DIR", "EPS", "FAILURES", "FLAGS", "GROUPS", "N_PERTURB",
-    "PERTURB", "RESERVED_ATTRS", "RESULTS", "SAFETY", "SCHEMA", "SCHEMA_VERSION", "SIZES",
+    "PERTURB", "PROFILES", "Profile", "RESERVED_ATTRS", "SelectError", "get_profile",
+    "parse_select", "selector", "RESULTS", "SAFETY", "SCHEMA", "SCHEMA_VERSION", "SIZES",
     "STATUSES", "SUITES", "Case", "GoldenFile", "Spec", "Suite", "build_case", "build_suite",
     "check", "check_fastmath", "compare_case", "compare_tensor", "flatten", "format_report",
     "generate", "get_suite", "golden_path", "nest", "read_candidate", "read_file",

@@ -50,6 +50,8 @@ import numpy as np
 from ..h5io import FileFormatError
 from .generate import EPS, SAFETY, case_from_spec, regenerate, run, tolerance
 from .registry import SUITES, get_suite, suite_specs
+from .precision import (INPUT_ROUNDING, bound as profile_bound,
+                        get_profile, representable, selector)
 from .schema import DEFAULT_DIR, FAILURES, read_candidate, read_golden
 
 
@@ -57,6 +59,14 @@ def _row(suite, cid, status, tensor="-", index="", value=None, reference=None, b
          detail=""):
     return {"suite": suite, "case": cid, "status": status, "tensor": tensor, "index": index,
             "value": value, "reference": reference, "bound": bound, "detail": detail}
+
+
+def _annotate(rows, gcase):
+    """Every row carries its case's flags and comment (reports point at the cause)."""
+    for r in rows:
+        r.setdefault("flags", list(gcase.flags) if gcase is not None else [])
+        r.setdefault("comment", gcase.comment if gcase is not None else "")
+    return rows
 
 
 def _index(i):
@@ -105,8 +115,17 @@ def _skipped(cid, tensor, skip):
     return any(fnmatch.fnmatchcase(key, pat) or fnmatch.fnmatchcase(tensor, pat) for pat in skip)
 
 
-def compare_case(suite, gcase, ccase, skip=()):
-    """Rows of one case: PASS, ACCEPTABLE, REJECTED, SKIP or one row per failing tensor."""
+def compare_case(suite, gcase, ccase, skip=(), precision="float64"):
+    """Rows of one case: PASS, ACCEPTABLE, REJECTED, SKIP, UNTESTABLE or one row per failing
+    tensor; every row carries the case's ``flags`` and ``comment``.
+
+    ``precision`` (a :data:`~.precision.PROFILES` name): float64 compares with the stored
+    bounds; the others with the bounds re-derived for that format and the spike rules of
+    :func:`_compare_profile` (golden/SCHEMA.md, "Precision profiles")."""
+    return _annotate(_compare_case(suite, gcase, ccase, skip, get_profile(precision)), gcase)
+
+
+def _compare_case(suite, gcase, ccase, skip, prof):
     cid = gcase.id
     if ccase is None:
         return [_row(suite, cid, "MISSING", detail="case not in candidate")]
@@ -119,6 +138,8 @@ def compare_case(suite, gcase, ccase, skip=()):
                             f"refimpl: {gcase.extra.get('error', '')}")]
     if err:
         return [_row(suite, cid, "ERROR", detail=f"valid case rejected by the candidate: {err}")]
+    if prof.name != "float64":
+        return _compare_profile(suite, gcase, ccase, skip, prof)
     rows, skipped = [], 0
     for path, ref in gcase.data.items():
         if not path.startswith(("outputs/", "grads/")):
@@ -144,42 +165,296 @@ def compare_case(suite, gcase, ccase, skip=()):
     return rows
 
 
-def _summary(rows):
+# --------------------------------------------------------------------------------------------
+# Precision profiles (float32, bfloat16, float16)
+# --------------------------------------------------------------------------------------------
+
+#: Suites whose spikes ``s`` come from the stored membrane ``h`` of the same row (stateful).
+_NEURON_SUITES = ("neuron", "pmbc")
+#: Suites whose spikes are internal; judged by the case ``margin`` (:func:`membrane_bound`).
+_INTERNAL_SPIKES = ("block", "model_step")
+#: Flipped-spike indices listed in a row's detail.
+_LIST_FLIPS = 8
+
+
+def _check_dtype(cand, ref, prof):
+    """None if the candidate's dtype is acceptable under ``prof``, else the DTYPE detail:
+    float64 or the profile's storage dtype for float datasets, the golden dtype otherwise."""
+    cand, ref = np.asarray(cand), np.asarray(ref)
+    if ref.dtype.kind == "f":
+        ok = ("float64",) + prof.storage
+        if cand.dtype.name in ok:
+            return None
+        return f"dtype {cand.dtype}, expected {' or '.join(ok)} at {prof.name}"
+    if cand.dtype != ref.dtype:
+        return f"dtype {cand.dtype}, expected {ref.dtype}"
+    return None
+
+
+def _close(cand, ref, atol, rtol, mask):
+    """allclose over ``mask``: None, or ``(index, value, reference, bound, detail)``."""
+    diff = np.abs(cand - ref)
+    bnd = atol + rtol * np.abs(ref)
+    ok = (diff <= bnd) | ~mask
+    if ok.all():
+        return None
+    ratio = np.where(ok, 0.0, np.where(np.isnan(diff), np.inf, diff / np.maximum(bnd, 1e-300)))
+    i = np.unravel_index(int(np.argmax(ratio)), ref.shape)
+    n = int((~ok).sum())
+    return (_index(i), cand[i].item(), ref[i].item(), float(bnd[i]),
+            f"{n} of {int(mask.sum())} outside atol {atol:.3g} + rtol {rtol:.3g} |ref|")
+
+
+def _exact(cand, ref, mask):
+    bad = (cand != ref) & mask
+    if not bad.any():
+        return None
+    i = np.unravel_index(int(np.argmax(bad)), ref.shape)
+    return (_index(i), cand[i].item(), ref[i].item(), 0.0,
+            f"{int(bad.sum())} of {int(mask.sum())} differ (exact)")
+
+
+def _exact_at(gcase, prof):
+    """Whether an ``at_threshold`` neuron case is computed exactly in ``prof``'s arithmetic:
+    every input, parameter, configuration value, membrane ``h``, ``u`` and product
+    ``tau u`` is representable, so each step's exact result is (dyadic cases, tau = 0.5)."""
+    if "at_threshold" not in gcase.flags:
+        return False
+    c = gcase.config
+    u = gcase.data.get("outputs/u")
+    vals = [gcase.data.get("inputs/x"), gcase.data.get("params/rho"), gcase.data.get("outputs/h"),
+            u, None if u is None else c.get("tau", 0.0) * u,
+            np.array([c.get("tau", 0.0), c.get("theta", 0.0), c.get("u_reset", 0.0)])]
+    return all(representable(v, prof) for v in vals if v is not None)
+
+
+_MEMBRANE_CACHE = {}
+
+
+def membrane_bound(suite_name, gcase, prof):
+    """The profile bound of a block's / model's internal membranes, derived as for the neuron's
+    ``h``: refimpl recomputes them from the case's inputs (and ``N_PERTURB`` copies perturbed by
+    ``PERTURB``, the measured ``spread``); ``max(SAFETY (depth eps_p max|h| + (1 + 1/4) k
+    spread), k floor)`` with the suite's output depth. 0 when the case has no membranes."""
+    from .generate import N_PERTURB, _perturbed, lookup  # the generator's own recipe
+    key = (suite_name, gcase.id, id(gcase))
+    if key not in _MEMBRANE_CACHE:
+        suite = get_suite(suite_name)
+        case = dataclasses.replace(gcase, data={p: v for p, v in gcase.data.items()
+                                                if p.startswith(("inputs/", "params/"))})
+        _, _, diag = suite.fwd(case)
+        mem = diag.get("membranes", {})
+        rng = np.random.default_rng([int(gcase.id), 3])
+        spread = {m: 0.0 for m in mem}
+        for _ in range(N_PERTURB):
+            _, _, d2 = suite.fwd(_perturbed(case, rng))
+            for m, (h, _) in mem.items():
+                spread[m] = max(spread[m], float(np.max(np.abs(d2["membranes"][m][0] - h)))
+                                if np.size(h) else 0.0)
+        depth = int(lookup(suite.depth(case), "outputs/*"))
+        floors = suite.floors(case) if suite.floors else {}
+        parts = [(depth, float(np.max(np.abs(h))) if np.size(h) else 0.0, spread[m],
+                  floors.get("membrane/" + m, 0.0)) for m, (h, _) in mem.items()]
+        _MEMBRANE_CACHE[key] = (gcase, parts)  # keep gcase alive so id() stays unique
+    k = prof.k
+    return max((max(SAFETY * (d * prof.eps * sc + (1.0 + INPUT_ROUNDING) * k * sp), k * fl)
+                for d, sc, sp, fl in _MEMBRANE_CACHE[key][1]), default=0.0)
+
+
+def _flip_rows(suite, gcase, cand_s, prof, compared):
+    """Judge spike flips by the reference margin; returns ``(masks, rows, notes)``.
+
+    ``masks`` maps dataset paths to boolean arrays of the elements still comparable.
+    neuron / pmbc: per row (b, c) the first differing step t0 is an acceptable flip when
+    ``|h - theta| <= atol_h + rtol_h |h|`` there (0 in cases computed exactly at this precision,
+    ``at_threshold``); then ``s``, ``h``, ``u`` are compared only before t0, ``grads/x`` of the
+    row and ``grads/rho`` of the channel not at all. sdn (stateless): each flip with
+    ``|m + x - theta| <= atol_m + rtol_m |m| + eps_p |x|`` is acceptable on its own.
+    """
+    cid, c = gcase.id, gcase.config
+    ref_s = gcase.data["outputs/s"]
+    theta = float(c.get("theta", 0.0))
+    if suite in _NEURON_SUITES:
+        h = gcase.data["outputs/h"]
+        atol, rtol = profile_bound(gcase.meta.get("outputs/h", {}), prof)
+        exact = _exact_at(gcase, prof)
+        elem = np.zeros_like(h) if exact else atol + rtol * np.abs(h)
+        margin = np.abs(h - theta)
+    else:  # sdn
+        m, x = gcase.data["outputs/m"], gcase.data["inputs/x"]
+        atol, rtol = profile_bound(gcase.meta.get("outputs/m", {}), prof)
+        exact = False
+        elem = atol + rtol * np.abs(m) + prof.eps * np.abs(x)
+        margin = np.abs(m + x - theta)
+    within = margin <= elem if not exact else np.zeros(margin.shape, bool)
+    rows, masks, notes = [], {}, []
+    if ref_s.size and within.all():
+        rows.append(_row(suite, cid, "UNTESTABLE", "outputs/s", detail=(
+            f"every spike's margin is within the membrane bound at {prof.name} "
+            f"(largest margin {float(margin.max()):.3g}): the spikes are not a test here")))
+    differ = cand_s != ref_s
+    if not differ.any():
+        return masks, rows, notes
+    flips = []
+    if suite in _NEURON_SUITES:
+        B, H, L = ref_s.shape
+        keep = np.ones(ref_s.shape, bool)
+        row_ok = np.ones((B, H), bool)
+        for b, ch in zip(*np.nonzero(differ.any(axis=-1))):
+            t0 = int(np.argmax(differ[b, ch]))
+            if within[b, ch, t0]:
+                flips.append((int(b), int(ch), t0))
+                keep[b, ch, t0:] = False
+                row_ok[b, ch] = False
+        for p in ("outputs/s", "outputs/h", "outputs/u"):
+            masks[p] = keep
+        masks["grads/x"] = np.broadcast_to(row_ok[:, :, None], ref_s.shape)
+        masks["grads/rho"] = row_ok.all(axis=0)
+        if flips:
+            notes.append("rows with an acceptable flip are compared up to the flip only")
+    else:
+        acc = differ & within
+        flips = [tuple(int(k) for k in i) for i in zip(*np.nonzero(acc))]
+        masks["outputs/s"] = ~acc
+    if flips:
+        shown = ", ".join(_index(f) for f in flips[:_LIST_FLIPS])
+        more = f" and {len(flips) - _LIST_FLIPS} more" if len(flips) > _LIST_FLIPS else ""
+        rows.append(_row(suite, cid, "ACCEPTABLE", "outputs/s", _index(flips[0]),
+                         float(cand_s[flips[0]]), float(ref_s[flips[0]]),
+                         float(elem[flips[0]]),
+                         f"{len(flips)} spike flip(s) within the membrane bound at {prof.name} "
+                         f"(margin {float(margin[flips[0]]):.3g} <= {float(elem[flips[0]]):.3g})"
+                         f": {shown}{more}"
+                         + ("; the rest of each row is not comparable"
+                            if suite in _NEURON_SUITES else "")))
+    return masks, rows, notes
+
+
+def _compare_profile(suite, gcase, ccase, skip, prof):
+    """Rows of a valid or acceptable case under a non-float64 profile (SCHEMA.md)."""
+    cid = gcase.id
+    margin = gcase.extra.get("margin")
+    if suite in _INTERNAL_SPIKES and isinstance(margin, float) and math.isfinite(margin):
+        mb = membrane_bound(suite, gcase, prof)
+        if margin <= mb:
+            return [_row(suite, cid, "ACCEPTABLE", "-", "", margin, None, mb,
+                         f"margin {margin:.3g} of the internal spikes is within the membrane "
+                         f"bound {mb:.3g} at {prof.name}: a spike may flip; not compared")]
+    paths = [p for p in gcase.data if p.startswith(("outputs/", "grads/"))]
+    rows, skipped, tested, cand = [], 0, 0, {}
+    for p in paths:
+        if _skipped(cid, p, skip):
+            skipped += 1
+            continue
+        if p not in ccase.data:
+            rows.append(_row(suite, cid, "MISSING", p, detail="dataset not in candidate"))
+            continue
+        v, ref = np.asarray(ccase.data[p]), np.asarray(gcase.data[p])
+        bad = _check_dtype(v, ref, prof)
+        if bad:
+            rows.append(_row(suite, cid, "DTYPE", p, detail=bad))
+        elif v.shape != ref.shape:
+            rows.append(_row(suite, cid, "SHAPE", p,
+                             detail=f"shape {v.shape}, expected {ref.shape}"))
+        else:
+            cand[p] = v.astype(np.float64) if ref.dtype.kind == "f" else v
+    masks, notes = {}, []
+    if "outputs/s" in cand and (suite in _NEURON_SUITES or suite == "sdn"):
+        masks, frows, notes = _flip_rows(suite, gcase, cand["outputs/s"], prof, cand)
+        rows += frows
+    for p in paths:
+        if p not in cand:
+            continue
+        ref, meta = np.asarray(gcase.data[p]), gcase.meta.get(p, {})
+        if p == "outputs/iterations":
+            notes.append(f"iterations not compared at {prof.name}")
+            continue
+        mask = np.asarray(masks.get(p, np.ones(ref.shape, bool)))
+        if not mask.any():
+            continue
+        if meta.get("compare") == "exact" or ref.dtype.kind != "f":
+            r = _exact(cand[p], ref, mask)
+            untestable = False
+        else:
+            atol, rtol = profile_bound(meta, prof)
+            r = _close(cand[p], ref, atol, rtol, mask)
+            mag = float(np.max(np.abs(ref))) if ref.size else 0.0
+            untestable = mag > 0 and atol >= mag
+        if r is not None:
+            rows.append(_row(suite, cid, "MISMATCH", p, *r))
+        elif untestable:
+            rows.append(_row(suite, cid, "UNTESTABLE", p, bound=atol, detail=(
+                f"atol {atol:.3g} at {prof.name} >= max|ref| {mag:.3g}: not a test at this "
+                f"precision")))
+        else:
+            tested += 1
+    if gcase.result == "acceptable":
+        for r in rows:
+            if r["status"] == "MISMATCH":
+                r["status"] = "ACCEPTABLE"
+                r["detail"] = "acceptable case (" + ", ".join(gcase.flags) + "): " + r["detail"]
+    if not any(r["status"] in FAILURES or r["status"] == "ACCEPTABLE" for r in rows):
+        if tested:
+            detail = "; ".join(notes + ([f"{skipped} dataset(s) skipped"] if skipped else []))
+            rows.append(_row(suite, cid, "PASS", detail=f"at {prof.name}"
+                             + (f"; {detail}" if detail else "")))
+        elif skipped and not rows:
+            rows.append(_row(suite, cid, "SKIP", detail=f"{skipped} dataset(s) skipped"))
+    return rows
+
+
+def _summary(rows, selected=None, total=None):
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     cases_failed = len({(r["suite"], r["case"]) for r in rows if r["status"] in FAILURES})
     cases = len({(r["suite"], r["case"]) for r in rows})
-    return {"cases": cases, "cases_failed": cases_failed, "statuses": counts}
+    out = {"cases": cases, "cases_failed": cases_failed, "statuses": counts}
+    if selected is not None:
+        out.update(selected=selected, total=total)
+    return out
 
 
-def verify_file(candidate, golden_dir=DEFAULT_DIR, skip=()):
+def verify_file(candidate, golden_dir=DEFAULT_DIR, skip=(), precision="float64", select=()):
     """Compare one candidate file with ``<golden_dir>/<suite>.h5``; returns a file report dict
-    ``{candidate, golden, suite, passed, summary, rows}``. Bad files raise FileFormatError."""
+    ``{candidate, golden, suite, precision, passed, summary, rows}``. Bad files raise
+    FileFormatError; a ``select`` expression naming no attribute / flag of the suite's cases
+    raises :class:`~.precision.SelectError`. Cases not selected are left out (the summary
+    has ``selected`` and ``total``)."""
+    prof = get_profile(precision)
     cf = read_candidate(candidate)
     suite = cf.suite
     gpath = Path(golden_dir) / f"{suite}.h5"
     if not gpath.exists():
         raise FileFormatError(f"{candidate}: suite {suite!r} has no golden file {gpath}")
     gf = read_golden(gpath)
-    rows = []
+    chosen = selector(select, list(gf.cases.values()), suite) if select else None
+    rows, selected = [], 0
     for cid, gcase in gf.cases.items():
-        if any(fnmatch.fnmatchcase(cid, pat) for pat in skip):
-            rows.append(_row(suite, cid, "SKIP", detail="case skipped"))
+        if chosen is not None and not chosen(gcase):
             continue
-        rows.extend(compare_case(suite, gcase, cf.cases.get(cid), skip))
+        selected += 1
+        if any(fnmatch.fnmatchcase(cid, pat) for pat in skip):
+            rows.extend(_annotate([_row(suite, cid, "SKIP", detail="case skipped")], gcase))
+            continue
+        rows.extend(compare_case(suite, gcase, cf.cases.get(cid), skip, prof.name))
     for cid in cf.cases:
         if cid not in gf.cases:
-            rows.append(_row(suite, cid, "EXTRA", detail=f"case not in {gpath}"))
-    summary = _summary(rows)
+            rows.extend(_annotate([_row(suite, cid, "EXTRA", detail=f"case not in {gpath}")],
+                                  None))
+    summary = _summary(rows, *((selected, len(gf.cases)) if select else (None, None)))
     return {"candidate": str(candidate), "golden": str(gpath), "suite": suite,
-            "passed": summary["cases_failed"] == 0, "summary": summary, "rows": rows}
+            "precision": prof.name, "passed": summary["cases_failed"] == 0,
+            "summary": summary, "rows": rows}
 
 
-def verify(candidates, golden_dir=DEFAULT_DIR, skip=()):
-    """Verify candidate files; returns ``{passed, files: [file reports]}``. Never writes."""
-    files = [verify_file(c, golden_dir, skip) for c in candidates]
-    return {"passed": all(f["passed"] for f in files), "files": files}
+def verify(candidates, golden_dir=DEFAULT_DIR, skip=(), precision="float64", select=()):
+    """Verify candidate files; returns ``{passed, precision, files: [file reports]}``. Never
+    writes. ``precision``: a :data:`~.precision.PROFILES` name; ``select``: ``--select``
+    expressions (``NAME=VALUE``, ``flag:NAME``; AND of all)."""
+    prof = get_profile(precision)
+    files = [verify_file(c, golden_dir, skip, prof.name, select) for c in candidates]
+    return {"passed": all(f["passed"] for f in files), "precision": prof.name, "files": files}
 
 
 def recompute(suite_name, gcase):

@@ -38,12 +38,22 @@ def format_report(report, verbose=False):
             row = (r["suite"], r["case"], r["status"], r["tensor"], r["index"],
                    _fmt(r["value"], ".17g"), _fmt(r["reference"], ".17g"), _fmt(r["bound"], ".3g"))
             rows.append(row + ((r["detail"],) if verbose else ()))
-        lines.append(render_table(header + (("detail",) if verbose else ()), rows))
+        table = render_table(header + (("detail",) if verbose else ()), rows).split("\n")
+        # a second, indented line under each failing row: the case's flags and comment
+        out = table[:2]
+        for r, line in zip(f["rows"], table[2:]):
+            out.append(line)
+            if r["status"] in FAILURES and (r.get("flags") or r.get("comment")):
+                out.append(f"    flags: {','.join(r.get('flags') or []) or '-'}; "
+                           f"comment: {r.get('comment') or '-'}")
+        lines.append("\n".join(out))
         s = f["summary"]
         st = ", ".join(f"{v} {k}" for k, v in sorted(s["statuses"].items()))
         verdict = "PASSED" if f["passed"] else "FAILED"
-        lines.append(f"{verdict}: {f['suite']}: {s['cases']} cases, {s['cases_failed']} failed "
-                     f"({st}); {f['candidate']} vs {f['golden']}")
+        sel = (f", {s['selected']} of {s['total']} selected" if "selected" in s else "")
+        prec = f" at {f['precision']}" if f.get("precision", "float64") != "float64" else ""
+        lines.append(f"{verdict}: {f['suite']}{prec}: {s['cases']} cases{sel}, "
+                     f"{s['cases_failed']} failed ({st}); {f['candidate']} vs {f['golden']}")
         for r in f["rows"]:
             if r["status"] in FAILURES and r["detail"] and not verbose:
                 lines.append(f"  {r['case']} {r['status']} {r['tensor']}: {r['detail']}")

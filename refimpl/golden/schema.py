@@ -54,7 +54,10 @@ FLAGS = {
 STATUSES = {
     "PASS": "every output and grad within its bound",
     "REJECTED": "an invalid case that the candidate rejected",
-    "ACCEPTABLE": "a difference in an acceptable case",
+    "ACCEPTABLE": "a difference in an acceptable case, or (precision profiles) a spike flip "
+                  "within the membrane bound, or a case whose internal spikes may flip",
+    "UNTESTABLE": "(precision profiles) within a bound that exceeds the tensor's own magnitude, "
+                  "or spikes all within rounding of the threshold: not a test at that precision",
     "SKIP": "skipped with --skip",
     "DRIFT": "the file differs from what the generator writes now, but only within rounding",
     "MISMATCH": "outside the bound, or a differing spike",

@@ -1,0 +1,206 @@
+"""Precision profiles and case selection for :func:`.compare.verify` (``golden/SCHEMA.md``,
+"Precision profiles" and "Selecting cases").
+
+Precision model
+---------------
+The golden files are computed in float64 and every allclose dataset stores the parts of its
+bound, ``depth``, ``scale``, ``spread`` [, ``floor``] (:func:`.generate.tolerance`). A backend
+computing in a format with machine epsilon ``eps_p`` (``PROFILES``) is judged against::
+
+    k      = eps_p / eps64
+    atol_p = max(SAFETY (depth eps_p scale + (1 + 1/4) k spread), k floor)
+    rtol_p = SAFETY eps_p
+
+- ``depth eps_p scale``: the rounding of the backend's own evaluation (the same ``gamma_n``
+  model as float64, with the format's epsilon).
+- ``k spread``: conditioning. ``spread`` is the largest response of the tensor to a random
+  relative perturbation of ``PERTURB = 2 eps64`` of every input, parameter and cotangent; a
+  backward-stable evaluation at ``eps_p`` is the exact result at inputs moved by about
+  ``2 eps_p``, i.e. ``k`` times that perturbation (first order: the response is linear in the
+  perturbation size as long as no spike or ReLU kink is crossed, which the spike rules below
+  handle).
+- ``k / 4 spread``: input rounding. The backend rounds the stored float64 inputs, parameters and
+  cotangents to its format: a relative perturbation of at most ``eps_p / 2``, which is
+  ``eps_p / (4 eps64)`` = ``k / 4`` times the measured perturbation of ``2 eps64``.
+- ``k floor``: the neuron membranes' floor (:func:`refimpl.pmbc.rounding_bound`) is proportional
+  to ``eps`` (``4 * 64 * eps * M / (1 - tau)``); input rounding of ``x`` moves ``h`` by at most
+  ``eps_p / 2 max|x| / (1 - tau)``, inside it.
+
+The float64 profile uses the stored ``atol`` and ``rtol`` unchanged (today's verdicts).
+
+A dataset whose bound ``atol_p`` is at least its own magnitude ``max|ref|`` is not a test at that
+precision: it is reported ``UNTESTABLE`` (not failing, counted) when the candidate is within the
+bound, and ``MISMATCH`` when it is not (the bound is still a valid bound).
+"""
+import dataclasses
+import math
+
+import numpy as np
+
+from .generate import EPS, SAFETY
+
+#: The input-rounding term's share of the conditioning term: rounding to nearest moves an input
+#: by at most eps_p / 2 relative, the stored ``spread`` answers a perturbation of 2 eps64.
+INPUT_ROUNDING = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """A floating-point format a backend computes in.
+
+    ``eps`` is the machine epsilon (2^-(mantissa bits)); unit roundoff is ``eps / 2``.
+    ``storage`` are the dtypes a candidate may write float datasets in besides float64.
+    ``bits`` is the significand precision (with the implicit bit): :func:`representable`.
+    """
+    name: str
+    eps: float
+    bits: int
+    storage: tuple
+
+    @property
+    def k(self):
+        """``eps_p / eps64``: how much looser than float64."""
+        return self.eps / EPS
+
+
+PROFILES = {
+    "float64": Profile("float64", 2.0 ** -52, 53, ("float64",)),
+    "float32": Profile("float32", 2.0 ** -23, 24, ("float32",)),
+    # bfloat16 has no NumPy dtype: a candidate stores it as float32 (or float64)
+    "bfloat16": Profile("bfloat16", 2.0 ** -7, 8, ("float32",)),
+    "float16": Profile("float16", 2.0 ** -10, 11, ("float16",)),
+}
+
+
+def get_profile(precision):
+    if isinstance(precision, Profile):
+        return precision
+    if precision not in PROFILES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PROFILES)}")
+    return PROFILES[precision]
+
+
+def bound(meta, profile):
+    """``(atol, rtol)`` of an allclose dataset under ``profile`` (module docstring).
+
+    float64: the stored values. Files without the parts (older v1) fall back to the stored
+    ``atol`` scaled by ``(1 + 1/4) k`` (every term of it scales at most so)."""
+    atol, rtol = float(meta.get("atol", 0.0)), float(meta.get("rtol", 0.0))
+    if profile.name == "float64":
+        return atol, rtol
+    k = profile.k
+    if "depth" not in meta or "scale" not in meta or "spread" not in meta:
+        return atol * k * (1.0 + INPUT_ROUNDING), rtol * k
+    depth, scale, spread = float(meta["depth"]), float(meta["scale"]), float(meta["spread"])
+    floor = float(meta.get("floor", 0.0))
+    a = max(SAFETY * (depth * profile.eps * scale + (1.0 + INPUT_ROUNDING) * k * spread),
+            k * floor)
+    return a, SAFETY * profile.eps
+
+
+def round_to(x, profile):
+    """``x`` (float64) rounded to nearest-even at ``profile``'s significand precision (exponent
+    range ignored: float16 underflow/overflow are not modelled here)."""
+    x = np.asarray(x, dtype=np.float64)
+    if profile.bits >= 53:
+        return x
+    m, e = np.frexp(x)
+    scale = 2.0 ** profile.bits
+    return np.ldexp(np.round(m * scale) / scale, e)  # np.round: half to even
+
+
+def representable(x, profile):
+    """Whether every element of ``x`` is exact at ``profile``'s precision."""
+    x = np.asarray(x, dtype=np.float64)
+    fin = np.isfinite(x)
+    return bool(np.array_equal(round_to(x[fin], profile), x[fin]))
+
+
+# --------------------------------------------------------------------------------------------
+# --select
+# --------------------------------------------------------------------------------------------
+
+
+class SelectError(ValueError):
+    """A ``--select`` expression that names no attribute or flag of the suite's cases."""
+
+
+def _case_attrs(case):
+    return {"op": case.op, "result": case.result, **case.config,
+            **({"margin": case.extra["margin"]} if "margin" in case.extra else {})}
+
+
+def _parse_value(text, like):
+    """``text`` as the type of ``like`` (the case's attribute): numbers as numbers, booleans
+    from true/false/1/0, strings as strings. None if it cannot be that type."""
+    if isinstance(like, bool) or isinstance(like, np.bool_):
+        t = text.strip().lower()
+        return {"true": True, "1": True, "false": False, "0": False}.get(t)
+    if isinstance(like, (int, float, np.integer, np.floating)):
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    return text
+
+
+def parse_select(exprs):
+    """``[(kind, name, value)]`` from ``--select`` expressions: ``NAME=VALUE`` (attribute
+    equality) or ``flag:NAME``. Raises SelectError on a malformed expression."""
+    out = []
+    for e in exprs:
+        if e.startswith("flag:"):
+            name = e[len("flag:"):].strip()
+            if not name:
+                raise SelectError(f"--select {e!r}: expected 'flag:NAME'")
+            out.append(("flag", name, None))
+        elif "=" in e:
+            name, value = e.split("=", 1)
+            if not name.strip():
+                raise SelectError(f"--select {e!r}: expected 'NAME=VALUE' or 'flag:NAME'")
+            out.append(("attr", name.strip(), value.strip()))
+        else:
+            raise SelectError(f"--select {e!r}: expected 'NAME=VALUE' or 'flag:NAME'")
+    return out
+
+
+def selector(exprs, cases, suite):
+    """A predicate ``case -> bool`` for ``--select`` expressions (AND of all), checked against
+    the suite's ``cases``: an attribute or flag none of them has is a SelectError listing
+    the ones they have."""
+    parsed = parse_select(exprs)
+    attrs = sorted({k for c in cases for k in _case_attrs(c)})
+    flags = sorted({f for c in cases for f in c.flags})
+    for kind, name, _ in parsed:
+        if kind == "attr" and name not in attrs:
+            raise SelectError(f"--select {name}=...: suite {suite!r} cases have no attribute "
+                              f"{name!r}; attributes: {', '.join(attrs)}")
+        if kind == "flag" and name not in flags:
+            raise SelectError(f"--select flag:{name}: no case of suite {suite!r} has the flag "
+                              f"{name!r}; flags: {', '.join(flags)}")
+
+    def match(case):
+        ca = _case_attrs(case)
+        for kind, name, value in parsed:
+            if kind == "flag":
+                if name not in case.flags:
+                    return False
+                continue
+            if name not in ca:
+                return False
+            have = ca[name]
+            want = _parse_value(value, have)
+            if want is None:
+                return False
+            if isinstance(want, float):
+                if isinstance(have, bool) or not math.isclose(float(have), want, rel_tol=0.0,
+                                                              abs_tol=0.0):
+                    return False
+            elif isinstance(want, bool):
+                if bool(have) != want:
+                    return False
+            elif str(have) != want:
+                return False
+        return True
+
+    return match
