@@ -42,6 +42,7 @@ a dict with ``suite, case, status, tensor, index, value, reference, bound, detai
 """
 import dataclasses
 import fnmatch
+import hashlib
 import math
 from pathlib import Path
 
@@ -237,7 +238,11 @@ def membrane_bound(suite_name, gcase, prof):
     ``PERTURB``, the measured ``spread``); ``max(SAFETY (depth eps_p max|h| + (1 + 1/4) k
     spread), k floor)`` with the suite's output depth. 0 when the case has no membranes."""
     from .generate import N_PERTURB, _perturbed, lookup  # the generator's own recipe
-    key = (suite_name, gcase.id, id(gcase))
+    digest = hashlib.sha1()
+    for p in sorted(gcase.data):
+        if p.startswith(("inputs/", "params/")):
+            digest.update(p.encode() + np.ascontiguousarray(gcase.data[p]).tobytes())
+    key = (suite_name, gcase.id, digest.hexdigest())
     if key not in _MEMBRANE_CACHE:
         suite = get_suite(suite_name)
         case = dataclasses.replace(gcase, data={p: v for p, v in gcase.data.items()
@@ -255,10 +260,10 @@ def membrane_bound(suite_name, gcase, prof):
         floors = suite.floors(case) if suite.floors else {}
         parts = [(depth, float(np.max(np.abs(h))) if np.size(h) else 0.0, spread[m],
                   floors.get("membrane/" + m, 0.0)) for m, (h, _) in mem.items()]
-        _MEMBRANE_CACHE[key] = (gcase, parts)  # keep gcase alive so id() stays unique
+        _MEMBRANE_CACHE[key] = parts
     k = prof.k
     return max((max(SAFETY * (d * prof.eps * sc + (1.0 + INPUT_ROUNDING) * k * sp), k * fl)
-                for d, sc, sp, fl in _MEMBRANE_CACHE[key][1]), default=0.0)
+                for d, sc, sp, fl in _MEMBRANE_CACHE[key]), default=0.0)
 
 
 def _flip_rows(suite, gcase, cand_s, prof, compared):
@@ -341,7 +346,7 @@ def _compare_profile(suite, gcase, ccase, skip, prof):
                          f"margin {margin:.3g} of the internal spikes is within the membrane "
                          f"bound {mb:.3g} at {prof.name}: a spike may flip; not compared")]
     paths = [p for p in gcase.data if p.startswith(("outputs/", "grads/"))]
-    rows, skipped, tested, cand = [], 0, 0, {}
+    rows, skipped, tested, cand, res = [], 0, 0, {}, (0.0, "-")
     for p in paths:
         if _skipped(cid, p, skip):
             skipped += 1
@@ -388,6 +393,8 @@ def _compare_profile(suite, gcase, ccase, skip, prof):
                 f"precision")))
         else:
             tested += 1
+            if ref.dtype.kind == "f" and meta.get("compare") != "exact" and mag > 0:
+                res = max(res, (atol / mag, p))
     if gcase.result == "acceptable":
         for r in rows:
             if r["status"] == "MISMATCH":
@@ -396,22 +403,35 @@ def _compare_profile(suite, gcase, ccase, skip, prof):
     if not any(r["status"] in FAILURES or r["status"] == "ACCEPTABLE" for r in rows):
         if tested:
             detail = "; ".join(notes + ([f"{skipped} dataset(s) skipped"] if skipped else []))
-            rows.append(_row(suite, cid, "PASS", detail=f"at {prof.name}"
-                             + (f"; {detail}" if detail else "")))
+            rows.append(_row(suite, cid, "PASS", detail=(
+                f"at {prof.name}; resolution: atol / max|ref| <= {res[0]:.3g} ({res[1]})"
+                + (f"; {detail}" if detail else ""))))
+            if res[0] > 0:
+                rows[-1]["resolution"] = res[0]
         elif skipped and not rows:
             rows.append(_row(suite, cid, "SKIP", detail=f"{skipped} dataset(s) skipped"))
     return rows
+
+
+#: A tested tensor whose profile bound exceeds this fraction of its magnitude cannot see a
+#: relative error of 1e-3: counted as ``coarse`` in the summary (it still passes or fails).
+COARSE = 1e-3
 
 
 def _summary(rows, selected=None, total=None):
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
+    res = [r for r in rows if "resolution" in r]
     cases_failed = len({(r["suite"], r["case"]) for r in rows if r["status"] in FAILURES})
     cases = len({(r["suite"], r["case"]) for r in rows})
     out = {"cases": cases, "cases_failed": cases_failed, "statuses": counts}
     if selected is not None:
         out.update(selected=selected, total=total)
+    if res:
+        worst = max(res, key=lambda r: r["resolution"])
+        out.update(resolution=worst["resolution"], resolution_at=f"{worst['case']} "
+                   f"{worst['tensor']}", coarse=sum(r["resolution"] > COARSE for r in res))
     return out
 
 

@@ -54,6 +54,10 @@ def format_report(report, verbose=False):
         prec = f" at {f['precision']}" if f.get("precision", "float64") != "float64" else ""
         lines.append(f"{verdict}: {f['suite']}{prec}: {s['cases']} cases{sel}, "
                      f"{s['cases_failed']} failed ({st}); {f['candidate']} vs {f['golden']}")
+        if "resolution" in s:
+            lines.append(f"  resolution at {f['precision']}: worst atol / max|ref| of a passing "
+                         f"tensor {s['resolution']:.3g} ({s['resolution_at']}); {s['coarse']} "
+                         f"case(s) whose bound exceeds 1e-3 of some tensor's magnitude")
         for r in f["rows"]:
             if r["status"] in FAILURES and r["detail"] and not verbose:
                 lines.append(f"  {r['case']} {r['status']} {r['tensor']}: {r['detail']}")
