@@ -759,7 +759,7 @@ def _verify(path, precision="float64", **kw):
     return G.verify([path], COMMITTED, precision=precision, **kw)
 
 
-def _statuses(report):
+def _status_set(report):
     return {r["status"] for r in rows_of(report)}
 
 
@@ -800,7 +800,7 @@ def test_golden_file_as_candidate_passes_every_profile(precision):
     for suite in G.SUITES:
         report = _verify(COMMITTED / f"{suite}.h5", precision)
         assert report["passed"], (suite, report["files"][0]["summary"])
-        assert not _statuses(report) & set(G.FAILURES)
+        assert not _status_set(report) & set(G.FAILURES)
     if precision in ("bfloat16", "float16"):  # bounds above the tensors' own magnitude
         rows = rows_of(_verify(COMMITTED / "glu.h5", precision), "UNTESTABLE")
         assert rows and all("not a test at this precision" in r["detail"] for r in rows)
@@ -814,10 +814,10 @@ def test_float32_rounded_candidate_passes_float32_fails_float64(tmp_path, suite)
     for path in (native, widened):
         report = _verify(path, "float32")
         assert report["passed"], report["files"][0]["summary"]
-        assert "PASS" in _statuses(report)
-    assert "DTYPE" in _statuses(_verify(native, "float64"))
+        assert "PASS" in _status_set(report)
+    assert "DTYPE" in _status_set(_verify(native, "float64"))
     report = _verify(widened, "float64")
-    assert not report["passed"] and "MISMATCH" in _statuses(report)
+    assert not report["passed"] and "MISMATCH" in _status_set(report)
     # float16 storage is not float32's: DTYPE names the accepted dtypes
     (row, *_) = rows_of(_verify(native, "float16"), "DTYPE")
     assert "float64 or float16" in row["detail"]
