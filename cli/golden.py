@@ -37,6 +37,8 @@ def golden():
     \b
     refimpl golden show fftconv                         what a suite holds (or show FILE.h5)
     refimpl golden verify my_backend/fftconv.h5         check a backend's candidate file
+    refimpl golden verify n.h5 --precision float32 --select reset=hard
+                                                        a float32 backend, hard-reset cases
     refimpl golden check                                refimpl against its committed files
     refimpl golden generate --overwrite                 regenerate golden/v1
     """

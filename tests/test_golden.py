@@ -983,3 +983,29 @@ def test_failing_rows_carry_flags_and_comment(tmp_path):
     (row,) = [x for x in json.loads(out.read_text())["files"][0]["rows"]
               if x["status"] == "MISMATCH"]
     assert row["flags"] == case.flags and row["comment"] == case.comment
+
+
+def test_sdn_flip_is_judged_per_element(tmp_path):
+    """The SDN is stateless: a flip within the bound of ``m + x`` is excused on its own."""
+    from refimpl.golden.precision import bound
+    gf = _committed("sdn")
+    P = G.PROFILES["float32"]
+    best = None
+    for c in gf.cases.values():
+        if c.result != "valid":
+            continue
+        m, x = c.data["outputs/m"], c.data["inputs/x"]
+        atol, rtol = bound(c.meta["outputs/m"], P)
+        ratio = np.abs(m + x - c.config["theta"]) / (atol + rtol * np.abs(m) + P.eps * np.abs(x))
+        i = np.unravel_index(int(np.argmin(ratio)), m.shape)
+        j = np.unravel_index(int(np.argmax(ratio)), m.shape)
+        if best is None or ratio[i] < best[1]:
+            best = (c.id, float(ratio[i]), i, j)
+    cid, ratio, near, far = best
+    for i, status in ((near, "ACCEPTABLE" if ratio <= 1 else "MISMATCH"), (far, "MISMATCH")):
+        def edit(cases, i=i):
+            s = cases[cid].data["outputs/s"]
+            s[i] = 1.0 - s[i]
+        path = write_candidate(tmp_path / f"{status}.h5", "sdn", candidate_cases(gf, edit))
+        (row,) = [r for r in rows_of(_verify(path, "float32")) if r["case"] == cid]
+        assert (row["status"], row["index"]) == (status, "(" + ", ".join(map(str, i)) + ")")

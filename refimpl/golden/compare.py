@@ -730,8 +730,8 @@ def check_case(name, cid, gcase, spec, seed):
     except Exception as e:
         if not any(r["status"] == "ERROR" for r in rows):
             rows.append(_error_row(name, cid, e, " regenerating the case"))
-        return rows
-    return rows + _stale_rows(name, cid, staleness(gcase, built))
+        return _annotate(rows, gcase)
+    return _annotate(rows + _stale_rows(name, cid, staleness(gcase, built)), gcase)
 
 
 def check(golden_dir=DEFAULT_DIR, suites=None, progress=None):
