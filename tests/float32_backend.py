@@ -67,7 +67,9 @@ class Case:
             elif isinstance(v, np.bool_):
                 v = bool(v)
             self.attrs[k] = v
-        get = lambda g: {n: f32(gcase[g][n][()]) for n in gcase[g]} if g in gcase else {}
+        def get(g):
+            return {n: f32(gcase[g][n][()]) for n in gcase[g]} if g in gcase else {}
+
         self.inputs, self.params, self.cot = get("inputs"), get("params"), get("cotangents")
         self.trainable = {n: bool(gcase["params"][n].attrs.get("trainable", True))
                           for n in self.params}
@@ -263,7 +265,9 @@ DEFAULT_SCALE = {"triangle": 1.0, "rectangle": 1.0, "sigmoid": 4.0, "atan": 2.0,
 
 
 def neuron_config(a, prefix=""):
-    g = lambda k, default=None: a.get(prefix + k, default)
+    def g(k, default=None):
+        return a.get(prefix + k, default)
+
     sur = g("surrogate", "triangle")
     cfg = dict(reset=g("reset", "hard"), tau=F32(g("tau", 0.0)), theta=F32(g("theta", 1.0)),
                u_reset=F32(g("u_reset", 0.0)), R=int(g("refractory_steps", 0)),
@@ -454,7 +458,9 @@ def sdn_fwd_bwd(x, p, prefix="", dm=None, bug=None):
     lead = tuple(range(dm.ndim))
     g2 = dm[..., None] * w3 * (pre2 > 0)  # (..., L, C)
     g1 = (g2 @ W2 + g2) * (pre1 > 0)
-    flat = lambda a: a.reshape(-1, a.shape[-1])
+    def flat(a):
+        return a.reshape(-1, a.shape[-1])
+
     gW1 = flat(g1).T @ flat(win)
     gW2 = flat(g2).T @ flat(h1)
     grads = {"w0": gW1[:, None, :], "w1": g1.sum(axis=lead), "w2": gW2[:, :, None],
@@ -483,7 +489,10 @@ def sdn(case, bug=None):
 # Norms and the block
 # ============================================================================================
 
-def norm_fwd(x, gamma, beta, kind, eps=F32(1e-5)):
+EPS_NORM = F32(1e-5)
+
+
+def norm_fwd(x, gamma, beta, kind, eps=EPS_NORM):
     axes = (1,) if kind == "layer" else (0, 2)
     mu = x.mean(axis=axes, keepdims=True)
     var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
