@@ -52,7 +52,7 @@ from ..h5io import FileFormatError
 from .generate import EPS, SAFETY, case_from_spec, regenerate, run, tolerance
 from .registry import SUITES, get_suite, suite_specs
 from .precision import (INPUT_ROUNDING, bound as profile_bound,
-                        get_profile, representable, selector)
+                        get_profile, overflows, representable, selector)
 from .schema import DEFAULT_DIR, FAILURES, read_candidate, read_golden
 
 
@@ -137,6 +137,11 @@ def _compare_case(suite, gcase, ccase, skip, prof):
         return [_row(suite, cid, "NOT_REJECTED",
                      detail=f"invalid case must be rejected (set the case attribute 'error'); "
                             f"refimpl: {gcase.extra.get('error', '')}")]
+    over = overflows(gcase, prof) if prof.name != "float64" else None
+    if over:
+        return [_row(suite, cid, "UNTESTABLE", over[0], bound=prof.max, detail=(
+            f"{over[0]} holds {over[1]:.3g}, beyond the largest {prof.name} ({prof.max:.5g}): "
+            f"not a test at this precision (a rejection is fine)"))]
     if err:
         return [_row(suite, cid, "ERROR", detail=f"valid case rejected by the candidate: {err}")]
     if prof.name != "float64":
@@ -384,7 +389,7 @@ def _compare_profile(suite, gcase, ccase, skip, prof):
             atol, rtol = profile_bound(meta, prof)
             r = _close(cand[p], ref, atol, rtol, mask)
             mag = float(np.max(np.abs(ref))) if ref.size else 0.0
-            untestable = mag > 0 and atol >= mag
+            untestable = atol > 0 and atol >= mag  # incl. a structurally zero tensor
         if r is not None:
             rows.append(_row(suite, cid, "MISMATCH", p, *r))
         elif untestable:

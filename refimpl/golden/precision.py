@@ -51,11 +51,14 @@ class Profile:
     ``eps`` is the machine epsilon (2^-(mantissa bits)); unit roundoff is ``eps / 2``.
     ``storage`` are the dtypes a candidate may write float datasets in besides float64.
     ``bits`` is the significand precision (with the implicit bit): :func:`representable`.
+    ``max`` is the largest finite value: a case with a value beyond it cannot be computed in
+    the format (:func:`overflows`).
     """
     name: str
     eps: float
     bits: int
     storage: tuple
+    max: float
 
     @property
     def k(self):
@@ -64,11 +67,11 @@ class Profile:
 
 
 PROFILES = {
-    "float64": Profile("float64", 2.0 ** -52, 53, ("float64",)),
-    "float32": Profile("float32", 2.0 ** -23, 24, ("float32",)),
+    "float64": Profile("float64", 2.0 ** -52, 53, ("float64",), float(np.finfo(np.float64).max)),
+    "float32": Profile("float32", 2.0 ** -23, 24, ("float32",), float(np.finfo(np.float32).max)),
     # bfloat16 has no NumPy dtype: a candidate stores it as float32 (or float64)
-    "bfloat16": Profile("bfloat16", 2.0 ** -7, 8, ("float32",)),
-    "float16": Profile("float16", 2.0 ** -10, 11, ("float16",)),
+    "bfloat16": Profile("bfloat16", 2.0 ** -7, 8, ("float32",), (2.0 - 2.0 ** -7) * 2.0 ** 127),
+    "float16": Profile("float16", 2.0 ** -10, 11, ("float16",), float(np.finfo(np.float16).max)),
 }
 
 
@@ -107,6 +110,20 @@ def round_to(x, profile):
     m, e = np.frexp(x)
     scale = 2.0 ** profile.bits
     return np.ldexp(np.round(m * scale) / scale, e)  # np.round: half to even
+
+
+def overflows(case, profile):
+    """The first dataset of ``case`` (inputs, params, cotangents, outputs, grads) holding a
+    finite value beyond ``profile.max``, as ``(path, value)``, or None. Such a case cannot be
+    computed in the format (float16: 65504), whatever the backend does."""
+    for path, v in case.data.items():
+        v = np.asarray(v)
+        if v.dtype.kind != "f" or not v.size:
+            continue
+        a = np.abs(v[np.isfinite(v)])
+        if a.size and float(a.max()) > profile.max:
+            return path, float(a.max())
+    return None
 
 
 def representable(x, profile):

@@ -53,7 +53,7 @@ def format_report(report, verbose=False):
         sel = (f", {s['selected']} of {s['total']} selected" if "selected" in s else "")
         prec = f" at {f['precision']}" if f.get("precision", "float64") != "float64" else ""
         lines.append(f"{verdict}: {f['suite']}{prec}: {s['cases']} cases{sel}, "
-                     f"{s['cases_failed']} failed ({st}); {f['candidate']} vs {f['golden']}")
+                     f"{s['cases_failed']} failed (rows: {st}); {f['candidate']} vs {f['golden']}")
         if "resolution" in s:
             lines.append(f"  resolution at {f['precision']}: worst atol / max|ref| of a passing "
                          f"tensor {s['resolution']:.3g} ({s['resolution_at']}); {s['coarse']} "
