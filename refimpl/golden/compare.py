@@ -413,6 +413,7 @@ def _compare_profile(suite, gcase, ccase, skip, prof):
                 + (f"; {detail}" if detail else ""))))
             if res[0] > 0:
                 rows[-1]["resolution"] = res[0]
+                rows[-1]["resolution_tensor"] = res[1]
         elif skipped and not rows:
             rows.append(_row(suite, cid, "SKIP", detail=f"{skipped} dataset(s) skipped"))
     return rows
@@ -436,7 +437,7 @@ def _summary(rows, selected=None, total=None):
     if res:
         worst = max(res, key=lambda r: r["resolution"])
         out.update(resolution=worst["resolution"], resolution_at=f"{worst['case']} "
-                   f"{worst['tensor']}", coarse=sum(r["resolution"] > COARSE for r in res))
+                   f"{worst.get('resolution_tensor', worst['tensor'])}", coarse=sum(r["resolution"] > COARSE for r in res))
     return out
 
 
