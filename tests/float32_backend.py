@@ -5,14 +5,16 @@ rounded to float32 when read, and all arithmetic is float32 / complex64 (NumPy 2
 through ``np.fft``; Python scalars are weak under NEP 50, float64 attributes are converted
 explicitly). Only ``refimpl.golden.golden_path`` is used, to find the committed golden file.
 
-Suites: ``s4d_kernel``, ``fftconv``, ``neuron``, ``pmbc`` (computed by the iterative neuron; no
-``iterations`` output: verify with ``skip=('*/outputs/iterations',)``), ``glu``, ``sdn`` and
-``block`` (every family, norm and placement the committed cases use, composed from the pieces
-above plus GELU, GSU, LayerNorm and BatchNorm).
+Suites: ``s4d_kernel``, ``fftconv``, ``s4d_layer`` (the kernel, the convolution and their
+backward), ``neuron``, ``pmbc`` (computed by the iterative neuron; no ``iterations``
+output: verify with ``skip=('*/outputs/iterations',)``), ``glu``, ``sdn`` and ``block`` (every
+family, norm and placement the committed cases use, composed from the pieces above plus GELU,
+GSU, LayerNorm and BatchNorm).
 
 Each op is ``op(case, bug=None) -> (outputs, grads)`` on a :class:`Case` (float32 arrays read
 from a golden case); invalid cases raise :class:`Reject`. ``write_candidate(suite, path, bug)``
-writes the candidate file for the committed golden file. ``BUGS`` lists the planted bugs; the
+writes the candidate file for the committed golden file. ``BUGS`` lists the planted bugs,
+``VARIANTS`` correct alternative implementations (passed as ``bug``); the
 special bug ``"rel_error_1e-3"`` multiplies the dataset named by ``target`` (``"outputs/y"``,
 ``"grads/x"``, ...) by ``1 + 1e-3``.
 """
@@ -40,7 +42,11 @@ BUGS = {
     "glu_gate_wrong_half": ("glu", "outputs/z"),
 }
 REL_ERROR = "rel_error_1e-3"
-SUITES = ("s4d_kernel", "fftconv", "neuron", "pmbc", "glu", "sdn", "block")
+#: correct alternatives (not bugs), passed like a bug: ``naive_expm1`` computes the ZOH
+#: ``exp(dt A) - 1`` by subtraction and differentiates ``(exp(w) - 1) / w`` in closed form
+#: everywhere (what autograd of DESIGN.md's formula as written does)
+VARIANTS = ("naive_expm1",)
+SUITES = ("s4d_kernel", "fftconv", "s4d_layer", "neuron", "pmbc", "glu", "sdn", "block")
 
 
 class Reject(Exception):
@@ -106,8 +112,11 @@ def _expm1c(w):
     return _cplx(re, im)
 
 
-def _dphi1(w):
-    """``d/dw (exp(w) - 1) / w``: a Taylor series for ``|w| < 1``, the closed form elsewhere."""
+def _dphi1(w, naive=False):
+    """``d/dw (exp(w) - 1) / w``: a Taylor series for ``|w| < 1``, the closed form elsewhere
+    (``naive``: the closed form with ``exp(w) - 1`` subtracted, everywhere)."""
+    if naive:
+        return ((w * np.exp(w) - (np.exp(w) - C64(1))) / (w * w)).astype(C64)
     small = np.abs(w) < 1
     ws = np.where(small, w, C64(0))
     series = np.zeros_like(w)
@@ -118,16 +127,17 @@ def _dphi1(w):
     return np.where(small, series, closed).astype(C64)
 
 
-def _discretize(log_dt, lar, aim, B, disc):
-    """``dA, dB`` and their partial derivatives w.r.t. dt, A, B (complex64, (H, N2))."""
+def _discretize(log_dt, lar, aim, B, disc, naive=False):
+    """``dA, dB`` and their partial derivatives w.r.t. dt, A, B (complex64, (H, N2));
+    ``naive``: ZOH's ``exp(dt A) - 1`` by subtraction (see :data:`VARIANTS`)."""
     dt = np.exp(log_dt)[:, None]  # (H, 1)
     A = _cplx(-np.exp(lar), aim)  # (H, N2)
     w = (dt * A).astype(C64)
     if disc == "zoh":
         dA = np.exp(w)
-        E1 = _expm1c(w) / A  # (exp(dt A) - 1) / A
+        E1 = ((dA - C64(1)) if naive else _expm1c(w)) / A  # (exp(dt A) - 1) / A
         dB = E1 * B
-        d = dict(dA_dt=dA * A, dA_A=dA * dt, dB_dt=B * dA, dB_A=B * dt * dt * _dphi1(w),
+        d = dict(dA_dt=dA * A, dA_A=dA * dt, dB_dt=B * dA, dB_A=B * dt * dt * _dphi1(w, naive),
                  dB_B=E1, logdA=w)
     elif disc == "bilinear":
         q = C64(1) - w / F32(2)
@@ -158,7 +168,8 @@ def kernel_fwd_bwd(p, L, disc, dK=None, bug=None):
     Cm = _cplx(p["C_re"], p["C_im"])  # (H, N2) or (2, H, N2)
     bidir = Cm.ndim == 3
     Bm = _cplx(p["B_re"], p["B_im"]) if "B_re" in p else np.ones(p["A_imag"].shape, C64)
-    dt, A, dA, dB, d = _discretize(p["log_dt"], p["log_A_real"], p["A_imag"], Bm, disc)
+    dt, A, dA, dB, d = _discretize(p["log_dt"], p["log_A_real"], p["A_imag"], Bm, disc,
+                                   naive=bug == "naive_expm1")
     P = _powers(d["logdA"], L)  # (H, N2, L)
     W = Cm * dB  # (..., H, N2)
     K = (F32(2) * np.einsum("...hn,hnl->...hl", W, P).real).astype(F32)
@@ -232,6 +243,24 @@ def fftconv(case, bug=None):
     y, g = conv_fwd_bwd(case.inputs["u"], case.params["K"], case.params["D"],
                         case.cot.get("y"), bug)
     return {"y": y}, g
+
+
+# ============================================================================================
+# S4D layer: the kernel, the FFT convolution with the D skip, and their backward
+# ============================================================================================
+
+def s4d_layer(case, bug=None):
+    a, p = case.attrs, case.params
+    u = case.inputs["u"]
+    _finite(u=u, **p)
+    if "D" not in p:
+        raise Reject("missing parameter D")
+    ssm = {k: v for k, v in p.items() if k != "D"}
+    L = int(a["L"])
+    K, _ = kernel_fwd_bwd(ssm, L, a["disc"], bug=bug)
+    y, gc = conv_fwd_bwd(u, K, p["D"], case.cot.get("y"), bug)
+    _, gk = kernel_fwd_bwd(ssm, L, a["disc"], gc["K"], bug)
+    return {"y": y}, {"u": gc["u"], "D": gc["D"], **gk}
 
 
 # ============================================================================================
@@ -602,8 +631,8 @@ def block(case, bug=None):
     return {"y": out}, grads
 
 
-OPS = {"s4d_kernel": s4d_kernel, "fftconv": fftconv, "neuron": neuron, "pmbc": pmbc,
-       "glu": glu, "sdn": sdn, "block": block}
+OPS = {"s4d_kernel": s4d_kernel, "fftconv": fftconv, "s4d_layer": s4d_layer, "neuron": neuron,
+       "pmbc": pmbc, "glu": glu, "sdn": sdn, "block": block}
 
 
 # ============================================================================================
@@ -646,7 +675,7 @@ def write_candidate(suite, path, bug=None, target=None, dtype=np.float64):
     the float datasets are written as (float64 by default; float32 for a native candidate).
     Returns the path.
     """
-    if bug is not None and bug not in BUGS and bug != REL_ERROR:
+    if bug is not None and bug not in BUGS and bug not in VARIANTS and bug != REL_ERROR:
         raise ValueError(f"unknown bug {bug!r}")
     results = compute_suite(suite, None if bug == REL_ERROR else bug)
     with h5py.File(golden_path(suite), "r") as gold, h5py.File(path, "w") as cand:
