@@ -436,8 +436,9 @@ def _summary(rows, selected=None, total=None):
         out.update(selected=selected, total=total)
     if res:
         worst = max(res, key=lambda r: r["resolution"])
-        out.update(resolution=worst["resolution"], resolution_at=f"{worst['case']} "
-                   f"{worst.get('resolution_tensor', worst['tensor'])}", coarse=sum(r["resolution"] > COARSE for r in res))
+        at = f"{worst['case']} {worst.get('resolution_tensor', worst['tensor'])}"
+        out.update(resolution=worst["resolution"], resolution_at=at,
+                   coarse=sum(r["resolution"] > COARSE for r in res))
     return out
 
 
