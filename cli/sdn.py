@@ -5,12 +5,15 @@ bar (on stderr, :func:`~refimpl.cli.common.progress_bar`) and reports. Problems 
 values become one-line errors through :func:`~refimpl.cli.common.fail` (exit status 1, no
 traceback).
 """
+import contextlib
+import os
 import time
 
 import click
 
 from refimpl.atomic import check_destination
 from refimpl.sdn import INITS, LOSSES, SDNTrainConfig, evaluate, load_weights, train_sdn
+from refimpl.sdn.training import load_train_state, partial_path
 
 from .common import choice, fail, progress_bar
 
@@ -57,29 +60,58 @@ def sdn():
               type=click.IntRange(min=0), help="Seed of data, initialisation and shuffling.")
 @click.option("--out", "out", default="sdn.h5", show_default=True,
               type=click.Path(dir_okay=False), help="Weights file to write (HDF5).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing --out file (and start an interrupted run again).")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted run whose state is in OUT.partial.h5 (same options).")
 def train(tau, theta, mean, std, samples, length, epochs, batch_size, lr, weight_decay, loss,
-          init, eval_samples, seed, out, overwrite):
+          init, eval_samples, seed, out, overwrite, resume):
     """Train an SDN from scratch on the iterative hard-reset LIF and write its weights.
 
     The file holds the fused weights (w0 .. w5), the training network with its BatchNorm
-    statistics, the training configuration and the final scores.
+    statistics, the training configuration and the final scores. While training, the whole
+    state is saved atomically after every epoch to OUT.partial.h5 (a file `sdn eval` refuses);
+    OUT itself is written only at the end, then OUT.partial.h5 is removed. After an
+    interruption, `--resume` with the same options continues bit-identically.
     """
+    partial = partial_path(out)
+    if resume and overwrite:
+        fail("--resume and --overwrite exclude each other: --resume continues OUT.partial.h5, "
+             "--overwrite starts again")
     try:
         cfg = SDNTrainConfig(tau=tau, theta=theta, mean=mean, std=std, samples=samples,
                              length=length, epochs=epochs, batch_size=batch_size, lr=lr,
                              weight_decay=weight_decay, loss=loss, init=init,
                              eval_samples=eval_samples, seed=seed)
-        check_destination(out, overwrite)  # before the expensive work
+        # Everything is checked before the expensive work and before anything is written.
+        if resume:
+            check_destination(out, overwrite=True)  # not a folder
+            if not os.path.exists(partial):
+                done = " (" + out + " exists: that run finished)" if os.path.exists(out) else ""
+                fail(f"--resume: no interrupted run to continue, {partial} does not exist{done}")
+            done = load_train_state(partial, cfg)[5]  # settings must match
+        else:
+            check_destination(out, overwrite)
+            check_destination(partial, overwrite=True)
+            if os.path.exists(partial) and not overwrite:
+                fail(f"{partial} holds an interrupted run; pass --resume to continue it or "
+                     f"--overwrite to start again")
+            done = 0
     except FileExistsError:
         fail(f"{out} exists; pass --overwrite to replace it")
     except USER_ERRORS as e:
         fail(e)
     t0 = time.perf_counter()
     try:
-        with progress_bar(cfg.total_steps, "training SDN", _epoch_summary) as on_event:
-            result = train_sdn(cfg, progress=on_event)
-        result.save(out, overwrite=overwrite)
+        if not resume:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)  # a stale state of an interrupted run (--overwrite)
+        with progress_bar(cfg.total_steps - done * cfg.steps_per_epoch, "training SDN",
+                          _epoch_summary) as on_event:
+            result = train_sdn(cfg, progress=on_event, state_path=partial, resume=resume)
+        # The run that created OUT.partial.h5 was allowed to write OUT.
+        result.save(out, overwrite=overwrite or resume)
+        os.remove(partial)  # only after OUT is complete: a kill before leaves a resumable run
     except USER_ERRORS as e:
         fail(e)
     wall = time.perf_counter() - t0

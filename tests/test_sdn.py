@@ -723,6 +723,124 @@ def test_cli_train_bad_value_is_a_one_line_error(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# Resume (issue 11, item 6): OUT.partial.h5 during training, bit-identical continuation
+# --------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_epoch(n):
+    def progress(event):
+        if isinstance(event, EpochEnd) and event.epoch + 1 == n:
+            raise _Stop
+    return progress
+
+
+def _assert_same_training(a, b):
+    for name in ("weights", "params", "buffers"):
+        da, db = getattr(a, name), getattr(b, name)
+        assert set(da) == set(db)
+        for k in da:
+            np.testing.assert_array_equal(da[k], db[k], err_msg=f"{name} {k}")
+    np.testing.assert_array_equal(a.history["loss"], b.history["loss"])
+    assert a.metrics == b.metrics
+
+
+@pytest.mark.parametrize("stop", [1, 2, 3])
+def test_resumed_training_is_bit_identical(tmp_path, stop):
+    state = tmp_path / "s.h5.partial.h5"
+    ref = sdn.train_sdn(**TINY)
+    with pytest.raises(_Stop):
+        sdn.train_sdn(progress=_stop_after_epoch(stop), state_path=state, **TINY)
+    events = []
+    res = sdn.train_sdn(progress=events.append, state_path=state, resume=True, **TINY)
+    _assert_same_training(ref, res)
+    steps = [e.global_step for e in events if isinstance(e, Step)]
+    assert steps == list(range(2 * stop, 6))  # continues at the next update
+    # the state file is not a weights file
+    with pytest.raises(FileFormatError, match="schema"):
+        sdn.load_weights(state)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    state = tmp_path / "s.partial.h5"
+    with pytest.raises(_Stop):
+        sdn.train_sdn(progress=_stop_after_epoch(1), state_path=state, **TINY)
+    with pytest.raises(ValueError, match=r"other settings \(epochs = 3 there, 5 now\)"):
+        sdn.train_sdn(state_path=state, resume=True, **dict(TINY, epochs=5))
+
+
+def _invoke(args):
+    r = CliRunner().invoke(main, ["sdn", "train", *args])
+    return r
+
+
+def test_cli_resume_continues_bit_identically_and_cleans_up(tmp_path, monkeypatch):
+    ref, out = tmp_path / "ref.h5", tmp_path / "sdn.h5"
+    assert _invoke([*TINY_ARGS, "--out", str(ref)]).exit_code == 0
+    real = sdn.training.save_train_state
+    calls = []
+
+    def dying(*a, **k):  # interrupted right after the first epoch's state is on disk
+        real(*a, **k)
+        calls.append(1)
+        raise _Stop
+
+    monkeypatch.setattr(sdn.training, "save_train_state", dying)
+    r = _invoke([*TINY_ARGS, "--out", str(out)])
+    assert isinstance(r.exception, _Stop) and calls == [1]
+    monkeypatch.setattr(sdn.training, "save_train_state", real)
+    partial = tmp_path / "sdn.h5.partial.h5"
+    assert not out.exists() and partial.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.h5", "sdn.h5.partial.h5"]
+
+    # no silent restart, no resume with other settings, no resume + overwrite
+    before = partial.read_bytes()
+    for args, message in [
+        ([], "holds an interrupted run; pass --resume"),
+        (["--resume", "--length", "40"], "other settings (length = 48 there, 40 now)"),
+        (["--resume", "--overwrite"], "exclude each other"),
+    ]:
+        r = _invoke([*TINY_ARGS, "--out", str(out), *args])
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and message in lines[0], r.output
+        assert partial.read_bytes() == before and not out.exists()
+    with pytest.raises(FileFormatError, match="schema"):  # sdn eval refuses the state file
+        sdn.load_weights(partial)
+
+    r = _invoke([*TINY_ARGS, "--out", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.h5", "sdn.h5"]
+    wa, ma = sdn.load_weights(ref)
+    wb, mb = sdn.load_weights(out)
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k])
+    pa, ba, _ = sdn.load_training_state(ref)
+    pb, bb, _ = sdn.load_training_state(out)
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k])
+    for k in ba:
+        np.testing.assert_array_equal(ba[k], bb[k])
+    assert ma["metrics"] == mb["metrics"]
+    with h5py.File(ref) as fa, h5py.File(out) as fb:
+        np.testing.assert_array_equal(fa["history/loss"][()], fb["history/loss"][()])
+
+    r = _invoke([*TINY_ARGS, "--out", str(out), "--resume"])  # nothing left to continue
+    assert r.exit_code == 1 and "no interrupted run to continue" in r.output
+
+
+def test_cli_overwrite_discards_an_interrupted_run(tmp_path):
+    out = tmp_path / "sdn.h5"
+    partial = tmp_path / "sdn.h5.partial.h5"
+    partial.write_bytes(b"stale")
+    r = _invoke([*TINY_ARGS, "--out", str(out), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sdn.h5"]
+
+
+# --------------------------------------------------------------------------------------------
 # The full default training run (make test-all)
 # --------------------------------------------------------------------------------------------
 

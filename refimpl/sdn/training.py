@@ -10,17 +10,20 @@ Defaults: 1024 sequences of ``L = 1024``, 400 epochs (6400 updates). The loop re
 checkpoint reaches 99.97 %).
 """
 import dataclasses
+import json
+import os
 import time
 
 import numpy as np
 
 from .._checks import check_int, check_name, check_real
+from ..h5io import FileFormatError, atomic_h5, open_h5, read_tree, write_tree
 from ..neurons import NeuronConfig, neuron_fwd
-from ..optim import adamw_init, adamw_step, cosine_schedule, make_groups
+from ..optim import adamw_init, adamw_step, check_state, cosine_schedule, make_groups
 from ..progress import EpochEnd, Step
 from .fused import sdn_forward
 from .network import INITS, fold, init_train_params, train_bwd, train_fwd
-from .weights import resolve_weights, save_weights
+from .weights import check_buffers, check_train_params, resolve_weights, save_weights
 
 # --------------------------------------------------------------------------------------------
 # Losses
@@ -195,7 +198,76 @@ class SDNTrainResult:
                      metrics=self.metrics, history=self.history, overwrite=overwrite)
 
 
-def train_sdn(cfg=None, progress=None, **overrides):
+#: Schema of the training-state file (``OUT.partial.h5``): deliberately not ``refimpl-sdn``,
+#: so that :func:`refimpl.sdn.load_weights` (and ``refimpl sdn eval``) refuse it.
+STATE_SCHEMA = "refimpl-sdn-partial"
+STATE_VERSION = 1
+
+
+def partial_path(out):
+    """The training-state file of a run writing ``out``: ``OUT.partial.h5`` beside it."""
+    return os.fspath(out) + ".partial.h5"
+
+
+def save_train_state(path, cfg, params, buffers, opt_state, shuffle, epoch_loss, epochs_done,
+                     seconds):
+    """Atomically write everything :func:`train_sdn` needs to continue after ``epochs_done``
+    epochs (overwrites ``path``): parameters, BatchNorm buffers, AdamW state, the shuffle
+    generator's state, the loss history and the configuration (JSON, compared on resume)."""
+    attrs = {"train_config": json.dumps(cfg.as_dict()), "epochs_done": int(epochs_done),
+             "shuffle_state": json.dumps(shuffle.bit_generator.state),
+             "train_seconds": float(seconds)}
+    with atomic_h5(path, STATE_SCHEMA, STATE_VERSION, overwrite=True, attrs=attrs) as f:
+        write_tree(f.create_group("params"), params)
+        write_tree(f.create_group("buffers"), buffers)
+        write_tree(f.create_group("optimizer"), opt_state)
+        f.create_dataset("loss", data=np.asarray(epoch_loss[:epochs_done], dtype=np.float64))
+
+
+def load_train_state(path, cfg):
+    """Read a state written by :func:`save_train_state` for a run of ``cfg``.
+
+    Returns ``(params, buffers, opt_state, shuffle, epoch_loss, epochs_done, seconds)``.
+    Raises FileFormatError for a bad file and ValueError (one line) when the file was
+    written with other settings than ``cfg``.
+    """
+    path = os.fspath(path)
+    f = open_h5(path, STATE_SCHEMA, (STATE_VERSION,))
+    try:
+        with f:
+            stored = json.loads(f.attrs["train_config"])
+            done = int(f.attrs["epochs_done"])
+            rng_state = json.loads(f.attrs["shuffle_state"])
+            seconds = float(f.attrs["train_seconds"])
+            params = read_tree(f["params"])
+            buffers = read_tree(f["buffers"])
+            opt = read_tree(f["optimizer"])
+            loss = np.asarray(f["loss"][()], dtype=np.float64)
+    except Exception as e:  # missing groups/attrs, bad JSON
+        raise FileFormatError(f"{path}: incompatible or corrupted SDN training state "
+                              f"({type(e).__name__}: {e})") from None
+    want = cfg.as_dict()
+    diff = [k for k in want if stored.get(k) != want[k]] + sorted(set(stored) - set(want))
+    if diff:
+        k = diff[0]
+        raise ValueError(f"--resume: {path} was written with other settings ({k} = "
+                         f"{stored.get(k)!r} there, {want.get(k)!r} now); rerun with the same "
+                         f"options, or pass --overwrite instead of --resume to start again")
+    try:
+        params = check_train_params(params)
+        buffers = check_buffers(buffers)
+        opt["step"] = np.asarray(opt["step"], dtype=np.int64)
+        check_state(opt, params)
+        shuffle = np.random.default_rng()
+        shuffle.bit_generator.state = rng_state
+        if not 0 <= done <= cfg.epochs or loss.shape != (done,):
+            raise ValueError(f"{done} epochs done, {loss.shape} losses")
+    except (ValueError, TypeError, KeyError) as e:
+        raise FileFormatError(f"{path}: inconsistent SDN training state ({e})") from None
+    return params, buffers, opt, shuffle, loss, done, seconds
+
+
+def train_sdn(cfg=None, progress=None, state_path=None, resume=False, **overrides):
     """Train the SDN from scratch on the iterative LIF, then fold and evaluate it.
 
     Parameters
@@ -206,6 +278,14 @@ def train_sdn(cfg=None, progress=None, **overrides):
         Called with a :class:`refimpl.progress.Step` after every update and a
         :class:`refimpl.progress.EpochEnd` (the epoch's mean loss, no metrics) after every
         epoch. The library draws nothing.
+    state_path : path or None
+        When given, the whole training state is written there atomically after every epoch
+        (:func:`save_train_state`; ``refimpl sdn train`` uses ``OUT.partial.h5``). The file
+        is left in place; the caller removes it once the final weights are written.
+    resume : bool, default False
+        Continue from ``state_path`` (which must have been written with the same ``cfg``,
+        else ValueError). The result is bit-identical to an uninterrupted run: parameters,
+        buffers, AdamW moments and the shuffle generator's state are restored exactly.
 
     Returns
     -------
@@ -221,17 +301,25 @@ def train_sdn(cfg=None, progress=None, **overrides):
     statistics and scored by :func:`evaluate` on ``eval_samples`` fresh sequences.
     """
     cfg = dataclasses.replace(cfg or SDNTrainConfig(), **overrides)
+    if resume and state_path is None:
+        raise ValueError("resume=True needs state_path")
     x, target, _ = make_dataset(cfg.samples, cfg.length, cfg.tau, cfg.theta, cfg.mean,
                                 cfg.std, cfg.seed)  # (S, L) each
-    params, buffers = init_train_params(_rng(cfg.seed, _STREAM_INIT), cfg.init, cfg.tau)
-    groups = make_groups(params, cfg.lr, cfg.weight_decay)
-    state = adamw_init(params)
-    shuffle = _rng(cfg.seed, _STREAM_SHUFFLE)
-    total = cfg.total_steps
     epoch_loss = np.zeros(cfg.epochs)  # (epochs,)
+    if resume:
+        params, buffers, state, shuffle, done_loss, start, prior = load_train_state(
+            state_path, cfg)
+        epoch_loss[:start] = done_loss
+    else:
+        params, buffers = init_train_params(_rng(cfg.seed, _STREAM_INIT), cfg.init, cfg.tau)
+        state = adamw_init(params)
+        shuffle = _rng(cfg.seed, _STREAM_SHUFFLE)
+        start, prior = 0, 0.0
+    groups = make_groups(params, cfg.lr, cfg.weight_decay)
+    total = cfg.total_steps
     t0 = time.perf_counter()
-    step = 0
-    for epoch in range(cfg.epochs):
+    step = start * cfg.steps_per_epoch
+    for epoch in range(start, cfg.epochs):
         order = shuffle.permutation(cfg.samples)  # (S,)
         losses = []
         for i in range(cfg.steps_per_epoch):
@@ -246,9 +334,12 @@ def train_sdn(cfg=None, progress=None, **overrides):
                 progress(Step(epoch, cfg.epochs, i, cfg.steps_per_epoch, step, total, loss))
             step += 1
         epoch_loss[epoch] = np.mean(losses)
+        if state_path is not None:
+            save_train_state(state_path, cfg, params, buffers, state, shuffle, epoch_loss,
+                             epoch + 1, prior + time.perf_counter() - t0)
         if progress is not None:
             progress(EpochEnd(epoch, cfg.epochs, float(epoch_loss[epoch])))
-    seconds = time.perf_counter() - t0
+    seconds = prior + time.perf_counter() - t0
     weights = fold(params, buffers)
     metrics = evaluate(weights, tau=cfg.tau, theta=cfg.theta, mean=cfg.mean, std=cfg.std,
                        length=cfg.length, samples=cfg.eval_samples, seed=cfg.seed)
