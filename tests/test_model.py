@@ -249,3 +249,80 @@ def test_registering_a_name_twice_is_refused():
 
     with pytest.raises(ValueError, match="activation family 'lif' is registered twice"):
         register(LIF)
+
+
+def test_energy_counts_non_spiking_layers_as_macs():
+    """``None`` rates (non-spiking layers: gelu, binary_gsu) are full MACs, never ACs."""
+    L, H = 10, 8
+    mac = L * H * 2 * H  # L H 2H per feature-mixing layer
+    cfg = M.ModelConfig(n_classes=2, d_model=H, n_layers=2, activation="gelu")
+    e = M.energy(cfg, [None, None], L=L)
+    assert e["mac"] == 2 * mac and e["ac"] == 0
+    assert e["energy_pj"] == pytest.approx(2 * mac * 4.6) == e["energy_ann_pj"]
+    mixed = M.ModelConfig(n_classes=2, d_model=H, n_layers=3, activation="lif")
+    e = M.energy(mixed, [None, 0.25, None], L=L)
+    assert e["mac"] == 2 * mac and e["ac"] == 0.25 * mac
+    assert e["energy_pj"] == pytest.approx(2 * mac * 4.6 + 0.25 * mac * 0.9)
+    assert e["energy_ann_pj"] == pytest.approx(3 * mac * 4.6)
+
+
+@pytest.mark.parametrize("activation", ["lif", "binary_gsu"])
+def test_evaluate_rates_are_weighted_by_batch_size(activation):
+    """Batches of 4 over 9 samples (4, 4, 1) give the rates of one batch of 9: the short last
+    batch weighs 1/9, not 1/3. Eval mode treats samples independently, so only the order of
+    summation differs (1e-12 relative is ~1e4 ulps of slack, far below the ~10 % a
+    per-batch mean makes here, checked by the last assertion)."""
+    from refimpl.train import evaluate
+
+    cfg, p, buf, _, _ = small_model(activation=activation)
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(9, 12, 2)), rng.integers(0, 3, size=9)
+    whole = evaluate(cfg, p, buf, x, y, batch_size=9)
+    split = evaluate(cfg, p, buf, x, y, batch_size=4)
+    assert [r is None for r in whole["rates"]] == [r is None for r in split["rates"]]
+    got = [r for r in split["rates"] if r is not None]
+    want = [r for r in whole["rates"] if r is not None]
+    assert got and got == pytest.approx(want, rel=1e-12)
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-12)
+    assert split["accuracy"] == whole["accuracy"]
+    # the check has teeth: the unweighted mean of per-batch rates is clearly different
+    per_batch = [evaluate(cfg, p, buf, x[i:i + 4], y[i:i + 4])["rates"] for i in (0, 4, 8)]
+    unweighted = [np.mean([b[k] for b in per_batch]) for k, r in enumerate(whole["rates"])
+                  if r is not None]
+    assert max(abs(u - w) for u, w in zip(unweighted, want)) > 1e-3
+
+
+def test_optimizer_groups_of_the_model():
+    """DESIGN.md 8 (``optimizer_rules``' docstring): the SSM dynamics (``log_dt``,
+    ``log_A_real``, ``A_imag``) get ``lr = min(lr, 1e-3)`` and no weight decay; biases, norms,
+    ``D``, thresholds ``ln_vth`` and ``rho`` get the default lr and no decay; every other
+    weight (encoder/decoder/mixing matrices, ``C``, the GSU gate ``c`` excepted) both
+    defaults. Written from the rule, name by name, for every parameter of two models."""
+    from refimpl.optim import make_groups
+
+    def expected(name, lr, wd):
+        leaf = name.split(".")[-1]
+        if ".ssm." in name and leaf in ("log_dt", "log_A_real", "A_imag", "B_re", "B_im"):
+            return min(lr, 1e-3), 0.0
+        if leaf in ("b", "c", "D", "ln_vth", "rho") or ".norm." in name:
+            return lr, 0.0
+        return lr, wd
+
+    for kw in (dict(activation="refractory", norm="batch"),
+               dict(activation="binary_gsu", vocab=5)):
+        cfg = M.ModelConfig(**{**dict(n_classes=3, d_input=2, d_model=4, d_state=4,
+                                      n_layers=2), **kw})
+        p, _ = M.init_model(cfg, 0)
+        for lr, wd in ((1e-2, 0.05), (1e-4, 0.1)):
+            groups = make_groups(p, lr, wd, M.optimizer_rules(lr))
+            seen = {}
+            for g in groups:
+                for name in g["params"]:
+                    assert name not in seen, name
+                    seen[name] = (g["lr"], g["weight_decay"])
+            assert set(seen) == set(p)
+            for name in p:
+                assert seen[name] == expected(name, lr, wd), (kw, lr, name, seen[name])
+            decayed = {n for n, (_, d) in seen.items() if d > 0}
+            assert decayed and not any(n.split(".")[-1] in ("log_dt", "log_A_real", "A_imag")
+                                       for n in decayed)

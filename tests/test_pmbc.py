@@ -1,10 +1,20 @@
 """PMBC (parallel boundary compression) against the iterative neuron (DESIGN.md section 5).
 
 Tolerance policy. PMBC's membranes come from a two-level scan whose rounding differs from the
-iterative loop's; :func:`refimpl.pmbc.rounding_bound` bounds the membrane difference while
-the spike trains agree. Property tests therefore ``assume`` that the iterative membrane's
-margin ``min |h - theta|`` exceeds that bound, and then require identical spikes and membranes
-within the bound. Flips below the bound are counted in a separate test.
+iterative loop's, so membranes agree only to rounding, and a spike can flip where the iterative
+margin ``min |h - theta|`` is within that rounding of the threshold. The tolerance the tests
+use is fixed here, **not** taken from the code under test: :func:`stated_tol` is
+``1e-12 M / (1 - tau)`` with ``M = max|x| + |theta + max rho| + |u_reset| + |theta|`` (the size
+of every term of the membrane sum; ``1 / (1 - tau)`` sums the decaying weights). 1e-12 is
+~4500 ulps of ``M``: measured differences stay below 3 ulps of ``M`` (4.4e-4 of the tolerance
+over 300 random cases), and a real error (a wrong reset, a lost term) is O(M). Property tests
+``assume`` a margin above the stated tolerance and then require identical spikes and membranes
+within it. :func:`refimpl.pmbc.rounding_bound`, the library's own claim, is checked against
+both sides: the measured differences stay below it, and it stays below the stated tolerance
+(a bound inflated by orders of magnitude fails). ``test_filters_keep_almost_every_case``
+measures what the filters keep on the property tests' distribution (100 % at the time of
+writing; it must stay >= 95 %, so a filter that discards everything cannot pass silently).
+Flips below the bound are counted in a separate test.
 """
 import numpy as np
 import pytest
@@ -44,14 +54,25 @@ def margin(h, cfg):
     return float(np.abs(h - cfg.theta).min())
 
 
-def check_against_iterative(x, cfg, rho):
+def stated_tol(x, cfg, rho=None):
+    """The tests' own tolerance on ``|h_pmbc - h_iterative|`` (module docstring)."""
+    c = cfg.theta + (float(np.max(rho)) if rho is not None else 0.0)
+    M = float(np.max(np.abs(x))) + abs(c) + abs(cfg.u_reset) + abs(cfg.theta)
+    return 1e-12 * M / (1.0 - cfg.tau)
+
+
+def check_against_iterative(x, cfg, rho, keep=assume):
+    """``keep`` filters the case on its margin: hypothesis' ``assume``, or a plain assert."""
     s0, h0, u0 = neuron_fwd(x, cfg, rho=rho)
+    tol = stated_tol(x, cfg, rho)
     bound = rounding_bound(x, cfg, rho)
-    assume(margin(h0, cfg) > bound)
+    assert 0 < bound <= tol, (bound, tol)  # the library's bound is no looser than ours
+    keep(margin(h0, cfg) > tol)
     s, h, u, iters = pmbc_fwd(x, cfg, rho=rho)
     np.testing.assert_array_equal(s, s0)
-    np.testing.assert_allclose(h, h0, rtol=0, atol=bound)
-    np.testing.assert_allclose(u, u0, rtol=0, atol=bound)
+    np.testing.assert_allclose(h, h0, rtol=0, atol=tol)
+    np.testing.assert_allclose(u, u0, rtol=0, atol=tol)
+    assert max(np.abs(h - h0).max(), np.abs(u - u0).max()) <= bound  # the library's claim
     assert iters.min() >= 1 and iters.max() <= x.shape[-1] + 1
     return iters
 
@@ -98,7 +119,7 @@ def test_sandwich_for_linear_resets(case):
     """soft/refractory: F is antitone, so even iterates are lower and odd ones upper bounds."""
     x, cfg, rho = case
     s0, h0, _ = neuron_fwd(x, cfg, rho=rho)
-    assume(margin(h0, cfg) > rounding_bound(x, cfg, rho))
+    assume(margin(h0, cfg) > stated_tol(x, cfg, rho))
     S = fixed_point_iterates(x, cfg, rho, x.shape[-1] + 2)
     np.testing.assert_array_equal(S[-1], s0)  # the fixed point is the iterative spike train
     for k, Sk in enumerate(S):
@@ -113,22 +134,23 @@ def test_hard_reset_breaks_the_sandwich_but_stays_exact():
     longer bounds. Count violations over random cases with negative-mean inputs; PMBC is exact
     on every one of them all the same."""
     rng = np.random.default_rng(2024)
-    violations = 0
+    violations = kept = 0
     n = 100
     for _ in range(n):
         x = rng.normal(-0.3, 1.5, size=(1, 1, 64))
         cfg = NeuronConfig(reset="hard", tau=0.9)
         s0, h0, _ = neuron_fwd(x, cfg)
-        if margin(h0, cfg) <= rounding_bound(x, cfg):
+        if margin(h0, cfg) <= stated_tol(x, cfg):
             continue
+        kept += 1
         S = fixed_point_iterates(x, cfg, None, 70)
         np.testing.assert_array_equal(S[-1], s0)
         ok = all(np.all(Sk <= s0) if k % 2 == 0 else np.all(Sk >= s0) for k, Sk in enumerate(S))
         violations += not ok
         s, _, _, _ = pmbc_fwd(x, cfg)
         np.testing.assert_array_equal(s, s0)
-    print(f"hard reset: {violations}/{n} random cases violate the odd/even sandwich")
-    assert violations > 0
+    print(f"hard reset: {violations}/{kept} random cases violate the odd/even sandwich")
+    assert kept >= 95 and violations > 0  # the margin filter keeps (almost) every case
 
 
 def test_hard_reset_sandwich_counterexample():
@@ -174,12 +196,45 @@ def test_tiny_margins_can_flip_and_are_counted():
     assert near > 0
 
 
+def random_cases(n, seed, max_L=400):
+    """``n`` cases from (a NumPy copy of) :func:`pmbc_cases`'s distribution."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        reset = RESETS[rng.integers(len(RESETS))]
+        tau = float(rng.choice([0.0, 0.125, 0.5, 0.9, rng.uniform(0.0, 0.95)]))
+        theta = float(rng.uniform(0.1, 3.0))
+        cfg = NeuronConfig(reset=reset, tau=tau, theta=theta,
+                           u_reset=float(rng.uniform(-1.0, 0.5)) if reset == "hard" else 0.0,
+                           refractory_steps=int(rng.integers(0, 4)),
+                           spike_condition=("ge", "gt")[rng.integers(2)])
+        H, L = int(rng.integers(1, 4)), int(rng.integers(1, max_L + 1))
+        x = rng.choice([-1.0, 0.0, 0.5, 1.0]) + rng.choice([0.1, 1.0, 3.0]) * rng.normal(
+            size=(int(rng.integers(1, 3)), H, L))  # (B, H, L)
+        rho = rng.uniform(0.0, 1.5, size=H) if reset == "refractory" else None
+        yield x, cfg, rho
+
+
+def test_filters_keep_almost_every_case():
+    """The ``assume`` of the property tests keeps >= 95 % of their distribution (100 % measured:
+    random real inputs rarely land within 1e-12 of theta), with the stated tolerance and with
+    the library's ``rounding_bound``; PMBC then agrees on every kept case."""
+    n, kept_tol, kept_bound = 200, 0, 0
+    for x, cfg, rho in random_cases(n, seed=11, max_L=200):
+        _, h0, _ = neuron_fwd(x, cfg, rho=rho)
+        kept_bound += margin(h0, cfg) > rounding_bound(x, cfg, rho)
+        if margin(h0, cfg) > stated_tol(x, cfg, rho):
+            kept_tol += 1
+            check_against_iterative(x, cfg, rho, keep=lambda ok: None)
+    print(f"kept {kept_tol}/{n} (stated tolerance), {kept_bound}/{n} (rounding_bound)")
+    assert kept_tol >= 0.95 * n and kept_bound >= 0.95 * n
+
+
 @given(pmbc_cases(max_L=150), st.sampled_from(["bptt", "detach_reset", "sltt"]))
 def test_pmbc_backward_equals_iterative_backward(case, grad_mode):
     x, cfg, rho = case
     cfg = NeuronConfig(**{**cfg.__dict__, "grad_mode": grad_mode})
     s0, h0, u0 = neuron_fwd(x, cfg, rho=rho)
-    assume(margin(h0, cfg) > rounding_bound(x, cfg, rho))
+    assume(margin(h0, cfg) > stated_tol(x, cfg, rho))
     s, h, u, _ = pmbc_fwd(x, cfg, rho=rho)
     rng = np.random.default_rng(0)
     ds, dh, du = (rng.normal(size=x.shape) for _ in range(3))
