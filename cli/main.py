@@ -27,7 +27,7 @@ def main():
 
 @main.command()
 def info():
-    """Versions, thread count and Numba status."""
+    """Versions, thread counts (Numba, BLAS) and Numba status."""
     import h5py
     import numba
     import numpy
@@ -51,10 +51,33 @@ def info():
         ("numba JIT", "disabled (NUMBA_DISABLE_JIT=1)" if numba.config.DISABLE_JIT else "enabled"),
         ("fastmath", f"{config.FASTMATH} (reference path requires False)"),
         ("cache dir", numba.config.CACHE_DIR or "next to the sources (__pycache__)"),
+        ("blas", _blas_name(numpy)),
+        ("blas threads", _blas_threads()),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
+
+
+_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _blas_name(numpy):
+    """NumPy's BLAS (used by the channel-mixing GEMMs) from its build configuration."""
+    try:
+        blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:  # older NumPy: no mode="dicts"
+        return "see numpy.show_config()"
+
+
+def _blas_threads():
+    """The environment variables that set the BLAS thread count (read when NumPy loads)."""
+    set_ = [f"{k}={os.environ[k]}" for k in _BLAS_THREAD_VARS if k in os.environ]
+    if set_:
+        return ", ".join(set_)
+    return ("default: one per core (set OPENBLAS_NUM_THREADS or OMP_NUM_THREADS before "
+            "starting to change it)")
 
 
 def _fmt(v, spec):

@@ -14,8 +14,9 @@ from refimpl.neurons import GRAD_MODES
 from refimpl.sdn import load_weights
 from refimpl.ssm import DISCRETIZATIONS, INITS
 from refimpl.surrogates import SURROGATES
-from refimpl.tasks import TASKS, load_data
-from refimpl.train import TrainConfig, evaluate as evaluate_model, load_checkpoint, plan
+from refimpl.tasks import TASKS, data_from_recipe, load_data
+from refimpl.train import (TrainConfig, evaluate as evaluate_model, load_checkpoint, lock_output,
+                           plan)
 
 from .common import choice, fail, progress_bar
 
@@ -27,26 +28,36 @@ def _default(cls, name):
     return {f.name: f.default for f in dataclasses.fields(cls)}[name]
 
 
-def data_options(f):
+SAMPLES_DEFAULT = 1000
+
+
+def data_options(f, recorded=False):
     """``--task | --data`` with ``--tokens``, ``--samples``, ``--length``, ``--seed``: the data
-    options ``train`` and ``evaluate`` share."""
+    options ``train`` and ``evaluate`` share (``recorded``: no defaults, the checkpoint's
+    recorded data fills what is not given)."""
+    rec = " (default: as recorded in the checkpoint)" if recorded else ""
     options = [
-        click.option("--task", type=choice(TASKS), help="Built-in task."),
+        click.option("--task", type=choice(TASKS), help="Built-in task." + rec),
         click.option("--data", type=click.Path(dir_okay=False),
-                     help="User data (.npz: x_train, y_train, x_test, y_test)."),
-        click.option("--tokens", default=0, type=click.IntRange(min=0),
+                     help="User data (.npz: x_train, y_train, x_test, y_test)." + rec),
+        click.option("--tokens", default=None if recorded else 0, type=click.IntRange(min=0),
                      help="Vocabulary size for integer inputs (uses an embedding)."),
-        click.option("--samples", default=1000, show_default=True, type=click.IntRange(min=2),
-                     help="Samples of a built-in task (train + test)."),
+        click.option("--samples", default=None if recorded else SAMPLES_DEFAULT,
+                     show_default=not recorded, type=click.IntRange(min=2),
+                     help="Samples of a built-in task (train + test)." + rec),
         click.option("--length", default=None, type=click.IntRange(min=1),
-                     help="Sequence length of a built-in task (default: the task's)."),
-        click.option("--seed", default=_default(TrainConfig, "seed"), show_default=True,
-                     type=click.IntRange(min=0),
-                     help="Seed of a built-in task's generator (and of training)."),
+                     help="Sequence length of a built-in task (default: the task's)." + rec),
+        click.option("--seed", default=None if recorded else _default(TrainConfig, "seed"),
+                     show_default=not recorded, type=click.IntRange(min=0),
+                     help="Seed of a built-in task's generator (and of training)." + rec),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def recorded_data_options(f):
+    return data_options(f, recorded=True)
 
 
 def _load_data(task, data, tokens, samples, length, seed):
@@ -99,7 +110,9 @@ def _train_option(name, type_, help_=None):
 @_train_option("clip_norm", click.FloatRange(min=0), "Gradient-norm clipping (0 = off).")
 @click.option("--out", "out_dir", default="runs/train", show_default=True,
               type=click.Path(file_okay=False))
-@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.h5 (bit-exact).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from OUT/checkpoint.h5, bit-exactly; needs the "
+                   "same options and data (--epochs included).")
 @click.option("--overwrite", is_flag=True, help="Start again even if OUT/checkpoint.h5 exists.")
 def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_size, lr,
           weight_decay, clip_norm, out_dir, resume, overwrite, **model_options):
@@ -115,22 +128,26 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
                 fail("--activation sdn needs --sdn-weights FILE (train one with "
                      "'refimpl sdn train')")
             weights = load_weights(sdn_weights)[0]
-        run = plan(cfg, tcfg, ds, out_dir, resume=resume, sdn_weights=weights,
-                   overwrite=overwrite)
     except USER_ERRORS as e:
         fail(e)
-    click.echo(f"training {cfg.activation} on {ds['name']}: {len(ds['y_train'])} train / "
-               f"{len(ds['y_test'])} test, L = {ds['x_train'].shape[1]}, {epochs} epochs -> "
-               f"{out_dir}", err=True)
 
     def epoch_summary(ev):
         m = ev.metrics
         return (f"epoch {m['epoch'] + 1} train acc {m['train_accuracy']:.3f} "
                 f"test acc {m['test_accuracy']:.3f}")
 
+    # Everything is validated; the lock makes this process the folder's only writer (plan again
+    # under it: a resumed run must start from the checkpoint as it is now). A failure inside
+    # leaves the folder as it was (lock_output removes the lock, and a folder it created).
     try:
-        with progress_bar(run.remaining_steps, "train", epoch_summary) as on_event:
-            metrics = run.run(on_event)
+        with lock_output(out_dir):
+            run = plan(cfg, tcfg, ds, out_dir, resume=resume, sdn_weights=weights,
+                       overwrite=overwrite)
+            click.echo(f"training {cfg.activation} on {ds['name']}: {len(ds['y_train'])} train / "
+                       f"{len(ds['y_test'])} test, L = {ds['x_train'].shape[1]}, {epochs} epochs "
+                       f"-> {out_dir}", err=True)
+            with progress_bar(run.remaining_steps, "train", epoch_summary) as on_event:
+                metrics = run.run(on_event)
     except USER_ERRORS as e:
         fail(e)
     _summary(metrics, cfg)
@@ -155,16 +172,52 @@ def _summary(metrics, cfg):
                f"(ANN baseline {m['energy_ann_pj'] / 1e6:.3f} uJ)")
 
 
+def _eval_data(ckpt, task, data, tokens, samples, length, seed):
+    """The data ``evaluate`` scores: the checkpoint's recorded recipe, with the options given
+    now overriding it (a different --task or --data starts from the usual defaults)."""
+    recipe = ckpt.data_recipe
+    given = {"tokens": tokens, "samples": samples, "length": length, "seed": seed}
+    if task is None and data is None:
+        if recipe is None:
+            fail("the checkpoint does not record its data (older refimpl); pass --task or --data")
+        if "task" in recipe:
+            task = recipe["task"]
+        else:
+            if any(v is not None for k, v in given.items() if k != "tokens"):
+                fail("--samples/--length/--seed apply to a built-in task, but the checkpoint was "
+                     "trained on a data file; pass --task to choose one")
+            if tokens is None or tokens == recipe.get("tokens", 0):
+                try:
+                    return data_from_recipe(recipe)
+                except USER_ERRORS as e:
+                    fail(f"cannot rebuild the recorded data: {e}")
+            data = recipe["data"]
+    if task is not None and recipe is not None and recipe.get("task") == task:
+        defaults = recipe
+    else:
+        defaults = {"samples": SAMPLES_DEFAULT, "length": None,
+                    "seed": _default(TrainConfig, "seed")}
+    samples = defaults["samples"] if samples is None else samples
+    length = defaults["length"] if length is None else length
+    seed = defaults["seed"] if seed is None else seed
+    return _load_data(task, data, tokens or 0, samples, length, seed)
+
+
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@data_options
+@recorded_data_options
 def evaluate(checkpoint, task, data, tokens, samples, length, seed):
-    """Evaluate a checkpoint on the test split of a task or data file."""
+    """Evaluate a checkpoint on the test split of its recorded data (task, samples, length and
+    seed, or the .npz file checked by SHA-256), or of the data the options name."""
     try:
         ckpt = load_checkpoint(checkpoint)
     except FileFormatError as e:
         fail(e)
-    ds = _load_data(task, data, tokens, samples, length, seed)
+    ds = _eval_data(ckpt, task, data, tokens, samples, length, seed)
+    rec = ds.get("recipe", {})
+    what = (f"{rec['task']} (samples {rec['samples']}, length {rec['length']}, seed "
+            f"{rec['seed']})" if "task" in rec else ds["name"])
+    click.echo(f"evaluating on the test split of {what}", err=True)
     try:
         check_inputs(ckpt.cfg, ds["x_test"][:1], ds["y_test"][:1])
         r = evaluate_model(ckpt.cfg, ckpt.params, ckpt.buffers, ds["x_test"], ds["y_test"])

@@ -19,6 +19,10 @@ The inputs:
   noise on the last channel throughout.
 - ``parity``: ``(L, 1)`` sparse 0/1 pulses.
 """
+import hashlib
+import os
+import zipfile
+
 import numpy as np
 
 from ._checks import check_int, check_name
@@ -115,11 +119,48 @@ TASKS = {"adding": adding, "listops": listops, "recall": recall, "parity": parit
 
 
 def make_task(name, n=1000, L=None, seed=0):
-    """Generate a built-in task by name (``L=None``: the task's default length)."""
+    """Generate a built-in task by name (``L=None``: the task's default length).
+
+    The result's ``recipe`` (``{"task", "samples", "length", "seed"}``) rebuilds it exactly.
+    """
     fn = check_name("task", name, TASKS)
     check_int("n", n, 2)
+    check_int("seed", seed, 0)
     kw = {} if L is None else {"L": check_int("L", L, 1)}
-    return fn(n=n, seed=seed, **kw)
+    data = fn(n=n, seed=seed, **kw)
+    data["recipe"] = {"task": name, "samples": int(n), "length": int(data["x_train"].shape[1]),
+                      "seed": int(seed)}
+    return data
+
+
+def file_sha256(path):
+    """SHA-256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_from_recipe(recipe):
+    """Rebuild the data set a ``recipe`` (from :func:`make_task` / :func:`load_npz`) describes.
+
+    A recorded ``.npz`` must still exist and have the recorded SHA-256; otherwise ValueError
+    (one line) saying the recorded data cannot be rebuilt.
+    """
+    if "task" in recipe:
+        return make_task(recipe["task"], n=recipe["samples"], L=recipe["length"],
+                         seed=recipe["seed"])
+    path = recipe["data"]
+    if not os.path.isfile(path):
+        raise ValueError(f"the recorded data file {path} no longer exists; pass --task or "
+                         f"--data to choose the data")
+    digest = file_sha256(path)
+    if digest != recipe["sha256"]:
+        raise ValueError(f"the recorded data file {path} has changed since training (SHA-256 "
+                         f"{digest[:12]}... not {recipe['sha256'][:12]}...); pass --data to use "
+                         f"it anyway")
+    return load_npz(path, tokens=recipe.get("tokens", 0))
 
 
 def load_data(task=None, path=None, tokens=0, n=1000, L=None, seed=0):
@@ -138,19 +179,40 @@ REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 def load_npz(path, tokens=0):
     """Load user data: ``x_train (N, L)`` or ``(N, L, C)``, integer ``y_train (N,)``, same for
-    test, and optionally a scalar ``n_classes`` (default: max label + 1). Float inputs must be
-    float64 (or float32, which is *rejected*: convert explicitly); integer inputs need
-    ``tokens = V`` (vocabulary size) and use the embedding.
+    test, and optionally an integer scalar ``n_classes`` (default: max label + 1). Float inputs
+    may be float64, float32 or float16; float32/float16 are widened to float64, which is exact
+    (every float32 value is a float64 value). Integer inputs need ``tokens = V`` (vocabulary
+    size) and use the embedding.
 
+    Labels are class indices: ``n_classes`` (declared or max label + 1) may be at most
+    :func:`max_classes` of the distinct labels present, so a stray huge label is refused before
+    a model is allocated. Pickled members are never loaded (``allow_pickle=False``).
+
+    The result's ``recipe`` (``{"data": absolute path, "sha256", "tokens"}``) identifies the file.
     Raises ValueError / TypeError with one line naming the problem.
     """
     try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    if magic == b"\x93NUMPY":
+        raise ValueError(f"{path}: a single-array .npy file, not a .npz (zip) file; save the "
+                         f"arrays with np.savez(path, x_train=..., y_train=..., ...)")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a .npz (zip) file; save the arrays with "
+                         f"np.savez(path, x_train=..., y_train=..., ...)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
     except Exception as e:  # zipfile.BadZipFile, ValueError, OSError ...
         raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    for k, v in data.items():
+        if not isinstance(v, np.ndarray):  # a member without an NPY header comes back as bytes
+            raise ValueError(f"{path}: member {k!r} is not a NumPy array (no .npy header, e.g. "
+                             f"a raw pickle; it was not unpickled); save it with np.savez")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}; need {list(REQUIRED_KEYS)}")
@@ -180,30 +242,69 @@ def load_npz(path, tokens=0):
             if np.issubdtype(x.dtype, np.integer):
                 raise TypeError(f"{path}: x_{split} holds integers ({x.dtype}); pass --tokens V "
                                 f"for token input, or store float64 values")
-            if x.dtype != np.float64:
-                raise TypeError(f"{path}: x_{split} must be float64, got {x.dtype}; save "
-                                f"x_{split}.astype(np.float64)")
+            if x.dtype not in (np.float64, np.float32, np.float16):
+                raise TypeError(f"{path}: x_{split} must be float64 (or float32/float16), got "
+                                f"{x.dtype}; save x_{split}.astype(np.float64)")
             if not np.all(np.isfinite(x)):
                 raise ValueError(f"{path}: x_{split} contains NaN or inf values")
     if data["x_train"].shape[1:] != data["x_test"].shape[1:]:
         raise ValueError(f"{path}: x_train and x_test shapes differ after the sample axis: "
                          f"{data['x_train'].shape[1:]} vs {data['x_test'].shape[1:]}")
-    y_all = np.concatenate([data["y_train"], data["y_test"]])
-    if y_all.min() < 0:
-        raise ValueError(f"{path}: labels must be >= 0, got {y_all.min()}")
-    n_classes = int(y_all.max()) + 1
+    # labels as Python ints: exact for every integer dtype (uint64 included)
+    lo = min(int(data["y_train"].min()), int(data["y_test"].min()))
+    hi = max(int(data["y_train"].max()), int(data["y_test"].max()))
+    if lo < 0:
+        raise ValueError(f"{path}: labels must be >= 0, got {lo}")
+    distinct = len(set(np.unique(data["y_train"]).tolist())
+                   | set(np.unique(data["y_test"]).tolist()))
+    cap = max_classes(distinct)
+    if hi >= cap:
+        raise ValueError(f"{path}: labels must be class indices in [0, {cap}) (at most "
+                         f"max(1000, 10 x {distinct} distinct labels) classes), got max label "
+                         f"{hi}; relabel with np.unique(y, return_inverse=True)")
+    n_classes = hi + 1
     if "n_classes" in data:
-        declared = int(data["n_classes"])
+        declared = _declared_classes(path, data["n_classes"])
         if n_classes > declared:
             raise ValueError(f"{path}: labels out of range: max label {n_classes - 1} but the file "
                              f"declares n_classes = {declared}")
+        if declared > cap:
+            raise ValueError(f"{path}: n_classes = {declared} is too large for {distinct} "
+                             f"distinct labels (at most max(1000, 10 x distinct) = {cap}); "
+                             f"store the real number of classes, or omit n_classes")
         n_classes = declared
     if n_classes < 2:
         raise ValueError(f"{path}: labels must span at least 2 classes, got only {n_classes}")
     out = {k: data[k] for k in REQUIRED_KEYS}
     for k in ("y_train", "y_test"):
         out[k] = out[k].astype(np.int64)
-    if tokens:
-        for k in ("x_train", "x_test"):
-            out[k] = out[k].astype(np.int64)
-    return {**out, "n_classes": n_classes, "vocab": int(tokens), "name": str(path)}
+    for k in ("x_train", "x_test"):
+        out[k] = out[k].astype(np.int64 if tokens else np.float64)  # float32 -> float64: exact
+    recipe = {"data": os.path.abspath(path), "sha256": file_sha256(path), "tokens": int(tokens)}
+    return {**out, "n_classes": n_classes, "vocab": int(tokens), "name": str(path),
+            "recipe": recipe}
+
+
+def max_classes(distinct):
+    """The most classes a data file may declare (or imply by its largest label) given its
+    number of ``distinct`` labels: ``max(1000, 10 * distinct)``.
+
+    The decoder is ``(n_classes, H)`` and the logits ``(B, n_classes)``, so a stray label of
+    10**9 would allocate gigabytes. Real label sets are dense (0..K-1, every class seen) or at
+    least mostly present; 1000 covers ImageNet-sized label sets even in a small sample, and
+    10 x the labels present leaves room for classes missing from a subset.
+    """
+    return max(1000, 10 * int(distinct))
+
+
+def _declared_classes(path, value):
+    a = np.asarray(value)
+    if a.size != 1 or a.ndim > 1:
+        raise ValueError(f"{path}: n_classes must be a scalar integer, got shape {a.shape}")
+    v = a.reshape(()).item()
+    if a.dtype.kind == "f" and np.isfinite(v) and float(v).is_integer():
+        v = int(v)
+    if a.dtype.kind not in "iuf" or not isinstance(v, int):
+        raise ValueError(f"{path}: n_classes must be an integer, got {v!r} ({a.dtype}); store "
+                         f"np.int64(number of classes)")
+    return v
