@@ -3,6 +3,7 @@
 All the work is in :mod:`refimpl.golden`; this module parses options, prints what the library
 returns and turns file errors into one-line messages (no traceback).
 """
+import json
 import math
 import os
 import sys
@@ -10,7 +11,7 @@ import sys
 import click
 
 from refimpl import golden as G
-from refimpl.atomic import atomic_write_json
+from refimpl.atomic import atomic_write_json, check_destination
 from refimpl.h5io import FileFormatError
 
 from .common import choice, fail, progress
@@ -28,6 +29,27 @@ def _jsonable(v):
 
 def _write_report(path, report):
     atomic_write_json(path, _jsonable(report))
+
+
+def _check_json(path, inputs=(), golden_dirs=()):
+    """Refuse a ``--json`` destination before any work: one of the command's input files,
+    anything inside a golden folder (the one read and the installed set), a place where no
+    file can be created, or an existing file that is not JSON (an earlier report may be
+    replaced; any other file is not ours to destroy)."""
+    if not path:
+        return
+    protected = [*inputs, *golden_dirs, G.DEFAULT_DIR]
+    try:
+        path = check_destination(path, overwrite=True, protected=protected)
+    except (OSError, ValueError) as e:
+        fail(f"--json: {e}")
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError):
+            fail(f"--json: refusing to replace {path}: it exists and is not a JSON report; "
+                 f"remove it or choose another path")
 
 
 @click.group()
@@ -50,20 +72,29 @@ def golden():
 @click.option("--out", "out_dir", default=str(G.DEFAULT_DIR), show_default=True,
               type=click.Path(file_okay=False), help="Folder for <suite>.h5.")
 @click.option("--overwrite", is_flag=True, help="Replace existing files.")
+@click.option("--missing-only", is_flag=True,
+              help="Write only the suites whose file is absent (continue an interrupted run; "
+                   "every suite file is written atomically, so a present one is complete).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of every case stream.")
 @click.option("--size", default="small", show_default=True, type=click.Choice(G.SIZES),
               help="'small' is the committed set; 'large' has 8x longer sequences.")
-def generate(suites, out_dir, overwrite, seed, size):
-    """Write golden/v1/<suite>.h5 (float64, deterministic, atomic; refuses fast-math)."""
+def generate(suites, out_dir, overwrite, missing_only, seed, size):
+    """Write golden/v1/<suite>.h5 (float64, deterministic, atomic per suite; refuses
+    fast-math). After an interrupted run, --missing-only writes the absent suites."""
     names = list(suites) or list(G.SUITES)
     try:
-        G.check_fastmath()
+        names = [n for n, _ in G.plan_generate(out_dir, names, overwrite, missing_only)]
+    except (OSError, RuntimeError, ValueError) as e:
+        fail(e)
+    try:
         total = sum(len(G.suite_specs(n, seed, size)) for n in names)
         with progress(total, "golden cases") as bar:
             paths = G.generate(out_dir, names, seed=seed, size=size, overwrite=overwrite,
-                               progress=bar.update)
-    except (FileExistsError, RuntimeError, ValueError) as e:
+                               progress=bar.update, missing_only=missing_only) if names else []
+    except (OSError, RuntimeError, ValueError) as e:
         fail(e)
+    if missing_only and not paths:
+        click.echo(f"{out_dir}: every requested suite file exists; nothing to write")
     for p in paths:
         gf = G.read_golden(p)
         counts = {}
@@ -99,7 +130,9 @@ def verify(candidates, golden_dir, json_path, skip, precision, select, verbose):
     worst mismatch per tensor; exits 1 on any MISMATCH, MISSING, SHAPE, DTYPE, NOT_REJECTED,
     ERROR or EXTRA row. Golden files are only read (by default the installed committed set).
     UNTESTABLE rows (not a test at this precision) and ACCEPTABLE rows never fail.
+    --json never replaces a candidate, a golden file or a non-JSON file.
     """
+    _check_json(json_path, candidates, [golden_dir])
     try:
         report = G.verify(candidates, golden_dir, skip=skip, precision=precision,
                           select=select)
@@ -132,6 +165,7 @@ def check(golden_dir, suites, json_path, verbose):
     then rebuild each case from its definition: STALE (fails) where the file differs beyond
     rounding, DRIFT (informational) where it differs only within rounding (golden/SCHEMA.md)."""
     names = list(suites) or list(G.SUITES)
+    _check_json(json_path, (), [golden_dir])
     try:
         total = sum(len(G.suite_specs(n)) for n in names)
         with progress(total, "golden check") as bar:

@@ -5,10 +5,17 @@ text). An interrupted or failed write never leaves a half-written file and never
 destination; a successful one replaces it in one ``os.replace``. The new file gets the mode a
 plain ``open(path, "w")`` would give it (``0o666`` less the process umask): ``mkstemp`` alone
 would make it private (``0o600``).
+
+A kill (SIGKILL, power loss) during a write cannot run any cleanup, so it leaves the hidden
+temporary ``.<name>.<pid>.<random>.tmp``. The writer's PID is part of the name: every new write
+to the same destination first removes the temporaries of that destination whose process is no
+longer alive (:func:`remove_stale_temporaries`), so a rerun leaves no stray file behind.
 """
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 
 
@@ -18,18 +25,91 @@ def _umask():
     return mask
 
 
+def _inside(path, folder):
+    """Whether ``path`` (absolute, may not exist) is ``folder`` or lies inside it."""
+    try:
+        folder = os.path.realpath(folder)
+        real = os.path.realpath(path)
+        return os.path.commonpath([real, folder]) == folder
+    except ValueError:  # different drives
+        return False
+
+
+def check_writable(path):
+    """Raise ``PermissionError`` / ``NotADirectoryError`` (one line, naming the fix) unless a
+    file ``path`` can be created: the nearest existing ancestor folder must be a writable folder
+    (missing folders below it are created by the writers). Returns the absolute path."""
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"cannot write {path}: {folder} is not a folder; choose "
+                                 f"another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: folder {folder} is not writable; choose "
+                              f"another path or fix its permissions")
+    return path
+
+
 def check_destination(path, overwrite=False, protected=()):
     """Refuse ``path`` before any work is done: an existing file without ``overwrite``, a folder,
-    or one of the ``protected`` paths (inputs of the same command). Returns the absolute path."""
+    a place where no file can be created (:func:`check_writable`), or one of the ``protected``
+    paths (inputs of the same command). A protected *folder* protects everything inside it
+    (e.g. the golden set). Returns the absolute path."""
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a folder; name a file to write")
     for p in protected:
-        if os.path.exists(p) and os.path.exists(path) and os.path.samefile(p, path):
-            raise ValueError(f"refusing to write {path}: it is an input of this command")
+        p = os.fspath(p)
+        if os.path.isdir(p):
+            if _inside(path, p):
+                raise ValueError(f"refusing to write {path}: it is inside {p}, which this "
+                                 f"command only reads; choose a path outside it")
+        elif os.path.realpath(p) == os.path.realpath(path) or (
+                os.path.exists(p) and os.path.exists(path) and os.path.samefile(p, path)):
+            raise ValueError(f"refusing to write {path}: it is an input of this command; "
+                             f"choose another path")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    check_writable(path)
     return path
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Remove the temporaries ``.<name>.<pid>.<random>.tmp`` of destination ``path`` left by
+    writers that are no longer running (killed mid-write). Returns the removed paths.
+
+    Temporaries of live processes (a concurrent writer) are left alone; temporaries without a
+    PID (older refimpl) are not touched either, since their owner cannot be known."""
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    pattern = re.compile(r"\." + re.escape(name) + r"\.(\d+)\.[A-Za-z0-9_]+\.tmp\Z")
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry)
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, entry))
+                removed.append(os.path.join(folder, entry))
+    return removed
 
 
 @contextlib.contextmanager
@@ -38,14 +118,17 @@ def atomic_path(path, overwrite=True):
 
     The temporary file exists (empty) when the block starts; the block writes it by name (for
     libraries such as h5py that open the path themselves). On any exception, including
-    ``KeyboardInterrupt``, it is deleted and ``path`` is left as it was.
+    ``KeyboardInterrupt``, it is deleted and ``path`` is left as it was. Its name carries the
+    PID, ``.<name>.<pid>.<random>.tmp``; stale ones of dead writers are removed first.
     """
     path = os.fspath(path)
     if not overwrite:
         check_destination(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    remove_stale_temporaries(path)
+    prefix = f".{os.path.basename(path)}.{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())

@@ -88,20 +88,46 @@ def open_h5(path, schema, versions=(1,)):
         f = h5py.File(path, "r")
     except OSError as e:
         raise FileFormatError(f"{path}: corrupted or truncated HDF5 file ({e})") from None
-    got = f.attrs.get("schema")
+    try:
+        got = f.attrs.get("schema")
+        version = f.attrs.get("schema_version")
+    except Exception as e:  # a damaged attribute heap: h5py raises OSError, TypeError, ...
+        with contextlib.suppress(Exception):
+            f.close()
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise FileFormatError(f"{path}: corrupted HDF5 file, its root attributes cannot be read "
+                              f"({msg}); restore or regenerate it") from None
     if isinstance(got, bytes):
-        got = got.decode()
-    if got != schema:
+        got = got.decode(errors="replace")
+    if not isinstance(got, str) or got != schema:
         f.close()
-        raise FileFormatError(f"{path}: schema is {got!r}, expected {schema!r}")
-    version = f.attrs.get("schema_version")
-    if isinstance(version, np.generic):
-        version = version.item()
-    if version is None or int(version) not in versions:
+        raise FileFormatError(f"{path}: schema is {_short(got)}, expected {schema!r}")
+    if not _supported(version, versions):
         f.close()
-        raise FileFormatError(f"{path}: schema_version {version!r} of {schema!r} is not supported "
-                              f"(this refimpl reads {list(versions)})")
+        raise FileFormatError(f"{path}: schema_version {_short(version)} of {schema!r} is not "
+                              f"supported (this refimpl reads the integer version(s) "
+                              f"{list(versions)})")
     return f
+
+
+def _supported(version, versions):
+    """Only a scalar integer (Python or NumPy, not bool) equal to a supported version counts:
+    the string ``"1"``, the float ``1.5`` (or ``1.0``) and arrays are not version 1."""
+    if isinstance(version, np.ndarray):
+        if version.shape != ():
+            return False
+        version = version[()]
+    if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
+        return False
+    return int(version) in versions
+
+
+def _short(v):
+    """A one-line, bounded repr of an attribute value for an error message."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    r = " ".join(repr(v).split())
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def write_tree(group, tree):

@@ -38,7 +38,7 @@ from . import ssm, spiking, mixing, model  # noqa: E402,F401  isort: skip
 
 from .compare import check, compare_case, compare_tensor, recompute, staleness, verify, verify_file
 from .generate import (EPS, N_PERTURB, PERTURB, SAFETY, build_case, build_suite, check_fastmath,
-                       generate, regenerate, tolerance)
+                       generate, plan_generate, regenerate, tolerance)
 from .precision import PROFILES, Profile, SelectError, get_profile, parse_select, selector
 from .report import format_report, show
 
@@ -48,7 +48,7 @@ __all__ = [
     "parse_select", "selector", "RESULTS", "SAFETY", "SCHEMA", "SCHEMA_VERSION", "SIZES",
     "STATUSES", "SUITES", "Case", "GoldenFile", "Spec", "Suite", "build_case", "build_suite",
     "check", "check_fastmath", "compare_case", "compare_tensor", "flatten", "format_report",
-    "generate", "get_suite", "golden_path", "nest", "read_candidate", "read_file",
+    "generate", "get_suite", "plan_generate", "golden_path", "nest", "read_candidate", "read_file",
     "read_golden", "recompute", "regenerate", "register", "show", "staleness", "suite_specs",
     "tolerance", "verify", "verify_file", "write_file",
 ]

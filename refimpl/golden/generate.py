@@ -40,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import config
+from ..atomic import check_writable
 from .registry import SUITES, get_suite, maxabs, suite_specs
 from .schema import DEFAULT_DIR, Case, flatten, write_file
 
@@ -226,29 +227,53 @@ def check_fastmath():
                            "(REFIMPL_FASTMATH is set); unset it and run again")
 
 
-def generate(out_dir=DEFAULT_DIR, suites=None, seed=0, size="small", overwrite=False,
-             progress=None):
-    """Write ``<out_dir>/<suite>.h5`` for each suite (all by default).
-
-    Deterministic from ``seed``; float64; atomic writes (the file mode follows the umask,
-    :mod:`refimpl.atomic`). Refuses fast-math
-    (:func:`check_fastmath`) and, without ``overwrite``, existing files (``FileExistsError``,
-    raised before anything is computed). Returns the list of written paths.
-    """
+def plan_generate(out_dir=DEFAULT_DIR, suites=None, overwrite=False, missing_only=False):
+    """The ``(suite, path)`` pairs :func:`generate` would write, after every check it makes
+    before computing anything (fast-math, names, the folder, existing files); raises the same
+    one-line errors. The CLI calls it before it shows progress."""
     check_fastmath()
+    if overwrite and missing_only:
+        raise ValueError("--overwrite and --missing-only contradict each other; pass one")
     names = list(SUITES) if not suites else list(suites)
     for n in names:
         get_suite(n)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"cannot write into {out_dir}: it is a file, not a folder; "
+                                 f"choose another --out")
     paths = [out_dir / f"{n}.h5" for n in names]
-    if not overwrite:
-        existing = [str(p) for p in paths if p.exists()]
-        if existing:
-            raise FileExistsError(f"{', '.join(existing)} exist(s); pass --overwrite "
-                                  f"(overwrite=True) to replace")
-    for n, path in zip(names, paths):
+    for p in paths:
+        check_writable(p)
+    if missing_only:
+        todo = [(n, p) for n, p in zip(names, paths) if not p.exists()]
+    else:
+        todo = list(zip(names, paths))
+        if not overwrite:
+            existing = [str(p) for p in paths if p.exists()]
+            if existing:
+                raise FileExistsError(f"{', '.join(existing)} exist(s); pass --overwrite "
+                                      f"(overwrite=True) to replace, or --missing-only to "
+                                      f"write only the absent suites")
+    return todo
+
+
+def generate(out_dir=DEFAULT_DIR, suites=None, seed=0, size="small", overwrite=False,
+             progress=None, missing_only=False):
+    """Write ``<out_dir>/<suite>.h5`` for each suite (all by default).
+
+    Deterministic from ``seed``; float64; atomic writes, one suite at a time (the file mode
+    follows the umask, :mod:`refimpl.atomic`), so a kill leaves every suite file either
+    complete or absent (a stale hidden temporary of a killed write is removed by the next write
+    of the same file). Refuses fast-math (:func:`check_fastmath`), a folder in which no file can
+    be created, and, without ``overwrite`` or ``missing_only``, existing files
+    (``FileExistsError``); all raised before anything is computed. ``missing_only`` writes only
+    the suites whose file does not exist yet (continuing an interrupted run). Returns the list
+    of written paths.
+    """
+    todo = plan_generate(out_dir, suites, overwrite, missing_only)
+    for n, path in todo:
         cases = build_suite(n, seed, size, progress)
         write_file(path, n, cases, overwrite=overwrite,
                    attrs={"seed": int(seed), "size": size, "fastmath": bool(config.FASTMATH),
                           "case_count": len(cases)})
-    return [str(p) for p in paths]
+    return [str(p) for _, p in todo]
