@@ -67,6 +67,21 @@ def _uncircular_kernel(dk, L, bidirectional):
     return dk[:, :L].copy()  # (H, L)
 
 
+def _check_finite(what, **arrays):
+    """Raise ValueError if a result computed from finite inputs overflowed (inf / NaN).
+
+    The inputs are validated finite (:func:`refimpl._checks.check_array`); a convolution of
+    finite values can still exceed the float64 range (``|u| |K| L`` beyond 1.8e308), and the
+    FFT's intermediate sums may overflow even where the exact result would not. A check of
+    the result is exact (no false refusal of inputs whose result fits) and costs one pass;
+    a bound on the input magnitudes would refuse valid inputs."""
+    for name, a in arrays.items():
+        if a is not None and not np.all(np.isfinite(a)):
+            i = tuple(int(k) for k in np.argwhere(~np.isfinite(a))[0])
+            raise ValueError(f"{what} overflows the float64 range: {name}{list(i)} = "
+                             f"{a[i]} from finite inputs; scale u, K (or dy) down")
+
+
 def fftconv(u, K, D=None):
     """FFT convolution ``y = conv(u, K) + D u``; see the module docstring.
 
@@ -85,9 +100,11 @@ def fftconv(u, K, D=None):
     n = fft_length(L)
     kf = _rfft(_circular_kernel(K, n), n)  # (H, n//2+1)
     uf = _rfft(u, n)  # (B, H, n//2+1)
-    y = _irfft(uf * kf, n)[..., :L]  # (B, H, L)
-    if D is not None:
-        y += D[:, None] * u
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = _irfft(uf * kf, n)[..., :L]  # (B, H, L)
+        if D is not None:
+            y += D[:, None] * u
+    _check_finite("fftconv", y=y)
     return np.ascontiguousarray(y)
 
 
@@ -106,13 +123,15 @@ def fftconv_bwd(u, K, D, dy):
     kf = _rfft(_circular_kernel(K, n), n)  # (H, n//2+1)
     uf = _rfft(u, n)  # (B, H, n//2+1)
     dyf = _rfft(dy, n)  # (B, H, n//2+1)
-    du = _irfft(dyf * np.conj(kf), n)[..., :L]  # (B, H, L)
-    dk = _irfft((dyf * np.conj(uf)).sum(0), n)  # (H, n)
-    dK = _uncircular_kernel(dk, L, K.ndim == 3)
-    dD = None
-    if D is not None:
-        du += D[:, None] * dy
-        dD = np.einsum("bhl,bhl->h", dy, u)  # (H,)
+    with np.errstate(over="ignore", invalid="ignore"):
+        du = _irfft(dyf * np.conj(kf), n)[..., :L]  # (B, H, L)
+        dk = _irfft((dyf * np.conj(uf)).sum(0), n)  # (H, n)
+        dK = _uncircular_kernel(dk, L, K.ndim == 3)
+        dD = None
+        if D is not None:
+            du += D[:, None] * dy
+            dD = np.einsum("bhl,bhl->h", dy, u)  # (H,)
+    _check_finite("fftconv_bwd", du=du, dK=dK, dD=dD)
     return np.ascontiguousarray(du), dK, dD
 
 
@@ -141,6 +160,8 @@ def direct_conv(u, K, D=None):
     K0, K1 = (K[0], K[1]) if K.ndim == 3 else (K, K)
     y = np.empty_like(u)  # (B, H, L)
     _direct_conv(u, np.ascontiguousarray(K0), np.ascontiguousarray(K1), K.ndim == 3, y)
-    if D is not None:
-        y += D[:, None] * u
+    with np.errstate(over="ignore", invalid="ignore"):
+        if D is not None:
+            y += D[:, None] * u
+    _check_finite("direct_conv", y=y)
     return y

@@ -332,13 +332,23 @@ def check_ssm_params(log_dt, log_A_real, A_imag, C_re, C_im, B_re=None, B_im=Non
         check_shape("B_re", B_re, (H, N2))
         B_im = check_array("B_im", B_im, 2)
         check_shape("B_im", B_im, (H, N2))
-    dt = np.exp(log_dt)
+    with np.errstate(over="ignore"):
+        dt, a_re = np.exp(log_dt), np.exp(log_A_real)
+    if not np.all(np.isfinite(dt)):
+        h = int(np.argmax(~np.isfinite(dt)))
+        raise ValueError(f"dt = exp(log_dt) must be finite, but log_dt[{h}] = {log_dt[h]} "
+                         "overflows to dt = inf; keep log_dt < 709")
+    if not np.all(np.isfinite(a_re)):
+        i = tuple(int(k) for k in np.argwhere(~np.isfinite(a_re))[0])
+        raise ValueError("unstable mode: Re A = -exp(log_A_real) must be finite, "
+                         f"but log_A_real{list(i)} = {log_A_real[i]} overflows to Re A = -inf; "
+                         "keep log_A_real < 709")
     if np.any(dt <= 0):
         h = int(np.argmin(dt))
         raise ValueError(f"dt = exp(log_dt) must be > 0, but log_dt[{h}] = {log_dt[h]} underflows "
                          "to dt = 0; keep log_dt > -700")
-    if np.any(np.exp(log_A_real) <= 0):
-        i = tuple(int(k) for k in np.argwhere(np.exp(log_A_real) <= 0)[0])
+    if np.any(a_re <= 0):
+        i = tuple(int(k) for k in np.argwhere(a_re <= 0)[0])
         raise ValueError("unstable mode: Re A = -exp(log_A_real) must be < 0, "
                          f"but log_A_real{list(i)} = {log_A_real[i]} underflows to Re A = 0; "
                          "keep log_A_real > -700")
@@ -350,7 +360,15 @@ def _discrete(log_dt, log_A_real, A_imag, B_re, B_im, disc, partials=False):
     dt = np.exp(log_dt)[:, None]  # (H, 1)
     A = -np.exp(log_A_real) + 1j * A_imag  # (H, N2)
     B = np.ones_like(A) if B_re is None else B_re + 1j * B_im  # (H, N2)
-    return (dt, A, B) + DISCRETIZATIONS[disc](dt, A, B, partials)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = DISCRETIZATIONS[disc](dt, A, B, partials)
+    for name, v in zip(("dA", "dB"), out[:2]):
+        if not np.all(np.isfinite(v)):
+            i = tuple(int(k) for k in np.argwhere(~np.isfinite(v))[0])
+            raise ValueError(f"the {disc} discretization overflows: {name}{list(i)} = {v[i]} "
+                             f"(dt = {dt[i[0], 0]:.3g}, A = {A[i]:.3g}, B = {B[i]:.3g}); "
+                             "reduce log_dt, |A| or |B|")
+    return (dt, A, B) + out
 
 
 def discretize_params(log_dt, log_A_real, A_imag, B_re=None, B_im=None, disc="zoh"):
@@ -384,9 +402,13 @@ def s4d_kernel(log_dt, log_A_real, A_imag, C_re, C_im, L, disc="zoh", B_re=None,
         log_dt, log_A_real, A_imag, C_re, C_im, B_re, B_im)
     _, _, _, dA, dB = _discrete(log_dt, log_A_real, A_imag, B_re, B_im, disc)
     C = C_re + 1j * C_im  # (H, N2) or (2, H, N2)
-    W = (C * dB).reshape(-1, N2)  # (H or 2H, N2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        W = (C * dB).reshape(-1, N2)  # (H or 2H, N2)
     z = np.broadcast_to(dA, C.shape).reshape(-1, N2)  # (H or 2H, N2)
     K = vandermonde(W, z, L)  # (H or 2H, L)
+    if not np.all(np.isfinite(K)):
+        raise ValueError("the S4D kernel overflows (non-finite values from finite parameters): "
+                         "reduce the magnitude of C or B")
     return K.reshape(C.shape[:-1] + (L,))
 
 

@@ -174,6 +174,64 @@ def test_log_A_real_underflow_is_unstable(p):
         s4d_kernel(*kargs(p), 10)
 
 
+@pytest.mark.parametrize("fn", ["kernel", "kernel_bwd", "discretize_params", "layer"])
+def test_log_A_real_overflow_is_unstable(p, fn):
+    """exp(800) = inf: a ValueError (README), not an all-NaN kernel with a RuntimeWarning."""
+    p["log_A_real"][1, 0] = 800.0
+    with pytest.raises(ValueError, match=r"unstable mode: Re A = -exp\(log_A_real\) must be "
+                                         r"finite, but log_A_real\[1, 0\] = 800.0 overflows"):
+        with np.errstate(all="raise"):  # and no floating-point warning on the way
+            if fn == "kernel":
+                s4d_kernel(*kargs(p), 10)
+            elif fn == "kernel_bwd":
+                s4d_kernel_bwd(*kargs(p), np.ones((3, 10)))
+            elif fn == "discretize_params":
+                discretize_params(p["log_dt"], p["log_A_real"], p["A_imag"])
+            else:
+                s4d_layer_fwd(np.ones((1, 3, 10)), p)
+
+
+def test_log_dt_overflow(p):
+    p["log_dt"][2] = 710.0
+    with pytest.raises(ValueError, match=r"dt = exp\(log_dt\) must be finite, but "
+                                         r"log_dt\[2\] = 710.0 overflows"):
+        s4d_kernel(*kargs(p), 10)
+
+
+def test_discretization_overflow_is_named(p):
+    """Finite dt, A, B whose ZOH dB = B (exp(dt A) - 1) / A ~ B dt exceeds float64: refused,
+    naming the discretization and the coefficient."""
+    p["log_dt"][0], p["log_A_real"][0, 0] = 5.0, -700.0
+    B_re, B_im = np.full((3, 2), 1e308), np.zeros((3, 2))
+    with pytest.raises(ValueError, match=r"the zoh discretization overflows: dB\[0, 0\]"):
+        s4d_kernel(*kargs(p), 10, B_re=B_re, B_im=B_im)
+
+
+def test_kernel_overflow_from_huge_C(p):
+    p["C_re"][...] = 1e308
+    B_re, B_im = np.full((3, 2), 1e300), np.zeros((3, 2))
+    with pytest.raises(ValueError, match=r"S4D kernel overflows"):
+        s4d_kernel(*kargs(p), 10, B_re=B_re, B_im=B_im)
+
+
+@pytest.mark.parametrize("conv", [fftconv, direct_conv])
+def test_convolution_overflow_is_refused(p, conv):
+    """1e308 inputs: the result does not fit in float64; a ValueError naming the overflow
+    rather than inf / NaN returned (the result is checked, so nothing that fits is refused)."""
+    u = np.full((1, 3, 10), 1e308)
+    K = np.ones((3, 10))
+    with pytest.raises(ValueError, match=r"conv overflows the float64 range: y\[0, 0, [01]\]"):
+        conv(u, K)
+    y = conv(np.full((1, 3, 10), 1e307), np.full((3, 10), 1e-9))  # large but fits: accepted
+    assert np.all(np.isfinite(y))
+
+
+def test_convolution_bwd_overflow_is_refused(p):
+    u = np.full((1, 3, 10), 1e308)
+    with pytest.raises(ValueError, match=r"fftconv_bwd overflows the float64 range"):
+        fftconv_bwd(u, np.ones((3, 10)), None, np.ones((1, 3, 10)))
+
+
 def test_unstable_recurrence(p):
     dA, dB, C = coeffs(p)
     dA[0, 0] = 1.0
