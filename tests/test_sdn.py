@@ -305,8 +305,17 @@ def test_sdn_neuron_backward_is_the_surrogate_with_m_constant(surrogate, scale):
     s_smooth, m = sdn.sdn_neuron_fwd(x, w, cfg, smooth=True)
     dx = sdn.sdn_neuron_bwd(x, m, cfg, ds)
     sur = get_surrogate(surrogate)
-    np.testing.assert_array_equal(dx, ds * sur.grad(m + x - 0.8, scale))
-    np.testing.assert_array_equal(s_smooth, sur.primitive(m + x - 0.8, scale))
+    if surrogate == "triangle":  # + - * / only: exact
+        np.testing.assert_array_equal(dx, ds * sur.grad(m + x - 0.8, scale))
+        np.testing.assert_array_equal(s_smooth, sur.primitive(m + x - 0.8, scale))
+    else:
+        # exp / atan: the kernel and Surrogate.grad run one Numba formula but in different
+        # loops, which a vectorising build (SVML) may evaluate an ulp apart (issue 11); allow
+        # 8 ulps of g (relative) and of G's range [0, 1] (absolute).
+        eps = np.finfo(np.float64).eps
+        np.testing.assert_allclose(dx, ds * sur.grad(m + x - 0.8, scale), rtol=8 * eps, atol=0)
+        np.testing.assert_allclose(s_smooth, sur.primitive(m + x - 0.8, scale), rtol=0,
+                                   atol=8 * eps)
 
     # finite differences of the smooth forward with the SDN prediction held constant (frozen m)
     def f(v):
