@@ -1009,3 +1009,73 @@ def test_sdn_flip_is_judged_per_element(tmp_path):
         path = write_candidate(tmp_path / f"{status}.h5", "sdn", candidate_cases(gf, edit))
         (row,) = [r for r in rows_of(_verify(path, "float32")) if r["case"] == cid]
         assert (row["status"], row["index"]) == (status, "(" + ", ".join(map(str, i)) + ")")
+
+
+# --------------------------------------------------------------------------------------------
+# extra datasets (issue 11, item 9) and values exactly on their bound
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("extra", ["outputs/zzz", "grads/zzz"])
+def test_extra_dataset_in_a_candidate_case_fails_like_an_extra_case(tmp_path, golden_dir,
+                                                                     extra, precision):
+    gf = G.read_golden(golden_dir / "fftconv.h5")
+    case = first(gf)
+
+    def edit(cases):
+        cases[case.id].data[extra] = np.zeros(3)
+
+    path = write_candidate(tmp_path / "c.h5", "fftconv", candidate_cases(gf, edit))
+    rep = G.verify([path], golden_dir, precision=precision)
+    assert not rep["passed"]
+    rows = [r for r in rep["files"][0]["rows"] if r["case"] == case.id]
+    assert [(r["status"], r["tensor"]) for r in rows] == [("EXTRA", extra)]
+    assert rep["files"][0]["summary"]["cases_failed"] == 1
+    r = CliRunner().invoke(main, ["golden", "verify", str(path), "--golden", str(golden_dir),
+                                  "--precision", precision])
+    assert r.exit_code == 1 and "EXTRA" in r.output
+    # --skip exempts it, as it exempts any dataset
+    rep = G.verify([path], golden_dir, precision=precision, skip=[f"*/{extra}"])
+    assert rep["passed"]
+
+
+# rtol = SAFETY eps = 2**-48 and an atol that is a power of two: every bound
+# atol + rtol |ref| and every candidate ref +- bound below is exact in float64, so the test
+# places values exactly on the bound (not merely near it).
+_RTOL, _ATOL = G.SAFETY * G.EPS, 2.0 ** -45
+_REF = np.array([2.0, -4.0, 0.0, 0.5, 48.0])
+
+
+def _bound_golden(tmp_path):
+    assert _RTOL == 2.0 ** -48
+    gdir = tmp_path / "gold"
+    case = G.Case(id="0000", op="fftconv", comment="bound test", result="valid",
+                  data={"outputs/y": _REF.copy()},
+                  meta={"outputs/y": {"compare": "allclose", "atol": _ATOL, "rtol": _RTOL}})
+    G.write_file(gdir / "fftconv.h5", "fftconv", [case])
+    return gdir
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_value_exactly_on_its_bound_passes_one_ulp_beyond_fails(tmp_path, sign):
+    gdir = _bound_golden(tmp_path)
+    bound = _ATOL + _RTOL * np.abs(_REF)
+    on = _REF + sign * bound
+    assert np.all(np.abs(on - _REF) == bound)  # exactly on the bound (exact arithmetic)
+    meta = {"compare": "allclose", "atol": _ATOL, "rtol": _RTOL}
+    assert G.compare_tensor(on, _REF, meta) is None
+    for i in range(_REF.size):
+        beyond = on.copy()
+        beyond[i] = np.nextafter(on[i], sign * np.inf)
+        r = G.compare_tensor(beyond, _REF, meta)
+        assert r is not None and r[0] == "MISMATCH" and r[1] == f"({i},)", (i, r)
+        assert r[5].startswith("1 of 5 outside")
+    for cand, passed in [(on, True), (np.nextafter(on, sign * np.inf), False)]:
+        c = G.Case(id="0000", data={"outputs/y": cand})
+        path = tmp_path / "c.h5"
+        G.write_file(path, "fftconv", [c], overwrite=True, schema=G.CANDIDATE_SCHEMA)
+        rep = G.verify([path], gdir)
+        assert rep["passed"] is passed, rep["files"][0]["rows"]
+        statuses = [r["status"] for r in rep["files"][0]["rows"]]
+        assert statuses == (["PASS"] if passed else ["MISMATCH"])

@@ -116,6 +116,18 @@ def _skipped(cid, tensor, skip):
     return any(fnmatch.fnmatchcase(key, pat) or fnmatch.fnmatchcase(tensor, pat) for pat in skip)
 
 
+def _extra_rows(suite, gcase, ccase, skip):
+    """An ``outputs/`` or ``grads/`` dataset of the candidate case that the golden case lacks
+    fails as EXTRA, like an extra case: a backend writing a tensor under the wrong name (or
+    the wrong case) must not pass silently. Skipped names (``--skip``) are exempt."""
+    if ccase is None:
+        return []
+    return [_row(suite, gcase.id, "EXTRA", p, detail="dataset not in the golden case")
+            for p in ccase.data
+            if p.startswith(("outputs/", "grads/")) and p not in gcase.data
+            and not _skipped(gcase.id, p, skip)]
+
+
 def compare_case(suite, gcase, ccase, skip=(), precision="float64"):
     """Rows of one case: PASS, ACCEPTABLE, REJECTED, SKIP, UNTESTABLE or one row per failing
     tensor; every row carries the case's ``flags`` and ``comment``.
@@ -123,7 +135,11 @@ def compare_case(suite, gcase, ccase, skip=(), precision="float64"):
     ``precision`` (a :data:`~.precision.PROFILES` name): float64 compares with the stored
     bounds; the others with the bounds re-derived for that format and the spike rules of
     :func:`_compare_profile` (golden/SCHEMA.md, "Precision profiles")."""
-    return _annotate(_compare_case(suite, gcase, ccase, skip, get_profile(precision)), gcase)
+    rows = _compare_case(suite, gcase, ccase, skip, get_profile(precision))
+    extra = _extra_rows(suite, gcase, ccase, skip)
+    if extra:  # replaces a PASS / SKIP row: the case fails
+        rows = [r for r in rows if r["status"] not in ("PASS", "SKIP")] + extra
+    return _annotate(rows, gcase)
 
 
 def _compare_case(suite, gcase, ccase, skip, prof):

@@ -66,7 +66,8 @@ STATUSES = {
     "DTYPE": "dataset of another dtype",
     "NOT_REJECTED": "an invalid case that the candidate computed",
     "ERROR": "a valid or acceptable case that the candidate (or refimpl) rejected",
-    "EXTRA": "a case id the golden file does not have",
+    "EXTRA": "a case id the golden file does not have, or an outputs/ or grads/ dataset its "
+             "case does not have",
     "STALE": "the file differs from what the generator writes now, beyond rounding",
 }
 FAILURES = ("MISMATCH", "MISSING", "SHAPE", "DTYPE", "NOT_REJECTED", "ERROR", "EXTRA", "STALE")
