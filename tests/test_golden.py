@@ -1079,3 +1079,28 @@ def test_value_exactly_on_its_bound_passes_one_ulp_beyond_fails(tmp_path, sign):
         assert rep["passed"] is passed, rep["files"][0]["rows"]
         statuses = [r["status"] for r in rep["files"][0]["rows"]]
         assert statuses == (["PASS"] if passed else ["MISMATCH"])
+
+
+def test_sdn_suite_covers_batchnorm_folding(tmp_path):
+    """Case 0010 of the committed sdn suite holds weights folded by refimpl.sdn.fold from a
+    training network with non-trivial BatchNorm statistics; a fold that ignores the running
+    statistics (a planted bug) gives a candidate that verify rejects."""
+    from refimpl.sdn import fold, init_train_params, sdn_forward
+
+    gf = G.read_golden(COMMITTED / "sdn.h5")
+    (case,) = [c for c in gf.cases.values() if "bn_folding" in c.flags]
+    spec = dict(G.suite_specs("sdn"))[case.id]
+    for k, v in spec.params.items():
+        np.testing.assert_array_equal(case.data["params/" + k], v)
+    # the same training network folded without its running statistics: other weights
+    params, buffers = init_train_params(seed=np.random.default_rng(0), init="lif")
+    assert not np.allclose(fold(params, buffers)["w1"], case.data["params/w1"])
+    bad = {k: v.copy() for k, v in case.group("params").items()}
+    bad["w1"] = bad["w1"] + 1e-6  # what a slightly wrong BatchNorm shift does to the fold
+    m, s = sdn_forward(case.data["inputs/x"], bad, theta=case.config["theta"],
+                       spike_condition=case.config["spike_condition"])
+    cases = candidate_cases(gf)
+    cases[case.id].data["outputs/m"] = m
+    rep = G.verify([write_candidate(tmp_path / "c.h5", "sdn", cases)], COMMITTED)
+    rows = [r for r in rep["files"][0]["rows"] if r["case"] == case.id]
+    assert not rep["passed"] and any(r["status"] == "MISMATCH" for r in rows)

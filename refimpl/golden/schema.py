@@ -47,6 +47,8 @@ FLAGS = {
     "invalid_config": "a configuration value out of range: the backend must reject it",
     "nan_input": "a NaN in an input or parameter: the backend must reject it",
     "bad_shape": "inconsistent shapes: the backend must reject them",
+    "bn_folding": "SDN weights folded from a training network with BatchNorm statistics "
+                  "(refimpl.sdn.fold)",
 }
 
 #: Statuses of report rows (SCHEMA.md repeats this table); the ones in FAILURES make

@@ -11,7 +11,8 @@ import numpy as np
 
 from ..neurons import NeuronConfig, neuron_bwd, neuron_fwd
 from ..pmbc import pmbc_bwd, pmbc_fwd, rounding_bound
-from ..sdn import fused_bwd, fused_fwd, sdn_forward
+from ..sdn import fold, fused_bwd, fused_fwd, init_train_params, sdn_forward
+from ..sdn.weights import C
 from ..surrogates import SURROGATES, get_surrogate
 from .registry import Spec, dyadic, register
 
@@ -243,6 +244,27 @@ def _sdn_specs(rngs, size):
         return x
 
     add("NaN input: must be rejected", ["nan_input"], result="invalid", edit=nan)
+
+    # Appended (schema v1; the cases above are unchanged): the weights come from
+    # refimpl.sdn.fold(params, buffers) of a small *training* network, not from random fused
+    # weights, so the suite covers the BatchNorm folding (encoder and eval-mode BatchNorms
+    # folded into w0..w5). The running statistics are non-trivial (mean != 0, var != 1), and
+    # the BatchNorm affine parameters are moved off 1 / 0, so a fold that ignores any of them,
+    # or uses the wrong epsilon, gives other weights and outputs.
+    rng = rngs()
+    params, buffers = init_train_params(seed=rng, init="lif")
+    for k in ("bn1", "bn2"):
+        buffers[f"{k}.running_mean"] = rng.normal(0.0, 0.5, size=buffers[f"{k}.running_mean"].shape)
+        buffers[f"{k}.running_var"] = rng.uniform(0.2, 3.0, size=buffers[f"{k}.running_var"].shape)
+        params[f"{k}.weight"] = params[f"{k}.weight"] * rng.uniform(0.5, 1.5, size=C)
+        params[f"{k}.bias"] = params[f"{k}.bias"] + rng.normal(0.0, 0.2, size=C)
+    w = fold(params, buffers)
+    x = rng.normal(size=(2, 2, 32))
+    cfg = dict(tau=0.125, theta=1.0, spike_condition="ge", surrogate="triangle",
+               surrogate_scale=float(SURROGATES["triangle"].default_scale))
+    out.append(Spec("weights from refimpl.sdn.fold of a training network (init 'lif') with "
+                    "non-trivial BatchNorm running statistics and affine parameters",
+                    ["bn_folding"], cfg, {"x": x}, w, "valid"))
     return out
 
 
