@@ -248,9 +248,6 @@ def test_continued_run_is_complete_and_bit_identical(trials, name):
         _assert_same(t["reference"], got, f"{name} trial at {r['delay']:.2f} s")
 
 
-@pytest.mark.xfail(strict=False, reason="needs refimpl.atomic to remove the temporaries of dead "
-                   "writers (issue 11 item 6, in progress by another engineer); without it a kill "
-                   "inside an atomic write leaves .<name>.*.tmp forever")
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_no_stray_temporary_after_the_next_run(trials, name):
     for r in trials[name]["runs"]:
