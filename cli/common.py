@@ -86,5 +86,8 @@ class progress_bar(progress):
         if isinstance(event, Step):
             rate = "" if event.rate is None else f" rate {event.rate:.3f}"
             self.update(1, f"epoch {event.epoch + 1}/{event.epochs} loss {event.loss:.4g}{rate}")
-        elif isinstance(event, EpochEnd) and self._summary is not None:
-            self.update(0, self._summary(event))
+        elif isinstance(event, EpochEnd):
+            if self._summary is not None:
+                self.update(0, self._summary(event))
+            if self._bar is None:
+                self._line()  # off a terminal: one line per epoch at least

@@ -66,5 +66,12 @@ def test_progress_prints_plain_lines_when_not_a_terminal(capsys):
         cb(EpochEnd(0, 1, 0.5))
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "train: 0/4"
+    with progress_bar(2, "slow", summary=lambda e: f"epoch {e.epoch + 1} done", interval=1e9) as cb:
+        cb(Step(0, 2, 0, 1, 0, 2, 0.5, None))
+        cb(EpochEnd(0, 2, 0.5))  # an epoch ends: a line even though the interval has not passed
+        cb(Step(1, 2, 0, 1, 1, 2, 0.4, None))
+        cb(EpochEnd(1, 2, 0.4))
+    slow = capsys.readouterr().err.splitlines()
+    assert "slow: 1/2 (50 %)  epoch 1 done" in slow and "slow: 2/2 (100 %)  epoch 2 done" in slow
     assert "train: 2/4 (50 %)  epoch 1/1 loss 0.5" in lines
     assert lines[-1] == "train: 4/4 (100 %)  done 0"
