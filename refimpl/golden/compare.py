@@ -162,29 +162,43 @@ def _compare_case(suite, gcase, ccase, skip, prof):
         return [_row(suite, cid, "ERROR", detail=f"valid case rejected by the candidate: {err}")]
     if prof.name != "float64":
         return _compare_profile(suite, gcase, ccase, skip, prof)
-    rows, skipped = [], 0
-    for path, ref in gcase.data.items():
-        if not path.startswith(("outputs/", "grads/")):
-            continue
-        if _skipped(cid, path, skip):
-            skipped += 1
-            continue
-        if path not in ccase.data:
-            rows.append(_row(suite, cid, "MISSING", path, detail="dataset not in candidate"))
-            continue
-        r = compare_tensor(ccase.data[path], ref, gcase.meta.get(path, {}))
+    paths, rows, skipped = _present(suite, gcase, ccase, skip)
+    for path in paths:
+        r = compare_tensor(ccase.data[path], gcase.data[path], gcase.meta.get(path, {}))
         if r is not None:
             status, index, value, reference, bound, detail = r
             rows.append(_row(suite, cid, status, path, index, value, reference, bound, detail))
-    if gcase.result == "acceptable":
-        for r in rows:
-            if r["status"] == "MISMATCH":
-                r["status"] = "ACCEPTABLE"
-                r["detail"] = "acceptable case (" + ", ".join(gcase.flags) + "): " + r["detail"]
+    _mark_acceptable(rows, gcase)
     if not rows:
         rows.append(_row(suite, cid, "PASS" if not skipped else "SKIP",
                          detail=f"{skipped} dataset(s) skipped" if skipped else ""))
     return rows
+
+
+def _present(suite, gcase, ccase, skip):
+    """The output/grad paths of ``gcase`` to compare: ``(paths, rows, skipped)`` with a
+    MISSING row for each one the candidate lacks and the count of ``--skip``ped ones."""
+    paths, rows, skipped = [], [], 0
+    for p in gcase.data:
+        if not p.startswith(("outputs/", "grads/")):
+            continue
+        if _skipped(gcase.id, p, skip):
+            skipped += 1
+        elif p not in ccase.data:
+            rows.append(_row(suite, gcase.id, "MISSING", p, detail="dataset not in candidate"))
+        else:
+            paths.append(p)
+    return paths, rows, skipped
+
+
+def _mark_acceptable(rows, gcase):
+    """In an ``acceptable`` case a MISMATCH is ACCEPTABLE (in place)."""
+    if gcase.result != "acceptable":
+        return
+    for r in rows:
+        if r["status"] == "MISMATCH":
+            r["status"] = "ACCEPTABLE"
+            r["detail"] = "acceptable case (" + ", ".join(gcase.flags) + "): " + r["detail"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,15 +380,9 @@ def _compare_profile(suite, gcase, ccase, skip, prof):
             return [_row(suite, cid, "ACCEPTABLE", "-", "", margin, None, mb,
                          f"margin {margin:.3g} of the internal spikes is within the membrane "
                          f"bound {mb:.3g} at {prof.name}: a spike may flip; not compared")]
-    paths = [p for p in gcase.data if p.startswith(("outputs/", "grads/"))]
-    rows, skipped, tested, cand, res = [], 0, 0, {}, (0.0, "-")
+    paths, rows, skipped = _present(suite, gcase, ccase, skip)
+    tested, cand, res = 0, {}, (0.0, "-")
     for p in paths:
-        if _skipped(cid, p, skip):
-            skipped += 1
-            continue
-        if p not in ccase.data:
-            rows.append(_row(suite, cid, "MISSING", p, detail="dataset not in candidate"))
-            continue
         v, ref = np.asarray(ccase.data[p]), np.asarray(gcase.data[p])
         bad = _check_dtype(v, ref, prof)
         if bad:
@@ -416,11 +424,7 @@ def _compare_profile(suite, gcase, ccase, skip, prof):
             tested += 1
             if ref.dtype.kind == "f" and meta.get("compare") != "exact" and mag > 0:
                 res = max(res, (atol / mag, p))
-    if gcase.result == "acceptable":
-        for r in rows:
-            if r["status"] == "MISMATCH":
-                r["status"] = "ACCEPTABLE"
-                r["detail"] = "acceptable case (" + ", ".join(gcase.flags) + "): " + r["detail"]
+    _mark_acceptable(rows, gcase)
     if not any(r["status"] in FAILURES or r["status"] == "ACCEPTABLE" for r in rows):
         if tested:
             detail = "; ".join(notes + ([f"{skipped} dataset(s) skipped"] if skipped else []))
