@@ -24,7 +24,9 @@ Modules, one concern each:
   :func:`fused_fwd` / :func:`fused_bwd` (the same network in NumPy, differentiable in ``x``
   and ``w0 .. w5``).
 - :mod:`~refimpl.sdn.neuron`: the SDN neuron for models, :func:`sdn_neuron_fwd` /
-  :func:`sdn_neuron_bwd` (``m`` a constant, surrogate backward).
+  :func:`sdn_neuron_bwd` (``m`` a constant, surrogate backward); its state
+  :class:`SDNState` (the window of the last ``K`` inputs) for chunks and
+  :func:`sdn_neuron_step`.
 - :mod:`~refimpl.sdn.network`: the training network, :func:`train_fwd` / :func:`train_bwd`
   on :mod:`refimpl.layers` BatchNorm, :func:`init_train_params`, :func:`fold`.
 - :mod:`~refimpl.sdn.training`: losses, LIF training data, :func:`train_sdn`,
@@ -37,7 +39,8 @@ Shapes: ``R`` rows of length ``L`` (any ``(B, H, L)`` is flattened to ``R = B * 
 from .fused import (FusedCache, causal_windows, causal_windows_adjoint, fused_bwd, fused_fwd,
                     sdn_forward)
 from .network import INITS, TrainCache, fold, init_train_params, train_bwd, train_fwd
-from .neuron import sdn_neuron_bwd, sdn_neuron_fwd
+from .neuron import (SDNState, check_sdn_state, sdn_neuron_bwd, sdn_neuron_fwd,
+                     sdn_neuron_step, sdn_zero_state)
 from .training import (LOSSES, SDNTrainConfig, SDNTrainResult, evaluate,
                        lif_decayed_potential, loss_fwd_bwd, make_dataset, train_sdn)
 from .weights import (BN_EPS, BUFFER_LAYOUT, FUSED_LAYOUT, SCHEMA, SCHEMA_VERSION,
@@ -47,11 +50,12 @@ from .weights import (BN_EPS, BUFFER_LAYOUT, FUSED_LAYOUT, SCHEMA, SCHEMA_VERSIO
 
 __all__ = [
     "BN_EPS", "BUFFER_LAYOUT", "C", "FUSED_LAYOUT", "INITS", "K", "LOSSES", "SCHEMA",
-    "SCHEMA_VERSION", "TRAIN_LAYOUT", "FusedCache", "FusedMatrices", "SDNTrainConfig",
-    "SDNTrainResult", "TrainCache", "causal_windows", "causal_windows_adjoint",
-    "check_buffers", "check_train_params", "check_weights", "evaluate", "fold", "fused_bwd",
-    "fused_fwd", "init_train_params", "lif_decayed_potential", "load_training_state",
-    "load_weights", "loss_fwd_bwd", "make_dataset", "resolve_weights", "save_weights",
-    "sdn_forward", "sdn_neuron_bwd", "sdn_neuron_fwd", "train_bwd", "train_fwd", "train_sdn",
-    "unpack",
+    "SCHEMA_VERSION", "TRAIN_LAYOUT", "FusedCache", "FusedMatrices", "SDNState",
+    "SDNTrainConfig", "SDNTrainResult", "TrainCache", "causal_windows",
+    "causal_windows_adjoint", "check_buffers", "check_sdn_state", "check_train_params",
+    "check_weights", "evaluate", "fold", "fused_bwd", "fused_fwd", "init_train_params",
+    "lif_decayed_potential", "load_training_state", "load_weights", "loss_fwd_bwd",
+    "make_dataset", "resolve_weights", "save_weights", "sdn_forward", "sdn_neuron_bwd",
+    "sdn_neuron_fwd", "sdn_neuron_step", "sdn_zero_state", "train_bwd", "train_fwd",
+    "train_sdn", "unpack",
 ]

@@ -10,13 +10,49 @@ with ``g`` a surrogate of :mod:`refimpl.surrogates`. This is the ``sltt`` backwa
 iterative neuron (:mod:`refimpl.neurons`) with the SDN's ``m`` in place of ``tau u_{t-1}``. At
 inference the iterative LIF can replace it. These two functions are the only place the SDN
 neuron is written; the model's ``sdn`` activation family calls them.
+
+**State** (DESIGN.md section 10): :class:`SDNState`, the last ``K = 8`` inputs ``window``
+float64 ``(B, H, K)``, oldest first. ``m_t`` reads ``x[t-8 .. t-1]`` only, so a chunk started
+from a window runs the fused kernel on ``concat(window, x)`` and keeps its last ``L``
+positions; the end state is the last ``K`` inputs of the concatenation. The zero window is the
+zero padding before ``t = 0`` (today's results). Chunked, stepped and whole-sequence ``m`` are
+bit-identical: each position's sums add the same products in the same order
+(``k = 0 .. K-1``), and where the whole run skips a tap before ``t = 0`` the chunked run adds
+``w * 0.0 = +-0``, which leaves a nonzero sum unchanged and a zero sum zero (its sign is
+erased by the ReLU, which maps ``-0`` to ``0``).
 """
+from typing import NamedTuple
+
 import numpy as np
 
-from .._checks import check_array
+from .._checks import check_array, check_int, check_shape
 from ..neurons import NeuronConfig
 from ..surrogates import get_surrogate
 from .fused import sdn_forward
+from .weights import K
+
+
+class SDNState(NamedTuple):
+    """The SDN neuron's state: the last ``K = 8`` inputs, oldest first."""
+    window: np.ndarray  # float64 (B, H, K)
+
+
+def sdn_zero_state(B, H):
+    """The zero state (the zero padding before ``t = 0``): ``window`` zeros ``(B, H, K)``."""
+    B = check_int("B", B, 1)
+    H = check_int("H", H, 1)
+    return SDNState(np.zeros((B, H, K)))
+
+
+def check_sdn_state(state, B, H, name="state"):
+    """Validate an SDN neuron state for ``(B, H)`` inputs; returns it (window C-contiguous)."""
+    if not isinstance(state, SDNState):
+        raise TypeError(f"{name} must be a refimpl.sdn.SDNState (the SDN neuron's window of "
+                        f"the last {K} inputs), got {type(state).__name__}; start from "
+                        "refimpl.sdn.sdn_zero_state(B, H) or wrap the window: SDNState(window)")
+    window = check_array(f"{name}.window", state.window, 3)
+    check_shape(f"{name}.window", window, (B, H, K))
+    return SDNState(window)
 
 
 def _check_cfg(cfg):
@@ -35,7 +71,7 @@ def _check_cfg(cfg):
     return cfg
 
 
-def sdn_neuron_fwd(x, weights, cfg, m=None, smooth=False):
+def sdn_neuron_fwd(x, weights, cfg, m=None, smooth=False, state=None, return_state=False):
     """SDN neuron forward: ``s = Theta(m + x - theta)`` with ``m = SDN(x)`` a constant.
 
     Parameters
@@ -53,6 +89,11 @@ def sdn_neuron_fwd(x, weights, cfg, m=None, smooth=False):
     smooth : bool, default False
         Emit the surrogate's primitive ``G(m + x - theta)`` instead of the Heaviside (``m``
         still a constant), so that finite differences check :func:`sdn_neuron_bwd`.
+    state : SDNState or None, default None
+        The window of the ``K`` inputs before ``x[..., 0]`` (the previous chunk's end state);
+        None: zeros. Not used for ``m`` when ``m`` is given.
+    return_state : bool, default False
+        Also return the end state: the last ``K`` inputs of ``concat(window, x)``.
 
     Returns
     -------
@@ -60,11 +101,21 @@ def sdn_neuron_fwd(x, weights, cfg, m=None, smooth=False):
         Spikes in {0, 1} (or ``G(m + x - theta)`` when ``smooth``).
     m : float64 (B, H, L)
         The SDN prediction; pass it to :func:`sdn_neuron_bwd`.
+    state : SDNState
+        Only when ``return_state``.
     """
     cfg = _check_cfg(cfg)
     x = check_array("x", x, 3)
+    xc = x
+    if state is not None or return_state:
+        Bsz, H, L = x.shape
+        if state is None:
+            state = sdn_zero_state(Bsz, H)
+        state = check_sdn_state(state, Bsz, H)
+        xc = np.concatenate([state.window, x], axis=-1)  # (B, H, K + L), oldest first
     if m is None:
-        m, _ = sdn_forward(x, weights, theta=cfg.theta)  # (B, H, L)
+        m, _ = sdn_forward(xc, weights, theta=cfg.theta)  # (B, H, L) or (B, H, K + L)
+        m = m[..., xc.shape[-1] - x.shape[-1]:]  # (B, H, L): the chunk's positions
     else:
         m = check_array("m", m, 3)
         if m.shape != x.shape:
@@ -74,7 +125,21 @@ def sdn_neuron_fwd(x, weights, cfg, m=None, smooth=False):
         s = get_surrogate(cfg.surrogate).primitive(v - cfg.theta, cfg.surrogate_scale)
     else:
         s = (v >= cfg.theta_fire).astype(np.float64)  # (B, H, L), the neuron's one spike test
-    return s, m
+    if not return_state:
+        return s, m
+    return s, m, SDNState(xc[..., -K:].copy())  # (B, H, K)
+
+
+def sdn_neuron_step(x_t, weights, cfg, state):
+    """One step of the SDN neuron: ``(s_t, m_t, state)`` for ``x_t`` float64 ``(B, H)``.
+
+    ``m_t = SDN(window)`` (the last ``K`` inputs, oldest first), ``s_t = Theta(m_t + x_t -
+    theta)``; the new window drops the oldest input and appends ``x_t``. Bit-identical to
+    position ``t`` of :func:`sdn_neuron_fwd` on the whole sequence.
+    """
+    x_t = check_array("x_t", x_t, 2)
+    s, m, state = sdn_neuron_fwd(x_t[..., None], weights, cfg, state=state, return_state=True)
+    return s[..., 0], m[..., 0], state
 
 
 def sdn_neuron_bwd(x, m, cfg, ds):
