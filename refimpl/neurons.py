@@ -1,6 +1,7 @@
 """Iterative spiking neurons: the LIF family with four resets, forward and hand-written backward.
 
-DESIGN.md section 4. Input ``x (B, H, L)``; every row ``(b, h)`` runs, with ``u_{-1} = 0``::
+DESIGN.md section 4. Input ``x (B, H, L)``; every row ``(b, h)`` runs, from ``u_{-1} = 0``
+(or the state's ``u``, see *State* below)::
 
     m_t = tau * u_{t-1}              decayed potential (what the SDN predicts)
     h_t = m_t + x_t                  membrane before reset
@@ -27,6 +28,17 @@ the backward pass, are
 spike (``t+1 .. t+R``) the neuron integrates (``h``, ``u`` evolve as usual) but cannot fire:
 ``s_t = 0`` there whatever ``h_t`` is. The mask ``allowed_t`` (1 when the neuron may fire) is a
 constant for differentiation: no surrogate gradient flows at a blocked step.
+
+**State** (DESIGN.md section 10): :class:`NeuronState` ``(u, count)``, both ``(B, H)``: ``u`` the
+membrane after reset at the last step (``u_{T-1}``, the next chunk's ``u_{-1}``) and ``count``
+(int64) the steps still blocked by the refractory period (``0 <= count <= R``; the next chunk's
+steps ``0 .. count-1`` cannot fire). The zero state (``u = 0``, ``count = 0``,
+:func:`neuron_zero_state`) is the default and gives exactly the stateless results. Chunk rule:
+feeding the state out of one chunk (``return_state=True``, or :func:`end_state`) into the next
+reproduces the unchunked run bit for bit, because every step performs the same operations in
+the same order; :func:`neuron_step` is the same kernel on ``L = 1``. The backward takes the
+forward's initial state (only ``count`` matters there: it sets the refractory mask at the start
+of the chunk) and returns no gradient with respect to it.
 
 **Smooth mode** (``smooth=True``, for testing the backward): ``s_t = allowed_t G(h_t - theta)``
 with ``G`` the surrogate's primitive (:mod:`refimpl.surrogates`), real-valued, and used inside
@@ -119,7 +131,7 @@ follows the code, which is what runs.
 """
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from numba import njit
@@ -282,6 +294,8 @@ _SKEW = 16
 # - ``R`` is the refractory period. The fast forward takes an int > 0, or ``None`` for none:
 #   Numba compiles a separate specialisation for ``None`` in which the refractory counter is
 #   pruned away. The smooth forward and the backward take an int >= 0 (one compilation each).
+# - ``u0 (M,)`` float64 and ``c0 (M,)`` int64 are each row's initial state, the membrane
+#   ``u_{-1}`` and the refractory counter (``0 <= c0 <= R``; zeros for the stateless call).
 
 
 @njit(**config.NJIT_OPTS)
@@ -316,14 +330,15 @@ def _fwd_span(x, s, h, u, r, t0, t1, u_prev, cnt, tau, theta_fire, a, b_r, R):
 
 
 @njit(**config.NJIT_OPTS)
-def _neuron_fwd(x, tau, theta_fire, a, b, R, s, h, u):
-    """Hard-spike forward of all rows of ``x (M, L)``, written into ``s, h, u (M, L)``.
+def _neuron_fwd(x, u0, c0, tau, theta_fire, a, b, R, s, h, u):
+    """Hard-spike forward of all rows of ``x (M, L)`` from ``(u0, c0)``, into ``s, h, u (M, L)``.
 
-    Preconditions: C-contiguous float64, ``b (M,)`` the per-row reset offset, ``R`` an int > 0
-    or None. Equivalent to (and bit-identical with) the plain loop::
+    Preconditions: C-contiguous float64, ``b (M,)`` the per-row reset offset, ``u0 (M,)``
+    float64 and ``c0 (M,)`` int64 the initial state (``c0`` is ignored when ``R`` is None), ``R``
+    an int > 0 or None. Equivalent to (and bit-identical with) the plain loop::
 
         for r in range(M):
-            _fwd_span(x, s, h, u, r, 0, L, 0.0, 0, tau, theta_fire, a, b[r], R)
+            _fwd_span(x, s, h, u, r, 0, L, u0[r], c0[r], tau, theta_fire, a, b[r], R)
 
     which is latency bound: each step waits for the previous one (multiply, add, compare,
     reset: about 20 cycles). Here four rows advance together so that their independent
@@ -339,37 +354,39 @@ def _neuron_fwd(x, tau, theta_fire, a, b, R, s, h, u):
             r1, r2, r3 = r + 1, r + 2, r + 3
             b0, b1, b2, b3 = b[r], b[r1], b[r2], b[r3]
             # prologue: row k runs (3 - k) * D steps on its own before the joint loop
-            u0, c0 = _fwd_span(x, s, h, u, r, 0, 3 * D, 0.0, 0, tau, theta_fire, a, b0, R)
-            u1, c1 = _fwd_span(x, s, h, u, r1, 0, 2 * D, 0.0, 0, tau, theta_fire, a, b1, R)
-            u2, c2 = _fwd_span(x, s, h, u, r2, 0, D, 0.0, 0, tau, theta_fire, a, b2, R)
-            u3, c3 = 0.0, 0
+            w0, n0 = _fwd_span(x, s, h, u, r, 0, 3 * D, u0[r], c0[r], tau, theta_fire, a, b0, R)
+            w1, n1 = _fwd_span(x, s, h, u, r1, 0, 2 * D, u0[r1], c0[r1], tau, theta_fire, a, b1,
+                               R)
+            w2, n2 = _fwd_span(x, s, h, u, r2, 0, D, u0[r2], c0[r2], tau, theta_fire, a, b2, R)
+            w3, n3 = u0[r3], c0[r3]
             for t in range(3 * D, L):  # four recurrences in flight
-                u0, c0 = _fwd_step(x, s, h, u, r, t, u0, c0, tau, theta_fire, a, b0, R)
-                u1, c1 = _fwd_step(x, s, h, u, r1, t - D, u1, c1, tau, theta_fire, a, b1, R)
-                u2, c2 = _fwd_step(x, s, h, u, r2, t - 2 * D, u2, c2, tau, theta_fire, a, b2, R)
-                u3, c3 = _fwd_step(x, s, h, u, r3, t - 3 * D, u3, c3, tau, theta_fire, a, b3, R)
+                w0, n0 = _fwd_step(x, s, h, u, r, t, w0, n0, tau, theta_fire, a, b0, R)
+                w1, n1 = _fwd_step(x, s, h, u, r1, t - D, w1, n1, tau, theta_fire, a, b1, R)
+                w2, n2 = _fwd_step(x, s, h, u, r2, t - 2 * D, w2, n2, tau, theta_fire, a, b2, R)
+                w3, n3 = _fwd_step(x, s, h, u, r3, t - 3 * D, w3, n3, tau, theta_fire, a, b3, R)
             # epilogue: row k finishes its last k * D steps
-            _fwd_span(x, s, h, u, r1, L - D, L, u1, c1, tau, theta_fire, a, b1, R)
-            _fwd_span(x, s, h, u, r2, L - 2 * D, L, u2, c2, tau, theta_fire, a, b2, R)
-            _fwd_span(x, s, h, u, r3, L - 3 * D, L, u3, c3, tau, theta_fire, a, b3, R)
+            _fwd_span(x, s, h, u, r1, L - D, L, w1, n1, tau, theta_fire, a, b1, R)
+            _fwd_span(x, s, h, u, r2, L - 2 * D, L, w2, n2, tau, theta_fire, a, b2, R)
+            _fwd_span(x, s, h, u, r3, L - 3 * D, L, w3, n3, tau, theta_fire, a, b3, R)
             r += _ROWS
     while r < M:  # leftover rows (and short sequences), one at a time
-        _fwd_span(x, s, h, u, r, 0, L, 0.0, 0, tau, theta_fire, a, b[r], R)
+        _fwd_span(x, s, h, u, r, 0, L, u0[r], c0[r], tau, theta_fire, a, b[r], R)
         r += 1
 
 
 @njit(**config.NJIT_OPTS)
-def _neuron_fwd_smooth(x, tau, theta, theta_fire, a, b, R, code, scale, s, h, u):
+def _neuron_fwd_smooth(x, u0, c0, tau, theta, theta_fire, a, b, R, code, scale, s, h, u, c_end):
     """Smooth forward: ``s_t = allowed_t G(h_t - theta)``; the mask follows the hard spikes.
 
     Preconditions as :func:`_neuron_fwd` but ``R >= 0`` an int; ``code``/``scale`` select the
-    primitive (:func:`refimpl.surrogates.surrogate_primitive`). A plain row-by-row loop (testing
-    only).
+    primitive (:func:`refimpl.surrogates.surrogate_primitive`). Writes the final refractory
+    counter of each row into ``c_end (M,)`` int64 (the smooth spikes do not show it). A plain
+    row-by-row loop (testing only).
     """
     M, L = x.shape
     for r in range(M):
-        u_prev = 0.0
-        cnt = 0
+        u_prev = u0[r]
+        cnt = c0[r]
         for t in range(L):
             h_t = tau * u_prev + x[r, t]
             allowed = cnt == 0
@@ -382,6 +399,7 @@ def _neuron_fwd_smooth(x, tau, theta, theta_fire, a, b, R, code, scale, s, h, u)
             h[r, t] = h_t
             u[r, t] = u_t
             u_prev = u_t
+        c_end[r] = cnt
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,12 +408,13 @@ def _neuron_fwd_smooth(x, tau, theta, theta_fire, a, b, R, code, scale, s, h, u)
 
 
 @njit(**config.NJIT_OPTS)
-def _neuron_bwd(s, h, ds, dh, du, has_dh, has_du, tau, theta, theta_fire, a, b, R, smooth, code,
-                scale, mode, dx, g_rho):
+def _neuron_bwd(s, h, ds, dh, du, has_dh, has_du, c0, tau, theta, theta_fire, a, b, R, smooth,
+                code, scale, mode, dx, g_rho):
     """Reverse-time VJP of every row; writes ``dx (M, L)`` and ``g_rho (M,)`` (both overwritten).
 
     Preconditions: C-contiguous float64 ``s, h, ds, dx (M, L)``; ``dh``/``du`` are ``(M, L)``
-    when ``has_dh``/``has_du``, otherwise ignored; ``b (M,)``; ``R >= 0``. Per row, with
+    when ``has_dh``/``has_du``, otherwise ignored; ``b (M,)``; ``R >= 0``; ``c0 (M,)`` int64 the
+    forward's initial refractory counters. Per row, with
     ``g_t = allowed_t g(h_t - theta)`` and ``gh_L = 0``, for ``t = L-1 .. 0``::
 
         gu_t = du_t + tau gh_{t+1}                 (sltt: gu_t = du_t)
@@ -403,14 +422,15 @@ def _neuron_bwd(s, h, ds, dh, du, has_dh, has_du, tau, theta, theta_fire, a, b, 
         gh_t = dh_t + gu_t (1 - a s_t) + gs_t g_t
         dx_t = gh_t,   g_rho += -gu_t s_t
 
-    ``allowed_t`` is recomputed from the spikes ``s`` (smooth mode: from ``Theta(h - theta)``),
-    so only ``(s, h)`` of a forward pass are needed, whichever forward produced them.
+    ``allowed_t`` is recomputed from ``c0`` and the spikes ``s`` (smooth mode: from
+    ``Theta(h - theta)``), so only ``(s, h)`` of a forward pass are needed, whichever forward
+    produced them.
     """
     M, L = s.shape
     allowed = np.ones(L)  # (L,)
     for r in range(M):
         if R > 0:
-            cnt = 0
+            cnt = c0[r]
             for t in range(L):
                 ok = cnt == 0
                 if smooth:
@@ -499,7 +519,109 @@ def _kernel_args(cfg, rho, Bsz, H):
     return cfg.theta_fire, a, b_rows, cfg.refractory_steps
 
 
-def neuron_fwd(x, cfg, rho=None, smooth=False):
+class NeuronState(NamedTuple):
+    """State of a neuron's rows between chunks (DESIGN.md section 10).
+
+    ``u``: float64 ``(B, H)``, the membrane after reset at the last step, ``u_{T-1}`` (the next
+    chunk's ``u_{-1}``; zero state: 0). ``count``: int64 ``(B, H)``, the steps still blocked by
+    the absolute refractory period (0 = may fire at the next step; ``0 <= count <=
+    refractory_steps``).
+    """
+
+    u: np.ndarray
+    count: np.ndarray
+
+
+def neuron_zero_state(B, H):
+    """The zero state ``(u = 0.0, count = 0)`` of ``B x H`` rows: the stateless default."""
+    B = check_int("B", B, 1)
+    H = check_int("H", H, 1)
+    return NeuronState(np.zeros((B, H)), np.zeros((B, H), dtype=np.int64))  # (B, H) each
+
+
+def check_state(state, cfg, B, H, name="state"):
+    """Validate a neuron state for ``B x H`` rows of ``cfg``; returns a :class:`NeuronState`.
+
+    ``state`` is a :class:`NeuronState` or any 2-tuple ``(u, count)``: ``u`` float64 ``(B, H)``
+    finite; ``count`` of an integer dtype ``(B, H)`` with ``0 <= count <= cfg.refractory_steps``
+    (widened to int64, which is lossless; a float or bool count is a TypeError, never cast).
+    Errors name the entry (``state.u``, ``state.count``). Arrays are returned C-contiguous.
+    """
+    if not isinstance(state, tuple) or len(state) != 2:
+        raise TypeError(f"{name} must be a refimpl.neurons.NeuronState (u, count), got "
+                        f"{type(state).__name__}; start from neuron_zero_state(B, H) or take the "
+                        "state returned by neuron_fwd(..., return_state=True)")
+    u, count = state
+    for entry, v in (("u", u), ("count", count)):
+        if not isinstance(v, np.ndarray):
+            raise TypeError(f"{name}.{entry} must be a numpy.ndarray of shape ({B}, {H}), got "
+                            f"{type(v).__name__}")
+    if u.dtype != np.float64:
+        raise TypeError(f"{name}.u must have dtype float64, got {u.dtype}; refimpl never casts "
+                        f"silently: pass {name}.u.astype(np.float64)")
+    if count.dtype.kind not in "iu":
+        raise TypeError(f"{name}.count must be int64 (the refractory counter), got {count.dtype}; "
+                        f"refimpl never casts silently: pass {name}.count.astype(np.int64)")
+    for entry, v in (("u", u), ("count", count)):
+        if v.shape != (B, H):
+            raise ValueError(f"{name}.{entry} must have shape ({B}, {H}) (batch, channels), got "
+                             f"{v.shape}")
+    if not np.all(np.isfinite(u)):
+        i = [int(k) for k in np.argwhere(~np.isfinite(u))[0]]
+        raise ValueError(f"{name}.u must be finite, got {u[tuple(i)]} at {i}")
+    R = cfg.refractory_steps
+    if np.any(count < 0):
+        i = [int(k) for k in np.argwhere(count < 0)[0]]
+        raise ValueError(f"{name}.count{i} = {count[tuple(i)]} is negative; counts are in "
+                         f"[0, refractory_steps = {R}]")
+    if np.any(count > R):
+        i = [int(k) for k in np.argwhere(count > R)[0]]
+        raise ValueError(f"{name}.count{i} = {count[tuple(i)]} exceeds refractory_steps = {R}")
+    return NeuronState(np.ascontiguousarray(u), np.ascontiguousarray(count, dtype=np.int64))
+
+
+def end_state(s, u, cfg, state=None):
+    """The state after a chunk, from its hard spikes ``s`` and membranes ``u`` (B, H, L).
+
+    ``u_end = u[..., -1]``; the counter: if the chunk's last spike in a row is at ``j``,
+    ``count = max(R - (L-1-j), 0)``; without a spike in the chunk, ``count = max(count0 - L, 0)``
+    (``count0`` from ``state``, the chunk's initial state; 0 without). Exact: the kernels'
+    counter. For smooth outputs use ``neuron_fwd(..., return_state=True)`` (the counter follows
+    the hard spikes, which smooth ``s`` does not show).
+    """
+    cfg = _check_cfg(cfg)
+    s = _check_x("s", s)
+    u = check_array("u", u, 3)
+    check_shape("u", u, s.shape)
+    Bsz, H, L = s.shape
+    R = cfg.refractory_steps
+    c0 = np.zeros((Bsz, H), dtype=np.int64) if state is None else \
+        check_state(state, cfg, Bsz, H).count  # (B, H)
+    u_end = u[..., -1].copy()  # (B, H)
+    if R == 0:
+        return NeuronState(u_end, np.zeros((Bsz, H), dtype=np.int64))
+    w = min(R, L)  # only a spike in the last R steps leaves a count > 0
+    fired = s[..., L - w:] != 0.0  # (B, H, w)
+    since = np.argmax(fired[..., ::-1], axis=-1)  # (B, H) steps since the last spike, L-1-j
+    count = np.where(fired.any(-1), R - since, np.maximum(c0 - L, 0))  # (B, H)
+    return NeuronState(u_end, count.astype(np.int64))
+
+
+def _initial_rows(state, cfg, Bsz, H):
+    """``(u0 (M,), c0 (M,) int64)`` of ``state`` (zeros for ``None``) as the kernels take them."""
+    if state is None:
+        return np.zeros(Bsz * H), np.zeros(Bsz * H, dtype=np.int64)  # (M,) each
+    state = check_state(state, cfg, Bsz, H)
+    return state.u.reshape(-1), state.count.reshape(-1)  # (M,) each
+
+
+def _check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}")
+    return bool(value)
+
+
+def neuron_fwd(x, cfg, rho=None, smooth=False, state=None, return_state=False):
     """Run the iterative neuron over ``x``.
 
     Parameters
@@ -512,12 +634,20 @@ def neuron_fwd(x, cfg, rho=None, smooth=False):
     smooth : bool, default False
         Use the surrogate primitive ``G`` in place of ``Theta`` (testing the backward; see the
         module docstring). The refractory mask still follows the hard spikes.
+    state : NeuronState or None, default None
+        Initial state (:func:`check_state`): the recursion starts from ``u_{-1} = state.u`` and
+        steps ``0 .. state.count-1`` cannot fire. ``None`` is the zero state (same results bit
+        for bit).
+    return_state : bool, default False
+        Also return the state this chunk ends in (:func:`end_state`).
 
     Returns
     -------
     s, h, u : float64 arrays (B, H, L)
         Spikes (0/1, real in smooth mode), membrane before reset, membrane after reset.
         Freshly allocated.
+    state : NeuronState
+        Only with ``return_state=True``: the end state, to pass to the next chunk.
 
     Notes
     -----
@@ -528,8 +658,10 @@ def neuron_fwd(x, cfg, rho=None, smooth=False):
     cfg = _check_cfg(cfg)
     x = _check_x("x", x)
     smooth = _check_smooth(smooth)
+    return_state = _check_flag("return_state", return_state)
     Bsz, H, L = x.shape
     rho = check_rho(cfg, rho, H)
+    u0, c0 = _initial_rows(state, cfg, Bsz, H)  # (M,) each
     theta_fire, a, b_rows, R = _kernel_args(cfg, rho, Bsz, H)
     xr = x.reshape(Bsz * H, L)  # (M, L), M = B*H rows
     s = np.empty((Bsz, H, L))  # (B, H, L)
@@ -538,14 +670,45 @@ def neuron_fwd(x, cfg, rho=None, smooth=False):
     sr, hr, ur = (v.reshape(Bsz * H, L) for v in (s, h, u))  # views (M, L)
     if smooth:
         sur = get_surrogate(cfg.surrogate)
-        _neuron_fwd_smooth(xr, cfg.tau, cfg.theta, theta_fire, a, b_rows, R, sur.code, cfg.scale,
-                           sr, hr, ur)
+        c_end = np.empty(Bsz * H, dtype=np.int64)  # (M,)
+        _neuron_fwd_smooth(xr, u0, c0, cfg.tau, cfg.theta, theta_fire, a, b_rows, R, sur.code,
+                           cfg.scale, sr, hr, ur, c_end)
     else:
-        _neuron_fwd(xr, cfg.tau, theta_fire, a, b_rows, R if R > 0 else None, sr, hr, ur)
-    return s, h, u
+        _neuron_fwd(xr, u0, c0, cfg.tau, theta_fire, a, b_rows, R if R > 0 else None, sr, hr, ur)
+    if not return_state:
+        return s, h, u
+    if smooth:
+        new = NeuronState(u[..., -1].copy(), c_end.reshape(Bsz, H))  # (B, H) each
+    else:
+        new = end_state(s, u, cfg, None if state is None else
+                        NeuronState(u0.reshape(Bsz, H), c0.reshape(Bsz, H)))
+    return s, h, u, new
 
 
-def neuron_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, smooth=False):
+def neuron_step(x_t, cfg, state, rho=None):
+    """One time step of the neuron, ``x_t (B, H)``: the same kernel as :func:`neuron_fwd` on
+    ``L = 1``, for a model run step by step.
+
+    Parameters
+    ----------
+    x_t : float64 array (B, H)
+    cfg : NeuronConfig
+    state : NeuronState or None
+        The state before the step (``None``: the zero state).
+    rho : float64 array (H,) or None
+
+    Returns
+    -------
+    s_t, h_t, u_t : float64 arrays (B, H)
+    state : NeuronState
+        The state after the step.
+    """
+    x_t = check_array("x_t", x_t, 2)
+    s, h, u, new = neuron_fwd(x_t[:, :, None], cfg, rho=rho, state=state, return_state=True)
+    return s[..., 0], h[..., 0], u[..., 0], new
+
+
+def neuron_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, smooth=False, state=None):
     """VJP of :func:`neuron_fwd` for the config's ``grad_mode``.
 
     Parameters
@@ -566,6 +729,9 @@ def neuron_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, smooth=False):
     smooth : bool, default False
         Must match the forward. The surrogate derivative ``g`` is the same in both modes; in
         smooth mode it is exactly the derivative of the forward's ``G``.
+    state : NeuronState or None, default None
+        The forward's initial state. Only its ``count`` matters here (the refractory mask at the
+        start of the chunk); the gradient with respect to the initial state is not returned.
 
     Returns
     -------
@@ -601,6 +767,7 @@ def neuron_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, smooth=False):
         raise ValueError(f"s must hold spikes 0/1 when smooth=False, got s{list(i)} = {s[i]}; "
                          "pass smooth=True for the outputs of a smooth forward")
     rho = check_rho(cfg, rho, H)
+    _, c0 = _initial_rows(state, cfg, Bsz, H)  # (M,)
     theta_fire, a, b_rows, R = _kernel_args(cfg, rho, Bsz, H)
     M = Bsz * H
     empty = np.empty((0, 0))  # stands in for an absent cotangent (same type, never read)
@@ -610,8 +777,8 @@ def neuron_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, smooth=False):
     g_rho = np.empty(M)  # (M,) per-row sums
     sur = get_surrogate(cfg.surrogate)
     _neuron_bwd(s.reshape(M, L), h.reshape(M, L), arrays["ds"].reshape(M, L), dh_r, du_r,
-                arrays["dh"] is not None, arrays["du"] is not None, cfg.tau, cfg.theta, theta_fire,
-                a, b_rows, R, smooth, sur.code, cfg.scale, GRAD_MODES[cfg.grad_mode],
+                arrays["dh"] is not None, arrays["du"] is not None, c0, cfg.tau, cfg.theta,
+                theta_fire, a, b_rows, R, smooth, sur.code, cfg.scale, GRAD_MODES[cfg.grad_mode],
                 dx.reshape(M, L), g_rho)
     drho = g_rho.reshape(Bsz, H).sum(0) if cfg.reset == "refractory" else None  # (H,)
     return dx, drho

@@ -25,6 +25,17 @@ then the carries. Its rounding differs from the iterative neuron's, so a membran
 rounding distance of ``theta`` may flip a spike (:func:`rounding_bound`); elsewhere the spike
 trains are identical and the membranes agree to rounding.
 
+State (DESIGN.md section 10). A chunk may start from a :class:`refimpl.neurons.NeuronState`
+``(u_{-1}, count0)``. LINEAR resets: ``b`` is the scan of ``x`` started from the carry
+``u_{-1}``, ``b_t = leaky(x)_t + tau^(t+1) u_{-1}`` (``S_{-1} = 0``: the previous chunk's resets
+are already in ``u_{-1}``). HARD: ``h_{-1} := u_{-1}`` with ``S_{-1} = 0``, so
+``h_0 = tau u_{-1} + x_0``. The counter enters ``F``: ``count0 > 0`` acts as a virtual spike at
+``t = count0 - 1 - R`` (blocking steps ``0 .. count0-1``; ``count0 = 0`` puts it at ``-(R+1)``,
+where it blocks nothing). The state is a constant of ``F``, so ``F`` stays strictly causal and
+the freezing argument and the convergence in at most ``L`` steps hold unchanged. The zero state
+(the default) gives exactly the stateless results; the end state is
+:func:`refimpl.neurons.end_state` of the chunk's spikes and membranes.
+
 The backward pass is the iterative neuron's (it needs only ``x, s, h, u``):
 :func:`pmbc_bwd` delegates to :func:`refimpl.neurons.neuron_bwd`.
 """
@@ -33,7 +44,8 @@ from numba import njit, prange
 
 from . import config
 from ._checks import check_array, check_int, check_shape
-from .neurons import NeuronConfig, check_rho, neuron_bwd, reset_coefficients
+from .neurons import (NeuronConfig, NeuronState, check_rho, check_state, end_state, neuron_bwd,
+                      reset_coefficients)
 
 #: Chunk length of the two-level scan.
 CHUNK = 64
@@ -68,21 +80,25 @@ def _scan_segment(a, beta, y0, start, stop, y, P):
 
 
 @njit(**config.NJIT_OPTS)
-def _last_spike_before(S, t, R):
-    """Index of the last spike of ``S`` in ``[t - R, t)``, or ``-(R + 1)`` if none."""
+def _last_spike_before(S, t, R, c0):
+    """Index of the last spike of ``S`` in ``[t - R, t)``, or if none the virtual spike of the
+    initial counter ``c0``, at ``c0 - 1 - R`` (``-(R + 1)`` for ``c0 = 0``: blocks nothing)."""
     for j in range(t - 1, max(t - R, 0) - 1, -1):
         if S[j] != 0.0:
             return j
-    return -(R + 1)
+    return c0 - 1 - R
 
 
 @njit(**config.NJIT_OPTS)
-def _evaluate(x, S, tau, theta, c, u_reset, kind, R, theta_fire, p, b, r, h, S_new, a, beta, P):
-    """One evaluation of ``F(S)`` on ``[p, L)``: writes ``h`` and ``S_new`` there.
+def _evaluate(x, u0, c0, S, tau, theta, c, u_reset, kind, R, theta_fire, p, b, r, h, S_new, a,
+              beta, P):
+    """One evaluation of ``F(S)`` on ``[p, L)`` from the initial state ``(u0, c0)``: writes ``h``
+    and ``S_new`` there.
 
     ``kind``: LINEAR (``u = h - c s``: soft/refractory with ``c = theta + rho``, none with
-    ``c = 0``) or HARD. For LINEAR, ``b = leaky(x)`` must be filled and ``r[p-1]`` must hold
-    ``leaky(shift(S))[p-1]``; ``r`` is updated on ``[p, L)``.
+    ``c = 0``) or HARD. For LINEAR, ``b = leaky(x)`` from the carry ``u0`` must be filled and
+    ``r[p-1]`` must hold ``leaky(shift(S))[p-1]``; ``r`` is updated on ``[p, L)``. HARD starts
+    from ``h_{-1} = u0`` (``S_{-1} = 0``).
     """
     L = x.shape[0]
     if kind == HARD:
@@ -90,7 +106,7 @@ def _evaluate(x, S, tau, theta, c, u_reset, kind, R, theta_fire, p, b, r, h, S_n
             sp = S[t - 1] if t > 0 else 0.0
             a[t] = tau * (1.0 - sp)
             beta[t] = x[t] + tau * u_reset * sp
-        _scan_segment(a, beta, h[p - 1] if p > 0 else 0.0, p, L, h, P)
+        _scan_segment(a, beta, h[p - 1] if p > 0 else u0, p, L, h, P)
     else:
         for t in range(p, L):
             a[t] = tau
@@ -98,7 +114,7 @@ def _evaluate(x, S, tau, theta, c, u_reset, kind, R, theta_fire, p, b, r, h, S_n
         _scan_segment(a, beta, r[p - 1] if p > 0 else 0.0, p, L, r, P)
         for t in range(p, L):
             h[t] = b[t] - c * tau * r[t]
-    last = _last_spike_before(S, p, R)
+    last = _last_spike_before(S, p, R, c0)
     for t in range(p, L):
         if t > 0 and S[t - 1] != 0.0:
             last = t - 1
@@ -107,9 +123,9 @@ def _evaluate(x, S, tau, theta, c, u_reset, kind, R, theta_fire, p, b, r, h, S_n
 
 
 @njit(**config.NJIT_OPTS)
-def _pmbc_row(x, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u):
-    """PMBC on one row ``x (L,)``; writes ``s, h, u (L,)``; returns the number of evaluations
-    of ``F`` (``-1`` if ``max_iter`` was reached without convergence)."""
+def _pmbc_row(x, u0, c0, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u):
+    """PMBC on one row ``x (L,)`` from the state ``(u0, c0)``; writes ``s, h, u (L,)``; returns
+    the number of evaluations of ``F`` (``-1`` if ``max_iter`` was reached without convergence)."""
     L = x.shape[0]
     b = np.empty(L)
     r = np.empty(L)
@@ -122,12 +138,13 @@ def _pmbc_row(x, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u)
     if kind != HARD:
         for t in range(L):
             a[t] = tau
-        _scan_segment(a, x, 0.0, 0, L, b, P)  # b = leaky(x)
+        _scan_segment(a, x, u0, 0, L, b, P)  # b = leaky(x) + tau^(t+1) u0
     p = 0
     it = 0
     while it < max_iter:
         it += 1
-        _evaluate(x, s, tau, theta, c, u_reset, kind, R, theta_fire, p, b, r, h, S_new, a, beta, P)
+        _evaluate(x, u0, c0, s, tau, theta, c, u_reset, kind, R, theta_fire, p, b, r, h, S_new, a,
+                  beta, P)
         q = L
         for t in range(p, L):
             if S_new[t] != s[t]:
@@ -151,25 +168,28 @@ def _pmbc_row(x, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u)
 
 
 @njit(**config.PARALLEL_OPTS)
-def _pmbc_rows(x, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u, iters):
+def _pmbc_rows(x, u0, c0, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u,
+               iters):
     """Rows of ``x (M, L)`` in parallel (disjoint writes; results independent of threads)."""
     for m in prange(x.shape[0]):
-        iters[m] = _pmbc_row(x[m], tau, theta, c[m], u_reset, kind, R, theta_fire, max_iter,
-                             s[m], h[m], u[m])
+        iters[m] = _pmbc_row(x[m], u0[m], c0[m], tau, theta, c[m], u_reset, kind, R, theta_fire,
+                             max_iter, s[m], h[m], u[m])
 
 
 @njit(**config.NJIT_OPTS)
-def _pmbc_rows_serial(x, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u, iters):
+def _pmbc_rows_serial(x, u0, c0, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u,
+                      iters):
     """Serial twin of :func:`_pmbc_rows` (same results)."""
     for m in range(x.shape[0]):
-        iters[m] = _pmbc_row(x[m], tau, theta, c[m], u_reset, kind, R, theta_fire, max_iter,
-                             s[m], h[m], u[m])
+        iters[m] = _pmbc_row(x[m], u0[m], c0[m], tau, theta, c[m], u_reset, kind, R, theta_fire,
+                             max_iter, s[m], h[m], u[m])
 
 
-def _check(x, cfg, rho):
-    """Validate like :func:`refimpl.neurons.neuron_fwd`; returns ``x``, the kernel's reset code
-    and ``c`` per row (B*H,), the reset magnitude of the linear resets (``u = h - c s``; unused
-    for ``hard``)."""
+def _check(x, cfg, rho, state=None):
+    """Validate like :func:`refimpl.neurons.neuron_fwd`; returns ``x``, the kernel's reset code,
+    ``c`` per row (B*H,), the reset magnitude of the linear resets (``u = h - c s``; unused
+    for ``hard``), and the initial state per row ``u0 (B*H,)``, ``c0 (B*H,) int64`` (zeros for
+    ``state=None``)."""
     if not isinstance(cfg, NeuronConfig):
         raise TypeError(f"cfg must be a refimpl.neurons.NeuronConfig, got {type(cfg).__name__}")
     x = check_array("x", x, 3)
@@ -179,10 +199,16 @@ def _check(x, cfg, rho):
     rho = check_rho(cfg, rho, H)
     a, b = reset_coefficients(cfg, rho, H)  # u = h (1 - a s) + b s; linear resets: b = -c
     kind = HARD if a == 1.0 else LINEAR
-    return x, kind, np.ascontiguousarray(np.broadcast_to(-b, (Bsz, H)).reshape(-1))
+    c = np.ascontiguousarray(np.broadcast_to(-b, (Bsz, H)).reshape(-1))  # (B*H,)
+    if state is None:
+        u0, c0 = np.zeros(Bsz * H), np.zeros(Bsz * H, dtype=np.int64)  # (B*H,) each
+    else:
+        state = check_state(state, cfg, Bsz, H)
+        u0, c0 = state.u.reshape(-1), state.count.reshape(-1)  # (B*H,) each
+    return x, kind, c, u0, c0
 
 
-def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True):
+def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True, state=None, return_state=False):
     """Exact parallel spiking of the neuron ``cfg`` by boundary compression.
 
     Parameters
@@ -197,6 +223,10 @@ def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True):
         Cap on evaluations of ``F`` per row; default ``L + 1`` (always enough).
     parallel : bool, default True
         Rows in parallel threads (``prange``); ``False`` runs the serial twin. Same results.
+    state : refimpl.neurons.NeuronState or None, default None
+        Initial state (module docstring); ``None`` is the zero state.
+    return_state : bool, default False
+        Also return the end state (:func:`refimpl.neurons.end_state` of this chunk).
 
     Returns
     -------
@@ -204,54 +234,64 @@ def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True):
         Spikes, membrane before reset, membrane after reset (as :func:`refimpl.neurons.neuron_fwd`).
     iterations : int64 (B, H)
         Evaluations of ``F`` per row, the confirming one included.
+    state : refimpl.neurons.NeuronState
+        Only with ``return_state=True``.
     """
-    x, kind, c = _check(x, cfg, rho)
+    x, kind, c, u0, c0 = _check(x, cfg, rho, state)
+    if not isinstance(return_state, (bool, np.bool_)):
+        raise TypeError(f"return_state must be a bool, got {return_state!r}")
     Bsz, H, L = x.shape
     max_iter = L + 1 if max_iter is None else check_int("max_iter", max_iter, 1)
     x2 = x.reshape(-1, L)  # (B*H, L)
     s, h, u = (np.empty_like(x2) for _ in range(3))  # (B*H, L)
     iters = np.empty(x2.shape[0], dtype=np.int64)  # (B*H,)
     kernel = _pmbc_rows if parallel else _pmbc_rows_serial
-    kernel(x2, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset), kind,
+    kernel(x2, u0, c0, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset), kind,
            int(cfg.refractory_steps), cfg.theta_fire, max_iter, s, h, u, iters)
     if np.any(iters < 0):
         raise RuntimeError(f"PMBC did not converge within max_iter={max_iter} evaluations on "
                            f"{int((iters < 0).sum())} rows; raise max_iter (L + 1 always suffices)")
     shape = (Bsz, H, L)
-    return s.reshape(shape), h.reshape(shape), u.reshape(shape), iters.reshape(Bsz, H)
+    s, h, u = s.reshape(shape), h.reshape(shape), u.reshape(shape)  # (B, H, L) each
+    if not return_state:
+        return s, h, u, iters.reshape(Bsz, H)
+    init = NeuronState(u0.reshape(Bsz, H), c0.reshape(Bsz, H))
+    return s, h, u, iters.reshape(Bsz, H), end_state(s, u, cfg, init)
 
 
-def pmbc_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None):
+def pmbc_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, state=None):
     """Backward of :func:`pmbc_fwd`: the iterative neuron's backward for ``cfg.grad_mode``.
 
     PMBC changes how the forward is computed, not what it is, so its VJP is
     :func:`refimpl.neurons.neuron_bwd` evaluated at PMBC's own ``s, h, u``; returns ``(dx, drho)``.
+    ``state`` is the forward's initial state (its counter sets the refractory mask at the start).
     """
-    return neuron_bwd(x, s, h, cfg, ds, dh=dh, du=du, rho=rho)
+    return neuron_bwd(x, s, h, cfg, ds, dh=dh, du=du, rho=rho, state=state)
 
 
-def spike_map(S, x, cfg, rho=None):
+def spike_map(S, x, cfg, rho=None, state=None):
     """One full evaluation of ``F(S)`` on every step (no freezing): float64 (B, H, L) of 0/1.
 
     Used to study the iterates ``S_{k+1} = F(S_k)``: for ``soft``/``refractory`` even iterates
     from ``S_0 = 0`` are lower bounds and odd ones upper bounds of the true spike train; for
-    ``hard`` reset they are not in general.
+    ``hard`` reset they are not in general. ``state``: the initial state (module docstring).
     """
-    x, kind, c = _check(x, cfg, rho)
+    x, kind, c, u0, c0 = _check(x, cfg, rho, state)
     S = check_array("S", S, 3)
     check_shape("S", S, x.shape)
     Bsz, H, L = x.shape
     x2, S2 = x.reshape(-1, L), S.reshape(-1, L)
     out = np.empty_like(x2)  # (B*H, L)
-    _spike_map_rows(x2, S2, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset),
+    _spike_map_rows(x2, S2, u0, c0, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset),
                     kind, int(cfg.refractory_steps),
                     cfg.theta_fire, out)
     return out.reshape(x.shape)
 
 
 @njit(**config.NJIT_OPTS)
-def _spike_map_rows(x, S, tau, theta, c, u_reset, kind, R, theta_fire, out):
-    """``out[m] = F(S[m])`` for every row (full evaluation from ``p = 0``)."""
+def _spike_map_rows(x, S, u0, c0, tau, theta, c, u_reset, kind, R, theta_fire, out):
+    """``out[m] = F(S[m])`` for every row from its state ``(u0[m], c0[m])`` (full evaluation
+    from ``p = 0``)."""
     M, L = x.shape
     b, r, h, a = np.empty(L), np.empty(L), np.empty(L), np.empty(L)
     beta = np.empty(L)
@@ -260,16 +300,17 @@ def _spike_map_rows(x, S, tau, theta, c, u_reset, kind, R, theta_fire, out):
         if kind != HARD:
             for t in range(L):
                 a[t] = tau
-            _scan_segment(a, x[m], 0.0, 0, L, b, P)
-        _evaluate(x[m], S[m], tau, theta, c[m], u_reset, kind, R, theta_fire, 0, b, r, h, out[m],
-                  a, beta, P)
+            _scan_segment(a, x[m], u0[m], 0, L, b, P)
+        _evaluate(x[m], u0[m], c0[m], S[m], tau, theta, c[m], u_reset, kind, R, theta_fire, 0, b, r,
+                  h, out[m], a, beta, P)
 
 
-def rounding_bound(x, cfg, rho=None):
+def rounding_bound(x, cfg, rho=None, state=None):
     """A bound on ``|h_pmbc - h_iterative|`` while the spike trains agree, per case.
 
     Both membranes are sums of ``tau^k``-weighted terms of size at most
-    ``M = max|x| + c + |u_reset|`` (``c = theta + max rho``); each differs from the exact sum by
+    ``M = max|x| + c + |u_reset| + |theta|`` (``c = theta + max rho``; from a ``state``,
+    ``+ max|state.u|``, the initial membrane's term); each differs from the exact sum by
     ``O(CHUNK eps)`` relative per term (chunk products and reassociation), so
     ``|diff| <= 4 CHUNK eps M / (1 - tau)``. A spike can flip only where the iterative margin
     ``|h - theta|`` is below this bound.
@@ -277,4 +318,7 @@ def rounding_bound(x, cfg, rho=None):
     eps = np.finfo(np.float64).eps
     c = cfg.theta + (float(np.max(rho)) if rho is not None and np.size(rho) else 0.0)
     M = float(np.max(np.abs(x))) + abs(c) + abs(cfg.u_reset) + abs(cfg.theta)
+    if state is not None:
+        u0 = check_state(state, cfg, *np.shape(x)[:2]).u  # (B, H)
+        M += float(np.max(np.abs(u0)))
     return 4 * CHUNK * eps * M / (1.0 - cfg.tau)
