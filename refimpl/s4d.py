@@ -29,8 +29,11 @@ the chunk: the powers ``dA^k = exp(k log dA)`` come from one accurately computed
 ``s`` is a real matrix product of ``u`` with the power table, blocked over time so the table
 never exceeds :data:`STATE_BLOCK_BYTES`. No rounding error is carried from one step to the next,
 as it is in the recurrence (``T`` dependent steps); the error of each term is that of one
-``exp`` of a product, ``O(eps (1 + k |log dA|))`` relative. It is computed only when
-``return_state=True``.
+``exp`` of a product, ``k d + O(eps)`` relative, where ``d`` is the absolute error of
+``log dA``: at most a few eps, and a few ``eps |log dA|`` for slow modes near ``dA = 1``. On a
+step response of 3000 steps with ``dt = 1e-3`` the end state is within 2-4 eps of an
+extended-precision reference, the recurrence within about 160 eps
+(``tests/test_stream_s4d_sdn.py``). It is computed only when ``return_state=True``.
 
 **Stepping.** :func:`s4d_step_coeffs` discretizes once per stream and :func:`s4d_layer_step`
 runs one step of the recurrence, the same floating-point operations in the same order as
