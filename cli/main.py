@@ -102,8 +102,9 @@ def equivalence(cases, seed, checks):
     table = []
     for r in rows:
         it = r["iterations"]
-        table.append((r["forms"], r["cases"], _fmt(r["worst_error"], ".2e"),
-                      _fmt(r["spike_mismatches"], "d"),
+        flips = r.get("flips")
+        mism = _fmt(r["spike_mismatches"], "d") + (f" (+{flips} within bound)" if flips else "")
+        table.append((r["forms"], r["cases"], _fmt(r["worst_error"], ".2e"), mism,
                       "-" if it is None else f"{it[0]} / {it[1]:g} / {it[2]}"))
     click.echo(render_table(header, table))
 

@@ -6,19 +6,21 @@ classes, so a new task, activation family, surrogate or grad mode appears here b
 import dataclasses
 
 import click
+import numpy as np
 
 from refimpl.activations import ACTIVATIONS
 from refimpl.h5io import FileFormatError
 from refimpl.model import NEURON_IMPLS, NORMS, ModelConfig, check_inputs
 from refimpl.neurons import GRAD_MODES
 from refimpl.sdn import load_weights
+from refimpl.stream import ModelStream, evaluate_stream
 from refimpl.ssm import DISCRETIZATIONS, INITS
 from refimpl.surrogates import SURROGATES
 from refimpl.tasks import TASKS, data_from_recipe, load_data
-from refimpl.train import (TrainConfig, evaluate as evaluate_model, load_checkpoint, lock_output,
-                           plan)
+from refimpl.train import (TrainConfig, evaluate as evaluate_model, evaluate_logits,
+                           load_checkpoint, lock_output, plan)
 
-from .common import choice, fail, progress_bar
+from .common import choice, fail, progress, progress_bar
 
 #: Errors the library raises for bad input or files: shown as one line.
 USER_ERRORS = (OSError, ValueError, TypeError)  # FileFormatError is a ValueError
@@ -206,9 +208,18 @@ def _eval_data(ckpt, task, data, tokens, samples, length, seed):
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @recorded_data_options
-def evaluate(checkpoint, task, data, tokens, samples, length, seed):
+@click.option("--stream", is_flag=True,
+              help="Also run the test set step by step (the deployed, recurrent form) and "
+                   "report its accuracy, throughput and per-step latency.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Sequences streamed in lockstep (--stream).")
+def evaluate(checkpoint, task, data, tokens, samples, length, seed, stream, batch_size):
     """Evaluate a checkpoint on the test split of its recorded data (task, samples, length and
-    seed, or the .npz file checked by SHA-256), or of the data the options name."""
+    seed, or the .npz file checked by SHA-256), or of the data the options name.
+
+    With --stream the test set also runs one time step at a time from the model's state
+    (refimpl.stream), as a chip or an online system runs it, and the predictions are compared
+    with the parallel form's."""
     try:
         ckpt = load_checkpoint(checkpoint)
     except FileFormatError as e:
@@ -226,3 +237,30 @@ def evaluate(checkpoint, task, data, tokens, samples, length, seed):
     click.echo(f"test accuracy     {r['accuracy']:.4f}")
     click.echo(f"test loss         {r['loss']:.4f}")
     click.echo(f"firing rate       {_rates(r['rates'])}")
+    if stream:
+        _evaluate_stream(ckpt, ds, batch_size)
+
+
+def _evaluate_stream(ckpt, ds, batch_size):
+    """The ``--stream`` part of ``evaluate``: step by step, beside the parallel form."""
+    try:
+        st = ModelStream(ckpt.cfg, ckpt.params, ckpt.buffers)
+    except ValueError as e:
+        fail(e)
+    x, y = ds["x_test"], ds["y_test"]
+    total = len(y) * x.shape[1]
+    parallel = []
+    with progress(total, "streaming (steps x sequences)") as bar:
+        r = evaluate_stream(st, x, y, batch_size=batch_size, progress=bar.update,
+                            predictions=parallel)
+    ref = np.concatenate([evaluate_logits(ckpt.cfg, ckpt.params, ckpt.buffers, x[i:i + 256])
+                          for i in range(0, len(y), 256)]).argmax(1)
+    same = int((np.asarray(parallel) == ref).sum())
+    click.echo(f"streamed accuracy {r['accuracy']:.4f}   (step by step, {len(y)} sequences, "
+               f"{batch_size} in lockstep)")
+    click.echo(f"streamed loss     {r['loss']:.4f}")
+    click.echo(f"predictions       {same} of {len(y)} equal to the parallel form's")
+    click.echo(f"throughput        {r['steps_per_second']:.0f} time steps/s "
+               f"({r['steps_per_second'] / min(batch_size, len(y)):.0f} steps/s per sequence)")
+    click.echo(f"latency per step  {r['latency_ms']:.3f} ms median, {r['latency_p99_ms']:.3f} ms "
+               f"p99 (a step of {min(batch_size, len(y))} sequences)")

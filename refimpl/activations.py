@@ -43,9 +43,11 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import layers as Ly
-from .neurons import NeuronConfig, neuron_bwd, neuron_fwd
+from .neurons import NeuronConfig, NeuronState, neuron_bwd, neuron_fwd, neuron_step
 from .pmbc import pmbc_fwd
 from .sdn import FUSED_LAYOUT, sdn_neuron_bwd, sdn_neuron_fwd
+from .sdn.neuron import SDNState, sdn_neuron_step
+from .sdn.weights import K as SDN_K
 
 #: name -> the registered :class:`Activation` instance.
 ACTIVATIONS = {}
@@ -144,6 +146,21 @@ class Activation:
         decided each spike, so that golden traces can record margins and flag near-ties."""
         return {"spikes": {}, "membranes": {}}
 
+    # Streaming (DESIGN.md section 10): the family's state between chunks, eval mode only.
+
+    def state_spec(self, B, H):
+        """The family's streaming state of one layer: ``{suffix: (shape, dtype)}``, zero at the
+        start of a sequence (empty for stateless families)."""
+        return {}
+
+    def stream(self, v, cfg, p, buf, pre, state, step=False):
+        """Eval-mode ``s = activation(v)`` for a chunk ``v (B, H, T)`` started from ``state``
+        (``{suffix: array}`` as :meth:`state_spec`); returns ``(s, new_state, diagnostics)``.
+        ``step`` asks for the one-step form (``T = 1``). Stateless families run
+        :meth:`forward`."""
+        s, cache = self.forward(v, cfg, p, buf, pre)
+        return s, {}, self.diagnostics(cache, None)
+
 
 @register
 class Gelu(Activation):
@@ -180,6 +197,25 @@ class Neuron(Activation):
 
     def diagnostics(self, cache, mix_cache):
         return {"spikes": {"s": cache.s}, "membranes": {"h": (cache.h, cache.cfg.theta)}}
+
+    def state_spec(self, B, H):
+        """The neuron's membrane after reset ``u_{T-1}`` and its refractory counter
+        (:class:`refimpl.neurons.NeuronState`)."""
+        return {"neuron.u": ((B, H), np.float64), "neuron.count": ((B, H), np.int64)}
+
+    def stream(self, v, cfg, p, buf, pre, state, step=False):
+        ncfg = cfg.neuron_config()
+        rho = p.get(pre + "rho")
+        st = NeuronState(state["neuron.u"], state["neuron.count"])
+        if step:
+            s_t, h_t, u_t, new = neuron_step(v[:, :, 0], ncfg, st, rho=rho)
+            s, h, u = s_t[:, :, None], h_t[:, :, None], u_t[:, :, None]  # (B, H, 1)
+        elif cfg.neuron_impl == "pmbc" and self.pmbc:
+            s, h, u, _, new = pmbc_fwd(v, ncfg, rho=rho, state=st, return_state=True)
+        else:
+            s, h, u, new = neuron_fwd(v, ncfg, rho=rho, state=st, return_state=True)
+        diag = self.diagnostics(NeuronCache(v, s, h, u, ncfg, rho, False), None)
+        return s, {"neuron.u": new.u, "neuron.count": new.count}, diag
 
     #: Whether ``neuron_impl="pmbc"`` runs this family's forward by PMBC (exact either way).
     pmbc = False
@@ -239,6 +275,21 @@ class SDN(Activation):
     def frozen(self, cache, mix_cache):
         return {"m": cache.m}
 
+    def state_spec(self, B, H):
+        """The SDN's window: the last ``K`` inputs (:class:`refimpl.sdn.SDNState`)."""
+        return {"sdn.window": ((B, H, SDN_K), np.float64)}
+
+    def stream(self, v, cfg, p, buf, pre, state, step=False):
+        ncfg = cfg.neuron_config()
+        weights = {k: buf["sdn." + k] for k in FUSED_LAYOUT}
+        st = SDNState(state["sdn.window"])
+        if step:
+            s_t, m_t, new = sdn_neuron_step(v[:, :, 0], weights, ncfg, st)
+            s, m = s_t[:, :, None], m_t[:, :, None]  # (B, H, 1)
+        else:
+            s, m, new = sdn_neuron_fwd(v, weights, ncfg, state=st, return_state=True)
+        return s, {"sdn.window": new.window}, self.diagnostics(SDNCache(v, s, m, ncfg), None)
+
     def diagnostics(self, cache, mix_cache):
         v = cache.m + cache.y  # (B, H, L) what the spike test compares with theta
         return {"spikes": {"s": cache.s}, "membranes": {"m+x": (v, cache.cfg.theta)}}
@@ -255,6 +306,9 @@ class BinaryGSU(Activation):
 
     def backward(self, cache, ds):
         raise RuntimeError("binary_gsu has no activation to differentiate (the GSU reads y)")
+
+    def stream(self, v, cfg, p, buf, pre, state, step=False):
+        return None, {}, {"spikes": {}, "membranes": {}}  # Ter(y) is per token: stateless
 
     def rate(self, s, cache, mix_cache):
         return float(np.abs(mix_cache.Tx).mean())  # GSU's ternary activations Ter(y)

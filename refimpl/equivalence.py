@@ -6,11 +6,14 @@ iteration counts. The CLI adds the progress bar and the table; this module never
 """
 import numpy as np
 
+from .activations import ACTIVATIONS
 from .conv import direct_conv, fftconv
+from .model import NEURON_IMPLS, NORMS, ModelConfig, init_model
 from .neurons import RESETS, SPIKE_CONDITIONS, NeuronConfig, neuron_fwd
 from .pmbc import pmbc_fwd
 from .recurrence import ssm_recurrence, ssm_scan
 from .ssm import INITS, DISCRETIZATIONS, discretize_params, s4d_init, s4d_kernel
+from .stream import ModelStream, compare_forms
 
 
 def _ssm_case(rng):
@@ -97,5 +100,55 @@ def check_pmbc(n_cases, seed=0, progress=None):
             "iterations": (int(np.min(iters)), float(np.median(iters)), int(np.max(iters)))}
 
 
+def _model_case(rng, activation):
+    """One random causal model of a family, an input batch and a random chunking."""
+    from .golden.spiking import sdn_weights  # random fused SDN weights of the published shapes
+
+    cfg = ModelConfig(
+        n_classes=int(rng.integers(2, 5)), d_input=int(rng.integers(1, 3)),
+        d_model=int(rng.integers(2, 9)), d_state=2 * int(rng.integers(1, 5)),
+        n_layers=int(rng.integers(1, 3)), activation=activation,
+        norm=str(rng.choice(list(NORMS))), prenorm=bool(rng.integers(0, 2)),
+        disc=str(rng.choice(list(DISCRETIZATIONS))),
+        neuron_impl=str(rng.choice(list(NEURON_IMPLS))))
+    w = sdn_weights(rng) if activation == "sdn" else None
+    p, buf = init_model(cfg, seed=rng, sdn_weights=w)
+    for k in buf:  # BatchNorm statistics away from their initial values
+        if k.endswith("running_mean"):
+            buf[k] = rng.normal(0.0, 0.3, size=buf[k].shape)
+        elif k.endswith("running_var"):
+            buf[k] = rng.uniform(0.5, 2.0, size=buf[k].shape)
+    L = int(rng.integers(1, 65))
+    x = rng.normal(0.0, float(rng.choice([1.0, 3.0])), size=(2, L, cfg.d_input))  # (B, L, d)
+    cuts = np.sort(rng.choice(np.arange(1, L), size=min(int(rng.integers(0, 4)), L - 1),
+                              replace=False)) if L > 1 else np.array([], dtype=int)
+    chunks = np.diff(np.concatenate([[0], cuts, [L]])).tolist()
+    return ModelStream(cfg, p, buf), x, chunks
+
+
+def _model_check(activation):
+    def check(n_cases, seed=0, progress=None):
+        """A random causal model of the family: parallel form vs step by step vs chunked
+        (:func:`refimpl.stream.compare_forms`). ``worst_error``: logits, relative to
+        ``max(1, max|logits|)``; ``spike_mismatches``: differing spikes beyond the derived
+        bound (expected 0); ``flips``: differing spikes within it (rounding decides them)."""
+        rng = np.random.default_rng(seed)
+        worst, mismatches, flips = 0.0, 0, 0
+        for _ in range(n_cases):
+            st, x, chunks = _model_case(rng, activation)
+            r = compare_forms(st, x, chunks)
+            worst = max(worst, r["worst_error"])
+            mismatches += r["mismatches"]
+            flips += r["flips"]
+            if progress is not None:
+                progress(1)
+        return {"forms": f"model ({activation}): parallel = step by step = chunked",
+                "cases": n_cases, "worst_error": worst, "spike_mismatches": mismatches,
+                "flips": flips, "iterations": None}
+    check.__name__ = f"check_model_{activation}"
+    return check
+
+
 #: name -> check function; the CLI runs them in this order.
-CHECKS = {"ssm": check_ssm_forms, "pmbc": check_pmbc}
+CHECKS = {"ssm": check_ssm_forms, "pmbc": check_pmbc,
+          **{f"model-{name}": _model_check(name) for name in ACTIVATIONS}}

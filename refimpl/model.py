@@ -32,7 +32,7 @@ from . import layers as Ly
 from ._checks import check_array, check_int, check_name, check_real
 from .activations import ACTIVATIONS
 from .neurons import NeuronConfig, threshold_scale_bwd, threshold_scale_fwd
-from .s4d import LAYER_PARAMS, s4d_layer_bwd, s4d_layer_fwd
+from .s4d import LAYER_PARAMS, s4d_layer_bwd, s4d_layer_fwd, s4d_layer_step
 from .ssm import DISCRETIZATIONS, INITS, s4d_init
 
 
@@ -229,6 +229,17 @@ def block_fwd(cfg, p, buf, i, x, training, rng, smooth=False, frozen=None, new_b
     ln_vth = p[pre + "ln_vth"] if fam.threshold else None
     v = y if ln_vth is None else threshold_scale_fwd(y, ln_vth)  # (B, H, L)
     s, act_c = fam.forward(v, cfg, p, buf, pre, smooth, frozen)
+    x_out, (mask_s, mix_c, mask_z, post_c) = _block_out(cfg, p, buf, pre, x, s, v, training, rng,
+                                                        frozen, new_buf)
+    norm_c = post_c if not cfg.prenorm else norm_c
+    cache = BlockCache(norm_c, ssm_c, y, ln_vth, act_c, mask_s, mix_c, mask_z)
+    return x_out, cache, {"rate": fam.rate(s, act_c, mix_c)}
+
+
+def _block_out(cfg, p, buf, pre, x, s, v, training, rng, frozen=None, new_buf=None):
+    """The block after its activation: mixing (GLU of ``s`` or GSU of ``v``), dropout, residual
+    and post-norm. Returns ``(x_out, (mask_s, mix_cache, mask_z, postnorm_cache))``."""
+    fam = ACTIVATIONS[cfg.activation]
     drop = training and cfg.dropout > 0
     mask_s = None
     if fam.mixing == "glu":
@@ -241,11 +252,51 @@ def block_fwd(cfg, p, buf, i, x, training, rng, smooth=False, frozen=None, new_b
                                 fz.get(pre + "Tx"), fz.get(pre + "TW"))
     mask_z = Ly.dropout_mask(rng, out.shape, cfg.dropout) if drop else None
     out, _ = Ly.dropout_fwd(out, mask_z)
-    x_out = x + out
+    x_out, post_c = x + out, None
     if not cfg.prenorm:
-        x_out, norm_c = _norm_fwd(cfg, p, buf, pre, x_out, training, new_buf)
-    cache = BlockCache(norm_c, ssm_c, y, ln_vth, act_c, mask_s, mix_c, mask_z)
-    return x_out, cache, {"rate": fam.rate(s, act_c, mix_c)}
+        x_out, post_c = _norm_fwd(cfg, p, buf, pre, x_out, training, new_buf)
+    return x_out, (mask_s, mix_c, mask_z, post_c)
+
+
+def block_stream(cfg, p, buf, i, x, state, step=None):
+    """One block in eval mode from a state (DESIGN.md section 10): ``(x_out, new_state, record)``.
+
+    ``x (B, H, T)`` a chunk of any length; ``state`` this layer's entries ``{suffix: array}``
+    (``ssm.x`` and the activation family's, :meth:`refimpl.activations.Activation.state_spec`).
+    ``step=None`` runs the chunk in the parallel form (FFT convolution with the exact end state,
+    PMBC or the neuron kernel, the SDN on its window); ``step`` given, ``T`` must be 1 and the
+    S4D layer runs its recurrence with the precomputed coefficients ``step = (dA, dB, C, D)``
+    (:func:`refimpl.s4d.s4d_step_coeffs`), the form a chip runs. ``record`` holds what the
+    layer computed: ``y`` (S4D output), ``v`` (after threshold scaling) and the family's
+    diagnostics (spikes and the membranes that decided them).
+    """
+    pre = f"layers.{i}."
+    fam = ACTIVATIONS[cfg.activation]
+    z = x
+    if cfg.prenorm:
+        z, _ = _norm_fwd(cfg, p, buf, pre, x, False, {})
+    if step is None:
+        ssm = {k: p[pre + "ssm." + k] for k in LAYER_PARAMS}
+        y, _, x_ssm = s4d_layer_fwd(z, ssm, cfg.disc, state=state["ssm.x"], return_state=True)
+    else:
+        y_t, x_ssm = s4d_layer_step(z[:, :, 0], step, state["ssm.x"])
+        y = y_t[:, :, None]  # (B, H, 1)
+    ln_vth = p[pre + "ln_vth"] if fam.threshold else None
+    v = y if ln_vth is None else threshold_scale_fwd(y, ln_vth)  # (B, H, T)
+    act_state = {k: v_ for k, v_ in state.items() if k != "ssm.x"}
+    s, new_act, diag = fam.stream(v, cfg, p, buf, pre, act_state, step=step is not None)
+    x_out, (_, mix_c, _, _) = _block_out(cfg, p, buf, pre, x, s, v, False, None, new_buf={})
+    if fam.mixing == "gsu":
+        diag = fam.diagnostics(None, mix_c)
+    return x_out, {"ssm.x": x_ssm, **new_act}, stream_record(y, v, diag)
+
+
+def stream_record(y, v, diag):
+    """What a streamed block records: ``y``, ``v`` and the family's diagnostics that run over
+    time (spikes and membranes ``(B, H, T)``; the GSU's constant ``Ter(W)`` is left out)."""
+    rec = {"y": y, "v": v, **diag["spikes"],
+           **{k: val for k, (val, _) in diag["membranes"].items()}}
+    return {k: a for k, a in rec.items() if a.ndim == 3}
 
 
 def block_bwd(cfg, p, i, c, dx_out):
@@ -313,6 +364,15 @@ def check_inputs(cfg, x, labels=None):
     return x
 
 
+def embed_fwd(cfg, p, x):
+    """The model's input layer on checked inputs (:func:`check_inputs`): the token embedding
+    or the linear encoder, ``(B, H, L)``; returns ``(h, cache)``."""
+    if cfg.vocab:
+        return Ly.embedding_fwd(x, p["embedding.E"])  # (B, H, L)
+    return Ly.linear_fwd(np.ascontiguousarray(x.transpose(0, 2, 1)), p["encoder.W"],
+                         p["encoder.b"])  # (B, H, L)
+
+
 def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=None):
     """Forward to logits.
 
@@ -335,17 +395,14 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
     logits : float64 (B, n_classes)
     cache : what :func:`model_bwd` needs
     new_buf : buffers after the step (BatchNorm running statistics)
-    stats : ``{"rates": [per-layer firing rate or None]}``
+    stats : ``{"rates": [per-layer firing rate or None], "features": (B, H, L) the last
+        block's output, before pooling}``
     """
     x = check_inputs(cfg, x)
     if training and cfg.dropout > 0 and rng is None:
         raise ValueError("training with dropout needs rng (a numpy Generator)")
     new_buf = dict(buf)
-    if cfg.vocab:
-        h, embed_c = Ly.embedding_fwd(x, p["embedding.E"])  # (B, H, L)
-    else:
-        h, embed_c = Ly.linear_fwd(np.ascontiguousarray(x.transpose(0, 2, 1)),
-                                   p["encoder.W"], p["encoder.b"])  # (B, H, L)
+    h, embed_c = embed_fwd(cfg, p, x)  # (B, H, L)
     blocks, rates = [], []
     for i in range(cfg.n_layers):
         h, bc, st = block_fwd(cfg, p, buf, i, h, training, rng, smooth, frozen, new_buf)
@@ -353,7 +410,8 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
         rates.append(st["rate"])
     pooled, pool_c = Ly.meanpool_fwd(h)  # (B, H)
     logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, C)
-    return logits, ModelCache(embed_c, blocks, pool_c, pooled), new_buf, {"rates": rates}
+    stats = {"rates": rates, "features": h}
+    return logits, ModelCache(embed_c, blocks, pool_c, pooled), new_buf, stats
 
 
 def frozen_constants(cfg, p, buf, x, training=True, rng=None):

@@ -190,6 +190,12 @@ def _batches(n, batch_size, rng):
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
+def evaluate_logits(cfg, params, buffers, x):
+    """Eval-mode logits ``(B, n_classes)`` of a batch (the parallel form)."""
+    logits, _, _, _ = M.model_fwd(cfg, params, buffers, x, training=False)
+    return logits
+
+
 def evaluate(cfg, params, buffers, x, y, batch_size=256):
     """Eval-mode accuracy, mean loss and per-layer firing rates over a data set."""
     correct, loss_sum, rate_sum, n = 0, 0.0, None, len(y)
