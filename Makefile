@@ -22,6 +22,7 @@ run: install
 	$(BIN)/refimpl info
 	$(BIN)/refimpl train --task recall --activation lif --samples 1000 --length 100 \
 	  --d-model 32 --d-state 16 --layers 2 --epochs 12 --out runs/make-run --overwrite
+	$(BIN)/refimpl evaluate runs/make-run/checkpoint.h5 --stream
 	$(BIN)/refimpl equivalence --cases 20 --seed 0
 
 # Fast suite (a few minutes on 2 cores, Numba compile included).

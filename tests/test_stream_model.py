@@ -157,3 +157,45 @@ def test_trained_checkpoint_streams_to_the_parallel_accuracy(activation, tmp_pat
     logits = ModelStream(ck.cfg, ck.params, ck.buffers).parallel(x)[:, -1]
     assert np.array_equal(np.array(preds), logits.argmax(1))
     assert r["steps"] == x.shape[0] * x.shape[1] and r["steps_per_second"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# The README and the `make run` model
+# --------------------------------------------------------------------------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_readme_streaming_example_runs():
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Streaming", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+
+
+def test_make_run_model_streams_to_the_parallel_accuracy(tmp_path):
+    """Train exactly what `make run` trains (its arguments read from the Makefile), then
+    `refimpl evaluate --stream`: the streamed accuracy and every prediction equal the
+    parallel form's."""
+    import re
+    import shlex
+
+    from click.testing import CliRunner
+
+    from refimpl.cli.main import main
+
+    make = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    line = next(ln for ln in make.splitlines() if "refimpl train" in ln and "make-run" in ln)
+    args = shlex.split(line.split("refimpl", 1)[1])
+    out = tmp_path / "make-run"
+    args[args.index("--out") + 1] = str(out)
+    runner = CliRunner()
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["evaluate", str(out / "checkpoint.h5"), "--stream"])
+    assert r.exit_code == 0, r.output
+    acc = re.search(r"^test accuracy\s+(\S+)", r.output, re.M).group(1)
+    streamed = re.search(r"^streamed accuracy\s+(\S+)", r.output, re.M).group(1)
+    same, total = re.search(r"^predictions\s+(\d+) of (\d+) equal", r.output, re.M).groups()
+    assert streamed == acc and same == total, r.output
+    assert float(acc) > 0.9, r.output  # the make run model learns the task
