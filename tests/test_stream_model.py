@@ -199,3 +199,20 @@ def test_make_run_model_streams_to_the_parallel_accuracy(tmp_path):
     same, total = re.search(r"^predictions\s+(\d+) of (\d+) equal", r.output, re.M).groups()
     assert streamed == acc and same == total, r.output
     assert float(acc) > 0.9, r.output  # the make run model learns the task
+
+
+def test_evaluate_stream_refuses_a_bidirectional_checkpoint(tmp_path):
+    from click.testing import CliRunner
+
+    from refimpl.cli.main import main
+
+    runner = CliRunner()
+    out = tmp_path / "bi"
+    r = runner.invoke(main, ["train", "--task", "parity", "--samples", "64", "--length", "16",
+                             "--epochs", "1", "--d-model", "4", "--d-state", "4", "--layers",
+                             "1", "--bidirectional", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["evaluate", str(out / "checkpoint.h5"), "--stream"])
+    assert r.exit_code != 0
+    last = r.output.strip().splitlines()[-1]
+    assert "bidirectional model cannot stream" in last and "Traceback" not in r.output
