@@ -40,6 +40,12 @@ BUGS = {
     "detach_reset_as_bptt": ("neuron", "grads/x"),
     "sdn_sees_x_t": ("sdn", "outputs/m"),
     "glu_gate_wrong_half": ("glu", "outputs/z"),
+    # stateful cases (issue 12)
+    "state_u0_ignored": ("neuron", "outputs/h"),
+    "state_count0_ignored": ("pmbc", "outputs/s"),
+    "count_end_not_decremented": ("neuron", "outputs/count_end"),
+    "ssm_state_ignored": ("s4d_layer", "outputs/y"),
+    "ssm_end_state_power_off_by_one": ("s4d_layer", "outputs/x_re"),
 }
 REL_ERROR = "rel_error_1e-3"
 #: correct alternatives (not bugs), passed like a bug: ``naive_expm1`` computes the ZOH
@@ -73,8 +79,9 @@ class Case:
             elif isinstance(v, np.bool_):
                 v = bool(v)
             self.attrs[k] = v
-        def get(g):
-            return {n: f32(gcase[g][n][()]) for n in gcase[g]} if g in gcase else {}
+        def get(g):  # integer datasets (the refractory counter count0) stay int64
+            return ({n: (f32(v) if v.dtype.kind == "f" else np.asarray(v, np.int64))
+                     for n, v in ((n, gcase[g][n][()]) for n in gcase[g])} if g in gcase else {})
 
         self.inputs, self.params, self.cot = get("inputs"), get("params"), get("cotangents")
         self.trainable = {n: bool(gcase["params"][n].attrs.get("trainable", True))
@@ -249,6 +256,27 @@ def fftconv(case, bug=None):
 # S4D layer: the kernel, the FFT convolution with the D skip, and their backward
 # ============================================================================================
 
+def s4d_state_terms(p, x0, L, disc, bug=None):
+    """The state's contributions for a chunk of length ``L`` from the modes ``x0`` (B, H, N2)
+    complex64: ``2 Re sum_n C dA^(t+1) x0`` (B, H, L) and ``dA^L x0`` (B, H, N2)."""
+    Bm = _cplx(p["B_re"], p["B_im"]) if "B_re" in p else np.ones(p["A_imag"].shape, C64)
+    _, _, _, _, d = _discretize(p["log_dt"], p["log_A_real"], p["A_imag"], Bm, disc)
+    P = _powers(d["logdA"], L + 1)  # (H, N2, L + 1): dA^0 .. dA^L
+    Cm = _cplx(p["C_re"], p["C_im"])  # (H, N2)
+    y = (F32(2) * np.einsum("hn,hnl,bhn->bhl", Cm, P[:, :, 1:], x0).real).astype(F32)
+    Lx = L - 1 if bug == "ssm_end_state_power_off_by_one" else L
+    return y, (P[None, :, :, Lx] * x0).astype(C64)
+
+
+def s4d_end_state(p, u, disc):
+    """``sum_s dA^(T-1-s) dB u_s`` (B, H, N2) complex64: the input's part of the end state."""
+    Bm = _cplx(p["B_re"], p["B_im"]) if "B_re" in p else np.ones(p["A_imag"].shape, C64)
+    _, _, _, dB, d = _discretize(p["log_dt"], p["log_A_real"], p["A_imag"], Bm, disc)
+    T = u.shape[-1]
+    P = _powers(d["logdA"], T)[:, :, ::-1]  # (H, N2, T): dA^(T-1-s)
+    return (dB[None] * np.einsum("bhs,hns->bhn", u.astype(C64), P)).astype(C64)
+
+
 def s4d_layer(case, bug=None):
     a, p = case.attrs, case.params
     u = case.inputs["u"]
@@ -258,6 +286,17 @@ def s4d_layer(case, bug=None):
     ssm = {k: v for k, v in p.items() if k != "D"}
     L = int(a["L"])
     K, _ = kernel_fwd_bwd(ssm, L, a["disc"], bug=bug)
+    if "x0_re" in case.inputs:  # stateful: y and the end state, no backward (no cotangents)
+        x0 = _cplx(case.inputs["x0_re"], case.inputs["x0_im"])
+        _finite(x0_re=case.inputs["x0_re"], x0_im=case.inputs["x0_im"])
+        if p["C_re"].ndim == 3:
+            raise Reject("a bidirectional layer has no streaming state")
+        y, _ = conv_fwd_bwd(u, K, p["D"], None, bug)
+        ys, xs = s4d_state_terms(ssm, x0, L, a["disc"], bug)
+        if bug != "ssm_state_ignored":
+            y = (y + ys).astype(F32)
+        x_end = s4d_end_state(ssm, u, a["disc"]) + xs
+        return {"y": y, "x_re": x_end.real.astype(F32), "x_im": x_end.imag.astype(F32)}, {}
     y, gc = conv_fwd_bwd(u, K, p["D"], case.cot.get("y"), bug)
     _, gk = kernel_fwd_bwd(ssm, L, a["disc"], gc["K"], bug)
     return {"y": y}, {"u": gc["u"], "D": gc["D"], **gk}
@@ -324,24 +363,31 @@ def _fires(h, theta, cond, bug):
     return h > theta
 
 
-def neuron_fwd(x, rho, cfg, bug=None):
-    """``s, h, u, allowed`` (B, H, L) float32."""
-    _finite(x=x, rho=rho)
+def neuron_fwd(x, rho, cfg, bug=None, u0=None, count0=None, end=None):
+    """``s, h, u, allowed`` (B, H, L) float32, from the state ``u0`` (B, H) float32 and
+    ``count0`` (B, H) int64 (None: zero); ``end``, a dict, receives ``u_end`` and
+    ``count_end``."""
+    _finite(x=x, rho=rho, u0=u0)
     if rho is not None and (rho < 0).any():
         raise Reject("rho must be >= 0 everywhere")
     Bsz, H, L = x.shape
     rho = np.zeros(H, F32) if rho is None else rho
     tau, theta, ur, R = cfg["tau"], cfg["theta"], cfg["u_reset"], cfg["R"]
+    if count0 is not None and ((count0 < 0).any() or (count0 > R).any()):
+        raise Reject(f"count0 must lie in [0, refractory_steps = {R}]")
     if bug == "refractory_counter_off_by_one" and R > 0:
         R = R + 1
     s, h, u, allowed = (np.zeros((Bsz, H, L), F32) for _ in range(4))
-    u_prev = np.zeros((Bsz, H), F32)
+    u_prev = np.zeros((Bsz, H), F32) if u0 is None or bug == "state_u0_ignored" else u0
     blocked = np.zeros((Bsz, H), np.int64)
+    if count0 is not None and bug != "state_count0_ignored":
+        blocked = count0.astype(np.int64)
     for t in range(L):
         ht = tau * u_prev + x[:, :, t]
         ok = blocked == 0
         st = (ok & _fires(ht, theta, cfg["cond"], bug)).astype(F32)
-        blocked = np.where(st > 0, R, np.maximum(blocked - 1, 0))
+        dec = 0 if bug == "count_end_not_decremented" and t == L - 1 else 1
+        blocked = np.where(st > 0, R, np.maximum(blocked - dec, 0))
         if cfg["reset"] == "hard":
             ut = ht * (F32(1) - st) + st * ur
         elif cfg["reset"] == "soft":
@@ -352,6 +398,8 @@ def neuron_fwd(x, rho, cfg, bug=None):
             ut = ht
         s[:, :, t], h[:, :, t], u[:, :, t], allowed[:, :, t] = st, ht, ut, ok
         u_prev = ut.astype(F32)
+    if end is not None:
+        end.update(u_end=u_prev, count_end=blocked.astype(np.int64))
     return s, h, u, allowed
 
 
@@ -396,13 +444,15 @@ def neuron(case, bug=None):
     x, rho = case.inputs["x"], case.params.get("rho")
     if cfg["reset"] == "refractory" and rho is None:
         raise Reject("refractory reset needs rho")
-    s, h, u, allowed = neuron_fwd(x, rho, cfg, bug)
+    end = {} if "u0" in case.inputs else None  # a stateful case
+    s, h, u, allowed = neuron_fwd(x, rho, cfg, bug, case.inputs.get("u0"),
+                                  case.inputs.get("count0"), end)
     dx, drho = neuron_bwd(s, h, allowed, rho, cfg, case.cot.get("s"), case.cot.get("h"),
                           case.cot.get("u"), bug)
     grads = {"x": dx}
     if rho is not None:
         grads["rho"] = drho
-    return {"s": s, "h": h, "u": u}, grads
+    return {"s": s, "h": h, "u": u, **(end or {})}, grads
 
 
 pmbc = neuron  # same outputs; iterations omitted
@@ -690,6 +740,9 @@ def write_candidate(suite, path, bug=None, target=None, dtype=np.float64):
             for group, tensors in (("outputs", outputs), ("grads", grads)):
                 for name, arr in tensors.items():
                     if f"{group}/{name}" not in gcase:
+                        continue
+                    if np.asarray(arr).dtype.kind in "iu":  # counters: int64, as golden
+                        grp[f"{group}/{name}"] = np.asarray(arr, dtype=np.int64)
                         continue
                     arr = np.asarray(arr, dtype=np.float64)
                     if bug == REL_ERROR and f"{group}/{name}" == target:

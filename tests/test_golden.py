@@ -105,12 +105,13 @@ attr_values = st.one_of(texts.map(lambda s: s[:10]), st.integers(-10**6, 10**6),
 @given(groups=st.fixed_dictionaries({g: trees for g in ("inputs", "outputs")}),
        config=st.dictionaries(names.filter(lambda s: s not in G.RESERVED_ATTRS), attr_values,
                               max_size=4),
-       flags=st.lists(st.sampled_from(sorted(G.FLAGS)), max_size=3),
+       flags=st.lists(st.sampled_from(sorted(set(G.FLAGS) - {"no_grads"})), max_size=3),
        comment=texts, margin=st.floats(0, 10))
 @settings(max_examples=25, deadline=None)
 def test_write_read_round_trip_with_nested_groups(tmp_path_factory, groups, config, flags,
                                                   comment, margin):
     path = tmp_path_factory.mktemp("rt") / "x.h5"
+    flags = flags + ["no_grads"]  # a case without grads/ must say so (read_golden)
     data = G.flatten(groups)
     meta = {p: {"compare": "allclose", "rtol": 1e-15, "atol": 0.5} for p in data
             if p.startswith("outputs/")}
@@ -208,7 +209,10 @@ def test_every_suite_covers_its_options_and_edge_cases():
                 continue
             for p in c.group("outputs"):
                 assert c.meta["outputs/" + p]["compare"] in ("exact", "allclose")
-            assert c.group("grads") and c.group("cotangents")
+            if "no_grads" in c.flags:  # forward-only (stateful S4D, model_stream): explicit
+                assert not c.group("grads") and not c.group("cotangents")
+            else:
+                assert c.group("grads") and c.group("cotangents")
     total = sum((COMMITTED / f"{s}.h5").stat().st_size for s in G.SUITES)
     assert total < 6 * 2**20, f"the committed set should stay a few MB, is {total / 2**20:.1f} MiB"
 
@@ -1051,7 +1055,7 @@ def _bound_golden(tmp_path):
     assert _RTOL == 2.0 ** -48
     gdir = tmp_path / "gold"
     case = G.Case(id="0000", op="fftconv", comment="bound test", result="valid",
-                  data={"outputs/y": _REF.copy()},
+                  flags=["no_grads"], data={"outputs/y": _REF.copy()},
                   meta={"outputs/y": {"compare": "allclose", "atol": _ATOL, "rtol": _RTOL}})
     G.write_file(gdir / "fftconv.h5", "fftconv", [case])
     return gdir

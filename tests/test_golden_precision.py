@@ -103,7 +103,7 @@ UNTESTABLE_AT_FLOAT32 = set()
 def _rel_targets():
     for suite in fb.SUITES:
         for t in fb.tensor_names(suite):
-            if not t.endswith("/iterations"):
+            if not t.endswith(("/iterations", "/count_end")):  # integers: exact, not scaled
                 yield pytest.param(suite, t, id=f"{suite}:{t}")
 
 
@@ -169,7 +169,9 @@ def test_float32_resolution_cases_catch_1e_3_in_every_tensor(cand, suite, target
     want = {cid for cid, (flags, _, mags) in info.items()
             if "float32_resolution" in flags and mags.get(target, 0.0) > 0.0}
     if not want:
-        assert target in ("grads/C_im",) or target.startswith("grads/B_"), target
+        # C_im of S4D-Real is 0; the end state x_re, x_im exists in the stateful cases only
+        assert target in ("grads/C_im", "outputs/x_re", "outputs/x_im") \
+            or target.startswith("grads/B_"), target
         return
     rep = run(cand(suite, fb.REL_ERROR, target), "float32")
     hit = {r["case"] for r in rep["rows"] if r["tensor"] == target and r["status"] == "MISMATCH"}

@@ -258,8 +258,10 @@ def _exact_at(gcase, prof):
         return False
     c = gcase.config
     u = gcase.data.get("outputs/u")
+    u0 = gcase.data.get("inputs/u0")  # stateful cases: h_0 = tau u0 + x_0
     vals = [gcase.data.get("inputs/x"), gcase.data.get("params/rho"), gcase.data.get("outputs/h"),
             u, None if u is None else c.get("tau", 0.0) * u,
+            u0, None if u0 is None else c.get("tau", 0.0) * u0,
             np.array([c.get("tau", 0.0), c.get("theta", 0.0), c.get("u_reset", 0.0)])]
     return all(representable(v, prof) for v in vals if v is not None)
 
@@ -308,7 +310,8 @@ def _flip_rows(suite, gcase, cand_s, prof, compared):
     neuron / pmbc: per row (b, c) the first differing step t0 is an acceptable flip when
     ``|h - theta| <= atol_h + rtol_h |h|`` there (0 in cases computed exactly at this precision,
     ``at_threshold``); then ``s``, ``h``, ``u`` are compared only before t0, ``grads/x`` of the
-    row and ``grads/rho`` of the channel not at all. sdn (stateless): each flip with
+    row, the row's end state (``u_end``, ``count_end``, stateful cases) and ``grads/rho`` of
+    the channel not at all. sdn (stateless): each flip with
     ``|m + x - theta| <= atol_m + rtol_m |m| + eps_p |x|`` is acceptable on its own.
     """
     cid, c = gcase.id, gcase.config
@@ -349,6 +352,7 @@ def _flip_rows(suite, gcase, cand_s, prof, compared):
         for p in ("outputs/s", "outputs/h", "outputs/u"):
             masks[p] = keep
         masks["grads/x"] = np.broadcast_to(row_ok[:, :, None], ref_s.shape)
+        masks["outputs/u_end"] = masks["outputs/count_end"] = row_ok
         masks["grads/rho"] = row_ok.all(axis=0)
         if flips:
             notes.append("rows with an acceptable flip are compared up to the flip only")

@@ -42,7 +42,7 @@ import numpy as np
 from .. import config
 from ..atomic import check_writable
 from .registry import SUITES, get_suite, maxabs, suite_specs
-from .schema import DEFAULT_DIR, Case, flatten, write_file
+from .schema import DEFAULT_DIR, NO_GRADS, Case, flatten, write_file
 
 EPS = float(np.finfo(np.float64).eps)
 SAFETY = 16.0
@@ -76,10 +76,14 @@ def _perturbed(case, rng):
 def run(suite, case, cot=None, rng=None):
     """``(outputs, grads, diag, cotangents)`` of a valid case (flat dicts).
 
-    Without ``cot`` the cotangents are drawn from ``rng`` (or ``suite.cotangents``).
+    Without ``cot`` the cotangents are drawn from ``rng`` (or ``suite.cotangents``). A case
+    flagged ``no_grads`` has neither: ``grads`` and ``cotangents`` are empty, the backward is
+    not run.
     """
     outputs, state, diag = suite.fwd(case)
     outputs = flatten(outputs)
+    if NO_GRADS in case.flags:  # explicitly without cotangents and grads (SCHEMA.md)
+        return outputs, {}, diag, {}
     if cot is None:
         if suite.cotangents is not None:
             cot = suite.cotangents(outputs, rng)

@@ -49,7 +49,14 @@ FLAGS = {
     "bad_shape": "inconsistent shapes: the backend must reject them",
     "bn_folding": "SDN weights folded from a training network with BatchNorm statistics "
                   "(refimpl.sdn.fold)",
+    "stateful": "the op starts from a stored initial state and returns the state it ends in "
+                "(DESIGN.md 10): what a streaming kernel must reproduce",
+    "no_grads": "a valid case without cotangents and grads (forward only: no backward from a "
+                "state, or a streamed inference run); the only valid cases without grads",
 }
+#: The flag of the valid cases that hold no cotangents and grads (:func:`read_golden` refuses
+#: a valid case without grads that lacks it, and one with grads that has it).
+NO_GRADS = "no_grads"
 
 #: Statuses of report rows (SCHEMA.md repeats this table); the ones in FAILURES make
 #: verify/check fail. STALE and DRIFT come from ``check`` only.
@@ -258,12 +265,21 @@ def read_file(path, schemas=(SCHEMA, CANDIDATE_SCHEMA)):
 
 
 def read_golden(path):
-    """Read a golden file (schema ``refimpl-golden``), checking that every case is well formed."""
+    """Read a golden file (schema ``refimpl-golden``), checking that every case is well formed:
+    a known ``result``, a ``compare`` attribute on every output and grad, and grads in every
+    valid or acceptable case unless it is flagged ``no_grads`` (and none if it is)."""
     gf = read_file(path, (SCHEMA,))
     for cid, c in gf.cases.items():
         if c.result not in RESULTS:
             raise FileFormatError(f"{path}: case {cid} has result {c.result!r}, expected one "
                                   f"of {RESULTS}")
+        if c.result != "invalid":
+            has = any(p.startswith("grads/") for p in c.data)
+            if has == (NO_GRADS in c.flags):
+                raise FileFormatError(
+                    f"{path}: case {cid} " + ("has grads/ datasets but the flag 'no_grads'"
+                                              if has else "has no grads/ datasets and no flag "
+                                              "'no_grads' (forward-only cases must say so)"))
         for p, m in c.meta.items():
             if p.startswith(("outputs/", "grads/")) and m.get("compare") not in ("exact",
                                                                                  "allclose"):

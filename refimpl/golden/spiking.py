@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 
-from ..neurons import NeuronConfig, neuron_bwd, neuron_fwd
+from ..neurons import NeuronConfig, NeuronState, neuron_bwd, neuron_fwd
 from ..pmbc import pmbc_bwd, pmbc_fwd, rounding_bound
 from ..sdn import fold, fused_bwd, fused_fwd, init_train_params, sdn_forward
 from ..sdn.weights import C
@@ -39,7 +39,7 @@ def _neuron_specs(rngs, size, pmbc=False):
     out = []
 
     def add(comment, flags=(), B=2, H=3, L=32, shift=0.5, scale=1.0, x=None, rho=None,
-            result="valid", exact=False, **cfg):
+            result="valid", exact=False, state=None, **cfg):
         rng = rngs()
         config = _neuron_config(**cfg)
         if x is None:
@@ -49,7 +49,12 @@ def _neuron_specs(rngs, size, pmbc=False):
         params = {}
         if config["reset"] == "refractory":
             params["rho"] = rng.uniform(0.0, 1.5, size=x.shape[1]) if rho is None else rho
-        out.append(Spec(comment, list(flags), config, {"x": x}, params, result, exact))
+        inputs = {"x": x}
+        if state is not None:  # stateful cases (appended): state(rng, config, x) -> (u0, count0)
+            u0, count0 = state(rng, config, x)
+            inputs.update(u0=np.asarray(u0, dtype=np.float64),
+                          count0=np.asarray(count0, dtype=np.int64))
+        out.append(Spec(comment, list(flags), config, inputs, params, result, exact))
 
     sur = ["triangle", "atan", "sigmoid", "fast_sigmoid", "rectangle"]
     taus = [0.125, 0.5, 0.9, 0.25]
@@ -127,7 +132,103 @@ def _neuron_specs(rngs, size, pmbc=False):
         rho=np.array([0.5, -0.1, 0.2]), reset="refractory")
     add("theta = 0 with a hard reset: must be rejected (theta > 0 required)", ["invalid_config"],
         result="invalid", reset="hard", theta=0.0)
+    _stateful_specs(add, resets)
     return out
+
+
+def _random_state(umax=1.5, counts=False):
+    """``state(rng, config, x)``: ``u0`` uniform in ``[-umax/2, umax] theta`` (some rows above
+    threshold), ``count0`` uniform in ``[0, refractory_steps]`` (zeros unless ``counts``)."""
+    def state(rng, config, x):
+        B, H = x.shape[:2]
+        th = config["theta"] if config["theta"] else 1.0
+        u0 = th * rng.uniform(-0.5 * umax, umax, size=(B, H))
+        R = config["refractory_steps"]
+        c0 = rng.integers(0, R + 1, size=(B, H)) if counts and R else np.zeros((B, H), int)
+        if counts and R:  # every count value 0 .. R occurs
+            c0.reshape(-1)[:R + 1] = np.arange(R + 1)
+        return u0, c0
+    return state
+
+
+def _stateful_specs(add, resets):
+    """Stateful cases (DESIGN.md 10; appended to schema v1, the cases above are unchanged):
+    ``inputs/u0`` (B, H) float64 and ``inputs/count0`` (B, H) int64 -> extra outputs
+    ``u_end``, ``count_end``; grads as for the others, given the state's counter."""
+    sur = ["atan", "triangle", "sigmoid", "fast_sigmoid"]
+    for j, reset in enumerate(resets):
+        gm = ("bptt", "detach_reset", "sltt")[j % 3]
+        extra = {"u_reset": 0.25} if reset == "hard" else {}
+        add(f"stateful: reset {reset}, grad_mode {gm}, initial membrane u0 != 0 (some rows start "
+            "above threshold), count0 = 0", ["stateful"], L=24, shift=0.4, reset=reset,
+            grad_mode=gm, surrogate=sur[j], tau=[0.5, 0.25, 0.9, 0.125][j],
+            spike_condition=["ge", "gt"][j % 2], state=_random_state(), **extra)
+    for j, reset in enumerate(resets):
+        R = j + 2
+        extra = {"u_reset": -0.25} if reset == "hard" else {}
+        add(f"stateful: absolute refractory period R = {R}, reset {reset}, initial counts "
+            f"0 .. {R} (rows with count0 > 0 cannot fire at steps 0 .. count0-1 even above "
+            "threshold)", ["stateful"], L=24, shift=1.0, reset=reset, refractory_steps=R,
+            grad_mode="bptt", surrogate=sur[j], tau=0.5, spike_condition="ge",
+            state=_random_state(umax=3.0, counts=True), **extra)
+
+    def at_theta(rng, config, x):
+        # h_0 = tau u0 + x_0 = 0.5 * 1.5 + 0.25 = 1 = theta exactly (dyadic: exact everywhere)
+        B, H = x.shape[:2]
+        return np.full((B, H), 1.5), np.zeros((B, H), int)
+
+    def x_at_theta(rng, B=2, H=2, L=16):
+        x = dyadic(rng, (B, H, L))
+        x[:, :, 0] = 0.25
+        return x
+
+    for cond in ("ge", "gt"):
+        add(f"stateful: the initial state puts h_0 = tau u0 + x_0 exactly at theta = 1 "
+            f"(tau = 0.5, u0 = 1.5, x_0 = 0.25; dyadic, exact in any float64 arithmetic): "
+            f"{cond} decides", ["stateful", "at_threshold"], x=x_at_theta, exact=True,
+            reset="soft", spike_condition=cond, tau=0.5, surrogate="atan", state=at_theta)
+
+    def near(rng, config, x):
+        # h_0 within a few ulps of theta from the state alone (x_0 = 0 in every row)
+        B, H = x.shape[:2]
+        return np.full((B, H), 1.0 / 0.9 + 2e-16), np.zeros((B, H), int)
+
+    add("stateful: u0 = 1/0.9 (+ an ulp), x_0 = 0, tau = 0.9: h_0 = tau u0 within rounding of "
+        "theta = 1", ["stateful", "near_threshold"],
+        x=lambda rng: np.concatenate([np.zeros((1, 2, 1)), rng.normal(0.3, 1.0, (1, 2, 7))], -1),
+        result="acceptable", reset="soft", tau=0.9, surrogate="triangle", state=near)
+
+    def hard_state(rng, config, x):
+        B, H = x.shape[:2]
+        u0 = np.where(rng.random((B, H)) < 0.5, config["u_reset"], rng.uniform(-1.0, 1.5, (B, H)))
+        return u0, rng.integers(0, config["refractory_steps"] + 1, size=(B, H))
+
+    add("stateful: hard reset to u_reset = 0.5 != 0, rows starting at u_reset (just reset) and "
+        "elsewhere, R = 1 with counts 0 / 1", ["stateful"], L=24, shift=0.7, scale=1.2,
+        reset="hard", u_reset=0.5, refractory_steps=1, tau=0.5, surrogate="sigmoid",
+        state=hard_state)
+    add("stateful: L = 1, one step from a state (the step a chip runs)",
+        ["stateful", "short_sequence"], L=1, shift=0.6, reset="refractory", refractory_steps=2,
+        tau=0.5, state=_random_state(umax=3.0, counts=True))
+
+    def too_many(rng, config, x):
+        B, H = x.shape[:2]
+        c0 = np.zeros((B, H), int)
+        c0[0, 1] = config["refractory_steps"] + 1
+        return np.zeros((B, H)), c0
+
+    add("stateful: count0 = refractory_steps + 1 is out of range: must be rejected",
+        ["stateful", "invalid_config"], result="invalid", reset="soft", refractory_steps=2,
+        state=too_many)
+
+    def nan_u0(rng, config, x):
+        B, H = x.shape[:2]
+        u0 = np.zeros((B, H))
+        u0[1, 0] = np.nan
+        return u0, np.zeros((B, H), int)
+
+    add("stateful: NaN in the initial membrane u0: must be rejected", ["stateful", "nan_input"],
+        result="invalid", reset="hard", state=nan_u0)
 
 
 def _neuron_cfg(case):
@@ -138,18 +239,38 @@ def _rho(case):
     return case.data.get("params/rho")
 
 
+def _state(case):
+    """The initial :class:`~refimpl.neurons.NeuronState` of a stateful case (None otherwise)."""
+    if "inputs/u0" not in case.data:
+        return None
+    return NeuronState(case.data["inputs/u0"], case.data["inputs/count0"])
+
+
+def _neuron_outputs(s, h, u, end):
+    out = {"s": s, "h": h, "u": u}
+    if end is not None:
+        out.update(u_end=end.u, count_end=end.count)
+    return out
+
+
 def _neuron_fwd(case):
     cfg = _neuron_cfg(case)
-    s, h, u = neuron_fwd(case.data["inputs/x"], cfg, rho=_rho(case))
-    return {"s": s, "h": h, "u": u}, (s, h, u, cfg), {"spikes": {"s": s},
-                                                     "membranes": {"h": (h, cfg.theta)}}
+    state, end = _state(case), None
+    if state is None:
+        s, h, u = neuron_fwd(case.data["inputs/x"], cfg, rho=_rho(case))
+    else:
+        s, h, u, end = neuron_fwd(case.data["inputs/x"], cfg, rho=_rho(case), state=state,
+                                  return_state=True)
+    return _neuron_outputs(s, h, u, end), (s, h, u, cfg), {
+        "spikes": {"s": s}, "membranes": {"h": (h, cfg.theta)}}
 
 
 def _spiking_bwd(bwd, case, state, cot):
-    """VJP of the neuron / pmbc suites through ``bwd`` (neuron_bwd or pmbc_bwd)."""
+    """VJP of the neuron / pmbc suites through ``bwd`` (neuron_bwd or pmbc_bwd); a stateful
+    case passes its initial state (its counter masks the first steps)."""
     s, h, u, cfg = state
     dx, drho = bwd(case.data["inputs/x"], s, h, cfg, cot["s"], dh=cot["h"], du=cot["u"],
-                   rho=_rho(case))
+                   rho=_rho(case), state=_state(case))
     return {"x": dx} if drho is None else {"x": dx, "rho": drho}
 
 
@@ -159,9 +280,15 @@ def _neuron_bwd(case, state, cot):
 
 def _pmbc_fwd(case):
     cfg = _neuron_cfg(case)
-    s, h, u, it = pmbc_fwd(case.data["inputs/x"], cfg, rho=_rho(case), parallel=False)
-    return ({"s": s, "h": h, "u": u, "iterations": it}, (s, h, u, cfg),
-            {"spikes": {"s": s}, "membranes": {"h": (h, cfg.theta)}})
+    state, end = _state(case), None
+    if state is None:
+        s, h, u, it = pmbc_fwd(case.data["inputs/x"], cfg, rho=_rho(case), parallel=False)
+    else:
+        s, h, u, it, end = pmbc_fwd(case.data["inputs/x"], cfg, rho=_rho(case), parallel=False,
+                                    state=state, return_state=True)
+    out = _neuron_outputs(s, h, u, end)
+    out["iterations"] = it
+    return out, (s, h, u, cfg), {"spikes": {"s": s}, "membranes": {"h": (h, cfg.theta)}}
 
 
 def _pmbc_bwd(case, state, cot):
@@ -174,8 +301,12 @@ def _neuron_depth(case):
 
 
 def _neuron_floors(case):
-    b = rounding_bound(case.data["inputs/x"], _neuron_cfg(case), _rho(case))
-    return {"outputs/h": b, "outputs/u": b, "membrane/h": b}
+    state = _state(case)
+    if state is None:
+        b = rounding_bound(case.data["inputs/x"], _neuron_cfg(case), _rho(case))
+        return {"outputs/h": b, "outputs/u": b, "membrane/h": b}
+    b = rounding_bound(case.data["inputs/x"], _neuron_cfg(case), _rho(case), state=state)
+    return {"outputs/h": b, "outputs/u": b, "outputs/u_end": b, "membrane/h": b}
 
 
 #: What the neuron and PMBC suites share: outputs, exact spikes and the tolerance model.

@@ -10,7 +10,8 @@ import numpy as np
 
 from ..conv import fft_length, fftconv, fftconv_bwd
 from ..s4d import s4d_layer_bwd, s4d_layer_fwd
-from ..ssm import DISCRETIZATIONS, KERNEL_PARAMS, s4d_init, s4d_kernel, s4d_kernel_bwd
+from ..ssm import (DISCRETIZATIONS, KERNEL_PARAMS, discretize_params, s4d_init, s4d_kernel,
+                   s4d_kernel_bwd)
 from .registry import Spec, maxabs, register
 
 
@@ -315,12 +316,15 @@ def _layer_specs(rngs, size):
     out = []
 
     def add(comment, flags=(), disc="zoh", init="lin", B=2, H=2, N=8, L=32, dt=None, bi=False,
-            tb=False, result="valid", edit=None):
+            tb=False, result="valid", edit=None, state=None):
         rng = rngs()
         p = _ssm_params(rng, H, N, init, dt, bi, tb, D=True)
         u = rng.normal(size=(B, H, L))
         cfg = _ssm_config(disc, init, L, H, N, tb, bi)
         inputs = {"u": u}
+        if state is not None:  # stateful cases (appended): x0 = scale * N(0, 1) complex modes
+            inputs["x0_re"] = state * rng.normal(size=(B, H, N // 2))
+            inputs["x0_im"] = state * rng.normal(size=(B, H, N // 2))
         if edit:
             edit(inputs, p)
         out.append(Spec(comment, list(flags), cfg, inputs, p, result))
@@ -352,12 +356,66 @@ def _layer_specs(rngs, size):
     for comment, disc, init, dt, bi, tb in F32_REGIMES:
         add(f"{F32_NOTE}; {comment}", ["float32_resolution"], disc, init, B=1, H=4, N=4, L=8,
             dt=dt, bi=bi, tb=tb, edit=f32)
+    _layer_stateful_specs(add)
     return out
 
 
+#: Flags of the stateful S4D layer cases: no cotangents or grads (``no_grads``): refimpl has no
+#: backward from a nonzero state (``s4d_layer_bwd`` raises NotImplementedError), and a
+#: streaming kernel is an inference kernel.
+LAYER_STATE_FLAGS = ["stateful", "no_grads"]
+
+
+def _layer_stateful_specs(add):
+    """Stateful cases (DESIGN.md 10; appended to schema v1, the cases above are unchanged):
+    ``inputs/x0_re, x0_im (B, H, N2)`` -> ``outputs/y`` and the end state ``outputs/x_re,
+    x_im``. Causal only; ``T = L = 1`` is one step of the recurrence (the form a chip runs)."""
+    f = LAYER_STATE_FLAGS
+    add("stateful: one step (L = 1) from a state, zoh, S4D-Lin: y_0 = 2 Re sum C dA x0 + "
+        "(C dB + D) u_0, x = dA x0 + dB u_0", f + ["short_sequence"], L=1, state=1.0)
+    add("stateful: one step (L = 1), bilinear, S4D-Inv, trainable B", f + ["short_sequence"],
+        disc="bilinear", init="inv", tb=True, L=1, state=1.0)
+    add("stateful: one step (L = 1), zoh, S4D-Real, B = 3", f + ["short_sequence"], init="real",
+        B=3, L=1, state=0.5)
+    add("stateful: L = 8 chunk from a state, zoh, S4D-Lin", f, L=8, state=1.0)
+    add("stateful: L = 32 chunk, bilinear, S4D-Real, trainable B", f, disc="bilinear",
+        init="real", tb=True, L=32, state=2.0)
+    add("stateful: L = 32 chunk, zoh, S4D-Inv, N = 4", f, init="inv", N=4, L=32, state=1.0)
+    add("stateful: long chunk L = 512, dt = 1e-3 (slow modes near dA = 1: the state decays "
+        "little; a recurrence accumulates L rounded steps)", f + ["long_sequence"], B=1, H=1,
+        N=4, L=512, dt=1e-3, state=1.0)
+
+    def zero_u(i, p):
+        i["u"][:] = 0.0
+
+    add("stateful: all-zero input: y is the free response of the state, x = dA^L x0",
+        f + ["all_zero"], L=16, state=1.0, edit=zero_u)
+    add("stateful: a bidirectional layer has no streaming state: must be rejected",
+        f + ["invalid_config"], bi=True, L=8, state=1.0, result="invalid")
+
+    def nan_state(i, p):
+        i["x0_im"][0, 1, 0] = np.nan
+
+    add("stateful: NaN in the initial state x0_im: must be rejected", f + ["nan_input"], L=8,
+        state=1.0, result="invalid", edit=nan_state)
+
+
+def _layer_state(case):
+    """The initial modes ``x0`` complex128 (B, H, N2) of a stateful case (None otherwise)."""
+    if "inputs/x0_re" not in case.data:
+        return None
+    return case.data["inputs/x0_re"] + 1j * case.data["inputs/x0_im"]  # (B, H, N2)
+
+
 def _layer_fwd(case):
-    y, cache = s4d_layer_fwd(case.data["inputs/u"], case.group("params"), disc=case.config["disc"])
-    return {"y": y}, cache, {}
+    x0 = _layer_state(case)
+    if x0 is None:
+        y, cache = s4d_layer_fwd(case.data["inputs/u"], case.group("params"),
+                                 disc=case.config["disc"])
+        return {"y": y}, cache, {}
+    y, cache, x_end = s4d_layer_fwd(case.data["inputs/u"], case.group("params"),
+                                    disc=case.config["disc"], state=x0, return_state=True)
+    return {"y": y, "x_re": x_end.real.copy(), "x_im": x_end.imag.copy()}, cache, {}
 
 
 def _layer_bwd(case, cache, cot):
@@ -369,10 +427,43 @@ def _layer_depth(case):
     Bsz, H, L = case.data["inputs/u"].shape
     N2 = case.data["params/log_A_real"].shape[1]
     f = fft_depth(L)
+    if _layer_state(case) is not None:
+        # y: the convolution plus the state term's N2-term Vandermonde sum; the end state: an
+        # L-term sum of u against the powers (or L dependent recurrence steps) plus dA^L x0
+        return {"*": L + 2 * N2 + f, "outputs/x_re": L + 1, "outputs/x_im": L + 1}
     return {"*": L + N2 + f, "grads/*": Bsz * L + L + N2 + f}
 
 
+def _layer_state_scales(case, outputs):
+    """Scales of a stateful case: every term with moduli. ``y``: ``|K| * |u| + |D| |u|`` (the
+    kernel's own magnitude as for the stateless cases) ``+ 2 sum_n |C| |dA|^(t+1) |x0|``; the
+    end state: ``sum_s |dA|^(T-1-s) |dB| |u_s| + |dA|^T |x0|``."""
+    p = case.group("params")
+    disc, L = case.config["disc"], case.config["L"]
+    B = {k: p[k] for k in ("B_re", "B_im") if k in p}
+    u = np.abs(case.data["inputs/u"])  # (B, H, L)
+    Kmag = _kernel_abs_scales(p, disc, L, None, "extreme_dt" in case.flags)["outputs/K"]
+    K = s4d_kernel(*[p[k] for k in KERNEL_PARAMS], L, disc=disc, **B)  # (H, L)
+    ratio = max(1.0, Kmag / max(maxabs(K), 1e-300))
+    conv = fftconv(u, np.abs(K), np.abs(p["D"])) * ratio  # (B, H, L)
+    dA, dB = discretize_params(p["log_dt"], p["log_A_real"], p["A_imag"], B.get("B_re"),
+                               B.get("B_im"), disc)
+    z = np.abs(dA)  # (H, N2)
+    x0 = np.abs(_layer_state(case))  # (B, H, N2)
+    C = np.abs(p["C_re"] + 1j * p["C_im"])  # (H, N2)
+    t = np.arange(L)
+    zt = z[:, :, None] ** (t + 1)  # (H, N2, L)
+    state_term = 2.0 * np.einsum("hn,hnl,bhn->bhl", C, zt, x0)  # (B, H, L)
+    powers = z[:, :, None] ** (L - 1 - t)  # (H, N2, L)
+    x_mag = np.abs(dB)[None] * np.einsum("bhl,hnl->bhn", u, powers) + z[None] ** L * x0
+    xs = max(maxabs(x_mag), maxabs(outputs["x_re"]), maxabs(outputs["x_im"]))
+    return {"outputs/y": max(maxabs(conv + state_term), maxabs(outputs["y"])),
+            "outputs/x_re": xs, "outputs/x_im": xs}
+
+
 def _layer_scales(case, outputs, grads, cot):
+    if _layer_state(case) is not None:
+        return _layer_state_scales(case, outputs)
     p = case.group("params")
     B = {k: p[k] for k in ("B_re", "B_im") if k in p}
     K = s4d_kernel(*[p[k] for k in KERNEL_PARAMS], case.config["L"], disc=case.config["disc"], **B)
