@@ -452,6 +452,24 @@ def test_pmbc_state_formulas(reset):
     np.testing.assert_allclose(h, want, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("reset", ["hard", "soft", "none"])
+def test_rounding_bound_covers_a_large_initial_membrane(reset):
+    """From ``u_{-1} = -1e6`` the membrane is dominated by ``tau^(t+1) u_{-1}``, which PMBC forms
+    as a product of chunk factors: its rounding scales with ``|u_{-1}|``, so the bound must
+    count ``|state.u|`` (measured: error 2.3e-10, bound without the state's term 3.0e-12, with
+    it 5.7e-7). No spike occurs
+    (tau^100 1e6 is far below -theta), so the membranes are comparable everywhere."""
+    cfg = NeuronConfig(reset=reset, tau=0.9)
+    x = np.random.default_rng(5).normal(size=(2, 3, 100))  # (B, H, L)
+    state = NeuronState(np.full((2, 3), -1e6), np.zeros((2, 3), np.int64))
+    s0, h0, _ = neuron_fwd(x, cfg, state=state)
+    s, h, _, _ = pmbc_fwd(x, cfg, state=state)
+    assert not s0.any() and not s.any()
+    err = float(np.max(np.abs(h - h0)))
+    assert err <= rounding_bound(x, cfg, state=state)
+    assert rounding_bound(x, cfg, state=state) <= stated_tol(x, cfg, None, state)
+
+
 @given(case=stream_cases())
 def test_spike_map_from_a_state_fixes_the_true_train(case):
     """``F(S) = S`` for the iterative neuron's train from the state (where no membrane is
