@@ -46,13 +46,16 @@ BUGS = {
     "count_end_not_decremented": ("neuron", "outputs/count_end"),
     "ssm_state_ignored": ("s4d_layer", "outputs/y"),
     "ssm_end_state_power_off_by_one": ("s4d_layer", "outputs/x_re"),
+    "stream_state_reset_per_chunk": ("model_stream", "outputs/logits"),
+    "stream_ssm_end_state_off_by_one": ("model_stream", "outputs/state/layers.0.ssm.x_re"),
 }
 REL_ERROR = "rel_error_1e-3"
 #: correct alternatives (not bugs), passed like a bug: ``naive_expm1`` computes the ZOH
 #: ``exp(dt A) - 1`` by subtraction and differentiates ``(exp(w) - 1) / w`` in closed form
 #: everywhere (what autograd of DESIGN.md's formula as written does)
 VARIANTS = ("naive_expm1",)
-SUITES = ("s4d_kernel", "fftconv", "s4d_layer", "neuron", "pmbc", "glu", "sdn", "block")
+SUITES = ("s4d_kernel", "fftconv", "s4d_layer", "neuron", "pmbc", "glu", "sdn", "block",
+          "model_stream")
 
 
 class Reject(Exception):
@@ -681,8 +684,124 @@ def block(case, bug=None):
     return {"y": out}, grads
 
 
+# ============================================================================================
+# model_stream: the model in eval mode, chunk by chunk from the state of the previous chunk
+# ============================================================================================
+
+def _s4d_chunk(ssm, D, z, x0, disc, bug=None):
+    """One chunk of the S4D layer from the modes ``x0``: ``y`` (B, H, T) float32 and the end
+    modes (B, H, N2) complex64."""
+    T = z.shape[-1]
+    K, _ = kernel_fwd_bwd(ssm, T, disc)
+    y, _ = conv_fwd_bwd(z, K, D)
+    off = "ssm_end_state_power_off_by_one" if bug == "stream_ssm_end_state_off_by_one" else None
+    ys, xs = s4d_state_terms(ssm, x0, T, disc, off)
+    return (y + ys).astype(F32), (s4d_end_state(ssm, z, disc) + xs).astype(C64)
+
+
+def _eval_norm(x, p, pre, kind):
+    gamma, beta = p[pre + "norm.gamma"], p[pre + "norm.beta"]
+    if kind == "layer":
+        return norm_fwd(x, gamma, beta, "layer")[0]
+    rm, rv = p[pre + "norm.running_mean"], p[pre + "norm.running_var"]
+    rstd = F32(1) / np.sqrt(rv + EPS_NORM)
+    return (((x - rm[:, None]) * rstd[:, None]) * gamma[:, None] + beta[:, None]).astype(F32)
+
+
+def _stream_layer(a, p, i, h, st, bug):
+    """One block on one chunk ``h`` (B, H, T) from the layer state ``st`` (updated in place);
+    returns the block output and its spikes (``("s" | "Tx", array)`` or None)."""
+    pre = f"layers.{i}."
+    z = _eval_norm(h, p, pre, a["norm"]) if a["prenorm"] else h
+    ssm = {k[len(pre) + 4:]: v for k, v in p.items() if k.startswith(pre + "ssm.")}
+    D = ssm.pop("D")
+    y, st["x"] = _s4d_chunk(ssm, D, z, st["x"], a["disc"], bug)
+    v = (y / np.exp(p[pre + "ln_vth"])[:, None]).astype(F32) if a["threshold_scaling"] else y
+    act, spikes = a["activation"], None
+    if act == "gelu":
+        s, _ = gelu_fwd_bwd(v)
+    elif act == "sdn":
+        cfg = neuron_config(a, "neuron_")
+        ext = np.concatenate([st["window"], v], axis=-1)  # (B, H, 8 + T): the window first
+        m, _ = sdn_fwd_bwd(ext, p, "sdn.")
+        m = m[..., st["window"].shape[-1]:]
+        st["window"] = ext[..., -st["window"].shape[-1]:]
+        s = _fires(m + v, cfg["theta"], cfg["cond"], bug).astype(F32)
+        spikes = ("s", s)
+    elif act != "binary_gsu":
+        cfg = neuron_config(a, "neuron_")
+        end = {}
+        s, _, _, _ = neuron_fwd(v, p.get(pre + "rho"), cfg, bug, st["u"], st["count"], end)
+        st["u"], st["count"] = end["u_end"], end["count_end"]
+        spikes = ("s", s)
+    if a["mixing"] == "glu":
+        mix, _ = glu_fwd_bwd(s, p[pre + "mix.W"], p[pre + "mix.b"])
+    else:
+        mix, _ = gsu_fwd_bwd(v, p[pre + "mix.W"], p[pre + "mix.b"], p[pre + "mix.c"],
+                             np.zeros_like(v))
+        spikes = ("Tx", _ternary(v, axis=1))
+    out = (h + mix).astype(F32)
+    if not a["prenorm"]:
+        out = _eval_norm(out, p, pre, a["norm"])
+    return out, spikes
+
+
+def model_stream(case, bug=None):
+    """The model run chunk by chunk (``chunks``), each chunk from the previous one's state;
+    outputs: logits after every step, every layer's spikes, the end state."""
+    a, p, x = case.attrs, case.params, case.inputs["x"]
+    _finite(**p)
+    if a["bidirectional"]:
+        raise Reject("a bidirectional model has no streaming form")
+    chunks = [int(c) for c in np.atleast_1d(a["chunks"])]
+    Bsz, L = x.shape[0], x.shape[1]
+    if sum(chunks) != L or min(chunks) < 1:
+        raise Reject(f"chunks {chunks} do not sum to L = {L}")
+    if a["vocab"]:
+        h = p["embedding.E"][x].transpose(0, 2, 1).astype(F32)  # (B, H, L)
+    else:
+        _finite(x=x)
+        h = (np.einsum("bli,hi->bhl", x, p["encoder.W"]) + p["encoder.b"][:, None]).astype(F32)
+    H, N2, nl = int(a["d_model"]), int(a["d_state"]) // 2, int(a["n_layers"])
+
+    def zero_state():
+        return [{"x": np.zeros((Bsz, H, N2), C64), "u": np.zeros((Bsz, H), F32),
+                 "count": np.zeros((Bsz, H), np.int64), "window": np.zeros((Bsz, H, 8), F32)}
+                for _ in range(nl)], np.zeros((Bsz, H), F32)
+
+    states, pool = zero_state()
+    logits, spikes, t = [], [[] for _ in range(nl)], 0
+    for n in chunks:
+        if bug == "stream_state_reset_per_chunk" and t > 0:
+            states, pool = zero_state()
+            steps0 = 0
+        else:
+            steps0 = t
+        hc = h[:, :, t:t + n]
+        for i in range(nl):
+            hc, sp = _stream_layer(a, p, i, hc, states[i], bug)
+            if sp is not None:
+                spikes[i].append(sp)
+        csum = pool[:, :, None] + np.cumsum(hc, axis=2)  # (B, H, n)
+        pooled = csum / (steps0 + np.arange(1, n + 1, dtype=F32))  # (B, H, n)
+        logits.append(np.einsum("bht,ch->btc", pooled, p["decoder.W"]) + p["decoder.b"])
+        pool = csum[:, :, -1]
+        t += n
+    out = {"logits": np.concatenate(logits, axis=1).astype(F32)}
+    for i in range(nl):
+        if spikes[i]:
+            name = spikes[i][0][0]
+            out[f"layers.{i}.{name}"] = np.concatenate([s for _, s in spikes[i]], axis=-1)
+        pre = f"state/layers.{i}."
+        out[pre + "ssm.x_re"], out[pre + "ssm.x_im"] = states[i]["x"].real, states[i]["x"].imag
+        out[pre + "neuron.u"], out[pre + "neuron.count"] = states[i]["u"], states[i]["count"]
+        out[pre + "sdn.window"] = states[i]["window"]
+    out["state/pool.sum"] = pool
+    return out, {}  # only the datasets the golden case holds are written
+
+
 OPS = {"s4d_kernel": s4d_kernel, "fftconv": fftconv, "s4d_layer": s4d_layer, "neuron": neuron,
-       "pmbc": pmbc, "glu": glu, "sdn": sdn, "block": block}
+       "pmbc": pmbc, "glu": glu, "sdn": sdn, "block": block, "model_stream": model_stream}
 
 
 # ============================================================================================
@@ -757,8 +876,9 @@ def tensor_names(suite):
     with h5py.File(golden_path(suite), "r") as gold:
         for gcase in gold["cases"].values():
             for group in ("outputs", "grads"):
-                if group in gcase:
-                    names.update(f"{group}/{n}" for n in gcase[group])
+                if group in gcase:  # nested paths too (model_stream's outputs/state/...)
+                    gcase[group].visititems(lambda n, obj, g=group: names.add(f"{g}/{n}") if
+                                            isinstance(obj, h5py.Dataset) else None)
     return sorted(names)
 
 

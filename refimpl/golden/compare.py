@@ -208,7 +208,7 @@ def _mark_acceptable(rows, gcase):
 #: Suites whose spikes ``s`` come from the stored membrane ``h`` of the same row (stateful).
 _NEURON_SUITES = ("neuron", "pmbc")
 #: Suites whose spikes are internal; judged by the case ``margin`` (:func:`membrane_bound`).
-_INTERNAL_SPIKES = ("block", "model_step")
+_INTERNAL_SPIKES = ("block", "model_step", "model_stream")
 #: Flipped-spike indices listed in a row's detail.
 _LIST_FLIPS = 8
 
@@ -557,7 +557,8 @@ class _Differences:
         if old is _ABSENT or new is _ABSENT:
             note = "missing from the file" if old is _ABSENT else "no longer written"
             self.stale.append((math.inf, item, "", None, None, None, note))
-        elif type(old) is not type(new) or old != new:
+        elif type(old) is not type(new) or (
+                not np.array_equal(old, new) if isinstance(old, np.ndarray) else old != new):
             self.stale.append((math.inf, item, "", None, None, None,
                                f"is {_show(old)} in the file, {_show(new)} now"))
 

@@ -1,5 +1,5 @@
-"""Golden suites of one block (``block``) and one training step of the whole model
-(``model_step``), DESIGN.md 8.
+"""Golden suites of one block (``block``), one training step of the whole model
+(``model_step``), DESIGN.md 8, and a small model run in chunks (``model_stream``), DESIGN.md 10.
 
 The cases are ``refimpl.model`` configurations; every ``ModelConfig`` field is a case attribute
 (:func:`_model_attrs`, read back by :func:`_model_config`), with the activation family's neuron
@@ -7,6 +7,8 @@ spelled out. Parameters are moved off their initial constants (:func:`_randomise
 gradient is generic. ``model_step`` records the loss, the logits, the gradient and the
 parameters after one AdamW step.
 """
+import math
+
 import numpy as np
 
 from .. import layers as Ly
@@ -293,4 +295,156 @@ register(
     cotangents=_model_cotangents,
     depth=_model_depth,
     meta=_model_meta,
+)
+
+
+# ---- model_stream: a small model run in chunks (DESIGN.md 10) ---------------------------------
+
+#: Layers of a model_stream case (every case has 2), and the spike outputs they may record.
+_STREAM_LAYERS = 2
+_STREAM_SPIKES = tuple(f"layers.{i}.{k}" for i in range(_STREAM_LAYERS) for k in ("s", "Tx"))
+#: GSU ternarisation: Ter(v) keeps |v| >= GSU_T max_h |v| per token (DESIGN.md 7).
+GSU_T = 0.15
+
+
+def _stream_specs(rngs, size):
+    """The cases (the same for both sizes: the suite is about state, not length)."""
+    del size
+    out = []
+
+    def add(comment, chunks, flags=(), B=2, L=32, result="valid", edit=None, stats=False, **kw):
+        rng = rngs()
+        kw = {"n_classes": 3, "d_input": 2, "d_model": 4, "d_state": 4,
+              "n_layers": _STREAM_LAYERS, **kw}
+        cfg = ModelConfig(**kw)
+        sdn_w = sdn_weights(rng) if cfg.activation == "sdn" else None
+        p, buf = init_model(cfg, seed=rng, sdn_weights=sdn_w)
+        p = _randomise(rng, p, cfg)
+        meta = {}
+        for k, v in buf.items():  # buffers are stored as non-trainable params (as model_step)
+            if k.startswith("sdn."):
+                p[k] = v
+            elif stats and k.endswith("running_mean"):  # non-trivial eval BatchNorm statistics
+                p[k] = rng.normal(0.0, 0.5, size=v.shape)
+            elif stats and k.endswith("running_var"):
+                p[k] = rng.uniform(0.3, 3.0, size=v.shape)
+            else:
+                p[k] = v
+            meta["params/" + k] = {"trainable": False}
+        if cfg.vocab:
+            x = rng.integers(0, cfg.vocab, size=(B, L)).astype(np.int64)
+        else:
+            x = rng.normal(size=(B, L, cfg.d_input))
+        inputs = {"x": x}
+        if edit:
+            edit(inputs, p)
+        attrs = _model_attrs(cfg)
+        attrs.update(training=False, chunks=np.asarray(chunks, dtype=np.int64))
+        out.append(Spec(comment, ["stateful", "no_grads", *flags], attrs, inputs, p, result,
+                        meta=meta))
+
+    add("LIF (SpikingSSM), LayerNorm after the residual, chunks 5 + 1 + 10 + 16", [5, 1, 10, 16],
+        ["default"], activation="lif", d_model=8, d_state=8)
+    add("GELU (non-spiking S4D), prenorm LayerNorm, chunks 7 + 9 + 16", [7, 9, 16],
+        activation="gelu", prenorm=True)
+    add("Binary S4D (Heaviside), bilinear, S4D-Inv, chunks 16 + 16", [16, 16],
+        activation="binary", disc="bilinear", init="inv")
+    add("Binary S4D + GSU (the GSU ternarises each token: stateless), chunks 3 + 29", [3, 29],
+        activation="binary_gsu")
+    add("Binary S4D + GSU, short (B = 1, L = 8, chunks 3 + 5): few tokens, so the margin to "
+        "the ternarisation threshold exceeds the float32 bound and the spikes are compared at "
+        "float32 too", [3, 5], activation="binary_gsu", B=1, L=8)
+    add("refractory neurons (SPikE-SSM, PMBC), eval BatchNorm with non-trivial running "
+        "statistics, prenorm, chunks 10 + 10 + 12", [10, 10, 12], activation="refractory",
+        norm="batch", prenorm=True, stats=True)
+    add("SDN neurons (window of 8 past inputs carried across chunks), eval BatchNorm after the "
+        "residual with non-trivial running statistics, chunks 4 + 5 + 23", [4, 5, 23],
+        activation="sdn", norm="batch", stats=True)
+    add("refractory neurons, iterative kernel, S4D-Real, one step at a time (chunks of 1)",
+        [1] * 12, ["short_sequence"], activation="refractory", neuron_impl="iterative",
+        init="real", L=12)
+    add("LIF, token embedding (vocab 5), L = 48 in chunks 17 + 31", [17, 31],
+        activation="lif", vocab=5, d_input=1, L=48)
+    add("a bidirectional model cannot stream: must be rejected", [16, 16], ["invalid_config"],
+        result="invalid", activation="lif", bidirectional=True)
+    add("chunk lengths that do not sum to L: must be rejected", [16, 8], ["invalid_config"],
+        result="invalid", activation="lif")
+
+    def nan(i, p):
+        i["x"][1, 2, 0] = np.nan
+
+    add("NaN input: must be rejected", [32], ["nan_input"], result="invalid", activation="lif",
+        edit=nan)
+    return out
+
+
+def _stream_model(case):
+    """``(ModelStream, x, chunk lengths)`` of a model_stream case."""
+    from ..stream import ModelStream  # the stream imports the model: keep the import local
+    cfg = _model_config(case.config)
+    params = case.group("params")
+    buf = {k: v for k, v in params.items() if k.startswith("sdn.") or ".running_" in k}
+    p = {k: v for k, v in params.items() if k not in buf}
+    return ModelStream(cfg, p, buf), case.data["inputs/x"], [int(c) for c in
+                                                             case.config["chunks"]]
+
+
+def _stream_fwd(case):
+    stream, x, chunks = _stream_model(case)
+    if sum(chunks) != x.shape[1] or min(chunks) < 1:
+        raise ValueError(f"chunks must be lengths >= 1 summing to L = {x.shape[1]}, got {chunks}")
+    state, t, logits, recs = None, 0, [], []
+    for n in chunks:
+        lg, state, rec = stream.forward(x[:, t:t + n], state, record=True)
+        logits.append(lg)
+        recs.append(rec)
+        t += n
+    out = {"logits": np.concatenate(logits, axis=1)}  # (B, L, C)
+    spikes, membranes = {}, {}
+    theta = stream.cfg.neuron_config().theta if stream.family.neuron else 0.0
+    for i in range(stream.cfg.n_layers):
+        rec = {k: np.concatenate([r[i][k] for r in recs], axis=2) for k in recs[0][i]}
+        pre = f"layers.{i}."
+        if "Tx" in rec:
+            spikes[pre + "Tx"] = rec["Tx"]
+            a = np.abs(rec["v"])  # (B, H, L)
+            membranes[pre + "|v|"] = (a, GSU_T * a.max(axis=1, keepdims=True))
+        elif "s" in rec:
+            spikes[pre + "s"] = rec["s"]
+            m = "h" if "h" in rec else "m+x"
+            membranes[pre + m] = (rec[m], theta)
+    out.update(spikes)
+    for k, v in state.arrays.items():
+        if np.iscomplexobj(v):
+            out[f"state/{k}_re"], out[f"state/{k}_im"] = v.real.copy(), v.imag.copy()
+        else:
+            out[f"state/{k}"] = v
+    return out, None, {"spikes": spikes, "membranes": membranes}
+
+
+def _stream_bwd(case, state, cot):
+    raise NotImplementedError("model_stream cases are forward only (flag no_grads)")
+
+
+def _stream_depth(case):
+    """Per layer the FFT (``2 log2(2L)`` stages) or ``L`` recurrence steps and the end state's
+    ``L``-term sums (``2 L``), the ``N2``-mode sum, mixing and norm (``4 H``) and a few
+    elementwise operations (16), as :func:`refimpl.stream.tolerances`; the running mean over
+    time adds ``L``."""
+    c = case.config
+    L = case.data["inputs/x"].shape[1]
+    layer = 2 * int(math.ceil(math.log2(2 * L))) + 2 * L + c["d_state"] // 2 + 4 * c["d_model"] + 16
+    return {"*": c["n_layers"] * layer + L}
+
+
+register(
+    name="model_stream",
+    math="a causal model (eval mode) run chunk by chunk, each chunk from the state the previous "
+         "one ended in: logits after every step, spikes of every layer, the end state",
+    specs=_stream_specs,
+    fwd=_stream_fwd,
+    bwd=_stream_bwd,
+    differentiable=(),
+    spikes=_STREAM_SPIKES,
+    depth=_stream_depth,
 )
