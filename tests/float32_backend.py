@@ -9,7 +9,11 @@ Suites: ``s4d_kernel``, ``fftconv``, ``s4d_layer`` (the kernel, the convolution 
 backward), ``neuron``, ``pmbc`` (computed by the iterative neuron; no ``iterations``
 output: verify with ``skip=('*/outputs/iterations',)``), ``glu``, ``sdn`` and ``block`` (every
 family, norm and placement the committed cases use, composed from the pieces above plus GELU,
-GSU, LayerNorm and BatchNorm).
+GSU, LayerNorm and BatchNorm), and ``model_stream`` (the model in eval mode, run chunk by chunk
+from the previous chunk's state: S4D from its modes with the closed-form end state, the neuron
+from ``(u, count)``, the SDN from its window, eval BatchNorm with the running statistics).
+Stateful ``neuron`` / ``pmbc`` / ``s4d_layer`` cases start from their stored state and output
+the end state; integer datasets (``count0``, counters) stay int64.
 
 Each op is ``op(case, bug=None) -> (outputs, grads)`` on a :class:`Case` (float32 arrays read
 from a golden case); invalid cases raise :class:`Reject`. ``write_candidate(suite, path, bug)``

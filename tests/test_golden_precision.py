@@ -1,12 +1,16 @@
 """Precision profiles of ``refimpl golden verify`` against a float32 NumPy backend (issue 10).
 
 ``tests/float32_backend.py`` computes every case of ``s4d_kernel``, ``fftconv``, ``s4d_layer``,
-``neuron``, ``pmbc``, ``glu``, ``sdn`` and ``block`` in float32. Shown here:
+``neuron``, ``pmbc``, ``glu``, ``sdn``, ``block`` and ``model_stream`` (the stateful cases
+included: from the stored state, with the end state) in float32. Shown here:
 
 - the correct candidate passes ``precision="float32"`` with no failing row (ACCEPTABLE and
   UNTESTABLE allowed, their counts in the message), also when written as float32 datasets;
 - it fails ``precision="float64"`` (the profile matters);
-- each planted bug fails float32 with a MISMATCH row on the tensor the bug affects;
+- each planted bug fails float32 with a MISMATCH row on the tensor the bug affects (among them
+  stateful ones: the initial membrane or counter ignored, the counter not decremented at the
+  last step, the S4D state ignored or its end-state power off by one, the model's state dropped
+  between chunks);
 - a relative error of 1e-3 in any output or gradient is a MISMATCH on that tensor, and in
   every ``float32_resolution`` case of ``s4d_kernel`` and ``s4d_layer`` (issue 10);
 - computing ``exp(dt A) - 1`` by subtraction (``naive_expm1``) is no false alarm.

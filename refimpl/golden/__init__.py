@@ -16,7 +16,10 @@ What lives where:
   :func:`golden_path` (a file named by path or by suite);
 - the suites, one module per op family: :mod:`.ssm` (``s4d_kernel``, ``fftconv``,
   ``s4d_layer``), :mod:`.spiking` (``neuron``, ``pmbc``, ``sdn``), :mod:`.mixing` (``glu``,
-  ``gsu``), :mod:`.model` (``block``, ``model_step``);
+  ``gsu``), :mod:`.model` (``block``, ``model_step``, ``model_stream``); stateful cases (flag
+  ``stateful``, DESIGN.md 10) start from a stored state and output the end state, and
+  forward-only cases carry the flag ``no_grads`` (:data:`NO_GRADS`, checked by
+  :func:`read_golden`);
 - :mod:`.generate`: the tolerance policy and the generator (:func:`build_suite`,
   :func:`generate`; float64, atomic writes with provenance, refuses fast-math);
 - :mod:`.compare`: :func:`verify` (candidate vs golden) and :func:`check` (refimpl vs its own
@@ -29,9 +32,10 @@ What lives where:
 Adding a suite: a module with its cases and one :func:`register` call, imported below.
 """
 from .registry import SUITES, Spec, Suite, get_suite, golden_path, register, suite_specs
-from .schema import (CANDIDATE_SCHEMA, DEFAULT_DIR, FAILURES, FLAGS, GROUPS, RESERVED_ATTRS,
-                     RESULTS, SCHEMA, SCHEMA_VERSION, SIZES, STATUSES, Case, GoldenFile, flatten,
-                     nest, read_candidate, read_file, read_golden, write_file)
+from .schema import (CANDIDATE_SCHEMA, DEFAULT_DIR, FAILURES, FLAGS, GROUPS, NO_GRADS,
+                     RESERVED_ATTRS, RESULTS, SCHEMA, SCHEMA_VERSION, SIZES, STATUSES, Case,
+                     GoldenFile, flatten, nest, read_candidate, read_file, read_golden,
+                     write_file)
 
 # the suites register themselves, in generation order
 from . import ssm, spiking, mixing, model  # noqa: E402,F401  isort: skip
@@ -43,8 +47,8 @@ from .precision import PROFILES, Profile, SelectError, get_profile, parse_select
 from .report import format_report, show
 
 __all__ = [
-    "CANDIDATE_SCHEMA", "DEFAULT_DIR", "EPS", "FAILURES", "FLAGS", "GROUPS", "N_PERTURB",
-    "PERTURB", "PROFILES", "Profile", "RESERVED_ATTRS", "SelectError", "get_profile",
+    "CANDIDATE_SCHEMA", "DEFAULT_DIR", "EPS", "FAILURES", "FLAGS", "GROUPS", "NO_GRADS",
+    "N_PERTURB", "PERTURB", "PROFILES", "Profile", "RESERVED_ATTRS", "SelectError", "get_profile",
     "parse_select", "selector", "RESULTS", "SAFETY", "SCHEMA", "SCHEMA_VERSION", "SIZES",
     "STATUSES", "SUITES", "Case", "GoldenFile", "Spec", "Suite", "build_case", "build_suite",
     "check", "check_fastmath", "compare_case", "compare_tensor", "flatten", "format_report",
