@@ -93,8 +93,8 @@ def show(path, case_id=None):
     c = gf.cases[case_id]
     lines += [f"case {c.id}: op {c.op}, result {c.result}",
               f"  comment: {c.comment}", f"  flags: {', '.join(c.flags) or '-'}"]
-    for k, v in {**c.config, **c.extra}.items():
-        lines.append(f"  {k} = {v!r}")
+    for k, v in {**c.config, **c.extra}.items():  # array attributes (chunks) as lists
+        lines.append(f"  {k} = {v.tolist() if isinstance(v, np.ndarray) else v!r}")
     rows = []
     for p, v in c.data.items():
         m = c.meta.get(p, {})
