@@ -1,0 +1,372 @@
+"""refimpl's spiking SSM classifier in PyTorch CPU eager: the peer that ``make bench-peers`` times.
+
+Runs only in the benchmark environment ``.venv-peers`` (torch is never a refimpl dependency).
+The model is written as a PyTorch user writes it (the S4D example of state-spaces/s4, the
+eager neuron loops of snntorch / spikingjelly), with refimpl's parameter names and layouts so
+that it can be loaded with refimpl's parameters and checked against refimpl:
+
+    h = encoder(x)                              Linear(d_input -> H), (B, H, L)
+    per layer:
+      K = 2 Re sum_n C dB exp(dt A l)           S4D-Lin, ZOH: dB = (exp(dt A) - 1) / A
+      y = irfft(rfft(h, 2L) rfft(K, 2L))[:L] + D h
+      v = y / exp(ln_vth)                       spiking families with a learnable threshold
+      s = activation(v)                         gelu | binary | lif | sdn | refractory
+      z = GLU(Conv1x1(s))                       o = W s + b, z = o[:H] sigmoid(o[H:])
+      h = LayerNorm(h + z)                      over channels, eps 1e-5 (post-norm)
+    logits = decoder(mean_t h);  loss = cross-entropy
+
+Families (the settings of :mod:`refimpl.activations`):
+
+- ``gelu``: exact GELU (``torch.nn.functional.gelu``).
+- ``binary``: ``Theta(y)`` (``y >= 0``), atan surrogate ``g(z) = (a/2) / (1 + (pi a z / 2)^2)``,
+  ``a = 2``, through a ``torch.autograd.Function``; no threshold.
+- ``lif``: hard reset, ``tau = 0.125``, ``theta = 1``, ``h_t = tau u_{t-1} + v_t``,
+  ``s_t = Theta(h_t - 1)``, ``u_t = h_t (1 - s_t)``; triangle surrogate (``w = 1``); a Python
+  loop over time, differentiated through the reset (refimpl's ``grad_mode="bptt"``).
+- ``refractory``: ``tau = 0.5``, ``u_t = h_t - (1 + rho) s_t``, ``rho (H,)`` trainable and
+  clamped to ``>= 0`` after each optimizer step; loop over time.
+- ``sdn``: ``m = SDN(v)`` under ``torch.no_grad()`` (a causal ``conv1d`` over the previous 8
+  inputs, ReLU, a 1x1 layer with a residual, ReLU, a 1x1 read-out: the fused published
+  network), ``s = Theta(m + v - 1)``, triangle surrogate, no gradient through ``m``.
+
+AdamW (``torch.optim.AdamW``, betas 0.9 / 0.999, eps 1e-8) with refimpl's parameter groups
+(:func:`refimpl.model.optimizer_rules` through :func:`refimpl.optim.make_groups`, handed over
+as plain name lists so this file needs only torch and numpy).
+
+Use: :class:`TorchModel` (``params`` dict name -> numpy array, ``buffers`` for the SDN weights,
+``dtype``), :meth:`TorchModel.loss` and :func:`make_step`. ``python torch_model.py --check``
+compares loss and gradients with refimpl (needs refimpl importable) and prints JSON;
+``python torch_model.py --worker`` serves the timing protocol of ``benchmarks/peers/run.py``
+(JSON lines on stdin/stdout).
+"""
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FAMILIES = ("gelu", "binary", "lif", "sdn", "refractory")
+#: Family -> (threshold scaling y / exp(ln_vth), neuron settings).
+SETTINGS = {
+    "gelu": (False, None),
+    "binary": (False, dict(theta=0.0, surrogate="atan", scale=2.0)),
+    "lif": (True, dict(tau=0.125, theta=1.0, surrogate="triangle", scale=1.0)),
+    "sdn": (True, dict(theta=1.0, surrogate="triangle", scale=1.0)),
+    "refractory": (True, dict(tau=0.5, theta=1.0, surrogate="triangle", scale=1.0)),
+}
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+LN_EPS = 1e-5
+SDN_K = 8
+#: When a list, every spike test appends its smallest margin ``min |z|`` (the correctness check).
+MARGINS = None
+#: Deliberate model errors for the check's negative controls (never set when timing):
+#: ``"ln_eps"`` LayerNorm eps 1e-6 instead of 1e-5, ``"detach_reset"`` no gradient through
+#: the reset (snntorch's default, not refimpl's bptt).
+VARIANT = ""
+
+
+def surrogate_grad(name, z, scale):
+    """``g(z)``: ``triangle`` ``max(0, 1 - |z|/w) / w``; ``atan`` ``(a/2) / (1 + (pi a z/2)^2)``."""
+    if name == "triangle":
+        return torch.clamp(1.0 - z.abs() / scale, min=0.0) / scale
+    v = (0.5 * math.pi * scale) * z
+    return (0.5 * scale) / (1.0 + v * v)
+
+
+class Spike(torch.autograd.Function):
+    """``Theta(z)`` (``z >= 0``) forward, the surrogate ``g(z)`` backward."""
+
+    @staticmethod
+    def forward(ctx, z, name, scale):
+        ctx.save_for_backward(z)
+        ctx.name, ctx.scale = name, scale
+        if MARGINS is not None:
+            MARGINS.append(float(z.detach().abs().min()))
+        return (z >= 0).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, ds):
+        (z,) = ctx.saved_tensors
+        return ds * surrogate_grad(ctx.name, z, ctx.scale), None, None
+
+
+def s4d_kernel(log_dt, log_A_real, A_imag, C_re, C_im, L):
+    """``K[h, l] = 2 Re sum_n C dB exp(l dt A)`` with ZOH ``dB = (exp(dt A) - 1) / A``: (H, L)."""
+    dt = torch.exp(log_dt)[:, None]  # (H, 1)
+    A = torch.complex(-torch.exp(log_A_real), A_imag)  # (H, N2)
+    dtA = dt * A  # (H, N2)
+    C = torch.complex(C_re, C_im) * (torch.exp(dtA) - 1.0) / A  # (H, N2)
+    l = torch.arange(L, dtype=log_dt.dtype)  # (L,)
+    V = torch.exp(dtA[:, :, None] * l)  # (H, N2, L) the Vandermonde matrix
+    return 2.0 * torch.einsum("hn,hnl->hl", C, V).real  # (H, L)
+
+
+def fftconv(u, K, D):
+    """Causal convolution by FFT of length 2L plus the skip: ``u (B, H, L)``, ``K (H, L)``."""
+    L = u.shape[-1]
+    y = torch.fft.irfft(torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(K, n=2 * L), n=2 * L)
+    return y[..., :L] + D[:, None] * u
+
+
+def lif_loop(v, tau, theta, name, scale, rho=None):
+    """The iterative neuron over time, ``v (B, H, L)``: hard reset (``rho`` None) or the
+    refractory reset ``u = h - (theta + rho) s``; returns the spikes ``(B, H, L)``."""
+    u = torch.zeros_like(v[..., 0])  # (B, H)
+    out = []
+    for t in range(v.shape[-1]):
+        h = tau * u + v[..., t]
+        s = Spike.apply(h - theta, name, scale)
+        if VARIANT == "detach_reset":
+            s = s.detach()
+        u = h * (1.0 - s) if rho is None else h - (theta + rho) * s
+        out.append(s)
+    return torch.stack(out, -1)
+
+
+def sdn_predict(v, w):
+    """The fused SDN's prediction ``m (B, H, L)`` of ``v`` from ``v[t-8 .. t-1]`` (no grad)."""
+    Bsz, H, L = v.shape
+    x = F.pad(v.reshape(Bsz * H, 1, L), (SDN_K, 0))  # (BH, 1, K + L)
+    a1 = F.conv1d(x, w["w0"], w["w1"])[..., :L]  # (BH, C, L): reads x[t-K .. t-1]
+    h1 = torch.relu(a1)
+    h2 = torch.relu(F.conv1d(h1, w["w2"], w["w3"]) + h1)  # (BH, C, L)
+    return F.conv1d(h2, w["w4"], w["w5"]).reshape(Bsz, H, L)  # (B, H, L)
+
+
+class TorchModel:
+    """The classifier with refimpl's parameters (``name -> tensor`` leaves in ``self.p``)."""
+
+    def __init__(self, family, n_layers, params, buffers=None, dtype="float64"):
+        if family not in SETTINGS:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        self.family, self.n_layers = family, n_layers
+        self.dtype = DTYPES[dtype]
+        self.p = {k: torch.tensor(np.asarray(v), dtype=self.dtype, requires_grad=True)
+                  for k, v in params.items()}
+        self.sdn = {k[4:]: torch.tensor(np.asarray(v), dtype=self.dtype)
+                    for k, v in (buffers or {}).items() if k.startswith("sdn.")}
+        if family == "sdn" and len(self.sdn) != 6:
+            raise ValueError("family 'sdn' needs buffers sdn.w0 .. sdn.w5 (refimpl init_model)")
+
+    def activation(self, v, pre):
+        threshold, nrn = SETTINGS[self.family]
+        if self.family == "gelu":
+            return F.gelu(v)
+        if self.family == "binary":
+            return Spike.apply(v - nrn["theta"], nrn["surrogate"], nrn["scale"])
+        if self.family == "sdn":
+            with torch.no_grad():
+                m = sdn_predict(v, self.sdn)
+            return Spike.apply(m + v - nrn["theta"], nrn["surrogate"], nrn["scale"])
+        rho = self.p[pre + "rho"] if self.family == "refractory" else None
+        return lif_loop(v, nrn["tau"], nrn["theta"], nrn["surrogate"], nrn["scale"], rho)
+
+    def block(self, x, i):
+        p, pre = self.p, f"layers.{i}."
+        K = s4d_kernel(*(p[pre + "ssm." + k] for k in ("log_dt", "log_A_real", "A_imag",
+                                                        "C_re", "C_im")), x.shape[-1])
+        y = fftconv(x, K, p[pre + "ssm.D"])  # (B, H, L)
+        if SETTINGS[self.family][0]:
+            y = y / torch.exp(p[pre + "ln_vth"])[:, None]
+        s = self.activation(y, pre)
+        z = F.glu(F.conv1d(s, p[pre + "mix.W"][:, :, None], p[pre + "mix.b"]), dim=1)
+        x = (x + z).transpose(1, 2)  # (B, L, H)
+        x = F.layer_norm(x, x.shape[-1:], p[pre + "norm.gamma"], p[pre + "norm.beta"],
+                         1e-6 if VARIANT == "ln_eps" else LN_EPS)
+        return x.transpose(1, 2)  # (B, H, L)
+
+    def logits(self, x):
+        """``x (B, L, d_input)`` tensor -> ``(B, n_classes)``."""
+        p = self.p
+        h = (x @ p["encoder.W"].T + p["encoder.b"]).transpose(1, 2)  # (B, H, L)
+        for i in range(self.n_layers):
+            h = self.block(h, i)
+        return h.mean(-1) @ p["decoder.W"].T + p["decoder.b"]
+
+    def loss(self, x, labels):
+        return F.cross_entropy(self.logits(x), labels)
+
+    def optimizer(self, groups):
+        """AdamW over ``groups`` (refimpl.optim.make_groups' lists of names)."""
+        names = [n for g in groups for n in g["params"]]
+        if sorted(names) != sorted(self.p):
+            raise ValueError("groups must name every parameter exactly once")
+        return torch.optim.AdamW([{"params": [self.p[n] for n in g["params"]], "lr": g["lr"],
+                                   "weight_decay": g["weight_decay"]} for g in groups],
+                                 betas=(0.9, 0.999), eps=1e-8)
+
+    def project(self):
+        """``rho >= 0`` after an optimizer step (refimpl.model.project)."""
+        with torch.no_grad():
+            for k, t in self.p.items():
+                if k.endswith(".rho"):
+                    t.clamp_(min=0.0)
+
+
+def make_step(model, groups, x, labels):
+    """One training step (forward, backward, AdamW, projection) as a closure returning the loss."""
+    opt = model.optimizer(groups)
+    xt = torch.tensor(x, dtype=model.dtype)
+    yt = torch.tensor(labels, dtype=torch.int64)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model.loss(xt, yt)
+        loss.backward()
+        opt.step()
+        model.project()
+        return float(loss)
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# Correctness: the same loss and gradients as refimpl (float64)
+# --------------------------------------------------------------------------------------------
+
+#: Relative tolerance of the check, on the loss and on every gradient (max |diff| / max |ref|
+#: per parameter). Why 1e-9: both sides run the same real-number computation in float64 with
+#: different kernels and orders (numpy/scipy FFT vs torch's, refimpl's Vandermonde vs an exp
+#: table, tensordot vs conv1d). The deepest chain is kernel -> FFT convolution (length 2L: about
+#: log2(2L) <= 12 rounded butterfly levels, each a few ulps of the signal scale) -> 2 layers of
+#: norm and GLU -> backward, the same again: a few hundred rounded operations in sequence,
+#: amplified by one cancellation, ``exp(dt A) - 1`` in the ZOH ``dB`` computed as written here
+#: (the S4D example code), which loses ``eps / |dt A|`` relative, <= 2.2e-16 / (1e-3 * 0.5) =
+#: 4.4e-13 with dt >= 1e-3 and |A| >= 0.5. 1e3 x that bound is still 1e-9 scale; a real model
+#: difference (a wrong constant, a missing term, the reset path dropped) gives 1e-3 or more.
+#: Spiking families additionally need no spike decided within that error of its threshold:
+#: the check reports the smallest margin |h - theta| it saw.
+RTOL = 1e-9
+
+
+def check_against_refimpl(family, B=4, H=16, N=8, L=64, n_layers=2, seed=0, sdn_weights=None,
+                          variant=""):
+    """Loss and gradient errors of this model vs ``refimpl.model.loss_and_grads`` (float64).
+
+    ``variant`` runs a deliberately wrong model (:data:`VARIANT`): the check must fail then.
+    """
+    global MARGINS, VARIANT
+    from refimpl import model as M
+
+    cfg = M.ModelConfig(n_classes=10, d_input=1, d_model=H, d_state=N, n_layers=n_layers,
+                        activation=family)
+    if family == "sdn" and sdn_weights is None:
+        sdn_weights = default_sdn_weights()
+    p, buf = M.init_model(cfg, seed, sdn_weights=sdn_weights if family == "sdn" else None)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, L, 1))  # (B, L, 1)
+    labels = rng.integers(0, 10, B).astype(np.int64)
+    loss_r, _, g_r, _, _ = M.loss_and_grads(cfg, p, buf, x, labels, training=True)
+    tm = TorchModel(family, n_layers, p, buf, "float64")
+    MARGINS, VARIANT = [], variant
+    try:
+        loss_t = tm.loss(torch.tensor(x), torch.tensor(labels))
+        loss_t.backward()
+        margin = min(MARGINS) if MARGINS else None
+    finally:
+        MARGINS, VARIANT = None, ""
+    loss_t = float(loss_t.detach())
+    grads = {}
+    for k, ref in g_r.items():
+        got = tm.p[k].grad
+        got = np.zeros_like(ref) if got is None else got.numpy()
+        scale = float(np.abs(ref).max())
+        grads[k] = float(np.abs(got - ref).max()) / (scale if scale > 0 else 1.0)
+    worst = max(grads, key=grads.get)
+    loss_err = abs(loss_t - loss_r) / abs(loss_r)
+    return {"family": family, "variant": variant,
+            "shape": dict(B=B, H=H, N=N, L=L, layers=n_layers),
+            "loss_refimpl": loss_r, "loss_torch": loss_t, "loss_rel_err": loss_err,
+            "grad_rel_err_max": grads[worst], "grad_worst": worst,
+            "min_spike_margin": margin, "missing": sorted(set(g_r) ^ set(tm.p)), "rtol": RTOL,
+            "ok": loss_err <= RTOL and grads[worst] <= RTOL and set(g_r) == set(tm.p)}
+
+
+def default_sdn_weights():
+    """The published SDN weights when the shared copy exists, else random valid ones."""
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+                        "shared", "external", "sdn_spikingssm_tau0125.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return {k: f[k].astype(np.float64) for k in f.files}
+    rng = np.random.default_rng(0)
+    return {"w0": rng.normal(0, .3, (8, 1, 8)), "w1": np.zeros(8),
+            "w2": rng.normal(0, .3, (8, 8, 1)), "w3": np.zeros(8),
+            "w4": rng.normal(0, .3, (1, 8, 1)), "w5": np.zeros(1)}
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: the timing protocol of benchmarks/peers/run.py
+# --------------------------------------------------------------------------------------------
+
+
+def serve(inp=sys.stdin, out=sys.stdout):
+    """JSON lines: ``{"cmd": "setup", "key", "npz", "family", "n_layers", "dtype", "groups"}``
+    builds a model and its step from an ``.npz`` (``p.<name>``, ``buf.<name>``, ``x``,
+    ``labels``); ``{"cmd": "step", "key"}`` runs one step and answers ``{"seconds", "loss"}``;
+    ``{"cmd": "drop", "key"}`` frees it; ``{"cmd": "info"}`` answers versions and threads."""
+    steps = {}
+    for line in inp:
+        req = json.loads(line)
+        cmd = req["cmd"]
+        try:
+            if cmd == "info":
+                ans = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "interop_threads": torch.get_num_interop_threads()}
+            elif cmd == "setup":
+                with np.load(req["npz"]) as f:
+                    p = {k[2:]: f[k] for k in f.files if k.startswith("p.")}
+                    buf = {k[4:]: f[k] for k in f.files if k.startswith("buf.")}
+                    x, labels = f["x"], f["labels"]
+                tm = TorchModel(req["family"], req["n_layers"], p, buf, req["dtype"])
+                steps[req["key"]] = make_step(tm, req["groups"], x, labels)
+                ans = {}
+            elif cmd == "step":
+                t0 = time.perf_counter()
+                loss = steps[req["key"]]()
+                ans = {"seconds": time.perf_counter() - t0, "loss": loss}
+            elif cmd == "drop":
+                steps.pop(req["key"], None)
+                ans = {}
+            else:
+                raise ValueError(f"unknown cmd {cmd!r}")
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
+            ans = {"error": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps(ans) + "\n")
+        out.flush()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true",
+                    help="compare loss and gradients with refimpl (float64), print JSON lines; "
+                         "exit 1 on a mismatch")
+    ap.add_argument("--family", action="append", choices=FAMILIES)
+    ap.add_argument("--shape", default="4,16,8,64", help="B,H,N,L of the check")
+    ap.add_argument("--variant", default="", choices=["", "ln_eps", "detach_reset"],
+                    help="check a deliberately wrong model (a negative control: must fail)")
+    ap.add_argument("--worker", action="store_true", help="serve run.py's timing protocol")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        serve()
+        return 0
+    if args.check:
+        B, H, N, L = (int(v) for v in args.shape.split(","))
+        ok = True
+        for fam in args.family or FAMILIES:
+            r = check_against_refimpl(fam, B, H, N, L, variant=args.variant)
+            ok &= r["ok"]
+            print(json.dumps(r), flush=True)
+        return 0 if ok else 1
+    ap.error("give --check or --worker")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
