@@ -208,6 +208,10 @@ def profile_steps(activation, batch, steps, top):
     for t in range(steps):
         _, st = stream.step(xs[t], st)
     wall = (time.perf_counter() - t0) / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        stream.check_state(st, batch)
+    check = (time.perf_counter() - t0) / steps
     prof = cProfile.Profile()
     prof.enable()
     for t in range(steps):
@@ -223,7 +227,8 @@ def profile_steps(activation, batch, steps, top):
           f"{format_time(total / steps)} profiled ({calls / steps:.0f} Python-level calls per "
           f"step)")
     print(f"validation (check_* functions and what they call): {format_time(valid / steps)} "
-          f"per step, {100 * valid / total:.0f} % of the profiled time")
+          f"per step, {100 * valid / total:.0f} % of the profiled time; ModelStream.check_state "
+          f"alone {format_time(check)} per call unprofiled")
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]
     print(f"\ntop {top} by own time, per step:")
     for (path, line, name), (_, nc, tt, ct, _) in rows:

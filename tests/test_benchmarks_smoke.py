@@ -44,8 +44,11 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
     assert kernel["speedup"] > 0 and kernel["target_speedup"] == 10
     assert kernel["check"]["max_rel_err"] <= kernel["check"]["rtol"]
 
+    check_stream_group(doc["groups"]["stream"])
+
     text = md.read_text()
     assert NOTE in text and "STALE" not in text
+    assert text.count("<!-- generated:begin group:stream -->") == 1
     assert text.count("<!-- generated:begin group:ssm -->") == 1
     assert "<!-- generated:begin machine -->" in text
     assert "| S4D kernel generation (zoh) |" in text
@@ -59,3 +62,29 @@ def test_bench_list_is_a_table():
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["group", "title"] and set(lines[1]) <= {"-", " "}
     assert {line.split()[0] for line in lines[2:]} >= {"ssm", "neurons", "training"}
+
+
+def check_stream_group(g):
+    """The ``stream`` group (issue 12): per-step rows for every family and both batch sizes,
+    single-step latencies, and the state's bytes per stream as the state table implies."""
+    assert g["quick"] is True
+    p = g["params"]
+    H, N2, n_layers = p["H"], p["N"] // 2, p["layers"]
+    rows = {r["figure"]: r for r in g["rows"]}
+    for fam in p["families"]:
+        for batch, n_step in p["batches"]:
+            step = rows[f"{fam} B={batch}: step() x{n_step} vs parallel"]
+            chunk = rows[f"{fam} B={batch}: chunks of {p['chunk']} vs parallel"]
+            assert step["refimpl"]["steps_per_call"] == n_step
+            assert chunk["refimpl"]["steps_per_call"] == p["L"]
+            assert step["baseline"]["steps_per_call"] == p["L"]
+            lat = step["refimpl"]["latency"]
+            assert lat["steps"] == n_step * g["repeats"]
+            assert 0 < lat["median_s"] <= lat["p99_s"] <= lat["max_s"]
+            assert step["speedup"] == step["baseline"]["median_s"] / step["refimpl"]["median_s"]
+        mem = p["memory"][fam]
+        # bytes per stream from the state table of refimpl/stream.py: ssm.x complex128 (H, N2)
+        # per layer, pool.sum float64 (H,), plus the family's entries per layer
+        per_layer = {"gelu": 0, "binary_gsu": 0, "sdn": 8 * H * 8}.get(fam, 2 * H * 8)
+        assert mem["state_bytes_per_stream"] == n_layers * (16 * H * N2 + per_layer) + 8 * H, fam
+        assert mem["param_bytes"] > 0 and mem["step_coeff_bytes"] > 0
