@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 NUMBA_NUM_THREADS ?= 2
 export NUMBA_NUM_THREADS
 
-.PHONY: install run test test-all golden bench lint wheel-check clean
+.PHONY: install run test test-all golden bench bench-peers lint wheel-check clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,25 @@ golden: install
 bench: install
 	$(BIN)/python benchmarks/run.py
 
+# refimpl beside PyTorch CPU eager, the same model in the same run (issue 13): builds the separate
+# benchmark environment .venv-peers (PyTorch 2.13 CPU; a benchmark-only tool, never a refimpl
+# dependency; refimpl installed editable so the peer reads its parameters), checks that the torch
+# model gives refimpl's float64 loss and gradients, then times the grid and writes
+# benchmarks/peers/results.json and the `peers` region of BENCHMARKS.md (about an hour on
+# 2 cores). Options through PEERS_ARGS, e.g. PEERS_ARGS="--only-family lif" or "--quick".
+PEERS       := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed-stamp
+PEERS_ARGS  ?=
+
+$(PEERS_STAMP): setup.cfg pyproject.toml
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet torch==2.13.0
+	$(PEERS)/bin/python -m pip install --quiet numpy scipy h5py -e .
+	touch $(PEERS_STAMP)
+
+bench-peers: install $(PEERS_STAMP)
+	$(BIN)/python benchmarks/peers/run.py --peers-python $(PEERS)/bin/python $(PEERS_ARGS)
+
 # ruff (settings in pyproject.toml), then the checks ruff cannot make (tools/check_style.py: every
 # Numba kernel takes fastmath from refimpl.config; setup.cfg lists every package; --strict adds
 # notes on Numba options spelled inline), then byte-compile everything and import every module
@@ -57,7 +76,7 @@ wheel-check: install
 	bash tools/wheel_check.sh $(BIN)/python
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .hypothesis .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS) build dist *.egg-info .hypothesis .pytest_cache .ruff_cache
 	rm -rf $${TMPDIR:-/tmp}/refimpl-wheel-check.*
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -name '*.nbi' -delete -o -name '*.nbc' -delete

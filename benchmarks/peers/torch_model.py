@@ -219,7 +219,7 @@ def make_step(model, groups, x, labels):
         loss.backward()
         opt.step()
         model.project()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

@@ -1,0 +1,479 @@
+"""refimpl beside PyTorch CPU eager, the same model in the same run: ``make bench-peers``.
+
+Runs in the project venv (refimpl) and drives a PyTorch worker in the benchmark environment
+``.venv-peers`` (``benchmarks/peers/torch_model.py --worker``, torch never a refimpl
+dependency). For each point of the grid (shape x family) it times one training step (forward +
+backward + AdamW + the ``rho >= 0`` projection) of
+
+- refimpl float64 (``refimpl.model.loss_and_grads`` + ``refimpl.optim.adamw_step``),
+- refimpl float32, when ``refimpl.model.ModelConfig`` accepts ``dtype`` (else ``-``),
+- PyTorch float64 and float32 (``torch.set_num_threads(2)``),
+
+all from the same initial parameters (refimpl ``init_model``, seed 0) and the same batch. The
+contenders are interleaved step by step after one warm-up step each; medians of ``--repeats``
+timed steps, fewer where a step is slow: each contender gets at most ``--max-seconds`` of timed
+steps per point (at least one), and the table says how many it got.
+
+Before timing, the float64 correctness check (``torch_model.py --check``) must pass: the torch
+model loaded with refimpl's parameters gives refimpl's loss and gradients (its tolerance and why:
+``torch_model.RTOL``), so the timing compares the same model.
+
+Writes ``benchmarks/peers/results.json`` and the generated region ``peers`` of
+``BENCHMARKS.md`` (atomically; other regions and hand-written text kept). ``--quick`` runs one
+tiny shape into a temporary folder (a smoke test). Progress goes to stderr.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+from refimpl import model as M  # noqa: E402
+from refimpl.atomic import atomic_write_text  # noqa: E402
+from refimpl.optim import adamw_init, adamw_step, make_groups  # noqa: E402
+
+FAMILIES = ("gelu", "binary", "lif", "sdn", "refractory")
+#: name -> shape; 2 layers, 10 classes, d_input 1 everywhere.
+SHAPES = {
+    "L40": dict(B=64, H=64, N=64, L=40),
+    "L1024": dict(B=32, H=128, N=64, L=1024),
+    "L4096": dict(B=8, H=128, N=64, L=4096),
+}
+QUICK_SHAPES = {"quick": dict(B=4, H=8, N=4, L=32)}
+LAYERS, CLASSES, LR, WD = 2, 10, 1e-3, 1e-2
+TORCH_THREADS = 2
+CONTENDERS = ("refimpl64", "torch64", "refimpl32", "torch32")
+SCHEMA = "refimpl-bench-peers"
+REGION = "peers"
+SDN_WEIGHTS = ROOT.parent / "shared" / "external" / "sdn_spikingssm_tau0125.npz"
+
+
+def log(msg):
+    print(f"[peers] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The refimpl side
+# --------------------------------------------------------------------------------------------
+
+
+def sdn_weights():
+    """The published SDN weights when the shared copy exists, else random valid ones (timing
+    needs valid shapes only); the same source as benchmarks/bench_training.py."""
+    if SDN_WEIGHTS.exists():
+        with np.load(SDN_WEIGHTS) as f:
+            return {k: f[k].astype(np.float64) for k in f.files}
+    rng = np.random.default_rng(0)
+    return {"w0": rng.normal(0, .3, (8, 1, 8)), "w1": np.zeros(8),
+            "w2": rng.normal(0, .3, (8, 8, 1)), "w3": np.zeros(8),
+            "w4": rng.normal(0, .3, (1, 8, 1)), "w5": np.zeros(1)}
+
+
+def refimpl_float32_available():
+    """Whether refimpl has a float32 training path: ``ModelConfig`` has a ``dtype`` field."""
+    return "dtype" in {f.name for f in dataclasses.fields(M.ModelConfig)}
+
+
+def problem(family, s, dtype=None):
+    """``(cfg, params, buffers, x, labels)`` of one grid point (seed 0)."""
+    extra = {} if dtype is None else {"dtype": dtype}
+    cfg = M.ModelConfig(n_classes=CLASSES, d_input=1, d_model=s["H"], d_state=s["N"],
+                        n_layers=LAYERS, activation=family, **extra)
+    p, buf = M.init_model(cfg, 0, sdn_weights=sdn_weights() if family == "sdn" else None)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((s["B"], s["L"], 1))  # (B, L, 1)
+    labels = rng.integers(0, CLASSES, s["B"]).astype(np.int64)
+    return cfg, p, buf, x, labels
+
+
+def groups_for(p):
+    """refimpl's AdamW groups (name lists): what both sides use."""
+    return make_groups(p, LR, WD, M.optimizer_rules(LR))
+
+
+def refimpl_step(family, s, dtype="float64"):
+    """A closure running one refimpl training step (benchmarks/bench_training.py's make_step,
+    plus the projection the torch side does too); float32 through ``ModelConfig(dtype=)``."""
+    cfg, p, buf, x, labels = problem(family, s, None if dtype == "float64" else dtype)
+    if dtype != "float64":
+        x = x.astype(np.float32)
+    opt = adamw_init(p)
+    groups = groups_for(p)
+    state = {"p": p, "buf": buf}
+
+    def step():
+        loss, _, g, state["buf"], _ = M.loss_and_grads(cfg, state["p"], state["buf"], x, labels,
+                                                       training=True)
+        adamw_step(state["p"], g, opt, groups)
+        M.project(state["p"], cfg)
+        return float(loss)
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# The torch side: a worker process in .venv-peers
+# --------------------------------------------------------------------------------------------
+
+
+def peers_python(arg=None):
+    """The benchmark environment's python: ``--peers-python``, ``$REFIMPL_PEERS_PYTHON`` or
+    ``.venv-peers/bin/python``."""
+    exe = arg or os.environ.get("REFIMPL_PEERS_PYTHON") or str(ROOT / ".venv-peers" / "bin" /
+                                                               "python")
+    if not Path(exe).exists():
+        raise SystemExit(f"no PyTorch environment at {exe}: run `make bench-peers` (it builds "
+                         ".venv-peers), or pass --peers-python PATH / set REFIMPL_PEERS_PYTHON")
+    return exe
+
+
+def peer_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]]
+                                                       if env.get("PYTHONPATH") else []))
+    return env
+
+
+class Worker:
+    """``torch_model.py --worker`` over pipes (JSON lines)."""
+
+    def __init__(self, exe):
+        self.proc = subprocess.Popen(
+            [exe, str(HERE / "torch_model.py"), "--worker", "--threads", str(TORCH_THREADS)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=peer_env())
+
+    def ask(self, **req):
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the torch worker died (exit {self.proc.wait()}) on {req}")
+        ans = json.loads(line)
+        if "error" in ans:
+            raise RuntimeError(f"torch worker: {ans['error']} (request {req['cmd']})")
+        return ans
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def run_check(exe, quick):
+    """The float64 correctness check in the peers environment: one dict per family."""
+    cmd = [exe, str(HERE / "torch_model.py"), "--check"]
+    if quick:
+        cmd += ["--shape", "2,8,4,16"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=peer_env())
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or len(rows) != len(FAMILIES):
+        raise SystemExit("the torch model does not match refimpl (float64 loss and gradients); "
+                         "timing would compare different models:\n" + out.stdout + out.stderr)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def time_point(family, s, worker, tmp, repeats, max_seconds, f32):
+    """Interleaved timings of one grid point: ``{contender: {...}}``."""
+    _, p, buf, x, labels = problem(family, s)
+    npz = os.path.join(tmp, "point.npz")
+    np.savez(npz, x=x, labels=labels, **{"p." + k: v for k, v in p.items()},
+             **{"buf." + k: v for k, v in buf.items()})
+    groups = groups_for(p)
+    runners, out = {}, {}
+    runners["refimpl64"] = _local(refimpl_step(family, s))
+    for dt in ("64", "32"):
+        key = f"{family}-{dt}"
+        worker.ask(cmd="setup", key=key, npz=npz, family=family, n_layers=LAYERS,
+                   dtype=f"float{dt}", groups=groups)
+        runners[f"torch{dt}"] = _remote(worker, key)
+    if f32:
+        try:
+            runners["refimpl32"] = _local(refimpl_step(family, s, "float32"))
+        except Exception as e:  # noqa: BLE001 - the other engineer's API may differ: say so
+            out["refimpl32"] = {"error": f"{type(e).__name__}: {e}"}
+    warm, times, losses = {}, {k: [] for k in runners}, {}
+    for k, run in runners.items():  # warm-up (compilation, allocator), timed for the cap
+        try:
+            warm[k], losses[k] = run()
+        except Exception as e:  # noqa: BLE001 - recorded, the other contenders go on
+            out[k] = {"error": f"{type(e).__name__}: {e}"}
+    runners = {k: v for k, v in runners.items() if k in warm}
+    want = {k: max(1, min(repeats, int(max_seconds // max(warm[k], 1e-9)))) for k in runners}
+    for r in range(max(want.values(), default=0)):
+        for k, run in runners.items():
+            if r < want[k]:
+                t, _ = run()
+                times[k].append(t)
+    for k in runners:
+        out[k] = {"median_s": statistics.median(times[k]), "min_s": min(times[k]),
+                  "times_s": times[k], "warmup_s": warm[k], "repeats": len(times[k]),
+                  "capped": len(times[k]) < repeats, "first_loss": losses[k]}
+    for dt in ("64", "32"):
+        worker.ask(cmd="drop", key=f"{family}-{dt}")
+    return out
+
+
+def _local(step):
+    def run():
+        t0 = time.perf_counter()
+        loss = step()
+        return time.perf_counter() - t0, loss
+    return run
+
+
+def _remote(worker, key):
+    def run():
+        ans = worker.ask(cmd="step", key=key)
+        return ans["seconds"], ans["loss"]
+    return run
+
+
+def ratio(row, a, b):
+    """``row[a] / row[b]`` medians (< 1: ``a`` faster), or None."""
+    ta, tb = row.get(a, {}).get("median_s"), row.get(b, {}).get("median_s")
+    return None if ta is None or tb is None else ta / tb
+
+
+# --------------------------------------------------------------------------------------------
+# Results: JSON and the BENCHMARKS.md region
+# --------------------------------------------------------------------------------------------
+
+
+def machine(torch_info):
+    info = {"date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "numpy": np.__version__,
+            "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS"),
+            "git_commit": _git_commit(), **{f"torch_{k}": v for k, v in torch_info.items()}}
+    try:
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    return info
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit():
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def _fmt_time(t):
+    if t is None:
+        return "-"
+    return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
+
+
+def _cell(c):
+    if c is None:
+        return "-"
+    if "error" in c:
+        return "error"
+    return _fmt_time(c["median_s"])
+
+
+def _fmt_ratio(r):
+    return "-" if r is None else f"{r:.2f}"
+
+
+def render(doc):
+    """The ``peers`` region's markdown from the results document."""
+    m = doc["machine"]
+    lines = ["## Peers: refimpl beside PyTorch CPU eager (issue 13)", "",
+             f"Run {m['date']} at commit `{m.get('git_commit')}`; {m['cpu_model']}, "
+             f"{m['cpu_count']} cores; PyTorch {m.get('torch_torch')} CPU eager, "
+             f"{m.get('torch_threads')} threads (`torch.set_num_threads`); refimpl with "
+             f"NUMBA_NUM_THREADS={m.get('NUMBA_NUM_THREADS')}, NumPy {m['numpy']}. "
+             f"{LAYERS} layers, {CLASSES} classes, d_input 1; one training step = forward + "
+             "backward + AdamW (+ `rho >= 0`), from refimpl's `init_model` seed 0, the same "
+             "batch on both sides. Median of the timed steps after one warm-up step, "
+             f"contenders interleaved; at most {doc['max_seconds']:g} s of timed steps per "
+             "contender and point (the `n` column: timed steps of refimpl64 / torch64 / "
+             "refimpl32 / torch32; fewer than "
+             f"{doc['repeats']} means capped). Ratio = refimpl / PyTorch (< 1: refimpl faster).",
+             ""]
+    if doc.get("quick"):
+        lines += ["**Quick smoke-test shapes: not a measurement.**", ""]
+    chk = doc["check"]
+    worst_l = max(r["loss_rel_err"] for r in chk)
+    worst_g = max(chk, key=lambda r: r["grad_rel_err_max"])
+    margins = [r["min_spike_margin"] for r in chk if r["min_spike_margin"] is not None]
+    margin = (f"; smallest spike margin |h - theta| {min(margins):.1e}" if margins else "")
+    lines += [f"Same model: PyTorch float64 loaded with refimpl's parameters gives refimpl's loss "
+              f"and gradients on {len(chk)} families (shape "
+              f"{_fmt_shape(chk[0]['shape'])}): loss within {worst_l:.1e}, every gradient within "
+              f"{worst_g['grad_rel_err_max']:.1e} of its largest entry (worst: "
+              f"{worst_g['family']} `{worst_g['grad_worst']}`; tolerance {chk[0]['rtol']:g}, "
+              f"see `torch_model.RTOL`){margin}.", ""]
+    lines += ["| shape | family | refimpl f64 | PyTorch f64 | ratio f64 | refimpl f32 | "
+              "PyTorch f32 | ratio f32 | n |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in doc["points"]:
+        t = r["timings"]
+        n = "/".join(str(t[k]["repeats"]) if k in t and "repeats" in t[k] else "-"
+                     for k in CONTENDERS)
+        lines.append(" | ".join([
+            f"| {_fmt_shape(r['shape'])}", f"`{r['family']}`", _cell(t.get("refimpl64")),
+            _cell(t.get("torch64")), _fmt_ratio(ratio(t, "refimpl64", "torch64")),
+            _cell(t.get("refimpl32")), _cell(t.get("torch32")),
+            _fmt_ratio(ratio(t, "refimpl32", "torch32")), n]) + " |")
+    errs = [f"- {r['shape_name']} {r['family']} {k}: {c['error']}" for r in doc["points"]
+            for k, c in r["timings"].items() if "error" in c]
+    if not doc.get("refimpl_float32"):
+        lines += ["", "refimpl f32: `-` until `refimpl train --dtype float32` exists "
+                  "(`refimpl.model.ModelConfig` has no `dtype` field in this run)."]
+    if errs:
+        lines += ["", "Errors:"] + errs
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_shape(s):
+    return " ".join(f"{k}={s[k]}" for k in ("B", "H", "N", "L"))
+
+
+_MARK = re.compile(r"^<!-- generated:(begin|end) (\S+) -->[ \t]*$", re.MULTILINE)
+
+
+def merge_region(existing, rid, body):
+    """``existing`` with the region ``rid`` replaced by ``body`` (appended when absent); the
+    marker format of benchmarks/harness.py, so ``make bench`` keeps this region as it is."""
+    wrapped = f"<!-- generated:begin {rid} -->\n{body.rstrip()}\n<!-- generated:end {rid} -->"
+    if existing is None:
+        return "# Benchmarks\n\n" + wrapped + "\n"
+    begins = [m for m in _MARK.finditer(existing) if m.group(2) == rid and m.group(1) == "begin"]
+    ends = [m for m in _MARK.finditer(existing) if m.group(2) == rid and m.group(1) == "end"]
+    if not begins and not ends:
+        return existing.rstrip("\n") + "\n\n" + wrapped + "\n"
+    if len(begins) != 1 or len(ends) != 1 or ends[0].start() < begins[0].end():
+        raise ValueError(f"BENCHMARKS.md: the markers of region {rid!r} are unbalanced; fix "
+                         "them by hand")
+    return existing[:begins[0].start()] + wrapped + existing[ends[0].end():]
+
+
+def load(path):
+    if not path.exists():
+        return None
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if doc.get("schema") != SCHEMA:
+        raise SystemExit(f"{path} is not a {SCHEMA} file; fix or delete it, then rerun")
+    return doc
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="benchmarks/peers/run.py",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only-shape", action="append", choices=sorted(SHAPES),
+                    help="only this shape (repeatable); other stored points are kept")
+    ap.add_argument("--only-family", action="append", choices=FAMILIES,
+                    help="only this family (repeatable); other stored points are kept")
+    ap.add_argument("--quick", action="store_true",
+                    help="one tiny shape, 2 repeats, into --out-dir or a temporary folder")
+    ap.add_argument("--out-dir", type=Path, default=None,
+                    help="write results.json and BENCHMARKS.md here instead of "
+                         "benchmarks/peers/results.json and ./BENCHMARKS.md")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per contender (5)")
+    ap.add_argument("--max-seconds", type=float, default=120.0,
+                    help="cap on the timed steps per contender and point (default 120 s; "
+                         "at least one step is always timed)")
+    ap.add_argument("--peers-python", default=None,
+                    help="python of the PyTorch environment (default .venv-peers/bin/python)")
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.quick:
+        if args.only_shape:
+            ap.error("--quick has its own tiny shape; drop --only-shape")
+        args.repeats = min(args.repeats, 2)
+        if args.out_dir is None:
+            args.out_dir = Path(tempfile.mkdtemp(prefix="refimpl-peers-"))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    exe = peers_python(args.peers_python)
+    out_dir = args.out_dir
+    json_path = (out_dir or HERE) / "results.json"
+    md_path = out_dir / "BENCHMARKS.md" if out_dir else ROOT / "BENCHMARKS.md"
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    shapes = QUICK_SHAPES if args.quick else {k: SHAPES[k] for k in (args.only_shape or SHAPES)}
+    families = args.only_family or FAMILIES
+    log("checking the torch model against refimpl (float64 loss and gradients)")
+    check = run_check(exe, args.quick)
+    for r in check:
+        log(f"  {r['family']}: loss {r['loss_rel_err']:.1e}, grads {r['grad_rel_err_max']:.1e} "
+            f"(tolerance {r['rtol']:g})")
+    f32 = refimpl_float32_available()
+    worker = Worker(exe)
+    try:
+        info = worker.ask(cmd="info")
+        mach = machine({"torch": info["torch"], "threads": info["threads"],
+                        "interop_threads": info["interop_threads"]})
+        log(f"{mach['cpu_model']} ({mach['cpu_count']} cores), torch {info['torch']} with "
+            f"{info['threads']} threads, refimpl float32: {'yes' if f32 else 'no'}")
+        new = []
+        with tempfile.TemporaryDirectory(prefix="refimpl-peers-") as tmp:
+            for sname, s in shapes.items():
+                for fam in families:
+                    t0 = time.perf_counter()
+                    t = time_point(fam, s, worker, tmp, args.repeats, args.max_seconds, f32)
+                    new.append({"shape_name": sname, "shape": s, "family": fam, "timings": t})
+                    log(f"{sname} {fam}: " + ", ".join(f"{k} {_cell(c)}" for k, c in t.items())
+                        + f" ({time.perf_counter() - t0:.0f} s)")
+    finally:
+        worker.close()
+    old = None if args.quick else load(json_path)
+    keep = []
+    if old and not old.get("quick"):
+        done = {(p["shape_name"], p["family"]) for p in new}
+        keep = [p for p in old["points"] if (p["shape_name"], p["family"]) not in done]
+    order = {(s, f): i for i, (s, f) in enumerate((s, f) for s in list(SHAPES) + ["quick"]
+                                                   for f in FAMILIES)}
+    points = sorted(keep + new, key=lambda p: order[(p["shape_name"], p["family"])])
+    doc = {"schema": SCHEMA, "schema_version": 1, "quick": args.quick, "machine": mach,
+           "repeats": args.repeats, "max_seconds": args.max_seconds,
+           "refimpl_float32": f32, "check": check, "points": points}
+    atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
+    existing = md_path.read_text(encoding="utf-8") if md_path.exists() else None
+    atomic_write_text(md_path, merge_region(existing, REGION, render(doc)))
+    log(f"wrote {json_path} and the '{REGION}' region of {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
