@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -172,14 +173,16 @@ class Worker:
 
 def run_check(exe, quick):
     """The float64 correctness check in the peers environment: one dict per family."""
-    cmd = [exe, str(HERE / "torch_model.py"), "--check"]
+    cmd = [exe, str(HERE / "torch_model.py"), "--check", "--controls"]
     if quick:
         cmd += ["--shape", "2,8,4,16"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=peer_env())
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode or len(rows) != len(FAMILIES):
-        raise SystemExit("the torch model does not match refimpl (float64 loss and gradients); "
-                         "timing would compare different models:\n" + out.stdout + out.stderr)
+    checks = [r for r in rows if not r.get("control")]
+    if out.returncode or len(checks) != len(FAMILIES):
+        raise SystemExit("the torch model does not match refimpl (float64 loss and gradients), "
+                         "or a negative control passed the check; timing would compare "
+                         "different models:\n" + out.stdout + out.stderr)
     return rows
 
 
@@ -259,8 +262,8 @@ def machine(torch_info):
     info = {"date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
             "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version(),
-            "numpy": np.__version__,
-            "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS"),
+            "numpy": np.__version__, "loadavg_start": list(os.getloadavg()),
+            "NUMBA_NUM_THREADS": numba.config.NUMBA_NUM_THREADS,
             "git_commit": _git_commit(), **{f"torch_{k}": v for k, v in torch_info.items()}}
     try:
         info["cpu_affinity"] = len(os.sched_getaffinity(0))
@@ -314,7 +317,10 @@ def render(doc):
              f"Run {m['date']} at commit `{m.get('git_commit')}`; {m['cpu_model']}, "
              f"{m['cpu_count']} cores; PyTorch {m.get('torch_torch')} CPU eager, "
              f"{m.get('torch_threads')} threads (`torch.set_num_threads`); refimpl with "
-             f"NUMBA_NUM_THREADS={m.get('NUMBA_NUM_THREADS')}, NumPy {m['numpy']}. "
+             f"NUMBA_NUM_THREADS={m.get('NUMBA_NUM_THREADS')}, NumPy {m['numpy']}"
+             + (f"; load average {m['loadavg_start'][0]:.1f} at the start, "
+                f"{m['loadavg_end'][0]:.1f} at the end (a shared machine)"
+                if "loadavg_end" in m else "") + ". "
              f"{LAYERS} layers, {CLASSES} classes, d_input 1; one training step = forward + "
              "backward + AdamW (+ `rho >= 0`), from refimpl's `init_model` seed 0, the same "
              "batch on both sides. Median of the timed steps after one warm-up step, "
@@ -325,7 +331,8 @@ def render(doc):
              ""]
     if doc.get("quick"):
         lines += ["**Quick smoke-test shapes: not a measurement.**", ""]
-    chk = doc["check"]
+    chk = [r for r in doc["check"] if not r.get("control")]
+    controls = [r for r in doc["check"] if r.get("control")]
     worst_l = max(r["loss_rel_err"] for r in chk)
     worst_g = max(chk, key=lambda r: r["grad_rel_err_max"])
     margins = [r["min_spike_margin"] for r in chk if r["min_spike_margin"] is not None]
@@ -335,7 +342,10 @@ def render(doc):
               f"{_fmt_shape(chk[0]['shape'])}): loss within {worst_l:.1e}, every gradient within "
               f"{worst_g['grad_rel_err_max']:.1e} of its largest entry (worst: "
               f"{worst_g['family']} `{worst_g['grad_worst']}`; tolerance {chk[0]['rtol']:g}, "
-              f"see `torch_model.RTOL`){margin}.", ""]
+              f"see `torch_model.RTOL`){margin}."
+              + "".join(f" Negative control {r['family']} with `{r['variant']}`: rejected "
+                        f"(gradients off by {r['grad_rel_err_max']:.1e})." for r in controls),
+              ""]
     lines += ["| shape | family | refimpl f64 | PyTorch f64 | ratio f64 | refimpl f32 | "
               "PyTorch f32 | ratio f32 | n |",
               "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -409,6 +419,8 @@ def parse_args(argv):
     ap.add_argument("--max-seconds", type=float, default=120.0,
                     help="cap on the timed steps per contender and point (default 120 s; "
                          "at least one step is always timed)")
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="run nothing; rewrite the BENCHMARKS.md region from the stored JSON")
     ap.add_argument("--peers-python", default=None,
                     help="python of the PyTorch environment (default .venv-peers/bin/python)")
     args = ap.parse_args(argv)
@@ -423,12 +435,24 @@ def parse_args(argv):
     return args
 
 
+def write_markdown(doc, md_path):
+    existing = md_path.read_text(encoding="utf-8") if md_path.exists() else None
+    atomic_write_text(md_path, merge_region(existing, REGION, render(doc)))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    exe = peers_python(args.peers_python)
     out_dir = args.out_dir
     json_path = (out_dir or HERE) / "results.json"
     md_path = out_dir / "BENCHMARKS.md" if out_dir else ROOT / "BENCHMARKS.md"
+    if args.markdown_only:
+        doc = load(json_path)
+        if doc is None:
+            raise SystemExit(f"no {json_path} to render: run the benchmark first")
+        write_markdown(doc, md_path)
+        log(f"wrote the '{REGION}' region of {md_path}")
+        return 0
+    exe = peers_python(args.peers_python)
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     shapes = QUICK_SHAPES if args.quick else {k: SHAPES[k] for k in (args.only_shape or SHAPES)}
@@ -436,8 +460,9 @@ def main(argv=None):
     log("checking the torch model against refimpl (float64 loss and gradients)")
     check = run_check(exe, args.quick)
     for r in check:
-        log(f"  {r['family']}: loss {r['loss_rel_err']:.1e}, grads {r['grad_rel_err_max']:.1e} "
-            f"(tolerance {r['rtol']:g})")
+        tag = "  control " if r.get("control") else "  "
+        log(f"{tag}{r['family']} {r['variant']}: loss {r['loss_rel_err']:.1e}, grads "
+            f"{r['grad_rel_err_max']:.1e} (tolerance {r['rtol']:g}){'' if r['ok'] else ': off'}")
     f32 = refimpl_float32_available()
     worker = Worker(exe)
     try:
@@ -457,6 +482,7 @@ def main(argv=None):
                         + f" ({time.perf_counter() - t0:.0f} s)")
     finally:
         worker.close()
+    mach["loadavg_end"] = list(os.getloadavg())
     old = None if args.quick else load(json_path)
     keep = []
     if old and not old.get("quick"):
@@ -469,8 +495,7 @@ def main(argv=None):
            "repeats": args.repeats, "max_seconds": args.max_seconds,
            "refimpl_float32": f32, "check": check, "points": points}
     atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
-    existing = md_path.read_text(encoding="utf-8") if md_path.exists() else None
-    atomic_write_text(md_path, merge_region(existing, REGION, render(doc)))
+    write_markdown(doc, md_path)
     log(f"wrote {json_path} and the '{REGION}' region of {md_path}")
     return 0
 

@@ -241,6 +241,8 @@ def make_step(model, groups, x, labels):
 #: Spiking families additionally need no spike decided within that error of its threshold:
 #: the check reports the smallest margin |h - theta| it saw.
 RTOL = 1e-9
+#: Negative controls: deliberately wrong models the check must reject (family, VARIANT).
+CONTROLS = (("gelu", "ln_eps"), ("lif", "detach_reset"))
 
 
 def check_against_refimpl(family, B=4, H=16, N=8, L=64, n_layers=2, seed=0, sdn_weights=None,
@@ -350,6 +352,9 @@ def main(argv=None):
     ap.add_argument("--shape", default="4,16,8,64", help="B,H,N,L of the check")
     ap.add_argument("--variant", default="", choices=["", "ln_eps", "detach_reset"],
                     help="check a deliberately wrong model (a negative control: must fail)")
+    ap.add_argument("--controls", action="store_true",
+                    help="with --check: also run the negative controls (CONTROLS), which must "
+                         "fail the check; exit 1 when one passes")
     ap.add_argument("--worker", action="store_true", help="serve run.py's timing protocol")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     args = ap.parse_args(argv)
@@ -364,6 +369,10 @@ def main(argv=None):
             r = check_against_refimpl(fam, B, H, N, L, variant=args.variant)
             ok &= r["ok"]
             print(json.dumps(r), flush=True)
+        for fam, variant in CONTROLS if args.controls else ():
+            r = check_against_refimpl(fam, B, H, N, L, variant=variant)
+            ok &= not r["ok"]
+            print(json.dumps({**r, "control": True}), flush=True)
         return 0 if ok else 1
     ap.error("give --check or --worker")
 
