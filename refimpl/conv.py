@@ -8,6 +8,8 @@ The FFT form pads to a fast length ``n >= 2L`` (:func:`fft_length`) so the circu
 convolution equals the linear one on ``t < L``. Both directions fold into one length-``n``
 circular kernel ``k``: ``k[j] = K0[j]`` and ``k[n-1-j] = K1[j]`` for ``j < L``, zero elsewhere.
 """
+from typing import NamedTuple, Optional
+
 import numpy as np
 import scipy.fft as sfft
 from numba import njit
@@ -82,6 +84,54 @@ def _check_finite(what, **arrays):
                              f"{a[i]} from finite inputs; scale u, K (or dy) down")
 
 
+class ConvCache(NamedTuple):
+    """What :func:`fftconv_vjp` needs from :func:`fftconv_fwd`: the inputs and their spectra
+    (computed once in the forward and reused by the backward, never recomputed)."""
+    u: np.ndarray  # (B, H, L)
+    K: np.ndarray  # (H, L) or (2, H, L)
+    D: Optional[np.ndarray]  # (H,) or None
+    kf: np.ndarray  # complex (H, n//2+1) spectrum of the circular kernel
+    uf: np.ndarray  # complex (B, H, n//2+1) spectrum of u
+    n: int  # FFT length (fft_length(L))
+
+
+def _spectra(u, K):
+    """``(kf, uf, n)``: the spectra of the circular kernel and of ``u`` (checked inputs)."""
+    n = fft_length(u.shape[-1])
+    kf = _rfft(_circular_kernel(K, n), n)  # (H, n//2+1)
+    uf = _rfft(u, n)  # (B, H, n//2+1)
+    return kf, uf, n
+
+
+def _fwd(u, K, D):
+    """The forward on checked inputs: ``(y, ConvCache)``."""
+    L = u.shape[-1]
+    kf, uf, n = _spectra(u, K)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = _irfft(uf * kf, n)[..., :L]  # (B, H, L)
+        if D is not None:
+            y += D[:, None] * u
+    _check_finite("fftconv", y=y)
+    return np.ascontiguousarray(y), ConvCache(u, K, D, kf, uf, n)
+
+
+def _bwd(c, dy):
+    """The backward from a :class:`ConvCache` and a checked ``dy``: ``(du, dK, dD)``."""
+    u, K, D, kf, uf, n = c
+    L = u.shape[-1]
+    dyf = _rfft(dy, n)  # (B, H, n//2+1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        du = _irfft(dyf * np.conj(kf), n)[..., :L]  # (B, H, L)
+        dk = _irfft((dyf * np.conj(uf)).sum(0), n)  # (H, n)
+        dK = _uncircular_kernel(dk, L, K.ndim == 3)
+        dD = None
+        if D is not None:
+            du += D[:, None] * dy
+            dD = np.einsum("bhl,bhl->h", dy, u)  # (H,)
+    _check_finite("fftconv_bwd", du=du, dK=dK, dD=dD)
+    return np.ascontiguousarray(du), dK, dD
+
+
 def fftconv(u, K, D=None):
     """FFT convolution ``y = conv(u, K) + D u``; see the module docstring.
 
@@ -95,17 +145,7 @@ def fftconv(u, K, D=None):
     -------
     y : float64 (B, H, L)
     """
-    u, K, D = _check_conv(u, K, D)
-    L = u.shape[-1]
-    n = fft_length(L)
-    kf = _rfft(_circular_kernel(K, n), n)  # (H, n//2+1)
-    uf = _rfft(u, n)  # (B, H, n//2+1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        y = _irfft(uf * kf, n)[..., :L]  # (B, H, L)
-        if D is not None:
-            y += D[:, None] * u
-    _check_finite("fftconv", y=y)
-    return np.ascontiguousarray(y)
+    return fftconv_fwd(u, K, D)[0]
 
 
 def fftconv_bwd(u, K, D, dy):
@@ -113,26 +153,33 @@ def fftconv_bwd(u, K, D, dy):
 
     ``du[s] = sum_t dy[t] k[(t-s) mod n] + D dy[s]`` (a correlation: ``conj`` of the kernel
     spectrum), ``dk[j] = sum_{b,t} dy[t] u[(t-j) mod n]`` folded back to ``K``'s shape,
-    ``dD = sum_{b,t} dy u``. All freshly allocated.
+    ``dD = sum_{b,t} dy u``. All freshly allocated. Recomputes the forward's spectra; a caller
+    that ran the forward uses :func:`fftconv_fwd` and :func:`fftconv_vjp` instead (the same
+    numbers, two FFTs fewer).
     """
     u, K, D = _check_conv(u, K, D)
     dy = check_array("dy", dy, 3)
     check_shape("dy", dy, u.shape)
-    L = u.shape[-1]
-    n = fft_length(L)
-    kf = _rfft(_circular_kernel(K, n), n)  # (H, n//2+1)
-    uf = _rfft(u, n)  # (B, H, n//2+1)
-    dyf = _rfft(dy, n)  # (B, H, n//2+1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        du = _irfft(dyf * np.conj(kf), n)[..., :L]  # (B, H, L)
-        dk = _irfft((dyf * np.conj(uf)).sum(0), n)  # (H, n)
-        dK = _uncircular_kernel(dk, L, K.ndim == 3)
-        dD = None
-        if D is not None:
-            du += D[:, None] * dy
-            dD = np.einsum("bhl,bhl->h", dy, u)  # (H,)
-    _check_finite("fftconv_bwd", du=du, dK=dK, dD=dD)
-    return np.ascontiguousarray(du), dK, dD
+    kf, uf, n = _spectra(u, K)
+    return _bwd(ConvCache(u, K, D, kf, uf, n), dy)
+
+
+def fftconv_fwd(u, K, D=None):
+    """:func:`fftconv` that also returns the :class:`ConvCache` for :func:`fftconv_vjp`.
+
+    Returns ``(y, cache)``; ``y`` is bit-identical to :func:`fftconv`'s.
+    """
+    u, K, D = _check_conv(u, K, D)
+    return _fwd(u, K, D)
+
+
+def fftconv_vjp(cache, dy):
+    """:func:`fftconv_bwd` from the forward's :class:`ConvCache`: the kernel and input spectra
+    are reused, not recomputed (one FFT of ``dy`` and two inverse FFTs remain). Bit-identical
+    to ``fftconv_bwd(u, K, D, dy)``."""
+    dy = check_array("dy", dy, 3)
+    check_shape("dy", dy, cache.u.shape)
+    return _bwd(cache, dy)
 
 
 @njit(**config.NJIT_OPTS)

@@ -49,7 +49,7 @@ from numba import njit
 
 from . import config
 from ._checks import check_array, check_name, check_shape
-from .conv import fftconv, fftconv_bwd
+from .conv import ConvCache, fftconv_bwd, fftconv_fwd, fftconv_vjp
 from .ssm import (DISCRETIZATIONS, KERNEL_PARAMS, discretize_params, s4d_kernel,
                   s4d_kernel_bwd, vandermonde)
 
@@ -71,6 +71,7 @@ class S4DCache(NamedTuple):
     params: dict
     disc: str
     state: Optional[np.ndarray]  # (B, H, N2) nonzero initial state, or None (zero state)
+    conv: Optional[ConvCache] = None  # the convolution's spectra, reused by the backward
 
 
 class S4DStepCoeffs(NamedTuple):
@@ -194,9 +195,9 @@ def s4d_layer_fwd(u, params, disc="zoh", state=None, return_state=False):
     u = check_array("u", u, 3)
     args, B = _kernel_args(params)
     K = s4d_kernel(*args, u.shape[-1], disc=disc, **B)  # (H, L) or (2, H, L)
-    y = fftconv(u, K, params["D"])  # (B, H, L)
+    y, conv_c = fftconv_fwd(u, K, params["D"])  # (B, H, L)
     if state is None and not return_state:
-        return y, S4DCache(u, K, params, disc, None)
+        return y, S4DCache(u, K, params, disc, None, conv_c)
     if K.ndim == 3:
         raise ValueError(_NO_BIDIRECTIONAL_STATE)
     Bsz, H, L = u.shape
@@ -211,7 +212,7 @@ def s4d_layer_fwd(u, params, disc="zoh", state=None, return_state=False):
         W = ((C * dA)[None] * state).reshape(-1, N2)  # (B H, N2)
         z = np.broadcast_to(dA[None], state.shape).reshape(-1, N2)  # (B H, N2)
         y += vandermonde(W, z, L).reshape(Bsz, H, L)  # 2 Re sum C dA^(t+1) x_{-1}
-    cache = S4DCache(u, K, params, disc, state)
+    cache = S4DCache(u, K, params, disc, state, conv_c)
     if not return_state:
         return y, cache
     return y, cache, _end_state(u, dA, dB, state)
@@ -229,14 +230,17 @@ def s4d_layer_bwd(cache, dy):
         The cache comes from a forward started from a nonzero state (the state term's
         gradient is not implemented; a zero or None state is fine).
     """
-    u, K, params, disc, state = cache
+    u, K, params, disc, state, conv_c = cache
     if state is not None:
         raise NotImplementedError(
             "s4d_layer_bwd: this cache comes from a forward started from a nonzero state; the "
             "gradient of the state term 2 Re sum_n C dA^(t+1) x0 (with respect to the "
             "parameters and the state) is not implemented. Differentiate a forward from the "
             "zero state (state=None), e.g. the whole sequence in one chunk")
-    du, dK, dD = fftconv_bwd(u, K, params["D"], dy)
+    if conv_c is not None:
+        du, dK, dD = fftconv_vjp(conv_c, dy)  # the forward's spectra, not recomputed
+    else:
+        du, dK, dD = fftconv_bwd(u, K, params["D"], dy)
     args, B = _kernel_args(params)
     g = s4d_kernel_bwd(*args, dK, disc=disc, **B)
     grads = dict(zip(KERNEL_PARAMS + tuple(B), g))
