@@ -156,8 +156,9 @@ def test_quick_run_checks_the_model_and_writes_results(tmp_path):
     for r in checks:  # the same model: loss and every gradient within RTOL (see its comment)
         assert r["ok"] and not r["missing"], r
         assert r["loss_rel_err"] <= r["rtol"] and r["grad_rel_err_max"] <= r["rtol"], r
-        if r["family"] != "gelu":  # no spike decided within the tolerance of its threshold
+        if r["family"] != "gelu":  # spikes fire, none decided within the tolerance
             assert r["min_spike_margin"] > 1e3 * r["rtol"], r
+            assert 0.01 < r["spike_rate"] < 0.99, r
     assert {(r["family"], r["variant"]) for r in controls} == {("gelu", "ln_eps"),
                                                                ("lif", "detach_reset")}
     for r in controls:  # wrong models are rejected, by far

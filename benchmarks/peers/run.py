@@ -56,6 +56,8 @@ QUICK_SHAPES = {"quick": dict(B=4, H=8, N=4, L=32)}
 LAYERS, CLASSES, LR, WD = 2, 10, 1e-3, 1e-2
 TORCH_THREADS = 2
 CONTENDERS = ("refimpl64", "torch64", "refimpl32", "torch32")
+#: Negative controls of the check, as torch_model.CONTROLS (that file needs torch to import).
+CONTROLS = (("gelu", "ln_eps"), ("lif", "detach_reset"))
 SCHEMA = "refimpl-bench-peers"
 REGION = "peers"
 SDN_WEIGHTS = ROOT.parent / "shared" / "external" / "sdn_spikingssm_tau0125.npz"
@@ -171,18 +173,33 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def run_check(exe, quick):
-    """The float64 correctness check in the peers environment: one dict per family."""
-    cmd = [exe, str(HERE / "torch_model.py"), "--check", "--controls"]
-    if quick:
-        cmd += ["--shape", "2,8,4,16"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=peer_env())
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    checks = [r for r in rows if not r.get("control")]
-    if out.returncode or len(checks) != len(FAMILIES):
+#: Shape of the correctness check (B, H, N, L).
+CHECK_SHAPE = (4, 16, 8, 64)
+
+
+def run_check(worker, tmp):
+    """The float64 correctness check: refimpl's loss and gradients here, the torch model's in
+    the worker (``torch_model.compare``); one dict per family, then the negative controls
+    (``torch_model.CONTROLS``: deliberately wrong models that must be rejected)."""
+    B, H, N, L = CHECK_SHAPE  # small enough for --quick too (the cost is compilation)
+    rows, ref = [], {}
+    for fam, variant in [(f, "") for f in FAMILIES] + list(CONTROLS):
+        if fam not in ref:
+            cfg, p, buf, x, labels = problem(fam, dict(B=B, H=H, N=N, L=L))
+            loss, _, g, _, _ = M.loss_and_grads(cfg, p, buf, x, labels, training=True)
+            npz = os.path.join(tmp, f"check-{fam}.npz")
+            np.savez(npz, x=x, labels=labels, loss=loss, **{"p." + k: v for k, v in p.items()},
+                     **{"buf." + k: v for k, v in buf.items()},
+                     **{"g." + k: v for k, v in g.items()})
+            ref[fam] = npz
+        r = worker.ask(cmd="compare", npz=ref[fam], family=fam, n_layers=LAYERS,
+                       variant=variant)
+        rows.append({**r, "control": True} if variant else r)
+    bad = [r for r in rows if r["ok"] == bool(r.get("control"))]
+    if bad:
         raise SystemExit("the torch model does not match refimpl (float64 loss and gradients), "
                          "or a negative control passed the check; timing would compare "
-                         "different models:\n" + out.stdout + out.stderr)
+                         "different models:\n" + "\n".join(json.dumps(r) for r in bad))
     return rows
 
 
@@ -336,7 +353,9 @@ def render(doc):
     worst_l = max(r["loss_rel_err"] for r in chk)
     worst_g = max(chk, key=lambda r: r["grad_rel_err_max"])
     margins = [r["min_spike_margin"] for r in chk if r["min_spike_margin"] is not None]
+    rates = [f"{r['family']} {r['spike_rate']:.2f}" for r in chk if r.get("spike_rate")]
     margin = (f"; smallest spike margin |h - theta| {min(margins):.1e}" if margins else "")
+    margin += f"; spike rates {', '.join(rates)}" if rates else ""
     lines += [f"Same model: PyTorch float64 loaded with refimpl's parameters gives refimpl's loss "
               f"and gradients on {len(chk)} families (shape "
               f"{_fmt_shape(chk[0]['shape'])}): loss within {worst_l:.1e}, every gradient within "
@@ -457,15 +476,17 @@ def main(argv=None):
         out_dir.mkdir(parents=True, exist_ok=True)
     shapes = QUICK_SHAPES if args.quick else {k: SHAPES[k] for k in (args.only_shape or SHAPES)}
     families = args.only_family or FAMILIES
-    log("checking the torch model against refimpl (float64 loss and gradients)")
-    check = run_check(exe, args.quick)
-    for r in check:
-        tag = "  control " if r.get("control") else "  "
-        log(f"{tag}{r['family']} {r['variant']}: loss {r['loss_rel_err']:.1e}, grads "
-            f"{r['grad_rel_err_max']:.1e} (tolerance {r['rtol']:g}){'' if r['ok'] else ': off'}")
     f32 = refimpl_float32_available()
     worker = Worker(exe)
     try:
+        log("checking the torch model against refimpl (float64 loss and gradients)")
+        with tempfile.TemporaryDirectory(prefix="refimpl-peers-") as tmp:
+            check = run_check(worker, tmp)
+        for r in check:
+            tag = "  control " if r.get("control") else "  "
+            log(f"{tag}{r['family']} {r['variant']}: loss {r['loss_rel_err']:.1e}, grads "
+                f"{r['grad_rel_err_max']:.1e} (tolerance {r['rtol']:g})"
+                + ("" if r["ok"] else ": rejected"))
         info = worker.ask(cmd="info")
         mach = machine({"torch": info["torch"], "threads": info["threads"],
                         "interop_threads": info["interop_threads"]})

@@ -61,7 +61,7 @@ SETTINGS = {
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 LN_EPS = 1e-5
 SDN_K = 8
-#: When a list, every spike test appends its smallest margin ``min |z|`` (the correctness check).
+#: When a list, every spike test appends ``(min |z|, spikes, tests)`` (the correctness check).
 MARGINS = None
 #: Deliberate model errors for the check's negative controls (never set when timing):
 #: ``"ln_eps"`` LayerNorm eps 1e-6 instead of 1e-5, ``"detach_reset"`` no gradient through
@@ -85,7 +85,7 @@ class Spike(torch.autograd.Function):
         ctx.save_for_backward(z)
         ctx.name, ctx.scale = name, scale
         if MARGINS is not None:
-            MARGINS.append(float(z.detach().abs().min()))
+            MARGINS.append((float(z.detach().abs().min()), float((z >= 0).sum()), z.numel()))
         return (z >= 0).to(z.dtype)
 
     @staticmethod
@@ -245,13 +245,8 @@ RTOL = 1e-9
 CONTROLS = (("gelu", "ln_eps"), ("lif", "detach_reset"))
 
 
-def check_against_refimpl(family, B=4, H=16, N=8, L=64, n_layers=2, seed=0, sdn_weights=None,
-                          variant=""):
-    """Loss and gradient errors of this model vs ``refimpl.model.loss_and_grads`` (float64).
-
-    ``variant`` runs a deliberately wrong model (:data:`VARIANT`): the check must fail then.
-    """
-    global MARGINS, VARIANT
+def refimpl_reference(family, B=4, H=16, N=8, L=64, n_layers=2, seed=0, sdn_weights=None):
+    """refimpl's side of the check: ``(params, buffers, x, labels, loss, grads)`` (float64)."""
     from refimpl import model as M
 
     cfg = M.ModelConfig(n_classes=10, d_input=1, d_model=H, d_state=N, n_layers=n_layers,
@@ -262,30 +257,52 @@ def check_against_refimpl(family, B=4, H=16, N=8, L=64, n_layers=2, seed=0, sdn_
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((B, L, 1))  # (B, L, 1)
     labels = rng.integers(0, 10, B).astype(np.int64)
-    loss_r, _, g_r, _, _ = M.loss_and_grads(cfg, p, buf, x, labels, training=True)
+    loss, _, g, _, _ = M.loss_and_grads(cfg, p, buf, x, labels, training=True)
+    return p, buf, x, labels, loss, g
+
+
+def compare(family, n_layers, p, buf, x, labels, loss_r, g_r, variant=""):
+    """Loss and gradient errors of this model (float64, loaded with ``p``, ``buf``) against
+    refimpl's ``loss_r`` and gradients ``g_r`` on the batch ``x, labels``.
+
+    ``variant`` runs a deliberately wrong model (:data:`VARIANT`): the check must fail then.
+    """
+    global MARGINS, VARIANT
     tm = TorchModel(family, n_layers, p, buf, "float64")
     MARGINS, VARIANT = [], variant
     try:
         loss_t = tm.loss(torch.tensor(x), torch.tensor(labels))
         loss_t.backward()
-        margin = min(MARGINS) if MARGINS else None
+        margin = min(m[0] for m in MARGINS) if MARGINS else None
+        rate = (sum(m[1] for m in MARGINS) / sum(m[2] for m in MARGINS)) if MARGINS else None
     finally:
         MARGINS, VARIANT = None, ""
     loss_t = float(loss_t.detach())
     grads = {}
     for k, ref in g_r.items():
-        got = tm.p[k].grad
+        got = tm.p[k].grad if k in tm.p else None
         got = np.zeros_like(ref) if got is None else got.numpy()
         scale = float(np.abs(ref).max())
         grads[k] = float(np.abs(got - ref).max()) / (scale if scale > 0 else 1.0)
     worst = max(grads, key=grads.get)
     loss_err = abs(loss_t - loss_r) / abs(loss_r)
+    B, L = x.shape[:2]
+    H, N2 = p["layers.0.ssm.C_re"].shape
     return {"family": family, "variant": variant,
-            "shape": dict(B=B, H=H, N=N, L=L, layers=n_layers),
-            "loss_refimpl": loss_r, "loss_torch": loss_t, "loss_rel_err": loss_err,
+            "shape": dict(B=B, H=H, N=2 * N2, L=L, layers=n_layers),
+            "loss_refimpl": float(loss_r), "loss_torch": loss_t, "loss_rel_err": loss_err,
             "grad_rel_err_max": grads[worst], "grad_worst": worst,
-            "min_spike_margin": margin, "missing": sorted(set(g_r) ^ set(tm.p)), "rtol": RTOL,
+            "min_spike_margin": margin, "spike_rate": rate,
+            "missing": sorted(set(g_r) ^ set(tm.p)), "rtol": RTOL,
             "ok": loss_err <= RTOL and grads[worst] <= RTOL and set(g_r) == set(tm.p)}
+
+
+def check_against_refimpl(family, B=4, H=16, N=8, L=64, n_layers=2, seed=0, sdn_weights=None,
+                          variant=""):
+    """:func:`compare` with :func:`refimpl_reference` (needs refimpl importable)."""
+    p, buf, x, labels, loss, g = refimpl_reference(family, B, H, N, L, n_layers, seed,
+                                                   sdn_weights)
+    return compare(family, n_layers, p, buf, x, labels, loss, g, variant)
 
 
 def default_sdn_weights():
@@ -311,7 +328,9 @@ def serve(inp=sys.stdin, out=sys.stdout):
     """JSON lines: ``{"cmd": "setup", "key", "npz", "family", "n_layers", "dtype", "groups"}``
     builds a model and its step from an ``.npz`` (``p.<name>``, ``buf.<name>``, ``x``,
     ``labels``); ``{"cmd": "step", "key"}`` runs one step and answers ``{"seconds", "loss"}``;
-    ``{"cmd": "drop", "key"}`` frees it; ``{"cmd": "info"}`` answers versions and threads."""
+    ``{"cmd": "drop", "key"}`` frees it; ``{"cmd": "compare", "npz", "family", "n_layers",
+    "variant"}`` runs :func:`compare` (the npz also holds ``loss`` and ``g.<name>``);
+    ``{"cmd": "info"}`` answers versions and threads."""
     steps = {}
     for line in inp:
         req = json.loads(line)
@@ -328,6 +347,14 @@ def serve(inp=sys.stdin, out=sys.stdout):
                 tm = TorchModel(req["family"], req["n_layers"], p, buf, req["dtype"])
                 steps[req["key"]] = make_step(tm, req["groups"], x, labels)
                 ans = {}
+            elif cmd == "compare":  # npz as setup, plus loss and g.<name> (refimpl's)
+                with np.load(req["npz"]) as f:
+                    p = {k[2:]: f[k] for k in f.files if k.startswith("p.")}
+                    buf = {k[4:]: f[k] for k in f.files if k.startswith("buf.")}
+                    g = {k[2:]: f[k] for k in f.files if k.startswith("g.")}
+                    x, labels, loss = f["x"], f["labels"], float(f["loss"])
+                ans = compare(req["family"], req["n_layers"], p, buf, x, labels, loss, g,
+                              req.get("variant", ""))
             elif cmd == "step":
                 t0 = time.perf_counter()
                 loss = steps[req["key"]]()
