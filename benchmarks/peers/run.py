@@ -304,7 +304,9 @@ def _git_commit():
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--",
+                                "refimpl"], timeout=10).returncode  # refimpl/ as timed
+        return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
     except OSError:
         return None
 
