@@ -15,7 +15,7 @@ import scipy.fft as sfft
 from numba import njit
 
 from . import config
-from ._checks import check_array, check_shape
+from ._checks import check_array, check_name, check_shape
 
 
 def fft_length(L):
@@ -90,9 +90,10 @@ class ConvCache(NamedTuple):
     u: np.ndarray  # (B, H, L)
     K: np.ndarray  # (H, L) or (2, H, L)
     D: Optional[np.ndarray]  # (H,) or None
-    kf: np.ndarray  # complex (H, n//2+1) spectrum of the circular kernel
-    uf: np.ndarray  # complex (B, H, n//2+1) spectrum of u
-    n: int  # FFT length (fft_length(L))
+    kf: Optional[np.ndarray]  # complex (H, n//2+1) spectrum of the circular kernel (FFT form)
+    uf: Optional[np.ndarray]  # complex (B, H, n//2+1) spectrum of u (FFT form)
+    n: int  # FFT length (fft_length(L)); 0 in the Toeplitz form
+    T: Optional[np.ndarray] = None  # (H, L, L) Toeplitz matrices (Toeplitz form), else None
 
 
 def _spectra(u, K):
@@ -117,7 +118,9 @@ def _fwd(u, K, D):
 
 def _bwd(c, dy):
     """The backward from a :class:`ConvCache` and a checked ``dy``: ``(du, dK, dD)``."""
-    u, K, D, kf, uf, n = c
+    if c.T is not None:
+        return _toeplitz_bwd(c, dy)
+    u, K, D, kf, uf, n, _ = c
     L = u.shape[-1]
     dyf = _rfft(dy, n)  # (B, H, n//2+1)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -130,6 +133,119 @@ def _bwd(c, dy):
             dD = np.einsum("bhl,bhl->h", dy, u)  # (H,)
     _check_finite("fftconv_bwd", du=du, dK=dK, dD=dD)
     return np.ascontiguousarray(du), dK, dD
+
+
+#: Longest ``L`` for which :func:`conv_fwd` convolves by Toeplitz matrix products (measured
+#: crossover with the FFT form on a 2-core machine, issue 13; both forms are exact up to rounding).
+TOEPLITZ_MAX_L = 64
+
+
+@njit(**config.NJIT_OPTS)
+def _toeplitz_fill(K0, K1, bidirectional, T, Tt):
+    """``T[h, t, s] = K0[h, t-s]`` for ``s <= t``, ``K1[h, s-t-1]`` for ``s > t`` when
+    bidirectional, else 0; ``Tt`` its transpose (both C-contiguous, so that every matrix
+    product below runs in BLAS). Preconditions: C-contiguous float64, ``K0, K1 (H, L)``,
+    ``T, Tt (H, L, L)`` overwritten."""
+    H, L, _ = T.shape
+    for h in range(H):
+        for t in range(L):
+            for s in range(L):
+                if s <= t:
+                    v = K0[h, t - s]
+                elif bidirectional:
+                    v = K1[h, s - t - 1]
+                else:
+                    v = 0.0
+                T[h, t, s] = v
+                Tt[h, s, t] = v
+
+
+def _toeplitz(K, L):
+    """``(T, Tt)``, ``(H, L, L)`` each, with ``y[t] = sum_s T[t, s] u[s]`` (see
+    :func:`_toeplitz_fill`)."""
+    K0, K1 = (K[0], K[1]) if K.ndim == 3 else (K, K)
+    H = K0.shape[0]
+    T, Tt = np.empty((H, L, L)), np.empty((H, L, L))  # (H, L, L) each
+    _toeplitz_fill(np.ascontiguousarray(K0), np.ascontiguousarray(K1), K.ndim == 3, T, Tt)
+    return T, Tt
+
+
+@njit(**config.NJIT_OPTS)
+def _diagonal_sums(dT, bidirectional, dK0, dK1):
+    """Adjoint of :func:`_toeplitz`: ``dK0[h, j] = sum_t dT[h, t, t-j]``, ``dK1[h, j] =
+    sum_t dT[h, t, t+j+1]`` (sums in ``t`` order). Preconditions: C-contiguous float64,
+    ``dT (H, L, L)``, ``dK0, dK1 (H, L)`` overwritten (``dK1`` only when bidirectional)."""
+    H, L, _ = dT.shape
+    for h in range(H):
+        for j in range(L):
+            acc = 0.0
+            for t in range(j, L):
+                acc += dT[h, t, t - j]
+            dK0[h, j] = acc
+            if bidirectional:
+                acc = 0.0
+                for t in range(L - j - 1):
+                    acc += dT[h, t, t + j + 1]
+                dK1[h, j] = acc
+
+
+def _toeplitz_fwd(u, K, D):
+    """The Toeplitz form of :func:`_fwd`: one ``(B, L) @ (L, L)`` GEMM per channel."""
+    T, Tt = _toeplitz(K, u.shape[-1])  # (H, L, L) each
+    uh = u.transpose(1, 0, 2)  # (H, B, L) view, rows contiguous (BLAS reads it as it is)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = np.ascontiguousarray(np.matmul(uh, Tt).transpose(1, 0, 2))  # (B, H, L)
+        if D is not None:
+            y += D[:, None] * u  # (B, H, L)
+    _check_finite("conv", y=y)
+    return y, ConvCache(u, K, D, None, None, 0, T)  # Tt is not needed by the backward
+
+
+def _toeplitz_bwd(c, dy):
+    """The Toeplitz form of :func:`_bwd`: ``du = dy T``, ``dT = sum_b dy^T u`` folded to ``K``."""
+    u, K, D, T = c.u, c.K, c.D, c.T
+    H, L = T.shape[0], T.shape[1]
+    dyh = dy.transpose(1, 0, 2)  # (H, B, L) view, rows contiguous
+    dyt = np.ascontiguousarray(dy.transpose(1, 2, 0))  # (H, L, B): NumPy's stacked matmul
+    # calls BLAS only for matrices with contiguous rows, so dy^T is copied once
+    with np.errstate(over="ignore", invalid="ignore"):
+        du = np.ascontiguousarray(np.matmul(dyh, T).transpose(1, 0, 2))  # (B, H, L)
+        dT = np.matmul(dyt, u.transpose(1, 0, 2))  # (H, L, L) = sum_b dy^T u
+        dK0, dK1 = np.empty((H, L)), np.empty((H, L))  # (H, L) each
+        _diagonal_sums(dT, K.ndim == 3, dK0, dK1)
+        dK = np.stack([dK0, dK1]) if K.ndim == 3 else dK0  # (2, H, L) or (H, L)
+        dD = None
+        if D is not None:
+            du += D[:, None] * dy
+            dD = np.einsum("bhl,bhl->h", dy, u)  # (H,)
+    _check_finite("conv_bwd", du=du, dK=dK, dD=dD)
+    return du, dK, dD
+
+
+CONV_METHODS = ("auto", "fft", "toeplitz")
+
+
+def conv_fwd(u, K, D=None, method="auto"):
+    """``y = conv(u, K) + D u`` (the map of :func:`fftconv`) and its cache for :func:`conv_vjp`.
+
+    ``method``: ``"fft"`` (:func:`fftconv_fwd`), ``"toeplitz"`` (one ``(B, L) @ (L, L)`` matrix
+    product per channel with the Toeplitz matrix of ``K``: ``O(B H L^2)`` work in BLAS, faster
+    than the FFTs for short sequences) or ``"auto"``: Toeplitz for ``L <=``
+    :data:`TOEPLITZ_MAX_L`, FFT above. Both forms compute the same sums (the Toeplitz form
+    sums directly, the more accurate of the two). Returns ``(y (B, H, L), ConvCache)``.
+    """
+    check_name("method", method, {k: k for k in CONV_METHODS})
+    u, K, D = _check_conv(u, K, D)
+    if method == "toeplitz" or (method == "auto" and u.shape[-1] <= TOEPLITZ_MAX_L):
+        return _toeplitz_fwd(u, K, D)
+    return _fwd(u, K, D)
+
+
+def conv_vjp(cache, dy):
+    """VJP of :func:`conv_fwd` from its cache: ``(du, dK, dD)`` in the forward's form."""
+    dy = check_array("dy", dy, 3)
+    check_shape("dy", dy, cache.u.shape)
+    return _bwd(cache, dy)
 
 
 def fftconv(u, K, D=None):
@@ -169,17 +285,14 @@ def fftconv_fwd(u, K, D=None):
 
     Returns ``(y, cache)``; ``y`` is bit-identical to :func:`fftconv`'s.
     """
-    u, K, D = _check_conv(u, K, D)
-    return _fwd(u, K, D)
+    return conv_fwd(u, K, D, method="fft")
 
 
 def fftconv_vjp(cache, dy):
     """:func:`fftconv_bwd` from the forward's :class:`ConvCache`: the kernel and input spectra
     are reused, not recomputed (one FFT of ``dy`` and two inverse FFTs remain). Bit-identical
     to ``fftconv_bwd(u, K, D, dy)``."""
-    dy = check_array("dy", dy, 3)
-    check_shape("dy", dy, cache.u.shape)
-    return _bwd(cache, dy)
+    return conv_vjp(cache, dy)
 
 
 @njit(**config.NJIT_OPTS)

@@ -49,7 +49,7 @@ from numba import njit
 
 from . import config
 from ._checks import check_array, check_name, check_shape
-from .conv import ConvCache, fftconv_bwd, fftconv_fwd, fftconv_vjp
+from .conv import ConvCache, conv_fwd, conv_vjp, fftconv_bwd
 from .ssm import (DISCRETIZATIONS, KERNEL_PARAMS, discretize_params, s4d_kernel,
                   s4d_kernel_bwd, vandermonde)
 
@@ -195,7 +195,7 @@ def s4d_layer_fwd(u, params, disc="zoh", state=None, return_state=False):
     u = check_array("u", u, 3)
     args, B = _kernel_args(params)
     K = s4d_kernel(*args, u.shape[-1], disc=disc, **B)  # (H, L) or (2, H, L)
-    y, conv_c = fftconv_fwd(u, K, params["D"])  # (B, H, L)
+    y, conv_c = conv_fwd(u, K, params["D"])  # (B, H, L): FFT, or Toeplitz for short L
     if state is None and not return_state:
         return y, S4DCache(u, K, params, disc, None, conv_c)
     if K.ndim == 3:
@@ -238,7 +238,7 @@ def s4d_layer_bwd(cache, dy):
             "parameters and the state) is not implemented. Differentiate a forward from the "
             "zero state (state=None), e.g. the whole sequence in one chunk")
     if conv_c is not None:
-        du, dK, dD = fftconv_vjp(conv_c, dy)  # the forward's spectra, not recomputed
+        du, dK, dD = conv_vjp(conv_c, dy)  # the forward's spectra / Toeplitz matrices
     else:
         du, dK, dD = fftconv_bwd(u, K, params["D"], dy)
     args, B = _kernel_args(params)
