@@ -1,0 +1,63 @@
+"""The training step does not depend on the thread count (issue 13).
+
+Two subprocesses run one training step (forward, backward, AdamW) of every activation family,
+one with every pool at 1 thread and one at 2 (``NUMBA_NUM_THREADS``, ``REFIMPL_FFT_WORKERS``,
+``OPENBLAS_NUM_THREADS``; the pools are sized at start-up, hence the subprocesses), at two
+lengths: ``L = 40`` (the Toeplitz convolution) and ``L = 96`` (the FFT form). ``H = 64`` puts
+the channel-mixing GEMMs above OpenBLAS's threading threshold (``m n k >= 262144``), so both
+thread counts really split work. Loss, every gradient and every updated parameter must be
+bit-identical: each reduction runs in a fixed order and the threaded parts (BLAS blocks over
+rows and columns, FFT rows, ``prange`` rows) write disjoint outputs.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from refimpl.activations import ACTIVATIONS
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from refimpl import model as M
+    from refimpl.optim import adamw_init, adamw_step, make_groups
+    rng = np.random.default_rng(0)
+    sdn = {"w0": rng.normal(0, .3, (8, 1, 8)), "w1": np.zeros(8),
+           "w2": rng.normal(0, .3, (8, 8, 1)), "w3": np.zeros(8),
+           "w4": rng.normal(0, .3, (1, 8, 1)), "w5": np.zeros(1)}
+    out = {}
+    for act in sys.argv[2].split(","):
+        for L in (40, 96):
+            cfg = M.ModelConfig(n_classes=10, d_model=64, d_state=8, n_layers=2,
+                                activation=act)
+            p, buf = M.init_model(cfg, 0, sdn_weights=sdn if act == "sdn" else None)
+            x = np.random.default_rng(1).standard_normal((4, L, 1))
+            y = np.random.default_rng(2).integers(0, 10, 4).astype(np.int64)
+            loss, logits, g, _, _ = M.loss_and_grads(cfg, p, buf, x, y, training=True)
+            adamw_step(p, g, adamw_init(p), make_groups(p, 1e-3, 1e-2, M.optimizer_rules(1e-3)))
+            out[f"{act}/{L}/loss"] = np.array(loss)
+            out[f"{act}/{L}/logits"] = logits
+            out.update({f"{act}/{L}/grad/{k}": v for k, v in g.items()})
+            out.update({f"{act}/{L}/param/{k}": v for k, v in p.items()})
+    np.savez(sys.argv[1], **out)
+""")
+
+
+def test_training_step_is_independent_of_the_thread_count(tmp_path):
+    fams = ",".join(sorted(ACTIVATIONS))
+    procs = {}
+    for n in (1, 2):
+        env = dict(os.environ, NUMBA_NUM_THREADS=str(n), REFIMPL_FFT_WORKERS=str(n),
+                   OPENBLAS_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
+        procs[n] = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / f"{n}.npz"),
+                                     fams], env=env, stderr=subprocess.PIPE, text=True)
+    for n, p in procs.items():
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, f"threads={n}: {err}"
+    with np.load(tmp_path / "1.npz") as a, np.load(tmp_path / "2.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        assert len(a.files) > 100
+        differ = [k for k in a.files if not np.array_equal(a[k], b[k])]
+    assert not differ, f"results depend on the thread count: {differ[:10]}"
