@@ -116,6 +116,28 @@ def _fwd(u, K, D):
     return np.ascontiguousarray(y), ConvCache(u, K, D, kf, uf, n)
 
 
+@njit(**config.NJIT_OPTS)
+def _spectral_bwd(dyf, kf, uf, duf, dkf):
+    """``duf = dyf conj(kf)`` and ``dkf = sum_b dyf conj(uf)`` in one pass over ``dyf``.
+
+    Equivalent to ``duf = dyf * np.conj(kf); dkf = (dyf * np.conj(uf)).sum(0)`` (the same
+    complex products, the sum over ``b`` in ``b`` order as NumPy's reduction over the leading
+    axis). Preconditions: C-contiguous complex128, ``dyf, uf, duf (B, H, F)``, ``kf, dkf
+    (H, F)``; ``duf`` and ``dkf`` overwritten.
+    """
+    Bsz, H, F = dyf.shape
+    for h in range(H):
+        for f in range(F):
+            dkf[h, f] = dyf[0, h, f] * uf[0, h, f].conjugate()
+    for i in range(Bsz):
+        for h in range(H):
+            for f in range(F):
+                d = dyf[i, h, f]
+                duf[i, h, f] = d * kf[h, f].conjugate()
+                if i > 0:
+                    dkf[h, f] += d * uf[i, h, f].conjugate()
+
+
 def _bwd(c, dy):
     """The backward from a :class:`ConvCache` and a checked ``dy``: ``(du, dK, dD)``."""
     if c.T is not None:
@@ -123,9 +145,11 @@ def _bwd(c, dy):
     u, K, D, kf, uf, n, _ = c
     L = u.shape[-1]
     dyf = _rfft(dy, n)  # (B, H, n//2+1)
+    duf, dkf = np.empty_like(dyf), np.empty_like(kf)  # (B, H, n//2+1), (H, n//2+1)
+    _spectral_bwd(dyf, kf, uf, duf, dkf)
     with np.errstate(over="ignore", invalid="ignore"):
-        du = _irfft(dyf * np.conj(kf), n)[..., :L]  # (B, H, L)
-        dk = _irfft((dyf * np.conj(uf)).sum(0), n)  # (H, n)
+        du = _irfft(duf, n)[..., :L]  # (B, H, L)
+        dk = _irfft(dkf, n)  # (H, n)
         dK = _uncircular_kernel(dk, L, K.ndim == 3)
         dD = None
         if D is not None:
