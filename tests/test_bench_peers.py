@@ -89,7 +89,7 @@ def _doc():
                   "control": True})
     s = run.SHAPES["L1024"]
     points = [
-        {"shape_name": "L1024", "shape": s, "family": "gelu",
+        {"shape_name": "L1024", "shape": s, "family": "gelu", "loadavg_1min": 0.54,
          "timings": {"refimpl64": _timing(2.0), "torch64": _timing(4.0),
                      "torch32": _timing(1.0)}},
         {"shape_name": "L1024", "shape": s, "family": "lif",
@@ -107,9 +107,9 @@ def test_render_ratios_caps_and_missing_float32():
     text = run.render(_doc())
     rows = [line for line in text.splitlines() if line.startswith("| B=32")]
     assert rows[0] == ("| B=32 H=128 N=64 L=1024 | `gelu` | 2 s | 4 s | 0.50 | - | 1 s | - | "
-                       "5/5/-/5 |")
+                       "5/5/-/5 | 0.5 |")
     assert rows[1].startswith("| B=32 H=128 N=64 L=1024 | `lif` | 3 s | 60 s | 0.05 | error |")
-    assert rows[1].endswith("| 5/2/-/5 |")  # torch64 capped at 2 timed steps
+    assert rows[1].endswith("| 5/2/-/5 | - |")  # torch64 capped at 2 timed steps
     assert "refimpl f32: `-` until" in text
     assert "Negative control lif with `detach_reset`: rejected" in text
     assert "lif refimpl32: TypeError: x" in text

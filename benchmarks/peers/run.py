@@ -346,7 +346,8 @@ def render(doc):
              f"contenders interleaved; at most {doc['max_seconds']:g} s of timed steps per "
              "contender and point (the `n` column: timed steps of refimpl64 / torch64 / "
              "refimpl32 / torch32; fewer than "
-             f"{doc['repeats']} means capped). Ratio = refimpl / PyTorch (< 1: refimpl faster).",
+             f"{doc['repeats']} means capped; `load`: the 1-minute load average when the point "
+             "started, on 2 cores). Ratio = refimpl / PyTorch (< 1: refimpl faster).",
              ""]
     if doc.get("quick"):
         lines += ["**Quick smoke-test shapes: not a measurement.**", ""]
@@ -368,8 +369,8 @@ def render(doc):
                         f"(gradients off by {r['grad_rel_err_max']:.1e})." for r in controls),
               ""]
     lines += ["| shape | family | refimpl f64 | PyTorch f64 | ratio f64 | refimpl f32 | "
-              "PyTorch f32 | ratio f32 | n |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+              "PyTorch f32 | ratio f32 | n | load |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in doc["points"]:
         t = r["timings"]
         n = "/".join(str(t[k]["repeats"]) if k in t and "repeats" in t[k] else "-"
@@ -378,7 +379,8 @@ def render(doc):
             f"| {_fmt_shape(r['shape'])}", f"`{r['family']}`", _cell(t.get("refimpl64")),
             _cell(t.get("torch64")), _fmt_ratio(ratio(t, "refimpl64", "torch64")),
             _cell(t.get("refimpl32")), _cell(t.get("torch32")),
-            _fmt_ratio(ratio(t, "refimpl32", "torch32")), n]) + " |")
+            _fmt_ratio(ratio(t, "refimpl32", "torch32")), n,
+            "-" if r.get("loadavg_1min") is None else f"{r['loadavg_1min']:.1f}"]) + " |")
     errs = [f"- {r['shape_name']} {r['family']} {k}: {c['error']}" for r in doc["points"]
             for k, c in r["timings"].items() if "error" in c]
     if not doc.get("refimpl_float32"):
@@ -461,6 +463,11 @@ def write_markdown(doc, md_path):
     atomic_write_text(md_path, merge_region(existing, REGION, render(doc)))
 
 
+#: Display order of the points: shapes as in SHAPES, families as in FAMILIES.
+order = {(s, f): i for i, (s, f) in enumerate((s, f) for s in list(SHAPES) + ["quick"]
+                                               for f in FAMILIES)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     out_dir = args.out_dir
@@ -494,31 +501,34 @@ def main(argv=None):
                         "interop_threads": info["interop_threads"]})
         log(f"{mach['cpu_model']} ({mach['cpu_count']} cores), torch {info['torch']} with "
             f"{info['threads']} threads, refimpl float32: {'yes' if f32 else 'no'}")
+        old = None if args.quick else load(json_path)
+        planned = {(sname, fam) for sname in shapes for fam in families}
+        keep = [p for p in old["points"] if (p["shape_name"], p["family"]) not in planned] \
+            if old and not old.get("quick") else []
         new = []
+
+        def save():  # after every point: an interrupted run keeps what it measured
+            mach["loadavg_end"] = list(os.getloadavg())
+            points = sorted(keep + new, key=lambda p: order[(p["shape_name"], p["family"])])
+            doc = {"schema": SCHEMA, "schema_version": 1, "quick": args.quick,
+                   "machine": mach, "repeats": args.repeats, "max_seconds": args.max_seconds,
+                   "refimpl_float32": f32, "check": check, "points": points}
+            atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
+            write_markdown(doc, md_path)
+
         with tempfile.TemporaryDirectory(prefix="refimpl-peers-") as tmp:
             for sname, s in shapes.items():
                 for fam in families:
-                    t0 = time.perf_counter()
+                    t0, load1 = time.perf_counter(), os.getloadavg()[0]
                     t = time_point(fam, s, worker, tmp, args.repeats, args.max_seconds, f32)
-                    new.append({"shape_name": sname, "shape": s, "family": fam, "timings": t})
+                    new.append({"shape_name": sname, "shape": s, "family": fam, "timings": t,
+                                "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+                                "loadavg_1min": load1})
                     log(f"{sname} {fam}: " + ", ".join(f"{k} {_cell(c)}" for k, c in t.items())
-                        + f" ({time.perf_counter() - t0:.0f} s)")
+                        + f" ({time.perf_counter() - t0:.0f} s, load {load1:.1f})")
+                    save()
     finally:
         worker.close()
-    mach["loadavg_end"] = list(os.getloadavg())
-    old = None if args.quick else load(json_path)
-    keep = []
-    if old and not old.get("quick"):
-        done = {(p["shape_name"], p["family"]) for p in new}
-        keep = [p for p in old["points"] if (p["shape_name"], p["family"]) not in done]
-    order = {(s, f): i for i, (s, f) in enumerate((s, f) for s in list(SHAPES) + ["quick"]
-                                                   for f in FAMILIES)}
-    points = sorted(keep + new, key=lambda p: order[(p["shape_name"], p["family"])])
-    doc = {"schema": SCHEMA, "schema_version": 1, "quick": args.quick, "machine": mach,
-           "repeats": args.repeats, "max_seconds": args.max_seconds,
-           "refimpl_float32": f32, "check": check, "points": points}
-    atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
-    write_markdown(doc, md_path)
     log(f"wrote {json_path} and the '{REGION}' region of {md_path}")
     return 0
 
