@@ -169,8 +169,13 @@ class Worker:
         return ans
 
     def close(self):
+        """End the worker (its stdin closes: it returns); killed, by its id, if it hangs."""
         self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 #: Shape of the correctness check (B, H, N, L).
