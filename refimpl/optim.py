@@ -27,7 +27,9 @@ import math
 import numbers
 
 import numpy as np
+from numba import njit
 
+from . import config
 from ._checks import check_array, check_int, check_real
 
 #: Defaults of ``torch.optim.AdamW`` (except weight_decay, which is per group here).
@@ -250,6 +252,28 @@ def check_state(state, params):
                                  f"C-contiguous array")
 
 
+@njit(**config.NJIT_OPTS)
+def _adamw_update(p, g, m, v, factor, decay, b1, b2, lr_t, c1, c2, eps):
+    """One parameter's update in one pass, elementwise (1-d views).
+
+    Equivalent to ``g = g * factor`` (when ``factor != 1``); ``p *= decay`` (when
+    ``decay != 1``); ``m *= b1; m += (1 - b1) g; v *= b2; v += (1 - b2) (g g);
+    p -= lr_t (m / c1) / (sqrt(v / c2) + eps)``: the same operations in the same order, so
+    bit-identical to the NumPy form. Preconditions: C-contiguous float64 1-d arrays of one
+    length; ``p, m, v`` updated in place.
+    """
+    for i in range(p.size):
+        gi = g[i] * factor if factor != 1.0 else g[i]
+        pi = p[i] * decay if decay != 1.0 else p[i]
+        mi = m[i] * b1
+        mi += (1.0 - b1) * gi
+        vi = v[i] * b2
+        vi += (1.0 - b2) * (gi * gi)
+        m[i] = mi
+        v[i] = vi
+        p[i] = pi - lr_t * (mi / c1) / (np.sqrt(vi / c2) + eps)
+
+
 def adamw_step(params, grads, state, groups, lr_scale=1.0, betas=BETAS, eps=EPS,
                clip_norm=None):
     """One AdamW update, **in place** on ``params`` and ``state`` (``grads`` are not modified).
@@ -320,17 +344,12 @@ def adamw_step(params, grads, state, groups, lr_scale=1.0, betas=BETAS, eps=EPS,
     for group in groups:
         lr_t = lr_scale * float(group["lr"])
         wd = float(group.get("weight_decay", 0.0))
+        decay = 1.0 - lr_t * wd if wd != 0.0 else 1.0
         for name in group["params"]:
-            p = params[name]
-            g = grads[name] if factor == 1.0 else grads[name] * factor  # (shape of p)
-            m = state["exp_avg"][name]
-            v = state["exp_avg_sq"][name]
-            if wd != 0.0:
-                p *= 1.0 - lr_t * wd
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            p -= lr_t * (m / c1) / (np.sqrt(v / c2) + eps)
+            # p *= decay; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+            # p -= lr_t (m / c1) / (sqrt(v / c2) + eps), fused (see _adamw_update)
+            _adamw_update(params[name].reshape(-1), np.ascontiguousarray(grads[name]).reshape(-1),
+                          state["exp_avg"][name].reshape(-1), state["exp_avg_sq"][name].reshape(-1),
+                          factor, decay, b1, b2, lr_t, c1, c2, eps)
     state["step"] = np.asarray(t, dtype=np.int64)
     return {"step": t, "grad_norm": norm, "clip_factor": factor}
