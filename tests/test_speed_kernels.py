@@ -72,9 +72,10 @@ def test_vjp_checks_dy():
 shapes = st.tuples(st.integers(1, 5), st.integers(1, 9), st.integers(1, 9), st.integers(1, 50))
 
 
-@given(shapes, st.integers(0, 2**32 - 1))
-def test_chanmix_against_tensordot(shape, seed):
+@given(shapes, st.integers(0, 2**32 - 1), st.booleans())
+def test_chanmix_against_tensordot(shape, seed, long):
     Bsz, I, O, L = shape
+    L += (Ly.BATCHED_MAX_L - 40) * long  # both forms: batched GEMMs and one GEMM
     rng = np.random.default_rng(seed)
     W, x, dy = rng.normal(size=(O, I)), rng.normal(size=(Bsz, I, L)), rng.normal(size=(Bsz, O, L))
     old = np.tensordot(W, x, axes=([1], [1])).transpose(1, 0, 2)  # the old chanmix
