@@ -107,17 +107,55 @@ def embedding_bwd(cache, dy):
 # --------------------------------------------------------------------------------------------
 
 
+_SQRT2 = np.sqrt(2.0)
+
+
+@njit(**config.NJIT_OPTS)
+def _gelu_post(x, Phi, y):
+    """``Phi = 0.5 (1 + Phi)`` in place (``Phi`` holds ``erf(x / sqrt 2)`` on entry) and
+    ``y = x Phi``, one pass over flat C-contiguous float64 arrays; ``y`` overwritten."""
+    for i in range(x.size):
+        p = 0.5 * (1.0 + Phi[i])
+        Phi[i] = p
+        y[i] = x[i] * p
+
+
+@njit(**config.NJIT_OPTS)
+def _gelu_bwd_post(x, Phi, e, dy, dx):
+    """``dx = dy (Phi + x (e / sqrt(2 pi)))`` with ``e = exp(-x^2 / 2)``, one pass over flat
+    C-contiguous float64 arrays; ``dx`` overwritten."""
+    c = np.sqrt(2.0 * np.pi)
+    for i in range(x.size):
+        dx[i] = dy[i] * (Phi[i] + x[i] * (e[i] / c))
+
+
 def gelu_fwd(x):
-    """Exact GELU ``x Phi(x)`` with ``Phi(x) = (1 + erf(x / sqrt 2)) / 2`` (torch ``nn.GELU()``)."""
-    Phi = 0.5 * (1.0 + erf(x / np.sqrt(2.0)))
-    return x * Phi, (x, Phi)
+    """Exact GELU ``x Phi(x)`` with ``Phi(x) = (1 + erf(x / sqrt 2)) / 2`` (torch ``nn.GELU()``).
+
+    Equivalent to ``Phi = 0.5 * (1.0 + erf(x / np.sqrt(2.0))); y = x * Phi``: the same
+    operations, with the elementwise arithmetic after ``erf`` in one pass.
+    """
+    x = np.ascontiguousarray(x)
+    Phi = erf(x / _SQRT2)  # (B, H, L), erf(x / sqrt 2) until _gelu_post
+    y = np.empty_like(x)  # (B, H, L)
+    _gelu_post(x.reshape(-1), Phi.reshape(-1), y.reshape(-1))
+    return y, (x, Phi)
 
 
 def gelu_bwd(cache, dy):
-    """``d/dx [x Phi(x)] = Phi(x) + x phi(x)``, ``phi`` the standard normal density."""
+    """``d/dx [x Phi(x)] = Phi(x) + x phi(x)``, ``phi`` the standard normal density.
+
+    Equivalent to ``phi = np.exp(-0.5 * x * x) / np.sqrt(2 pi); dx = dy * (Phi + x * phi)``
+    (NumPy's SIMD ``exp``, then one fused pass).
+    """
     x, Phi = cache
-    phi = np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
-    return (dy * (Phi + x * phi),)
+    e = -0.5 * x  # (B, H, L)
+    e *= x
+    np.exp(e, out=e)
+    dx = np.empty_like(x)  # (B, H, L)
+    _gelu_bwd_post(x.reshape(-1), Phi.reshape(-1), e.reshape(-1),
+                   np.ascontiguousarray(dy).reshape(-1), dx.reshape(-1))
+    return (dx,)
 
 
 def _sigmoid(z):

@@ -108,10 +108,16 @@ def test_chanmix_dW_empty_batch():
 # --------------------------------------------------------------------------------------------
 
 
+# The library's own NumPy for the transcendental ufuncs of the old forms (the same code on both
+# sides, so exact comparisons hold; under REFIMPL_TEST_ULP_JITTER this module's ``np`` is
+# jittered, the library's is not).
+LIB_NP = Ly.np
+
+
 def _old_glu_gate(o, b):
     H = o.shape[1] // 2
     o = o + b[:, None]
-    a, g = o[:, :H], 0.5 * (1.0 + np.tanh(0.5 * o[:, H:]))
+    a, g = o[:, :H], 0.5 * (1.0 + LIB_NP.tanh(0.5 * o[:, H:]))
     return a, g, a * g
 
 
@@ -327,3 +333,22 @@ def test_spectral_bwd_against_numpy(Bsz, H, F, seed):
     assert np.all(np.abs(duf - dyf * np.conj(kf)) <= tol)
     tol = (4 + 2 * Bsz) * EPS * (np.abs(dyf) * np.abs(uf)).sum(0)
     assert np.all(np.abs(dkf - (dyf * np.conj(uf)).sum(0)) <= tol)
+
+
+def test_gelu_against_numpy_form():
+    """The same operations in the same order (NumPy's ``exp`` and SciPy's ``erf`` on both
+    sides, the rest IEEE ``+ * /``): exact."""
+    from scipy.special import erf
+    rng = np.random.default_rng(12)
+    x, dy = 3 * rng.normal(size=(3, 5, 17)), rng.normal(size=(3, 5, 17))
+    y, cache = Ly.gelu_fwd(x)
+    Phi = 0.5 * (1.0 + erf(x / np.sqrt(2.0)))
+    assert np.array_equal(y, x * Phi) and np.array_equal(cache[1], Phi)
+    (dx,) = Ly.gelu_bwd(cache, dy)
+    phi = LIB_NP.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+    assert np.array_equal(dx, dy * (Phi + x * phi))
+
+
+def test_gelu_fd_and_dot_product():
+    rng = np.random.default_rng(13)
+    _check_fd(Ly.gelu_fwd, Ly.gelu_bwd, [2 * rng.normal(size=(2, 3, 4))], rng)
