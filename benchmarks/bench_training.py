@@ -1,8 +1,10 @@
 """Benchmark group ``training``: one training step (forward + backward + AdamW update).
 
-Issue 5's shape: B = 32, H = 128, N = 64, L = 1024, 2 layers. Each spiking family is timed
-beside the non-spiking ``gelu`` S4D baseline of the same size in the same run (speedup =
-gelu time / family time, so < 1 means the family's step is slower than the baseline's).
+The grid of issue 13, 2 layers each: B = 64, H = 64, N = 64, L = 40 (MNIST-1D size);
+B = 32, H = 128, N = 64, L = 1024 (issue 5's shape); B = 8, H = 128, N = 64, L = 4096. At each
+point every family is timed; the spiking families beside the non-spiking ``gelu`` S4D
+baseline of the same size in the same run (speedup = gelu time / family time, so < 1 means
+the family's step is slower than the baseline's).
 """
 import os
 
@@ -12,8 +14,11 @@ from harness import register
 from refimpl import model as M
 from refimpl.optim import adamw_init, adamw_step, make_groups
 
-FULL = {"B": 32, "H": 128, "N": 64, "L": 1024, "layers": 2}
+GRID = [{"B": 64, "H": 64, "N": 64, "L": 40, "layers": 2},
+        {"B": 32, "H": 128, "N": 64, "L": 1024, "layers": 2},
+        {"B": 8, "H": 128, "N": 64, "L": 4096, "layers": 2}]
 QUICK = {"B": 4, "H": 8, "N": 4, "L": 32, "layers": 1}
+FAMILIES = ("binary", "lif", "sdn", "refractory")
 SHARED_SDN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "external",
                           "sdn_spikingssm_tau0125.npz")
 
@@ -48,15 +53,19 @@ def make_step(activation, s):
     return step
 
 
-@register("training", title="Training step (issue 5): forward + backward + AdamW", order=40,
-          description="float64; input (B, L, 1), 10 classes, LayerNorm post-norm, GLU mixing. "
-                      "Baseline: the non-spiking `gelu` model of the same size.")
+@register("training", title="Training step (issues 5, 13): forward + backward + AdamW",
+          order=40,
+          description="float64 reference path (fastmath off, results independent of the thread "
+                      "count); input (B, L, 1), 10 classes, LayerNorm post-norm, GLU mixing. "
+                      "Grid of issue 13; baseline: the non-spiking `gelu` model of the same "
+                      "size. PyTorch side by side: the `peers` figures (`make bench-peers`).")
 def training(ctx):
-    s = QUICK if ctx.quick else FULL
-    ctx.params.update(s)
-    base = make_step("gelu", s)
-    ctx.absolute("gelu (S4D baseline) step", s, refimpl=base)
-    for act in ("binary", "lif", "sdn", "refractory"):
-        ctx.compare(f"{act} step vs gelu step", s, refimpl=make_step(act, s),
-                    baseline=base, baseline_name="gelu step", rtol=None,
-                    note="different models: a cost ratio, not a check")
+    grid = [QUICK] if ctx.quick else GRID
+    ctx.params.update(grid=grid)
+    for s in grid:
+        base = make_step("gelu", s)
+        ctx.absolute("gelu (S4D baseline) step", s, refimpl=base)
+        for act in FAMILIES:
+            ctx.compare(f"{act} step vs gelu step", s, refimpl=make_step(act, s),
+                        baseline=base, baseline_name="gelu step", rtol=None,
+                        note="different models: a cost ratio, not a check")
