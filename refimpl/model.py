@@ -307,7 +307,7 @@ def block_bwd(cfg, p, i, c, dx_out):
     d = dx_out
     if not cfg.prenorm:
         d, g[pre + "norm.gamma"], g[pre + "norm.beta"] = _norm_bwd(cfg, c.norm, d)
-    dx = d.copy()  # residual path
+    dx = d  # residual path (read only below: no copy)
     (dout,) = Ly.dropout_bwd(c.mask_z, d)
     if fam.mixing == "glu":
         ds_d, g[pre + "mix.W"], g[pre + "mix.b"] = Ly.glu_bwd(c.mix, dout)
