@@ -7,6 +7,12 @@ Shapes: ``u, y (B, H, L)``; ``K (H, L)`` causal or ``(2, H, L)`` bidirectional; 
 The FFT form pads to a fast length ``n >= 2L`` (:func:`fft_length`) so the circular
 convolution equals the linear one on ``t < L``. Both directions fold into one length-``n``
 circular kernel ``k``: ``k[j] = K0[j]`` and ``k[n-1-j] = K1[j]`` for ``j < L``, zero elsewhere.
+
+For training (issue 13), :func:`conv_fwd` returns a :class:`ConvCache` that :func:`conv_vjp`
+reads: the kernel and input spectra of the FFT form are computed once, not again in the
+backward; short sequences (``L <=`` :data:`TOEPLITZ_MAX_L`) use the Toeplitz form instead, one
+``(B, L) @ (L, L)`` BLAS product per channel (the same sums taken directly, cheaper than the
+transforms at that length). :func:`fftconv` / :func:`fftconv_bwd` are always the FFT form.
 """
 from typing import NamedTuple, Optional
 
