@@ -112,14 +112,35 @@ def _spectra(u, K):
 
 def _fwd(u, K, D):
     """The forward on checked inputs: ``(y, ConvCache)``."""
-    L = u.shape[-1]
     kf, uf, n = _spectra(u, K)
     with np.errstate(over="ignore", invalid="ignore"):
-        y = _irfft(uf * kf, n)[..., :L]  # (B, H, L)
-        if D is not None:
-            y += D[:, None] * u
+        y = _crop_skip(_irfft(uf * kf, n), D, u)  # (B, H, L)
     _check_finite("fftconv", y=y)
-    return np.ascontiguousarray(y), ConvCache(u, K, D, kf, uf, n)
+    return y, ConvCache(u, K, D, kf, uf, n)
+
+
+@njit(**config.NJIT_OPTS)
+def _crop_skip_kernel(full, D, u, has_D, out):
+    """``out = full[..., :L] + D[:, None] u`` (or the crop alone), one pass. Preconditions:
+    C-contiguous float64, ``full (B, H, n)`` with ``n >= L``, ``u, out (B, H, L)``, ``D (H,)``;
+    ``out`` overwritten."""
+    Bsz, H, L = out.shape
+    for i in range(Bsz):
+        for h in range(H):
+            d = D[h]
+            for t in range(L):
+                if has_D:
+                    out[i, h, t] = full[i, h, t] + d * u[i, h, t]
+                else:
+                    out[i, h, t] = full[i, h, t]
+
+
+def _crop_skip(full, D, u):
+    """``full[..., :L] + D[:, None] * u`` as a new C-contiguous array: the same operations as
+    ``y = full[..., :L]; y += D[:, None] * u; np.ascontiguousarray(y)`` in one pass."""
+    out = np.empty(u.shape)  # (B, H, L)
+    _crop_skip_kernel(full, np.zeros(u.shape[1]) if D is None else D, u, D is not None, out)
+    return out
 
 
 @njit(**config.NJIT_OPTS)
@@ -154,15 +175,12 @@ def _bwd(c, dy):
     duf, dkf = np.empty_like(dyf), np.empty_like(kf)  # (B, H, n//2+1), (H, n//2+1)
     _spectral_bwd(dyf, kf, uf, duf, dkf)
     with np.errstate(over="ignore", invalid="ignore"):
-        du = _irfft(duf, n)[..., :L]  # (B, H, L)
+        du = _crop_skip(_irfft(duf, n), D, dy)  # (B, H, L)
         dk = _irfft(dkf, n)  # (H, n)
         dK = _uncircular_kernel(dk, L, K.ndim == 3)
-        dD = None
-        if D is not None:
-            du += D[:, None] * dy
-            dD = np.einsum("bhl,bhl->h", dy, u)  # (H,)
+        dD = None if D is None else np.einsum("bhl,bhl->h", dy, u)  # (H,)
     _check_finite("fftconv_bwd", du=du, dK=dK, dD=dD)
-    return np.ascontiguousarray(du), dK, dD
+    return du, dK, dD
 
 
 #: Longest ``L`` for which :func:`conv_fwd` convolves by Toeplitz matrix products (measured
