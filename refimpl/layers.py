@@ -8,16 +8,63 @@ gradient first, then one gradient per parameter in argument order, all freshly a
 The matrix products are BLAS calls on the ``(B, H, L)`` layout as it is (no transposed copies,
 :func:`chanmix`, :func:`chanmix_dW`); the elementwise passes of the GLU and of LayerNorm are
 fused into serial Numba kernels (``fastmath`` from :mod:`refimpl.config`, one pass instead of
-several NumPy temporaries), each next to its NumPy form in a comment. Their reductions run in a
-fixed order, so the results do not depend on the thread count.
+several NumPy temporaries), each next to its NumPy form in a comment. Large passes run on
+``numba.get_num_threads()`` threads over disjoint batch rows (:func:`_over_batch`); sums over
+the batch are kept per row and added in row order afterwards (:func:`_sum_rows`), so the
+results do not depend on the thread count.
 """
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import njit
 from scipy.special import erf
 
 from . import config
+
+
+# --------------------------------------------------------------------------------------------
+# Both cores for the elementwise passes, deterministically
+# --------------------------------------------------------------------------------------------
+
+#: Elements per pass below which :func:`_over_batch` stays on the calling thread (the thread
+#: hand-off costs more than it saves on small arrays).
+PARALLEL_MIN_ELEMENTS = 1 << 18
+
+_POOLS = {}  # (pid, threads) -> ThreadPoolExecutor; per process (a forked child starts afresh)
+
+
+def _over_batch(fn, Bsz, size):
+    """Run ``fn(b0, b1)`` over contiguous batch ranges covering ``range(Bsz)``.
+
+    On ``numba.get_num_threads()`` threads (``NUMBA_NUM_THREADS``) when the pass touches at
+    least :data:`PARALLEL_MIN_ELEMENTS` elements (``size``), else in one call. ``fn`` must write
+    disjoint outputs per batch row (the cached serial kernels release the GIL: ``nogil``), so
+    the result is the same for any split.
+    """
+    n = min(numba.get_num_threads(), Bsz)
+    if n <= 1 or size < PARALLEL_MIN_ELEMENTS:
+        fn(0, Bsz)
+        return
+    key = (os.getpid(), n)
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = ThreadPoolExecutor(n, thread_name_prefix="refimpl-rows")
+    bounds = [Bsz * k // n for k in range(n + 1)]
+    for f in [pool.submit(fn, bounds[k], bounds[k + 1]) for k in range(n)]:
+        f.result()
+
+
+@njit(**config.NJIT_OPTS)
+def _sum_rows(part, out):
+    """``out[j] = sum_i part[i, j]`` in row order, from 0.0 (the order of a serial loop over
+    the batch). Preconditions: C-contiguous float64 ``part (B, J)``, ``out (J,)`` overwritten."""
+    out[:] = 0.0
+    for i in range(part.shape[0]):
+        for j in range(part.shape[1]):
+            out[j] += part[i, j]
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,15 +238,14 @@ def _glu_gate_post(a, g, z):
 
 @njit(**config.NJIT_OPTS)
 def _glu_gate_bwd(dz, a, g, do, db):
-    """``do = [dz g, dz a g (1 - g)]`` and ``db = sum_{b,t} do`` in one pass.
+    """``do = [dz g, dz a g (1 - g)]`` and ``db[b] = sum_t do[b]`` per batch row, in one pass.
 
     Equivalent to ``do = np.concatenate([dz * g, dz * a * g * (1.0 - g)], axis=1);
-    db = do.sum(axis=(0, 2))`` (``do`` bit-identical; ``db`` summed in the order b, t).
-    Preconditions: C-contiguous float64, ``dz, a, g (B, H, L)``, ``do (B, 2H, L)`` and
-    ``db (2H,)`` overwritten.
+    db = do.sum(axis=2)`` (``do`` bit-identical; ``db`` summed in ``t`` order; the caller adds
+    the rows with :func:`_sum_rows`). Preconditions: C-contiguous float64, ``dz, a, g
+    (B, H, L)``, ``do (B, 2H, L)`` and ``db (B, 2H)`` overwritten.
     """
     Bsz, H, L = a.shape
-    db[:] = 0.0
     for i in range(Bsz):
         for h in range(H):
             sa, sg = 0.0, 0.0
@@ -211,8 +257,8 @@ def _glu_gate_bwd(dz, a, g, do, db):
                 do[i, H + h, t] = dg
                 sa += da
                 sg += dg
-            db[h] += sa
-            db[H + h] += sg
+            db[i, h] = sa
+            db[i, H + h] = sg
 
 
 def glu_fwd(s, W, b):
@@ -235,18 +281,26 @@ def _glu_gate(o, b):
     """
     Bsz, H2, L = o.shape
     a, g, z = (np.empty((Bsz, H2 // 2, L)) for _ in range(3))  # (B, H, L) each
-    _glu_gate_pre(o, np.ascontiguousarray(b), a, g)
-    np.tanh(g, out=g)
-    _glu_gate_post(a, g, z)
+    b = np.ascontiguousarray(b)
+
+    def rows(b0, b1):
+        _glu_gate_pre(o[b0:b1], b, a[b0:b1], g[b0:b1])
+        np.tanh(g[b0:b1], out=g[b0:b1])
+        _glu_gate_post(a[b0:b1], g[b0:b1], z[b0:b1])
+    _over_batch(rows, Bsz, o.size)
     return a, g, z
 
 
 def glu_bwd(cache, dz):
     """Returns ``(ds, dW, db)``: ``da = dz g``, ``dg_pre = dz a g (1 - g)``."""
     (s, W, _), a, g = cache
-    do = np.empty((a.shape[0], 2 * a.shape[1], a.shape[2]))  # (B, 2H, L)
-    db = np.empty(2 * a.shape[1])  # (2H,)
-    _glu_gate_bwd(np.ascontiguousarray(dz), a, g, do, db)
+    Bsz, H, L = a.shape
+    do = np.empty((Bsz, 2 * H, L))  # (B, 2H, L)
+    db_rows, db = np.empty((Bsz, 2 * H)), np.empty(2 * H)  # (B, 2H), (2H,)
+    dz = np.ascontiguousarray(dz)
+    _over_batch(lambda b0, b1: _glu_gate_bwd(dz[b0:b1], a[b0:b1], g[b0:b1], do[b0:b1],
+                                             db_rows[b0:b1]), Bsz, do.size)
+    _sum_rows(db_rows, db)
     return chanmix(W.T, do), chanmix_dW(do, s), db
 
 
@@ -338,15 +392,14 @@ def _layernorm_bwd(xh, rstd, gamma, dy, dx, dgamma, dbeta):
     """Backward of :func:`_layernorm_fwd`, one token row of sums at a time.
 
     Equivalent to ``g = dy gamma; dx = rstd (g - g.mean(1) - xh (g xh).mean(1));
-    dgamma = (dy xh).sum((0, 2)); dbeta = dy.sum((0, 2))`` (means over ``h`` in ``h`` order,
-    the parameter sums in the order b, t). Preconditions: C-contiguous float64, ``xh, dy, dx
-    (B, H, L)``, ``rstd (B, 1, L)``, ``gamma (H,)``; ``dx, dgamma, dbeta`` overwritten.
+    dgamma = (dy xh).sum(2); dbeta = dy.sum(2)`` (means over ``h`` in ``h`` order, the
+    parameter sums per batch row in ``t`` order; the caller adds the rows with
+    :func:`_sum_rows`). Preconditions: C-contiguous float64, ``xh, dy, dx (B, H, L)``,
+    ``rstd (B, 1, L)``, ``gamma (H,)``; ``dx``, ``dgamma, dbeta (B, H)`` overwritten.
     """
     Bsz, H, L = xh.shape
     m1 = np.empty(L)  # (L,) mean over h of g
     m2 = np.empty(L)  # (L,) mean over h of g xh
-    dgamma[:] = 0.0
-    dbeta[:] = 0.0
     for i in range(Bsz):
         m1[:] = 0.0
         m2[:] = 0.0
@@ -359,8 +412,8 @@ def _layernorm_bwd(xh, rstd, gamma, dy, dx, dgamma, dbeta):
                 m2[t] += g * xh[i, h, t]
                 sg += dy[i, h, t] * xh[i, h, t]
                 sb += dy[i, h, t]
-            dgamma[h] += sg
-            dbeta[h] += sb
+            dgamma[i, h] = sg
+            dbeta[i, h] = sb
         for t in range(L):
             m1[t] = m1[t] / H
             m2[t] = m2[t] / H
@@ -379,8 +432,9 @@ def layernorm_fwd(x, gamma, beta, eps=1e-5):
     x = np.ascontiguousarray(x)
     y, xh = np.empty_like(x), np.empty_like(x)  # (B, H, L) each
     rstd = np.empty((x.shape[0], 1, x.shape[2]))  # (B, 1, L)
-    gamma = np.ascontiguousarray(gamma)
-    _layernorm_fwd(x, gamma, np.ascontiguousarray(beta), float(eps), y, xh, rstd)
+    gamma, beta, eps = np.ascontiguousarray(gamma), np.ascontiguousarray(beta), float(eps)
+    _over_batch(lambda b0, b1: _layernorm_fwd(x[b0:b1], gamma, beta, eps, y[b0:b1], xh[b0:b1],
+                                              rstd[b0:b1]), x.shape[0], x.size)
     return y, (xh, rstd, gamma)
 
 
@@ -388,9 +442,16 @@ def layernorm_bwd(cache, dy):
     """Returns ``(dx, dgamma, dbeta)``: ``dx = rstd (g - mean(g) - xh mean(g xh))``,
     ``g = dy gamma``."""
     xh, rstd, gamma = cache
+    Bsz, H, _ = xh.shape
     dx = np.empty_like(xh)  # (B, H, L)
-    dgamma, dbeta = np.empty(xh.shape[1]), np.empty(xh.shape[1])  # (H,) each
-    _layernorm_bwd(xh, rstd, gamma, np.ascontiguousarray(dy), dx, dgamma, dbeta)
+    dg_rows, db_rows = np.empty((Bsz, H)), np.empty((Bsz, H))  # (B, H) each, per batch row
+    dy = np.ascontiguousarray(dy)
+    _over_batch(lambda b0, b1: _layernorm_bwd(xh[b0:b1], rstd[b0:b1], gamma, dy[b0:b1],
+                                              dx[b0:b1], dg_rows[b0:b1], db_rows[b0:b1]),
+                Bsz, xh.size)
+    dgamma, dbeta = np.empty(H), np.empty(H)  # (H,) each
+    _sum_rows(dg_rows, dgamma)
+    _sum_rows(db_rows, dbeta)
     return dx, dgamma, dbeta
 
 

@@ -150,8 +150,9 @@ def test_glu_gate_against_numpy(shape, seed, scale):
     # the same operations in the same order (NumPy's tanh on both sides): exact
     assert np.array_equal(a, a0) and np.array_equal(g, g0) and np.array_equal(z, z0)
     dz = rng.normal(size=(Bsz, H, L))
-    do, db = np.empty((Bsz, 2 * H, L)), np.empty(2 * H)
-    Ly._glu_gate_bwd(dz, a0, g0, do, db)
+    do, db_rows, db = np.empty((Bsz, 2 * H, L)), np.empty((Bsz, 2 * H)), np.empty(2 * H)
+    Ly._glu_gate_bwd(dz, a0, g0, do, db_rows)
+    Ly._sum_rows(db_rows, db)
     do0, db0 = _old_glu_gate_bwd(dz, a0, g0)
     assert np.array_equal(do, do0)  # the same products in the same order
     bound = 2 * Bsz * L * EPS * np.abs(do0).sum(axis=(0, 2))  # sums of B L terms, any order
@@ -352,3 +353,46 @@ def test_gelu_against_numpy_form():
 def test_gelu_fd_and_dot_product():
     rng = np.random.default_rng(13)
     _check_fd(Ly.gelu_fwd, Ly.gelu_bwd, [2 * rng.normal(size=(2, 3, 4))], rng)
+
+
+class _Threads:
+    """Stand-in for ``numba`` in :mod:`refimpl.layers`: ``get_num_threads`` returns ``n``."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def get_num_threads(self):
+        return self.n
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_batch_split_gives_identical_results(monkeypatch, threads):
+    """GLU and LayerNorm split over batch rows (any number of threads, even uneven ranges)
+    equal the single-call results exactly: rows are independent and the batch sums are added
+    in row order after the split."""
+    rng = np.random.default_rng(14)
+    Bsz, H, L = 7, 6, 9
+    s, W, b = rng.normal(size=(Bsz, H, L)), rng.normal(size=(2 * H, H)), rng.normal(size=2 * H)
+    gamma, beta = 1 + 0.1 * rng.normal(size=H), rng.normal(size=H)
+    dz = rng.normal(size=(Bsz, H, L))
+
+    def run():
+        z, c = Ly.glu_fwd(s, W, b)
+        y, cn = Ly.layernorm_fwd(z, gamma, beta)
+        return [z, *c[1:], *Ly.glu_bwd(c, dz), y, *cn[:2], *Ly.layernorm_bwd(cn, dz)]
+
+    monkeypatch.setattr(Ly, "numba", _Threads(1))
+    one = run()
+    monkeypatch.setattr(Ly, "numba", _Threads(threads))
+    monkeypatch.setattr(Ly, "PARALLEL_MIN_ELEMENTS", 0)
+    many = run()
+    assert len(one) == len(many) == 12
+    assert all(np.array_equal(x, y) for x, y in zip(one, many))
+
+
+def test_over_batch_covers_every_row_once(monkeypatch):
+    monkeypatch.setattr(Ly, "numba", _Threads(3))
+    monkeypatch.setattr(Ly, "PARALLEL_MIN_ELEMENTS", 0)
+    seen = []
+    Ly._over_batch(lambda b0, b1: seen.extend(range(b0, b1)), 8, 1)
+    assert sorted(seen) == list(range(8))
