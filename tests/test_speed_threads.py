@@ -4,10 +4,12 @@ Two subprocesses run one training step (forward, backward, AdamW) of every activ
 one with every pool at 1 thread and one at 2 (``NUMBA_NUM_THREADS``, ``REFIMPL_FFT_WORKERS``,
 ``OPENBLAS_NUM_THREADS``; the pools are sized at start-up, hence the subprocesses), at two
 lengths: ``L = 40`` (the Toeplitz convolution) and ``L = 96`` (the FFT form). ``H = 64`` puts
-the channel-mixing GEMMs above OpenBLAS's threading threshold (``m n k >= 262144``), so both
-thread counts really split work. Loss, every gradient and every updated parameter must be
-bit-identical: each reduction runs in a fixed order and the threaded parts (BLAS blocks over
-rows and columns, FFT rows, ``prange`` rows) write disjoint outputs.
+the channel-mixing GEMMs above OpenBLAS's threading threshold (``m n k >= 262144``), and the
+elementwise passes of :mod:`refimpl.layers` are split over batch rows at every size
+(``PARALLEL_MIN_ELEMENTS = 0``), so both thread counts really split work. Loss, every
+gradient and every updated parameter must be bit-identical: each reduction runs in a fixed
+order and the threaded parts (BLAS blocks over rows and columns, FFT rows, ``prange`` rows,
+batch rows of the elementwise passes) write disjoint outputs.
 """
 import os
 import subprocess
@@ -21,8 +23,9 @@ from refimpl.activations import ACTIVATIONS
 SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
-    from refimpl import model as M
+    from refimpl import layers, model as M
     from refimpl.optim import adamw_init, adamw_step, make_groups
+    layers.PARALLEL_MIN_ELEMENTS = 0  # split every elementwise pass over the batch rows
     rng = np.random.default_rng(0)
     sdn = {"w0": rng.normal(0, .3, (8, 1, 8)), "w1": np.zeros(8),
            "w2": rng.normal(0, .3, (8, 8, 1)), "w3": np.zeros(8),
