@@ -106,9 +106,10 @@ def _doc():
 def test_render_ratios_caps_and_missing_float32():
     text = run.render(_doc())
     rows = [line for line in text.splitlines() if line.startswith("| B=32")]
-    assert rows[0] == ("| B=32 H=128 N=64 L=1024 | `gelu` | 2 s | 4 s | 0.50 | - | 1 s | - | "
-                       "5/5/-/5 | 0.5 |")
-    assert rows[1].startswith("| B=32 H=128 N=64 L=1024 | `lif` | 3 s | 60 s | 0.05 | error |")
+    assert rows[0] == ("| B=32 H=128 N=64 L=1024 | `gelu` | 2 s (2 s) | 4 s (4 s) | 0.50 | - | "
+                       "1 s (1 s) | - | 5/5/-/5 | 0.5 |")
+    assert rows[1].startswith("| B=32 H=128 N=64 L=1024 | `lif` | 3 s (3 s) | 60 s (60 s) | "
+                              "0.05 | error |")
     assert rows[1].endswith("| 5/2/-/5 | - |")  # torch64 capped at 2 timed steps
     assert "refimpl f32: `-` until" in text
     assert "Negative control lif with `detach_reset`: rejected" in text

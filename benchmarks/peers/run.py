@@ -152,9 +152,9 @@ def peer_env():
 class Worker:
     """``torch_model.py --worker`` over pipes (JSON lines)."""
 
-    def __init__(self, exe):
+    def __init__(self, exe, threads=TORCH_THREADS):
         self.proc = subprocess.Popen(
-            [exe, str(HERE / "torch_model.py"), "--worker", "--threads", str(TORCH_THREADS)],
+            [exe, str(HERE / "torch_model.py"), "--worker", "--threads", str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=peer_env())
 
     def ask(self, **req):
@@ -327,7 +327,7 @@ def _cell(c):
         return "-"
     if "error" in c:
         return "error"
-    return _fmt_time(c["median_s"])
+    return f"{_fmt_time(c['median_s'])} ({_fmt_time(c['min_s'])})"
 
 
 def _fmt_ratio(r):
@@ -347,7 +347,7 @@ def render(doc):
                 if "loadavg_end" in m else "") + ". "
              f"{LAYERS} layers, {CLASSES} classes, d_input 1; one training step = forward + "
              "backward + AdamW (+ `rho >= 0`), from refimpl's `init_model` seed 0, the same "
-             "batch on both sides. Median of the timed steps after one warm-up step, "
+             "batch on both sides. Median (and fastest) of the timed steps after one warm-up step, "
              f"contenders interleaved; at most {doc['max_seconds']:g} s of timed steps per "
              "contender and point (the `n` column: timed steps of refimpl64 / torch64 / "
              "refimpl32 / torch32; fewer than "
@@ -447,6 +447,9 @@ def parse_args(argv):
     ap.add_argument("--max-seconds", type=float, default=120.0,
                     help="cap on the timed steps per contender and point (default 120 s; "
                          "at least one step is always timed)")
+    ap.add_argument("--torch-threads", type=int, default=TORCH_THREADS,
+                    help=f"torch.set_num_threads of the peer (default {TORCH_THREADS}, the "
+                         "machine's cores)")
     ap.add_argument("--markdown-only", action="store_true",
                     help="run nothing; rewrite the BENCHMARKS.md region from the stored JSON")
     ap.add_argument("--peers-python", default=None,
@@ -491,7 +494,7 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else {k: SHAPES[k] for k in (args.only_shape or SHAPES)}
     families = args.only_family or FAMILIES
     f32 = refimpl_float32_available()
-    worker = Worker(exe)
+    worker = Worker(exe, args.torch_threads)
     try:
         log("checking the torch model against refimpl (float64 loss and gradients)")
         with tempfile.TemporaryDirectory(prefix="refimpl-peers-") as tmp:
