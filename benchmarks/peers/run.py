@@ -510,13 +510,13 @@ def main(argv=None):
         log(f"{mach['cpu_model']} ({mach['cpu_count']} cores), torch {info['torch']} with "
             f"{info['threads']} threads, refimpl float32: {'yes' if f32 else 'no'}")
         old = None if args.quick else load(json_path)
-        planned = {(sname, fam) for sname in shapes for fam in families}
-        keep = [p for p in old["points"] if (p["shape_name"], p["family"]) not in planned] \
-            if old and not old.get("quick") else []
+        kept = old["points"] if old and not old.get("quick") else []
         new = []
 
         def save():  # after every point: an interrupted run keeps what it measured
             mach["loadavg_end"] = list(os.getloadavg())
+            done = {(p["shape_name"], p["family"]) for p in new}  # stored points not yet rerun
+            keep = [p for p in kept if (p["shape_name"], p["family"]) not in done]  # stay
             points = sorted(keep + new, key=lambda p: order[(p["shape_name"], p["family"])])
             doc = {"schema": SCHEMA, "schema_version": 1, "quick": args.quick,
                    "machine": mach, "repeats": args.repeats, "max_seconds": args.max_seconds,
