@@ -231,7 +231,8 @@ class Context:
 # --------------------------------------------------------------------------------------------
 
 
-def _cpu_model():
+def cpu_model():
+    """The CPU model name (/proc/cpuinfo, lscpu, or platform), for the machine records."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -293,7 +294,7 @@ def machine_info(root):
         affinity = None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": affinity,
         "mem_total_gib": _mem_total_gib(),

@@ -40,6 +40,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+if str(HERE.parent) not in sys.path:  # benchmarks/: the harness's machine record helpers
+    sys.path.insert(0, str(HERE.parent))
+
+from harness import cpu_model  # noqa: E402
 
 from refimpl import model as M  # noqa: E402
 from refimpl.atomic import atomic_write_text  # noqa: E402
@@ -282,7 +286,7 @@ def ratio(row, a, b):
 
 def machine(torch_info):
     info = {"date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-            "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version(),
             "numpy": np.__version__, "loadavg_start": list(os.getloadavg()),
             "NUMBA_NUM_THREADS": numba.config.NUMBA_NUM_THREADS,
@@ -293,16 +297,6 @@ def machine(torch_info):
         pass
     return info
 
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _git_commit():
