@@ -23,7 +23,9 @@ SHARED_SDN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "exte
                           "sdn_spikingssm_tau0125.npz")
 
 
-def _sdn_weights():
+def sdn_weights():
+    """The published SDN weights when the shared copy exists, else random valid ones (timing
+    needs valid shapes only); every benchmark that times the ``sdn`` family uses this."""
     if os.path.exists(SHARED_SDN):
         with np.load(SHARED_SDN) as f:
             return {k: f[k].astype(np.float64) for k in f.files}
@@ -36,7 +38,7 @@ def _sdn_weights():
 def make_step(activation, s):
     cfg = M.ModelConfig(n_classes=10, d_input=1, d_model=s["H"], d_state=s["N"],
                         n_layers=s["layers"], activation=activation)
-    p, buf = M.init_model(cfg, 0, sdn_weights=_sdn_weights() if activation == "sdn" else None)
+    p, buf = M.init_model(cfg, 0, sdn_weights=sdn_weights() if activation == "sdn" else None)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((s["B"], s["L"], 1))  # (B, L, 1)
     y = rng.integers(0, 10, s["B"]).astype(np.int64)

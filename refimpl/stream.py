@@ -285,8 +285,7 @@ def _norm_gain(cfg, c, h_in, h_out):
         mix = c.mix
         x_in = h_in + (mix.P * mix.Q if hasattr(mix, "P") else mix[1] * mix[2])
         out = h_out
-    xh, rstd, gamma = c.norm[0], c.norm[1], c.norm[2]
-    del xh
+    rstd, gamma = c.norm[1], c.norm[2]  # both norms' caches start (xh, rstd, gamma, ...)
     if cfg.norm == "layer":
         slope = 2.0 * float(rstd.max()) * float(np.abs(gamma).max())
     else:

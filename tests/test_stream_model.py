@@ -19,19 +19,15 @@ from refimpl.stream import ModelStream, StreamState, compare_forms, evaluate_str
 from refimpl.tasks import load_data
 from refimpl.train import TrainConfig, evaluate, load_checkpoint, train
 
+from test_model import sdn_weights  # small fixed SDN weights (a valid fused network)
+
 FAMILIES = sorted(ACTIVATIONS)
 
-
-def small_sdn_weights():
-    rng = np.random.default_rng(42)
-    return {"w0": rng.normal(0, 0.3, (8, 1, 8)), "w1": rng.normal(0, 0.1, 8),
-            "w2": rng.normal(0, 0.3, (8, 8, 1)), "w3": rng.normal(0, 0.1, 8),
-            "w4": rng.normal(0, 0.3, (1, 8, 1)), "w5": rng.normal(0, 0.1, 1)}
 
 
 def make_stream(activation="lif", seed=0, **kw):
     cfg = ModelConfig(n_classes=3, d_input=2, d_model=6, d_state=4, activation=activation, **kw)
-    w = small_sdn_weights() if activation == "sdn" else None
+    w = sdn_weights() if activation == "sdn" else None
     p, buf = init_model(cfg, seed=seed, sdn_weights=w)
     return ModelStream(cfg, p, buf)
 
@@ -144,7 +140,7 @@ def test_chunks_argument_is_checked():
 def test_trained_checkpoint_streams_to_the_parallel_accuracy(activation, tmp_path):
     data = load_data("recall", n=160, L=40, seed=0)
     cfg = ModelConfig.for_data(data, activation=activation, d_model=8, d_state=8)
-    w = small_sdn_weights() if activation == "sdn" else None
+    w = sdn_weights() if activation == "sdn" else None
     train(cfg, TrainConfig(epochs=2, batch_size=32, seed=0), data, tmp_path / "run",
           sdn_weights=w)
     ck = load_checkpoint(tmp_path / "run" / "checkpoint.h5")

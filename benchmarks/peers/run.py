@@ -43,6 +43,7 @@ ROOT = HERE.parent.parent
 if str(HERE.parent) not in sys.path:  # benchmarks/: the harness's machine record helpers
     sys.path.insert(0, str(HERE.parent))
 
+from bench_training import sdn_weights  # noqa: E402
 from harness import cpu_model  # noqa: E402
 
 from refimpl import model as M  # noqa: E402
@@ -64,7 +65,6 @@ CONTENDERS = ("refimpl64", "torch64", "refimpl32", "torch32")
 CONTROLS = (("gelu", "ln_eps"), ("lif", "detach_reset"))
 SCHEMA = "refimpl-bench-peers"
 REGION = "peers"
-SDN_WEIGHTS = ROOT.parent / "shared" / "external" / "sdn_spikingssm_tau0125.npz"
 
 
 def log(msg):
@@ -75,17 +75,6 @@ def log(msg):
 # The refimpl side
 # --------------------------------------------------------------------------------------------
 
-
-def sdn_weights():
-    """The published SDN weights when the shared copy exists, else random valid ones (timing
-    needs valid shapes only); the same source as benchmarks/bench_training.py."""
-    if SDN_WEIGHTS.exists():
-        with np.load(SDN_WEIGHTS) as f:
-            return {k: f[k].astype(np.float64) for k in f.files}
-    rng = np.random.default_rng(0)
-    return {"w0": rng.normal(0, .3, (8, 1, 8)), "w1": np.zeros(8),
-            "w2": rng.normal(0, .3, (8, 8, 1)), "w3": np.zeros(8),
-            "w4": rng.normal(0, .3, (1, 8, 1)), "w5": np.zeros(1)}
 
 
 def refimpl_float32_available():

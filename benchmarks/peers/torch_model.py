@@ -245,6 +245,14 @@ RTOL = 1e-9
 CONTROLS = (("gelu", "ln_eps"), ("lif", "detach_reset"))
 
 
+def _bench_sdn_weights():
+    """The SDN weights every benchmark uses (benchmarks/bench_training.py: published or random)."""
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench_training import sdn_weights
+    return sdn_weights()
+
+
 def refimpl_reference(family, B=4, H=16, N=8, L=64, n_layers=2, seed=0, sdn_weights=None):
     """refimpl's side of the check: ``(params, buffers, x, labels, loss, grads)`` (float64)."""
     from refimpl import model as M
@@ -252,7 +260,7 @@ def refimpl_reference(family, B=4, H=16, N=8, L=64, n_layers=2, seed=0, sdn_weig
     cfg = M.ModelConfig(n_classes=10, d_input=1, d_model=H, d_state=N, n_layers=n_layers,
                         activation=family)
     if family == "sdn" and sdn_weights is None:
-        sdn_weights = default_sdn_weights()
+        sdn_weights = _bench_sdn_weights()
     p, buf = M.init_model(cfg, seed, sdn_weights=sdn_weights if family == "sdn" else None)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((B, L, 1))  # (B, L, 1)
@@ -304,19 +312,6 @@ def check_against_refimpl(family, B=4, H=16, N=8, L=64, n_layers=2, seed=0, sdn_
                                                    sdn_weights)
     return compare(family, n_layers, p, buf, x, labels, loss, g, variant)
 
-
-def default_sdn_weights():
-    """The published SDN weights when the shared copy exists, else random valid ones."""
-    import os
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
-                        "shared", "external", "sdn_spikingssm_tau0125.npz")
-    if os.path.exists(path):
-        with np.load(path) as f:
-            return {k: f[k].astype(np.float64) for k in f.files}
-    rng = np.random.default_rng(0)
-    return {"w0": rng.normal(0, .3, (8, 1, 8)), "w1": np.zeros(8),
-            "w2": rng.normal(0, .3, (8, 8, 1)), "w3": np.zeros(8),
-            "w4": rng.normal(0, .3, (1, 8, 1)), "w5": np.zeros(1)}
 
 
 # --------------------------------------------------------------------------------------------
