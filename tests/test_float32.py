@@ -390,6 +390,26 @@ def test_neuron_fwd(seed, name):
     assert s64.sum() > 0  # the draw spikes (the check has teeth)
 
 
+def test_neuron_rounding_flip_is_allowed_and_counted():
+    """A constructed flip: ``h_1 = tau x_0 + x_1 = 1 - 2^-30`` exactly (float64: no spike), which
+    float32 rounds to ``theta = 1`` (a spike): the float64 margin ``2^-30`` is within the
+    membrane bound, so :func:`compare_spikes` accepts and counts it; the rows after the flip
+    are not compared (the reset happened in one run only)."""
+    cfg = NeuronConfig(reset="hard", tau=0.5, theta=1.0)
+    x = np.array([[[2.0**-23 - 2.0**-29, 1 - 2.0**-24, 0.25]]], dtype=F32)
+    assert np.array_equal(up(x), [[[2.0**-23 - 2.0**-29, 1 - 2.0**-24, 0.25]]])  # exact
+    s64, h64, u64 = neuron_fwd(up(x), cfg)
+    with P.using("float32"):
+        s, h, u = neuron_fwd(x, cfg)
+    assert s64.ravel()[:2].tolist() == [0, 0] and h64[0, 0, 1] == 1 - 2.0**-30
+    assert s.ravel()[:2].tolist() == [0, 1] and h[0, 0, 1] == 1.0
+    _, b = reset_coefficients(cfg, None, 1)
+    bound = membrane_bound(cfg, up(x), h64, u64, b)
+    assert compare_spikes(s, h, s64, h64, 1.0, bound, "constructed flip", [(u, u64)]) == 1
+    with pytest.raises(AssertionError, match="row 0"):  # refused with a smaller bound
+        compare_spikes(s, h, s64, h64, 1.0, 2.0**-31, "constructed flip, tiny bound")
+
+
 @pytest.mark.parametrize("cond,want", [("ge", [1, 1]), ("gt", [0, 1])])
 def test_neuron_spike_condition_is_decided_in_float32(cond, want):
     """``h = theta`` exactly and ``h = nextafter32(theta)``: ``ge`` fires on both, ``gt`` on
