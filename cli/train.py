@@ -10,7 +10,8 @@ import numpy as np
 
 from refimpl.activations import ACTIVATIONS
 from refimpl.h5io import FileFormatError
-from refimpl.model import NEURON_IMPLS, NORMS, ModelConfig, check_inputs
+from refimpl.model import NEURON_IMPLS, NORMS, ModelConfig, check_inputs, model_inputs
+from refimpl.precision import PRECISIONS
 from refimpl.neurons import GRAD_MODES
 from refimpl.sdn import load_weights
 from refimpl.stream import ModelStream, evaluate_stream
@@ -102,6 +103,8 @@ def _train_option(name, type_, help_=None):
 @_model_option("surrogate", click.Choice([""] + list(SURROGATES)),
                "Surrogate gradient ('' = the family's default).")
 @_model_option("neuron_impl", choice(NEURON_IMPLS), "Forward of the refractory family.")
+@_model_option("dtype", choice(PRECISIONS), "Compute precision: float32 is the faster training "
+               "variant (float64 master weights; never a reference), float64 the reference.")
 @click.option("--sdn-weights", type=click.Path(dir_okay=False),
               help="SDN weights (.h5 from 'refimpl sdn train' or the published .npz); "
                    "sdn family only.")
@@ -145,7 +148,8 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
         with lock_output(out_dir):
             run = plan(cfg, tcfg, ds, out_dir, resume=resume, sdn_weights=weights,
                        overwrite=overwrite)
-            click.echo(f"training {cfg.activation} on {ds['name']}: {len(ds['y_train'])} train / "
+            dtype = "" if cfg.dtype == "float64" else f" in {cfg.dtype}"
+            click.echo(f"training {cfg.activation}{dtype} on {ds['name']}: {len(ds['y_train'])} train / "
                        f"{len(ds['y_test'])} test, L = {ds['x_train'].shape[1]}, {epochs} epochs "
                        f"-> {out_dir}", err=True)
             with progress_bar(run.remaining_steps, "train", epoch_summary) as on_event:
@@ -230,7 +234,7 @@ def evaluate(checkpoint, task, data, tokens, samples, length, seed, stream, batc
             f"{rec['seed']})" if "task" in rec else ds["name"])
     click.echo(f"evaluating on the test split of {what}", err=True)
     try:
-        check_inputs(ckpt.cfg, ds["x_test"][:1], ds["y_test"][:1])
+        check_inputs(ckpt.cfg, model_inputs(ckpt.cfg, ds["x_test"][:1]), ds["y_test"][:1])
         r = evaluate_model(ckpt.cfg, ckpt.params, ckpt.buffers, ds["x_test"], ds["y_test"])
     except (ValueError, TypeError) as e:
         fail(f"data does not fit the checkpoint's model: {e}")
@@ -243,6 +247,9 @@ def evaluate(checkpoint, task, data, tokens, samples, length, seed, stream, batc
 
 def _evaluate_stream(ckpt, ds, batch_size):
     """The ``--stream`` part of ``evaluate``: step by step, beside the parallel form."""
+    if ckpt.cfg.dtype != "float64":
+        fail(f"--stream: this checkpoint was trained with --dtype {ckpt.cfg.dtype}; streams run "
+             f"in float64 only (the reference form): evaluate it without --stream")
     try:
         st = ModelStream(ckpt.cfg, ckpt.params, ckpt.buffers)
     except ValueError as e:

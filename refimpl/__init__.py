@@ -15,6 +15,7 @@ Modules (one concept each; see DESIGN.md for the math):
 - :mod:`refimpl.activations` - the activation registry, one entry per family;
 - :mod:`refimpl.model` - spiking SSM blocks and classifiers, whole-model backward;
 - :mod:`refimpl.optim` - AdamW with parameter groups, cosine schedule;
+- :mod:`refimpl.precision` - float64 (the reference) or the named float32 variant of the ops;
 - :mod:`refimpl.tasks` / :mod:`refimpl.train` - built-in tasks, the training loop, checkpoints;
 - :mod:`refimpl.progress` - the progress events of every training loop;
 - :mod:`refimpl.golden` - golden traces (package: schema, suite registry, suites, generation,

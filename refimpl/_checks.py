@@ -7,6 +7,8 @@ import numbers
 
 import numpy as np
 
+from .precision import float_dtype
+
 
 def check_name(kind, name, registry):
     """Return ``registry[name]``; unknown names raise ValueError listing the valid ones."""
@@ -16,11 +18,22 @@ def check_name(kind, name, registry):
     return registry[name]
 
 
-def check_array(name, a, ndim=None, dtype=np.float64, finite=True):
+def _precision_hint(dtype):
+    if dtype != float_dtype() or dtype.kind != "f":
+        return ""
+    if dtype == np.float64:
+        return " (float32 arrays run only under refimpl.precision.using('float32'))"
+    return f" (the ops run in {dtype.name} under refimpl.precision.using({dtype.name!r}))"
+
+
+def check_array(name, a, ndim=None, dtype=None, finite=True):
     """Check that ``a`` is a NumPy array of ``dtype`` and rank ``ndim`` with finite values.
 
-    Returns a C-contiguous view or copy (a layout change never changes values).
+    ``dtype=None``: the current float precision (:func:`refimpl.precision.float_dtype`, float64
+    unless inside ``refimpl.precision.using``). Returns a C-contiguous view or copy (a layout
+    change never changes values).
     """
+    dtype = float_dtype() if dtype is None else np.dtype(dtype)
     if not isinstance(a, np.ndarray):
         raise TypeError(
             f"{name} must be a numpy.ndarray of {np.dtype(dtype).name}, got {type(a).__name__}; "
@@ -29,7 +42,7 @@ def check_array(name, a, ndim=None, dtype=np.float64, finite=True):
     if a.dtype != np.dtype(dtype):
         raise TypeError(
             f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype}; refimpl never casts "
-            f"silently: pass {name}.astype(np.{np.dtype(dtype).name})"
+            f"silently: pass {name}.astype(np.{np.dtype(dtype).name}){_precision_hint(dtype)}"
         )
     if ndim is not None:
         ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)

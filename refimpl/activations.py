@@ -184,7 +184,9 @@ class Neuron(Activation):
     def forward(self, y, cfg, p, buf, pre, smooth=False, frozen=None):
         ncfg = cfg.neuron_config()
         rho = p.get(pre + "rho")
-        if cfg.neuron_impl == "pmbc" and self.pmbc and not smooth:
+        # PMBC is float64 only; the float32 variant runs the iterative neuron (the form PMBC
+        # equals exactly in float64)
+        if cfg.neuron_impl == "pmbc" and self.pmbc and not smooth and cfg.dtype == "float64":
             s, h, u, _ = pmbc_fwd(y, ncfg, rho=rho)
         else:
             s, h, u = neuron_fwd(y, ncfg, rho=rho, smooth=smooth)

@@ -58,7 +58,7 @@ def _check_conv(u, K, D):
 def _circular_kernel(K, n):
     """Fold ``K (H, L)`` or ``(2, H, L)`` into a length-``n`` circular kernel ``(H, n)``."""
     L = K.shape[-1]
-    k = np.zeros(K.shape[-2:-1] + (n,))  # (H, n)
+    k = np.zeros(K.shape[-2:-1] + (n,), dtype=K.dtype)  # (H, n)
     if K.ndim == 3:
         k[:, :L] = K[0]
         k[:, n - L:] = K[1][:, ::-1]  # k[n-1-j] = K1[j]
@@ -86,7 +86,7 @@ def _check_finite(what, **arrays):
     for name, a in arrays.items():
         if a is not None and not np.all(np.isfinite(a)):
             i = tuple(int(k) for k in np.argwhere(~np.isfinite(a))[0])
-            raise ValueError(f"{what} overflows the float64 range: {name}{list(i)} = "
+            raise ValueError(f"{what} overflows the {a.dtype.name} range: {name}{list(i)} = "
                              f"{a[i]} from finite inputs; scale u, K (or dy) down")
 
 
@@ -138,8 +138,9 @@ def _crop_skip_kernel(full, D, u, has_D, out):
 def _crop_skip(full, D, u):
     """``full[..., :L] + D[:, None] * u`` as a new C-contiguous array: the same operations as
     ``y = full[..., :L]; y += D[:, None] * u; np.ascontiguousarray(y)`` in one pass."""
-    out = np.empty(u.shape)  # (B, H, L)
-    _crop_skip_kernel(full, np.zeros(u.shape[1]) if D is None else D, u, D is not None, out)
+    out = np.empty(u.shape, dtype=u.dtype)  # (B, H, L)
+    zero = np.zeros(u.shape[1], dtype=u.dtype)  # (H,), unused without D
+    _crop_skip_kernel(full, zero if D is None else D, u, D is not None, out)
     return out
 
 
@@ -213,7 +214,7 @@ def _toeplitz(K, L):
     :func:`_toeplitz_fill`)."""
     K0, K1 = (K[0], K[1]) if K.ndim == 3 else (K, K)
     H = K0.shape[0]
-    T, Tt = np.empty((H, L, L)), np.empty((H, L, L))  # (H, L, L) each
+    T, Tt = np.empty((H, L, L), K.dtype), np.empty((H, L, L), K.dtype)  # (H, L, L) each
     _toeplitz_fill(np.ascontiguousarray(K0), np.ascontiguousarray(K1), K.ndim == 3, T, Tt)
     return T, Tt
 
@@ -259,7 +260,7 @@ def _toeplitz_bwd(c, dy):
     with np.errstate(over="ignore", invalid="ignore"):
         du = np.ascontiguousarray(np.matmul(dyh, T).transpose(1, 0, 2))  # (B, H, L)
         dT = np.matmul(dyt, u.transpose(1, 0, 2))  # (H, L, L) = sum_b dy^T u
-        dK0, dK1 = np.empty((H, L)), np.empty((H, L))  # (H, L) each
+        dK0, dK1 = np.empty((H, L), dT.dtype), np.empty((H, L), dT.dtype)  # (H, L) each
         _diagonal_sums(dT, K.ndim == 3, dK0, dK1)
         dK = np.stack([dK0, dK1]) if K.ndim == 3 else dK0  # (2, H, L) or (H, L)
         dD = None

@@ -13,6 +13,7 @@ several NumPy temporaries), each next to its NumPy form in a comment. Large pass
 the batch are kept per row and added in row order afterwards (:func:`_sum_rows`), so the
 results do not depend on the thread count.
 """
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -23,6 +24,7 @@ from numba import njit
 from scipy.special import erf
 
 from . import config
+from .precision import float_dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def chanmix_dW(dy, x):
     Either way the order is fixed: the result does not depend on the thread count.
     """
     if dy.shape[0] == 0:
-        return np.zeros((dy.shape[1], x.shape[1]))  # (O, I): an empty sum
+        return np.zeros((dy.shape[1], x.shape[1]), dtype=dy.dtype)  # (O, I): an empty sum
     if dy.shape[-1] > BATCHED_MAX_L:
         return np.tensordot(dy, x, axes=([0, 2], [0, 2]))  # (O, I)
     dW = dy[0] @ x[0].T  # (O, I)
@@ -144,7 +146,7 @@ def embedding_fwd(tokens, E):
 def embedding_bwd(cache, dy):
     """Returns ``(None, dE)``: integer tokens have no gradient; ``dE`` accumulates repeats."""
     tokens, V = cache
-    dE = np.zeros((V, dy.shape[1]))  # (V, H)
+    dE = np.zeros((V, dy.shape[1]), dtype=dy.dtype)  # (V, H)
     np.add.at(dE, tokens.ravel(), dy.transpose(0, 2, 1).reshape(-1, dy.shape[1]))
     return None, dE
 
@@ -154,7 +156,7 @@ def embedding_bwd(cache, dy):
 # --------------------------------------------------------------------------------------------
 
 
-_SQRT2 = np.sqrt(2.0)
+_SQRT2 = math.sqrt(2.0)  # a Python float: keeps float32 arrays float32
 
 
 @njit(**config.NJIT_OPTS)
@@ -280,7 +282,7 @@ def _glu_gate(o, b):
     faster than a libm call per element in a Numba loop) and two fused passes around it.
     """
     Bsz, H2, L = o.shape
-    a, g, z = (np.empty((Bsz, H2 // 2, L)) for _ in range(3))  # (B, H, L) each
+    a, g, z = (np.empty((Bsz, H2 // 2, L), dtype=o.dtype) for _ in range(3))  # (B, H, L) each
     b = np.ascontiguousarray(b)
 
     def rows(b0, b1):
@@ -295,8 +297,8 @@ def glu_bwd(cache, dz):
     """Returns ``(ds, dW, db)``: ``da = dz g``, ``dg_pre = dz a g (1 - g)``."""
     (s, W, _), a, g = cache
     Bsz, H, L = a.shape
-    do = np.empty((Bsz, 2 * H, L))  # (B, 2H, L)
-    db_rows, db = np.empty((Bsz, 2 * H)), np.empty(2 * H)  # (B, 2H), (2H,)
+    do = np.empty((Bsz, 2 * H, L), dtype=a.dtype)  # (B, 2H, L)
+    db_rows, db = np.empty((Bsz, 2 * H), a.dtype), np.empty(2 * H, a.dtype)  # (B, 2H), (2H,)
     dz = np.ascontiguousarray(dz)
     _over_batch(lambda b0, b1: _glu_gate_bwd(dz[b0:b1], a[b0:b1], g[b0:b1], do[b0:b1],
                                              db_rows[b0:b1]), Bsz, do.size)
@@ -431,7 +433,7 @@ def layernorm_fwd(x, gamma, beta, eps=1e-5):
     """
     x = np.ascontiguousarray(x)
     y, xh = np.empty_like(x), np.empty_like(x)  # (B, H, L) each
-    rstd = np.empty((x.shape[0], 1, x.shape[2]))  # (B, 1, L)
+    rstd = np.empty((x.shape[0], 1, x.shape[2]), dtype=x.dtype)  # (B, 1, L)
     gamma, beta, eps = np.ascontiguousarray(gamma), np.ascontiguousarray(beta), float(eps)
     _over_batch(lambda b0, b1: _layernorm_fwd(x[b0:b1], gamma, beta, eps, y[b0:b1], xh[b0:b1],
                                               rstd[b0:b1]), x.shape[0], x.size)
@@ -444,12 +446,12 @@ def layernorm_bwd(cache, dy):
     xh, rstd, gamma = cache
     Bsz, H, _ = xh.shape
     dx = np.empty_like(xh)  # (B, H, L)
-    dg_rows, db_rows = np.empty((Bsz, H)), np.empty((Bsz, H))  # (B, H) each, per batch row
+    dg_rows, db_rows = np.empty((Bsz, H), xh.dtype), np.empty((Bsz, H), xh.dtype)  # per row
     dy = np.ascontiguousarray(dy)
     _over_batch(lambda b0, b1: _layernorm_bwd(xh[b0:b1], rstd[b0:b1], gamma, dy[b0:b1],
                                               dx[b0:b1], dg_rows[b0:b1], db_rows[b0:b1]),
                 Bsz, xh.size)
-    dgamma, dbeta = np.empty(H), np.empty(H)  # (H,) each
+    dgamma, dbeta = np.empty(H, xh.dtype), np.empty(H, xh.dtype)  # (H,) each
     _sum_rows(dg_rows, dgamma)
     _sum_rows(db_rows, dbeta)
     return dx, dgamma, dbeta
@@ -502,11 +504,12 @@ def batchnorm_bwd(cache, dy):
 
 
 def dropout_mask(rng, shape, p):
-    """One mask per (batch, channel), shared over time: (B, H, 1) of 0 or 1/(1-p)."""
+    """One mask per (batch, channel), shared over time: (B, H, 1) of 0 or 1/(1-p), in the
+    current precision (:func:`refimpl.precision.float_dtype`; the draws do not depend on it)."""
     if p <= 0.0:
         return None
     keep = rng.random(shape[:2] + (1,)) >= p  # (B, H, 1)
-    return keep / (1.0 - p)
+    return (keep / (1.0 - p)).astype(float_dtype(), copy=False)
 
 
 def dropout_fwd(x, mask):

@@ -22,6 +22,17 @@ The activation families (``gelu``, ``binary``, ``binary_gsu``, ``lif``, ``sdn``,
 ``refractory``) are entries of :data:`refimpl.activations.ACTIVATIONS`; their settings and
 **[choice]** table are in :mod:`refimpl.activations`. The block asks its family for the
 forward, backward, firing rate, diagnostics and frozen constants, and never branches on it.
+
+**float32 variant** (``ModelConfig(dtype="float32")``, ``refimpl train --dtype float32``): a
+named speed option, never a reference. Parameters and buffers stay float64 master copies (what
+the optimizer updates and the checkpoint stores); :func:`model_fwd` and :func:`model_bwd`
+compute with a float32 copy of them (:func:`compute_copy`, round to nearest) under
+``refimpl.precision.using("float32")``, take float32 inputs, return float32 logits and
+float64 gradients (the float32 values, up-cast exactly) and buffers (BatchNorm statistics
+updated in float32, up-cast). The S4D kernel is generated in float64 and rounded once
+(:mod:`refimpl.s4d`); PMBC is float64 only, so ``neuron_impl="pmbc"`` runs the iterative
+neuron (the form PMBC equals) in float32. Streams, golden files and equivalence checks refuse
+float32 models.
 """
 import dataclasses
 from typing import NamedTuple, Optional
@@ -29,6 +40,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import layers as Ly
+from . import precision
 from ._checks import check_array, check_int, check_name, check_real
 from .activations import ACTIVATIONS
 from .neurons import NeuronConfig, threshold_scale_bwd, threshold_scale_fwd
@@ -62,6 +74,7 @@ class ModelConfig:
     neuron_impl: str = "pmbc"
     dt_min: float = 1e-3
     dt_max: float = 1e-1
+    dtype: str = "float64"  # "float32": the named float32 training variant (module docstring)
 
     def __post_init__(self):
         check_int("n_classes", self.n_classes, 2)
@@ -75,6 +88,7 @@ class ModelConfig:
         check_name("disc", self.disc, DISCRETIZATIONS)
         check_name("init", self.init, INITS)
         check_name("neuron_impl", self.neuron_impl, {k: k for k in NEURON_IMPLS})
+        precision.check_precision(self.dtype)
         check_real("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         if self.d_state % 2:
             raise ValueError("d_state must be even (d_state // 2 complex modes), "
@@ -336,8 +350,33 @@ def block_diagnostics(cfg, cache):
     return ACTIVATIONS[cfg.activation].diagnostics(cache.act, cache.mix)
 
 
+def compute_copy(cfg, arrays):
+    """The arrays the model computes with: the float64 masters themselves for
+    ``cfg.dtype == "float64"``, else a copy with every float array rounded to ``cfg.dtype``."""
+    if cfg.dtype == "float64":
+        return arrays
+    dtype = precision.PRECISIONS[cfg.dtype]
+    return {k: (v.astype(dtype) if v.dtype.kind == "f" else v) for k, v in arrays.items()}
+
+
+def _to_master(arrays):
+    """Float arrays up-cast to float64 (exact), others as they are; float64 ones not copied."""
+    return {k: (v.astype(np.float64, copy=False) if v is not None and v.dtype.kind == "f"
+                else v) for k, v in arrays.items()}
+
+
+def model_inputs(cfg, x):
+    """``x`` as ``cfg`` computes with it: float64 inputs rounded to ``cfg.dtype`` (the float32
+    variant's one explicit cast of the data; float64 models get ``x`` itself), anything else
+    (tokens, wrong dtypes for :func:`check_inputs` to name) unchanged."""
+    if cfg.dtype == "float64" or not isinstance(x, np.ndarray) or x.dtype != np.float64:
+        return x
+    return x.astype(precision.PRECISIONS[cfg.dtype])
+
+
 def check_inputs(cfg, x, labels=None):
-    """Validate a batch: float64 ``(B, L, d_input)`` / ``(B, L)`` or int64 tokens ``(B, L)``."""
+    """Validate a batch: ``(B, L, d_input)`` / ``(B, L)`` of ``cfg.dtype`` or int64 tokens
+    ``(B, L)``."""
     if cfg.vocab:
         if not isinstance(x, np.ndarray) or x.dtype != np.int64:
             raise TypeError(f"x must be int64 tokens (B, L) for a vocab model, got "
@@ -345,7 +384,8 @@ def check_inputs(cfg, x, labels=None):
         if x.ndim != 2:
             raise ValueError(f"x must have shape (B, L) of tokens, got {x.shape}")
     else:
-        x = check_array("x", x, (2, 3))
+        with precision.using(cfg.dtype):
+            x = check_array("x", x, (2, 3))
         if x.ndim == 2:
             x = x[:, :, None]
         if x.shape[2] != cfg.d_input:
@@ -378,7 +418,9 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
 
     Parameters
     ----------
-    x : float64 (B, L, d_input) or (B, L), or int64 tokens (B, L) when ``cfg.vocab``
+    p, buf : dict of float64 arrays
+        Parameters and buffers (the master copies; see the module docstring for float32).
+    x : ``cfg.dtype`` (B, L, d_input) or (B, L), or int64 tokens (B, L) when ``cfg.vocab``
     training : bool
         Dropout on, BatchNorm with batch statistics (and updated running statistics).
     rng : numpy.random.Generator
@@ -392,25 +434,28 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
 
     Returns
     -------
-    logits : float64 (B, n_classes)
+    logits : ``cfg.dtype`` (B, n_classes)
     cache : what :func:`model_bwd` needs
-    new_buf : buffers after the step (BatchNorm running statistics)
+    new_buf : float64 buffers after the step (BatchNorm running statistics)
     stats : ``{"rates": [per-layer firing rate or None], "features": (B, H, L) the last
         block's output, before pooling}``
     """
     x = check_inputs(cfg, x)
     if training and cfg.dropout > 0 and rng is None:
         raise ValueError("training with dropout needs rng (a numpy Generator)")
-    new_buf = dict(buf)
-    h, embed_c = embed_fwd(cfg, p, x)  # (B, H, L)
-    blocks, rates = [], []
-    for i in range(cfg.n_layers):
-        h, bc, st = block_fwd(cfg, p, buf, i, h, training, rng, smooth, frozen, new_buf)
-        blocks.append(bc)
-        rates.append(st["rate"])
-    pooled, pool_c = Ly.meanpool_fwd(h)  # (B, H)
-    logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, C)
+    updates = {}  # buffers the blocks update (BatchNorm running statistics)
+    with precision.using(cfg.dtype):
+        p, buf_c = compute_copy(cfg, p), compute_copy(cfg, buf)
+        h, embed_c = embed_fwd(cfg, p, x)  # (B, H, L)
+        blocks, rates = [], []
+        for i in range(cfg.n_layers):
+            h, bc, st = block_fwd(cfg, p, buf_c, i, h, training, rng, smooth, frozen, updates)
+            blocks.append(bc)
+            rates.append(st["rate"])
+        pooled, pool_c = Ly.meanpool_fwd(h)  # (B, H)
+        logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, C)
     stats = {"rates": rates, "features": h}
+    new_buf = {**buf, **_to_master(updates)}
     return logits, ModelCache(embed_c, blocks, pool_c, pooled), new_buf, stats
 
 
@@ -426,25 +471,30 @@ def frozen_constants(cfg, p, buf, x, training=True, rng=None):
 
 
 def model_bwd(cfg, p, cache, dlogits):
-    """Gradients of every parameter given ``dlogits (B, C)``: a dict like ``p``."""
-    g = {"decoder.W": dlogits.T @ cache.pooled, "decoder.b": dlogits.sum(0)}
-    (dh,) = Ly.meanpool_bwd(cache.pool, dlogits @ p["decoder.W"])  # (B, H, L)
-    for i in reversed(range(cfg.n_layers)):
-        dh, gb = block_bwd(cfg, p, i, cache.blocks[i], dh)
-        g.update(gb)
-    if cfg.vocab:
-        _, g["embedding.E"] = Ly.embedding_bwd(cache.embed, dh)
-    else:
-        _, g["encoder.W"], g["encoder.b"] = Ly.linear_bwd(cache.embed, dh)
-    return g
+    """Gradients of every parameter given ``dlogits (B, C)`` of ``cfg.dtype``: a dict like
+    ``p``, float64 (under float32: the float32 gradients, up-cast exactly)."""
+    with precision.using(cfg.dtype):
+        dlogits = check_array("dlogits", dlogits, 2)
+        W = compute_copy(cfg, {"W": p["decoder.W"]})["W"]  # (C, H)
+        g = {"decoder.W": dlogits.T @ cache.pooled, "decoder.b": dlogits.sum(0)}
+        (dh,) = Ly.meanpool_bwd(cache.pool, dlogits @ W)  # (B, H, L)
+        for i in reversed(range(cfg.n_layers)):
+            dh, gb = block_bwd(cfg, p, i, cache.blocks[i], dh)
+            g.update(gb)
+        if cfg.vocab:
+            _, g["embedding.E"] = Ly.embedding_bwd(cache.embed, dh)
+        else:
+            _, g["encoder.W"], g["encoder.b"] = Ly.linear_bwd(cache.embed, dh)
+    return _to_master(g)
 
 
 def loss_and_grads(cfg, p, buf, x, labels, training=True, rng=None, smooth=False, frozen=None):
     """Cross-entropy loss, logits, gradients, new buffers and stats for one batch."""
     x = check_inputs(cfg, x, labels)
     logits, cache, new_buf, stats = model_fwd(cfg, p, buf, x, training, rng, smooth, frozen)
-    loss, ce = Ly.cross_entropy_fwd(logits, labels)
-    (dlogits,) = Ly.cross_entropy_bwd(ce)
+    with precision.using(cfg.dtype):
+        loss, ce = Ly.cross_entropy_fwd(logits, labels)
+        (dlogits,) = Ly.cross_entropy_bwd(ce)
     return loss, logits, model_bwd(cfg, p, cache, dlogits), new_buf, stats
 
 

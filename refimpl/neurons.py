@@ -138,6 +138,7 @@ from numba import njit
 
 from . import config
 from ._checks import check_array, check_int, check_name, check_real, check_shape
+from .precision import float_dtype, require_reference
 from .surrogates import get_surrogate, surrogate_grad, surrogate_primitive
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +306,8 @@ def _fwd_step(x, s, h, u, r, t, u_prev, cnt, tau, theta_fire, a, b_r, R):
     ``h_t = tau u_prev + x_t``; ``s_t = allowed Theta(h_t - theta)`` with ``allowed = cnt == 0``;
     ``u_t = h_t (1 - a s_t) + b_r s_t``; ``cnt`` counts the remaining refractory steps.
     """
-    h_t = tau * u_prev + x[r, t]
+    h[r, t] = tau * u_prev + x[r, t]
+    h_t = h[r, t]  # as stored: under float32 the rounded value decides and is carried
     fire = h_t >= theta_fire
     if R is not None:
         fire = fire & (cnt == 0)
@@ -316,9 +318,8 @@ def _fwd_step(x, s, h, u, r, t, u_prev, cnt, tau, theta_fire, a, b_r, R):
     # (a * 1 = a, b * 1 = b, h * 1 = h), so the result is bit-identical.
     u_t = h_t * (1.0 - a) + b_r if fire else h_t + b_r * 0.0
     s[r, t] = s_t
-    h[r, t] = h_t
     u[r, t] = u_t
-    return u_t, cnt
+    return u[r, t], cnt
 
 
 @njit(**config.NJIT_OPTS)
@@ -388,7 +389,8 @@ def _neuron_fwd_smooth(x, u0, c0, tau, theta, theta_fire, a, b, R, code, scale, 
         u_prev = u0[r]
         cnt = c0[r]
         for t in range(L):
-            h_t = tau * u_prev + x[r, t]
+            h[r, t] = tau * u_prev + x[r, t]
+            h_t = h[r, t]  # as stored (see _fwd_step)
             allowed = cnt == 0
             if R > 0:
                 fired = allowed and h_t >= theta_fire  # the hard spike drives the mask
@@ -396,9 +398,8 @@ def _neuron_fwd_smooth(x, u0, c0, tau, theta, theta_fire, a, b, R, code, scale, 
             s_t = surrogate_primitive(code, h_t - theta, scale) if allowed else 0.0
             u_t = h_t * (1.0 - a * s_t) + b[r] * s_t
             s[r, t] = s_t
-            h[r, t] = h_t
             u[r, t] = u_t
-            u_prev = u_t
+            u_prev = u[r, t]
         c_end[r] = cnt
 
 
@@ -608,9 +609,11 @@ def end_state(s, u, cfg, state=None):
 
 
 def _initial_rows(state, cfg, Bsz, H):
-    """``(u0 (M,), c0 (M,) int64)`` of ``state`` (zeros for ``None``) as the kernels take them."""
+    """``(u0 (M,), c0 (M,) int64)`` of ``state`` (zeros for ``None``) as the kernels take them;
+    ``u0`` in the current precision (states themselves are float64 only)."""
     if state is None:
-        return np.zeros(Bsz * H), np.zeros(Bsz * H, dtype=np.int64)  # (M,) each
+        return np.zeros(Bsz * H, float_dtype()), np.zeros(Bsz * H, dtype=np.int64)  # (M,) each
+    require_reference("a neuron state")
     state = check_state(state, cfg, Bsz, H)
     return state.u.reshape(-1), state.count.reshape(-1)  # (M,) each
 
@@ -659,14 +662,14 @@ def neuron_fwd(x, cfg, rho=None, smooth=False, state=None, return_state=False):
     x = _check_x("x", x)
     smooth = _check_smooth(smooth)
     return_state = _check_flag("return_state", return_state)
+    if return_state:
+        require_reference("neuron_fwd(return_state=True)")
     Bsz, H, L = x.shape
     rho = check_rho(cfg, rho, H)
     u0, c0 = _initial_rows(state, cfg, Bsz, H)  # (M,) each
     theta_fire, a, b_rows, R = _kernel_args(cfg, rho, Bsz, H)
     xr = x.reshape(Bsz * H, L)  # (M, L), M = B*H rows
-    s = np.empty((Bsz, H, L))  # (B, H, L)
-    h = np.empty((Bsz, H, L))  # (B, H, L)
-    u = np.empty((Bsz, H, L))  # (B, H, L)
+    s, h, u = (np.empty((Bsz, H, L), x.dtype) for _ in range(3))  # (B, H, L) each
     sr, hr, ur = (v.reshape(Bsz * H, L) for v in (s, h, u))  # views (M, L)
     if smooth:
         sur = get_surrogate(cfg.surrogate)
@@ -770,11 +773,11 @@ def neuron_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, smooth=False, state
     _, c0 = _initial_rows(state, cfg, Bsz, H)  # (M,)
     theta_fire, a, b_rows, R = _kernel_args(cfg, rho, Bsz, H)
     M = Bsz * H
-    empty = np.empty((0, 0))  # stands in for an absent cotangent (same type, never read)
+    empty = np.empty((0, 0), x.dtype)  # stands in for an absent cotangent (never read)
     dh_r = empty if arrays["dh"] is None else arrays["dh"].reshape(M, L)
     du_r = empty if arrays["du"] is None else arrays["du"].reshape(M, L)
-    dx = np.empty(shape)  # (B, H, L)
-    g_rho = np.empty(M)  # (M,) per-row sums
+    dx = np.empty(shape, x.dtype)  # (B, H, L)
+    g_rho = np.empty(M, x.dtype)  # (M,) per-row sums
     sur = get_surrogate(cfg.surrogate)
     _neuron_bwd(s.reshape(M, L), h.reshape(M, L), arrays["ds"].reshape(M, L), dh_r, du_r,
                 arrays["dh"] is not None, arrays["du"] is not None, c0, cfg.tau, cfg.theta,

@@ -44,6 +44,7 @@ from numba import njit, prange
 
 from . import config
 from ._checks import check_array, check_int, check_shape
+from .precision import require_reference
 from .neurons import (NeuronConfig, NeuronState, check_rho, check_state, end_state, neuron_bwd,
                       reset_coefficients)
 
@@ -190,6 +191,8 @@ def _check(x, cfg, rho, state=None):
     ``c`` per row (B*H,), the reset magnitude of the linear resets (``u = h - c s``; unused
     for ``hard``), and the initial state per row ``u0 (B*H,)``, ``c0 (B*H,) int64`` (zeros for
     ``state=None``)."""
+    require_reference("PMBC (its exactness argument is in float64; under float32 run "
+                      "refimpl.neurons.neuron_fwd, the form PMBC equals)")
     if not isinstance(cfg, NeuronConfig):
         raise TypeError(f"cfg must be a refimpl.neurons.NeuronConfig, got {type(cfg).__name__}")
     x = check_array("x", x, 3)

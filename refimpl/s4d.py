@@ -41,6 +41,13 @@ runs one step of the recurrence, the same floating-point operations in the same 
 
 A bidirectional layer (``C`` of shape ``(2, H, N2)``) has no streaming state: its output at
 ``t`` reads later inputs.
+
+**float32** (:mod:`refimpl.precision`). Under ``using("float32")`` the layer takes and returns
+float32 (``u``, the parameters, ``y``, ``du`` and the parameter gradients), but the kernel is
+always generated in float64 from the exactly up-cast parameters and rounded once to float32
+(:func:`_kernel`): ``dA^l`` from float32 arithmetic would lose about ``l`` eps32 relative at
+position ``l``, while the generation costs ``O(H N L)``, little beside the convolution. Its
+backward likewise runs in float64 on the up-cast ``dK``. States and steps are float64 only.
 """
 from typing import NamedTuple, Optional
 
@@ -48,6 +55,7 @@ import numpy as np
 from numba import njit
 
 from . import config
+from . import precision
 from ._checks import check_array, check_name, check_shape
 from .conv import ConvCache, conv_fwd, conv_vjp, fftconv_bwd
 from .ssm import (DISCRETIZATIONS, KERNEL_PARAMS, discretize_params, s4d_kernel,
@@ -91,6 +99,32 @@ def _kernel_args(params):
     if len(B) == 1:
         raise ValueError("params must hold both B_re and B_im (trainable B) or neither")
     return args, B
+
+
+def _kernel(args, B, L, disc):
+    """``s4d_kernel`` in float64 whatever the precision (see the module docstring): under
+    float32 the checked float32 parameters are up-cast exactly and ``K`` is rounded once."""
+    dtype = precision.float_dtype()
+    if dtype == np.float64:
+        return s4d_kernel(*args, L, disc=disc, **B)
+    args = [check_array(k, a, (1, 2, 3)).astype(np.float64) for k, a in zip(KERNEL_PARAMS, args)]
+    B = {k: check_array(k, a, 2).astype(np.float64) for k, a in B.items()}
+    with precision.using("float64"):
+        K = s4d_kernel(*args, L, disc=disc, **B)
+    return K.astype(dtype)
+
+
+def _kernel_bwd(args, B, dK, disc):
+    """``s4d_kernel_bwd`` in float64 (as :func:`_kernel`); gradients in ``dK``'s precision."""
+    dtype = precision.float_dtype()
+    if dtype == np.float64:
+        return s4d_kernel_bwd(*args, dK, disc=disc, **B)
+    args = [a.astype(np.float64) for a in args]
+    B = {k: a.astype(np.float64) for k, a in B.items()}
+    dK = check_array("dK", dK, (2, 3)).astype(np.float64)
+    with precision.using("float64"):
+        g = s4d_kernel_bwd(*args, dK, disc=disc, **B)
+    return tuple(a.astype(dtype) for a in g)
 
 
 def s4d_zero_state(B, H, N2):
@@ -194,10 +228,11 @@ def s4d_layer_fwd(u, params, disc="zoh", state=None, return_state=False):
     check_name("disc", disc, DISCRETIZATIONS)
     u = check_array("u", u, 3)
     args, B = _kernel_args(params)
-    K = s4d_kernel(*args, u.shape[-1], disc=disc, **B)  # (H, L) or (2, H, L)
+    K = _kernel(args, B, u.shape[-1], disc)  # (H, L) or (2, H, L)
     y, conv_c = conv_fwd(u, K, params["D"])  # (B, H, L): FFT, or Toeplitz for short L
     if state is None and not return_state:
         return y, S4DCache(u, K, params, disc, None, conv_c)
+    precision.require_reference("s4d_layer_fwd with a state")
     if K.ndim == 3:
         raise ValueError(_NO_BIDIRECTIONAL_STATE)
     Bsz, H, L = u.shape
@@ -242,7 +277,7 @@ def s4d_layer_bwd(cache, dy):
     else:
         du, dK, dD = fftconv_bwd(u, K, params["D"], dy)
     args, B = _kernel_args(params)
-    g = s4d_kernel_bwd(*args, dK, disc=disc, **B)
+    g = _kernel_bwd(args, B, dK, disc)
     grads = dict(zip(KERNEL_PARAMS + tuple(B), g))
     grads["D"] = dD
     return du, grads
@@ -259,6 +294,7 @@ def s4d_step_coeffs(params, disc="zoh"):
     ``dA, dB, C`` complex128 ``(H, N2)``, ``D`` float64 ``(H,)``. A bidirectional layer raises
     ``ValueError`` (no streaming state).
     """
+    precision.require_reference("s4d_step_coeffs")
     check_name("disc", disc, DISCRETIZATIONS)
     args, B = _kernel_args(params)
     C_re = check_array("C_re", params["C_re"], (2, 3))
@@ -311,6 +347,7 @@ def s4d_layer_step(u_t, coeffs, state):
     if not isinstance(coeffs, tuple) or len(coeffs) != 4:
         raise TypeError("coeffs must be the (dA, dB, C, D) of refimpl.s4d.s4d_step_coeffs, "
                         f"got {type(coeffs).__name__}")
+    precision.require_reference("s4d_layer_step")
     u_t = check_array("u_t", u_t, 2)
     Bsz, H = u_t.shape
     dA = check_array("coeffs.dA", coeffs[0], 2, dtype=np.complex128)

@@ -49,6 +49,7 @@ from . import layers as Ly
 from .activations import ACTIVATIONS
 from .model import block_fwd, block_stream, check_inputs, embed_fwd, stream_record
 from .neurons import threshold_scale_fwd
+from .precision import require_reference
 from .s4d import LAYER_PARAMS, s4d_step_coeffs
 
 EPS = float(np.finfo(np.float64).eps)
@@ -84,6 +85,11 @@ class ModelStream:
     """
 
     def __init__(self, cfg, params, buffers):
+        if cfg.dtype != "float64":
+            raise ValueError(f"a {cfg.dtype} model cannot stream: streams are float64 (the "
+                             f"reference form); stream it as float64 with "
+                             f"dataclasses.replace(cfg, dtype='float64')")
+        require_reference("ModelStream")
         if cfg.bidirectional:
             raise ValueError("a bidirectional model cannot stream: its output at step t reads "
                              "inputs after t; train with bidirectional=False to deploy step by "

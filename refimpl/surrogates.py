@@ -44,7 +44,8 @@ import numpy as np
 from numba import njit
 
 from . import config
-from ._checks import check_name, check_real
+from ._checks import check_array, check_name, check_real
+from .precision import float_dtype
 
 # Integer codes understood by surrogate_grad / surrogate_primitive (and stored nowhere else).
 TRIANGLE = 0
@@ -191,15 +192,15 @@ def _elementwise(code, primitive, z, scale, out):
 
 
 def _check_z(z):
-    """``z`` as a float64 array: float64 arrays as they are, Python/NumPy real scalars as 0-d."""
+    """``z`` as an array of the current precision (float64 unless under
+    ``refimpl.precision.using``): such arrays as they are, Python/NumPy real scalars as 0-d."""
+    dtype = float_dtype()
     if isinstance(z, np.ndarray):
-        if z.dtype != np.float64:
-            raise TypeError(f"z must have dtype float64, got {z.dtype}; refimpl never casts "
-                            "silently: pass z.astype(np.float64)")
+        check_array("z", z, finite=False)  # the dtype (its copy would make a 0-d array 1-d)
         return z
     if isinstance(z, (int, float, np.integer, np.floating)) and not isinstance(z, bool):
-        return np.array(float(z))  # ()
-    raise TypeError(f"z must be a float64 array or a real number, got {type(z).__name__}")
+        return np.array(float(z), dtype)  # ()
+    raise TypeError(f"z must be a {dtype.name} array or a real number, got {type(z).__name__}")
 
 
 def _apply(code, primitive, z, scale):

@@ -191,13 +191,16 @@ def _batches(n, batch_size, rng):
 
 
 def evaluate_logits(cfg, params, buffers, x):
-    """Eval-mode logits ``(B, n_classes)`` of a batch (the parallel form)."""
-    logits, _, _, _ = M.model_fwd(cfg, params, buffers, x, training=False)
+    """Eval-mode logits ``(B, n_classes)`` of a batch (the parallel form; float64 inputs are
+    rounded to ``cfg.dtype``, :func:`refimpl.model.model_inputs`)."""
+    logits, _, _, _ = M.model_fwd(cfg, params, buffers, M.model_inputs(cfg, x), training=False)
     return logits
 
 
 def evaluate(cfg, params, buffers, x, y, batch_size=256):
-    """Eval-mode accuracy, mean loss and per-layer firing rates over a data set."""
+    """Eval-mode accuracy, mean loss and per-layer firing rates over a data set (float64
+    inputs rounded to ``cfg.dtype``, :func:`refimpl.model.model_inputs`)."""
+    x = M.model_inputs(cfg, x)
     correct, loss_sum, rate_sum, n = 0, 0.0, None, len(y)
     for idx in _batches(n, batch_size, None):
         logits, _, _, st = M.model_fwd(cfg, params, buffers, x[idx], training=False)
@@ -323,6 +326,8 @@ def plan(cfg, tcfg, data, out_dir, resume=False, sdn_weights=None, overwrite=Fal
     ``out_dir`` is an error unless ``overwrite``. Returns a :class:`TrainingRun`.
     """
     ckpt = os.path.join(out_dir, "checkpoint.h5")
+    data = {**data, "x_train": M.model_inputs(cfg, data["x_train"]),
+            "x_test": M.model_inputs(cfg, data["x_test"])}  # float32 variant: rounded once
     M.check_inputs(cfg, data["x_train"], data["y_train"])
     M.check_inputs(cfg, data["x_test"], data["y_test"])
     if not resume and os.path.exists(ckpt) and not overwrite:

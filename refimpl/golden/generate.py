@@ -40,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import config
+from ..precision import require_reference
 from ..atomic import check_writable
 from .registry import SUITES, get_suite, maxabs, suite_specs
 from .schema import DEFAULT_DIR, NO_GRADS, Case, flatten, write_file
@@ -128,6 +129,7 @@ def regenerate(suite, cid, spec, seed):
 
     Returns :class:`Built`; ``build_case`` returns only the case.
     """
+    require_reference("golden generation")
     case = case_from_spec(suite, cid, spec)
     if spec.result == "invalid":
         case.extra["error"] = _expect_rejection(suite, case)
@@ -274,6 +276,7 @@ def generate(out_dir=DEFAULT_DIR, suites=None, seed=0, size="small", overwrite=F
     the suites whose file does not exist yet (continuing an interrupted run). Returns the list
     of written paths.
     """
+    require_reference("golden generation")
     todo = plan_generate(out_dir, suites, overwrite, missing_only)
     for n, path in todo:
         cases = build_suite(n, seed, size, progress)

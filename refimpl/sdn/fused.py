@@ -46,7 +46,7 @@ def causal_windows(x2, T):
     that a depthwise convolution is one matrix product ``W (C, K) @ X (K, R T)``.
     """
     R, L = x2.shape
-    xp = np.zeros((R, K + max(L, T)))  # (R, K + max(L, T)): K leading zeros, x, trailing zeros
+    xp = np.zeros((R, K + max(L, T)), x2.dtype)  # (R, K + max(L, T)): K leading zeros, x, zeros
     xp[:, K:K + L] = x2
     return np.stack([xp[:, k:k + T] for k in range(K)])  # (K, R, T)
 
@@ -58,7 +58,7 @@ def causal_windows_adjoint(dX, L):
     added in the order ``k = 0 .. K-1``.
     """
     _, R, T = dX.shape
-    dxp = np.zeros((R, K + max(L, T)))  # (R, K + max(L, T)): gradient of the padded input
+    dxp = np.zeros((R, K + max(L, T)), dX.dtype)  # (R, K + max(L, T)): grad. of the padded x
     for k in range(K):  # X[k, r, t] = xp[r, t + k]
         dxp[:, k:k + T] += dX[k]
     return dxp[:, K:K + L].copy()  # (R, L)

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._checks import check_array, check_int, check_shape
+from ..precision import require_reference
 from ..neurons import NeuronConfig
 from ..surrogates import get_surrogate
 from .fused import sdn_forward
@@ -108,6 +109,7 @@ def sdn_neuron_fwd(x, weights, cfg, m=None, smooth=False, state=None, return_sta
     x = check_array("x", x, 3)
     xc = x
     if state is not None or return_state:
+        require_reference("sdn_neuron_fwd with a state")
         Bsz, H, L = x.shape
         if state is None:
             state = sdn_zero_state(Bsz, H)
@@ -124,7 +126,7 @@ def sdn_neuron_fwd(x, weights, cfg, m=None, smooth=False, state=None, return_sta
     if smooth:
         s = get_surrogate(cfg.surrogate).primitive(v - cfg.theta, cfg.surrogate_scale)
     else:
-        s = (v >= cfg.theta_fire).astype(np.float64)  # (B, H, L), the neuron's one spike test
+        s = (v >= cfg.theta_fire).astype(v.dtype)  # (B, H, L), the neuron's one spike test
     if not return_state:
         return s, m
     return s, m, SDNState(xc[..., -K:].copy())  # (B, H, K)
