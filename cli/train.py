@@ -150,8 +150,8 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
                        overwrite=overwrite)
             dtype = "" if cfg.dtype == "float64" else f" in {cfg.dtype}"
             click.echo(f"training {cfg.activation}{dtype} on {ds['name']}: "
-                       f"{len(ds['y_train'])} train / {len(ds['y_test'])} test, L = {ds['x_train'].shape[1]}, {epochs} epochs "
-                       f"-> {out_dir}", err=True)
+                       f"{len(ds['y_train'])} train / {len(ds['y_test'])} test, "
+                       f"L = {ds['x_train'].shape[1]}, {epochs} epochs -> {out_dir}", err=True)
             with progress_bar(run.remaining_steps, "train", epoch_summary) as on_event:
                 metrics = run.run(on_event)
     except USER_ERRORS as e:
