@@ -1069,6 +1069,23 @@ def test_wrong_dtype_is_a_type_error_naming_the_argument(name, mode):
             call(good, bad)
 
 
+STATEFUL = {
+    "neuron state": lambda: neuron_fwd(Z[F32], NCFG, state=(np.zeros((1, 2), F32),
+                                                             np.zeros((1, 2), np.int64))),
+    "neuron return_state": lambda: neuron_fwd(Z[F32], NCFG, return_state=True),
+    "s4d return_state": lambda: s4d_layer_fwd(*_s4d_inputs(F32), return_state=True),
+    "sdn return_state": lambda: sdn_neuron_fwd(
+        Z[F32], {k: r32(v) for k, v in sdn_weights().items()}, NCFG, return_state=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_states_are_float64_only(name):
+    """Chunk states (streams) belong to the float64 reference path: refused under float32."""
+    with P.using("float32"), pytest.raises(RuntimeError, match="float64"):
+        STATEFUL[name]()
+
+
 def test_streams_and_golden_generation_refuse_float32(tmp_path):
     cfg, cfg32, p, buf, _, _ = _model_pair(dict(activation="lif"))
     with pytest.raises(ValueError, match="float32 model cannot stream"):
@@ -1076,6 +1093,8 @@ def test_streams_and_golden_generation_refuse_float32(tmp_path):
     from refimpl import golden as G
     with P.using("float32"), pytest.raises(RuntimeError, match="golden generation"):
         G.generate(str(tmp_path / "g"), suites=["fftconv"])
+    with P.using("float32"), pytest.raises(RuntimeError, match="golden generation"):
+        G.build_suite("fftconv")
     assert not (tmp_path / "g").exists() or not os.listdir(tmp_path / "g")
 
 
