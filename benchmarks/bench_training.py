@@ -12,6 +12,7 @@ import numpy as np
 
 from harness import register
 from refimpl import model as M
+from refimpl.memory import retain_freed_memory
 from refimpl.optim import adamw_init, adamw_step, make_groups
 
 GRID = [{"B": 64, "H": 64, "N": 64, "L": 40, "layers": 2},
@@ -36,6 +37,7 @@ def sdn_weights():
 
 
 def make_step(activation, s):
+    retain_freed_memory()  # as refimpl.train runs its steps (refimpl/memory.py)
     cfg = M.ModelConfig(n_classes=10, d_input=1, d_model=s["H"], d_state=s["N"],
                         n_layers=s["layers"], activation=activation)
     p, buf = M.init_model(cfg, 0, sdn_weights=sdn_weights() if activation == "sdn" else None)

@@ -40,6 +40,7 @@ from ._checks import check_int, check_real
 from .atomic import atomic_write_json
 from .h5io import FileFormatError, atomic_h5, open_h5, read_tree, write_tree
 from .layers import cross_entropy_fwd
+from .memory import retain_freed_memory
 from .optim import adamw_init, adamw_step, cosine_schedule, make_groups
 from .progress import EpochEnd, Step
 
@@ -254,6 +255,7 @@ class TrainingRun:
         per-epoch metrics (earlier epochs of a resumed run included)."""
         cfg, tcfg, data = self.cfg, self.tcfg, self.data
         params, buffers, opt, metrics = self.params, self.buffers, self.opt, self.metrics
+        retain_freed_memory()  # no page faults for the arrays every step reuses (memory.py)
         xtr, ytr = data["x_train"], data["y_train"]
         groups = make_groups(params, tcfg.lr, tcfg.weight_decay, M.optimizer_rules(tcfg.lr))
         total = self.total_steps

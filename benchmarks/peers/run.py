@@ -48,6 +48,7 @@ from harness import cpu_model  # noqa: E402
 
 from refimpl import model as M  # noqa: E402
 from refimpl.atomic import atomic_write_text  # noqa: E402
+from refimpl.memory import retain_freed_memory  # noqa: E402
 from refimpl.optim import adamw_init, adamw_step, make_groups  # noqa: E402
 
 FAMILIES = ("gelu", "binary", "lif", "sdn", "refractory")
@@ -102,6 +103,7 @@ def groups_for(p):
 def refimpl_step(family, s, dtype="float64"):
     """A closure running one refimpl training step (benchmarks/bench_training.py's make_step,
     plus the projection the torch side does too); float32 through ``ModelConfig(dtype=)``."""
+    retain_freed_memory()  # as refimpl.train runs its steps (refimpl/memory.py)
     cfg, p, buf, x, labels = problem(family, s, None if dtype == "float64" else dtype)
     if dtype != "float64":
         x = x.astype(np.float32)
