@@ -403,6 +403,24 @@ def _neuron_fwd_smooth(x, u0, c0, tau, theta, theta_fire, a, b, R, code, scale, 
         c_end[r] = cnt
 
 
+@njit(**config.NJIT_OPTS)
+def _neuron_fwd_memoryless(x, theta_fire, a, b, s, h, u):
+    """Hard-spike forward of a neuron without memory (``tau = 0``, no refractory period, e.g.
+    the Binary S4D family): ``h_t = x_t`` does not depend on ``u_{t-1}``, so every element is
+    independent (a flat loop the compiler vectorises, no recurrence). The same operations as
+    :func:`_fwd_step` (``tau u_prev = +-0`` added to ``x_t`` is ``x_t``): equal results, up to
+    the sign of a zero membrane. Preconditions as :func:`_neuron_fwd`."""
+    M, L = x.shape
+    for r in range(M):
+        b_r = b[r]
+        for t in range(L):
+            h[r, t] = x[r, t]
+            h_t = h[r, t]
+            fire = h_t >= theta_fire
+            s[r, t] = 1.0 if fire else 0.0
+            u[r, t] = h_t * (1.0 - a) + b_r if fire else h_t + b_r * 0.0
+
+
 # --------------------------------------------------------------------------------------------
 # Backward kernel
 # --------------------------------------------------------------------------------------------
@@ -458,6 +476,32 @@ def _neuron_bwd(s, h, ds, dh, du, has_dh, has_du, c0, tau, theta, theta_fire, a,
                 gh += dh[r, t]
             dx[r, t] = gh
             gh_next = gh
+            acc_rho -= gu * s_t
+        g_rho[r] = acc_rho
+
+
+@njit(**config.NJIT_OPTS)
+def _neuron_bwd_memoryless(s, h, ds, dh, du, has_dh, has_du, theta, a, b, code, scale, mode, dx,
+                           g_rho):
+    """:func:`_neuron_bwd` for ``tau = 0`` and no refractory period: ``gh_{t+1}`` enters only
+    as ``tau gh_{t+1} = +-0``, so every step is independent (the same operations per element,
+    without the reverse-time dependency; equal results up to the sign of a zero)."""
+    M, L = s.shape
+    for r in range(M):
+        b_r = b[r]
+        acc_rho = 0.0
+        for t in range(L - 1, -1, -1):
+            h_t = h[r, t]
+            s_t = s[r, t]
+            gu = du[r, t] if has_du else 0.0
+            gs = ds[r, t]
+            if mode != DETACH_RESET:
+                gs += gu * (b_r - a * h_t)
+            g_t = surrogate_grad(code, h_t - theta, scale)
+            gh = gu * (1.0 - a * s_t) + gs * g_t
+            if has_dh:
+                gh += dh[r, t]
+            dx[r, t] = gh
             acc_rho -= gu * s_t
         g_rho[r] = acc_rho
 
@@ -677,7 +721,11 @@ def neuron_fwd(x, cfg, rho=None, smooth=False, state=None, return_state=False):
         _neuron_fwd_smooth(xr, u0, c0, cfg.tau, cfg.theta, theta_fire, a, b_rows, R, sur.code,
                            cfg.scale, sr, hr, ur, c_end)
     else:
-        _neuron_fwd(xr, u0, c0, cfg.tau, theta_fire, a, b_rows, R if R > 0 else None, sr, hr, ur)
+        if cfg.tau == 0.0 and R == 0:  # no memory: elementwise (the binary family)
+            _neuron_fwd_memoryless(xr, theta_fire, a, b_rows, sr, hr, ur)
+        else:
+            _neuron_fwd(xr, u0, c0, cfg.tau, theta_fire, a, b_rows, R if R > 0 else None, sr, hr,
+                        ur)
     if not return_state:
         return s, h, u
     if smooth:
@@ -779,10 +827,17 @@ def neuron_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, smooth=False, state
     dx = np.empty(shape, x.dtype)  # (B, H, L)
     g_rho = np.empty(M, x.dtype)  # (M,) per-row sums
     sur = get_surrogate(cfg.surrogate)
-    _neuron_bwd(s.reshape(M, L), h.reshape(M, L), arrays["ds"].reshape(M, L), dh_r, du_r,
-                arrays["dh"] is not None, arrays["du"] is not None, c0, cfg.tau, cfg.theta,
-                theta_fire, a, b_rows, R, smooth, sur.code, cfg.scale, GRAD_MODES[cfg.grad_mode],
-                dx.reshape(M, L), g_rho)
+    mode = GRAD_MODES[cfg.grad_mode]
+    if cfg.tau == 0.0 and R == 0:  # no memory: elementwise (the binary family)
+        _neuron_bwd_memoryless(s.reshape(M, L), h.reshape(M, L), arrays["ds"].reshape(M, L),
+                               dh_r, du_r, arrays["dh"] is not None, arrays["du"] is not None,
+                               cfg.theta, a, b_rows, sur.code, cfg.scale, mode, dx.reshape(M, L),
+                               g_rho)
+    else:
+        _neuron_bwd(s.reshape(M, L), h.reshape(M, L), arrays["ds"].reshape(M, L), dh_r, du_r,
+                    arrays["dh"] is not None, arrays["du"] is not None, c0, cfg.tau, cfg.theta,
+                    theta_fire, a, b_rows, R, smooth, sur.code, cfg.scale, mode,
+                    dx.reshape(M, L), g_rho)
     drho = g_rho.reshape(Bsz, H).sum(0) if cfg.reset == "refractory" else None  # (H,)
     return dx, drho
 
