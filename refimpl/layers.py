@@ -24,7 +24,17 @@ from numba import njit
 from scipy.special import erf
 
 from . import config
+from ._checks import check_array
 from .precision import float_dtype
+
+
+def _check_dtypes(**arrays):
+    """Each array's dtype must be the current precision (TypeError naming it, as every op;
+    ``None`` entries skipped). No finite-value scan: the layers' inputs come from checked ops,
+    and a non-finite result is caught where it is used (the model's next op, the trainer)."""
+    for name, a in arrays.items():
+        if a is not None:
+            check_array(name, a, finite=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,6 +127,7 @@ def chanmix_dW(dy, x):
 
 def linear_fwd(x, W, b=None):
     """``y[:, o, t] = sum_i W[o, i] x[:, i, t] + b[o]``: x (B, Hin, L) -> (B, Hout, L)."""
+    _check_dtypes(x=x, W=W, b=b)
     y = chanmix(W, x)  # (B, Hout, L)
     if b is not None:
         y += b[:, None]
@@ -126,6 +137,7 @@ def linear_fwd(x, W, b=None):
 def linear_bwd(cache, dy):
     """Returns ``(dx, dW, db)``; ``db`` is None when the layer has no bias."""
     x, W, has_b = cache
+    _check_dtypes(dy=dy)
     dx = chanmix(W.T, dy)  # (B, Hin, L)
     dW = chanmix_dW(dy, x)  # (Hout, Hin) = sum_{b,l} dy x^T
     db = dy.sum(axis=(0, 2)) if has_b else None  # (Hout,)
@@ -184,6 +196,7 @@ def gelu_fwd(x):
     Equivalent to ``Phi = 0.5 * (1.0 + erf(x / np.sqrt(2.0))); y = x * Phi``: the same
     operations, with the elementwise arithmetic after ``erf`` in one pass.
     """
+    _check_dtypes(x=x)
     x = np.ascontiguousarray(x)
     Phi = erf(x / _SQRT2)  # (B, H, L), erf(x / sqrt 2) until _gelu_post
     y = np.empty_like(x)  # (B, H, L)
@@ -198,6 +211,7 @@ def gelu_bwd(cache, dy):
     (NumPy's SIMD ``exp``, then one fused pass).
     """
     x, Phi = cache
+    _check_dtypes(dy=dy)
     e = -0.5 * x  # (B, H, L)
     e *= x
     np.exp(e, out=e)
@@ -214,8 +228,9 @@ def _sigmoid(z):
 @njit(**config.NJIT_OPTS)
 def _glu_gate_pre(o, b, a, q):
     """``a = o[:, :H] + b[:H]``, ``q = 0.5 (o[:, H:] + b[H:])`` in one pass (the argument of
-    the ``tanh`` in :func:`_sigmoid`). Preconditions: C-contiguous float64, ``o (B, 2H, L)``,
-    ``b (2H,)``, ``a, q (B, H, L)`` overwritten."""
+    the ``tanh`` in :func:`_sigmoid`). Preconditions: float64, ``o (B, 2H, L)`` (any strides:
+    a view of a channel-major array too), ``b (2H,)``, ``a, q (B, H, L)`` C-contiguous,
+    overwritten."""
     Bsz, H, L = a.shape
     for i in range(Bsz):
         for h in range(H):
@@ -244,8 +259,9 @@ def _glu_gate_bwd(dz, a, g, do, db):
 
     Equivalent to ``do = np.concatenate([dz * g, dz * a * g * (1.0 - g)], axis=1);
     db = do.sum(axis=2)`` (``do`` bit-identical; ``db`` summed in ``t`` order; the caller adds
-    the rows with :func:`_sum_rows`). Preconditions: C-contiguous float64, ``dz, a, g
-    (B, H, L)``, ``do (B, 2H, L)`` and ``db (B, 2H)`` overwritten.
+    the rows with :func:`_sum_rows`). Preconditions: C-contiguous float64 ``dz, a, g
+    (B, H, L)``; ``do (B, 2H, L)`` (any strides: a view of a channel-major array too) and
+    ``db (B, 2H)`` overwritten.
     """
     Bsz, H, L = a.shape
     for i in range(Bsz):
@@ -263,15 +279,34 @@ def _glu_gate_bwd(dz, a, g, do, db):
             db[i, H + h] = sg
 
 
+def _channel_major(x):
+    """``x (B, C, L)`` as a C-contiguous ``(C, B, L)`` copy: one GEMM operand ``(C, B L)``."""
+    return np.ascontiguousarray(x.transpose(1, 0, 2))
+
+
 def glu_fwd(s, W, b):
     """GLU mixing (SpikingSSM, S4D): ``o = W s + b``, ``z = o[:H] * sigmoid(o[H:])``.
 
     s (B, H, L), W (2H, H), b (2H,) -> z (B, H, L). The cache is ``(linear cache, a, g)``
-    with ``a = o[:H]`` and ``g = sigmoid(o[H:])``, ``(B, H, L)`` each.
+    with ``a = o[:H]`` and ``g = sigmoid(o[H:])``, ``(B, H, L)`` each; the linear cache is
+    ``(s, W, True)``, or ``(s_cm, W, False)`` with ``s_cm`` the channel-major copy ``(H, B, L)``
+    for long sequences.
+
+    Long sequences (``L >`` :data:`BATCHED_MAX_L`): one ``(2H, H) @ (H, B L)`` GEMM on a
+    channel-major copy of ``s`` (kept for the backward's ``dW``), whose output the gate reads
+    in place through a ``(B, 2H, L)`` view (rows over ``t`` stay contiguous): one transposed
+    copy instead of :func:`chanmix`'s two, and none in the backward's ``dW``.
     """
-    o = chanmix(W, s)  # (B, 2H, L), without the bias (added in the gate's first pass)
-    a, g, z = _glu_gate(o, b)  # (B, H, L) each
-    return z, ((s, W, True), a, g)
+    _check_dtypes(s=s, W=W, b=b)
+    Bsz, H, L = s.shape
+    if L <= BATCHED_MAX_L:
+        o = chanmix(W, s)  # (B, 2H, L), without the bias (added in the gate's first pass)
+        a, g, z = _glu_gate(o, b)  # (B, H, L) each
+        return z, ((s, W, True), a, g)
+    s_cm = _channel_major(s)  # (H, B, L)
+    o = (np.ascontiguousarray(W) @ s_cm.reshape(H, Bsz * L)).reshape(2 * H, Bsz, L)
+    a, g, z = _glu_gate(o.transpose(1, 0, 2), b)  # (B, 2H, L) view of (2H, B, L)
+    return z, ((s_cm, W, False), a, g)
 
 
 def _glu_gate(o, b):
@@ -294,16 +329,32 @@ def _glu_gate(o, b):
 
 
 def glu_bwd(cache, dz):
-    """Returns ``(ds, dW, db)``: ``da = dz g``, ``dg_pre = dz a g (1 - g)``."""
-    (s, W, _), a, g = cache
+    """Returns ``(ds, dW, db)``: ``da = dz g``, ``dg_pre = dz a g (1 - g)``.
+
+    Long sequences (a channel-major cache, see :func:`glu_fwd`): ``do`` is written channel-major
+    ``(2H, B, L)`` through a view, so ``dW = do s^T`` is one GEMM on the two channel-major
+    arrays and ``ds = W^T do`` one GEMM plus the transposed copy back to ``(B, H, L)``.
+    """
+    (s, W, batch_major), a, g = cache
+    _check_dtypes(dz=dz)
     Bsz, H, L = a.shape
-    do = np.empty((Bsz, 2 * H, L), dtype=a.dtype)  # (B, 2H, L)
+    do_cm = None
+    if batch_major:
+        do = np.empty((Bsz, 2 * H, L), dtype=a.dtype)  # (B, 2H, L)
+    else:
+        do_cm = np.empty((2 * H, Bsz, L), dtype=a.dtype)  # (2H, B, L)
+        do = do_cm.transpose(1, 0, 2)  # (B, 2H, L) view
     db_rows, db = np.empty((Bsz, 2 * H), a.dtype), np.empty(2 * H, a.dtype)  # (B, 2H), (2H,)
     dz = np.ascontiguousarray(dz)
     _over_batch(lambda b0, b1: _glu_gate_bwd(dz[b0:b1], a[b0:b1], g[b0:b1], do[b0:b1],
                                              db_rows[b0:b1]), Bsz, do.size)
     _sum_rows(db_rows, db)
-    return chanmix(W.T, do), chanmix_dW(do, s), db
+    if batch_major:
+        return chanmix(W.T, do), chanmix_dW(do, s), db
+    do2 = do_cm.reshape(2 * H, Bsz * L)  # (2H, B L)
+    dW = do2 @ s.reshape(H, Bsz * L).T  # (2H, H)
+    ds = (np.ascontiguousarray(W.T) @ do2).reshape(H, Bsz, L).transpose(1, 0, 2)  # (B, H, L)
+    return np.ascontiguousarray(ds), dW, db
 
 
 def ternary(v, axis=None, ratio=0.15):
@@ -331,6 +382,7 @@ def gsu_fwd(x, W, b, c, Tx=None, TW=None):
     ``(v W)_j = sum_i v_i W[i, j]``. ``Tx``, ``TW`` may be given to hold the quantised values
     fixed (gradient checks: the backward treats them as constants by definition).
     """
+    _check_dtypes(x=x, W=W, b=b, c=c, Tx=Tx, TW=TW)
     Tx = ternary(x, axis=1) if Tx is None else Tx  # (B, H, L), max over channels per token
     TW = ternary(W) if TW is None else TW  # (H, H), max over the matrix
     P = chanmix(W.T, Tx) + b[:, None]  # (B, H, L): P[:, j] = sum_i Tx[:, i] W[i, j]
@@ -342,6 +394,7 @@ def gsu_bwd(cache, dz):
     """Returns ``(dx, dW, db, dc)``. ``Ter`` passes no gradient **[choice]**: ``dx`` flows only
     through ``Q = x Ter(W) + c`` and ``dW`` only through ``P = Ter(x) W + b``."""
     Tx, TW, P, Q = cache
+    _check_dtypes(dz=dz)
     dP, dQ = dz * Q, dz * P  # (B, H, L) each
     dW = chanmix_dW(Tx, dP)  # (H, H) = sum_{b,l} Tx dP^T
     db = dP.sum(axis=(0, 2))  # (H,)
@@ -431,6 +484,7 @@ def layernorm_fwd(x, gamma, beta, eps=1e-5):
 
     The cache is ``(xh (B, H, L), rstd (B, 1, L), gamma)``.
     """
+    _check_dtypes(x=x, gamma=gamma, beta=beta)
     x = np.ascontiguousarray(x)
     y, xh = np.empty_like(x), np.empty_like(x)  # (B, H, L) each
     rstd = np.empty((x.shape[0], 1, x.shape[2]), dtype=x.dtype)  # (B, 1, L)
@@ -444,6 +498,7 @@ def layernorm_bwd(cache, dy):
     """Returns ``(dx, dgamma, dbeta)``: ``dx = rstd (g - mean(g) - xh mean(g xh))``,
     ``g = dy gamma``."""
     xh, rstd, gamma = cache
+    _check_dtypes(dy=dy)
     Bsz, H, _ = xh.shape
     dx = np.empty_like(xh)  # (B, H, L)
     dg_rows, db_rows = np.empty((Bsz, H), xh.dtype), np.empty((Bsz, H), xh.dtype)  # per row
@@ -469,6 +524,8 @@ def batchnorm_fwd(x, gamma, beta, running_mean, running_var, training, momentum=
     activations channel-major, ``(C, B, T)``, and passes 0, so that every reduction runs over
     contiguous memory.
     """
+    _check_dtypes(x=x, gamma=gamma, beta=beta, running_mean=running_mean,
+                  running_var=running_var)
     axes = tuple(i for i in range(x.ndim) if i != channel_axis)
     col = tuple(-1 if i == channel_axis else 1 for i in range(x.ndim))  # e.g. (1, H, 1)
     if training:
@@ -489,6 +546,7 @@ def batchnorm_fwd(x, gamma, beta, running_mean, running_var, training, momentum=
 def batchnorm_bwd(cache, dy):
     """Returns ``(dx, dgamma, dbeta)``; in eval mode the map is affine (``dx = dy gamma rstd``)."""
     xh, rstd, gamma, training, axes, col = cache
+    _check_dtypes(dy=dy)
     g = dy * gamma.reshape(col)  # (B, H, L)
     if training:
         dx = rstd.reshape(col) * (g - g.mean(axis=axes, keepdims=True)

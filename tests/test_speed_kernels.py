@@ -365,8 +365,61 @@ class _Threads:
         return self.n
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 4, 1), (3, 1, 2)])
+def test_glu_channel_major_fd_and_dot_product(monkeypatch, shape):
+    """The long-sequence GLU (channel-major GEMMs, forced at a small shape)."""
+    monkeypatch.setattr(Ly, "BATCHED_MAX_L", 0)
+    rng = np.random.default_rng(17)
+    Bsz, H, L = shape
+    s, W, b = rng.normal(size=shape), rng.normal(size=(2 * H, H)), rng.normal(size=2 * H)
+    assert Ly.glu_fwd(s, W, b)[1][0][2] is False  # the channel-major cache: the path under test
+    _check_fd(Ly.glu_fwd, Ly.glu_bwd, [s, W, b], rng)
+
+
+@given(st.tuples(st.integers(1, 4), st.integers(1, 7), st.integers(1, 30)),
+       st.integers(0, 2**32 - 1))
+def test_glu_channel_major_against_batch_major(shape, seed):
+    """Both GLU forms compute the same sums, each a GEMM in BLAS's own order: ``o``, ``ds``
+    (``H`` or ``2H`` products per entry) and ``dW`` (``B L`` products) may differ by the two
+    forms' rounding, at most ``2 K eps sum|terms|`` for ``K`` terms; the gate then maps ``o``
+    elementwise (sigmoid slope <= 1/4, |a| <= |o| + |b|), so ``a, g, z`` inherit the bound."""
+    Bsz, H, L = shape
+    rng = np.random.default_rng(seed)
+    s, W, b = rng.normal(size=shape), rng.normal(size=(2 * H, H)), rng.normal(size=2 * H)
+    dz = rng.normal(size=shape)
+    z0, c0 = Ly.glu_fwd(s, W, b)
+    ds0, dW0, db0 = Ly.glu_bwd(c0, dz)
+    saved = Ly.BATCHED_MAX_L
+    try:
+        Ly.BATCHED_MAX_L = 0
+        z1, c1 = Ly.glu_fwd(s, W, b)
+        ds1, dW1, db1 = Ly.glu_bwd(c1, dz)
+    finally:
+        Ly.BATCHED_MAX_L = saved
+    absW = np.abs(W)
+    o_abs = np.matmul(absW, np.abs(s)) + np.abs(b)[:, None]  # (B, 2H, L) sum|terms| of o
+    e_o = 2 * H * EPS * o_abs
+    # z = a g: |dz| <= |da| g + |a| |dg| <= e_a + |a| e_g / 4 (e_a, e_g the entries of e_o)
+    a_abs = o_abs[:, :H]
+    bound_z = e_o[:, :H] + a_abs * e_o[:, H:] / 4 + 4 * EPS * np.abs(z0)
+    assert np.all(np.abs(z1 - z0) <= bound_z)
+    # the backward: do = [dz g, dz a g (1-g)] from (a, g) within the bounds above, then GEMMs
+    do_abs = np.concatenate([np.abs(dz), np.abs(dz) * (a_abs + e_o[:, :H])], axis=1)
+    e_do = np.concatenate([np.abs(dz) * e_o[:, H:] / 4,
+                           np.abs(dz) * (e_o[:, :H] / 4 + a_abs * e_o[:, H:] / 4)], axis=1)
+    e_do += 4 * EPS * do_abs
+    bound_ds = np.matmul(absW.T, e_do) + 2 * 2 * H * EPS * np.matmul(absW.T, do_abs)
+    assert np.all(np.abs(ds1 - ds0) <= bound_ds)
+    sum_terms = np.tensordot(do_abs, np.abs(s), axes=([0, 2], [0, 2]))  # (2H, H)
+    bound_dW = np.tensordot(e_do, np.abs(s), axes=([0, 2], [0, 2])) + 2 * Bsz * L * EPS * sum_terms
+    assert np.all(np.abs(dW1 - dW0) <= bound_dW)
+    assert np.all(np.abs(db1 - db0) <= e_do.sum(axis=(0, 2)) + 2 * Bsz * L * EPS *
+                  do_abs.sum(axis=(0, 2)))
+
+
+@pytest.mark.parametrize("long", [False, True])
 @pytest.mark.parametrize("threads", [2, 3, 5])
-def test_batch_split_gives_identical_results(monkeypatch, threads):
+def test_batch_split_gives_identical_results(monkeypatch, threads, long):
     """GLU and LayerNorm split over batch rows (any number of threads, even uneven ranges)
     equal the single-call results exactly: rows are independent and the batch sums are added
     in row order after the split."""
@@ -375,6 +428,8 @@ def test_batch_split_gives_identical_results(monkeypatch, threads):
     s, W, b = rng.normal(size=(Bsz, H, L)), rng.normal(size=(2 * H, H)), rng.normal(size=2 * H)
     gamma, beta = 1 + 0.1 * rng.normal(size=H), rng.normal(size=H)
     dz = rng.normal(size=(Bsz, H, L))
+    if long:  # the channel-major GLU (glu_fwd's long-sequence form)
+        monkeypatch.setattr(Ly, "BATCHED_MAX_L", 0)
 
     def run():
         z, c = Ly.glu_fwd(s, W, b)
