@@ -212,14 +212,6 @@ def _check_fd(fwd, bwd, args, rng):
                             1.0)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 4, 1), (3, 1, 2)])
-def test_glu_fd_and_dot_product(shape):
-    rng = np.random.default_rng(7)
-    Bsz, H, L = shape
-    s, W, b = rng.normal(size=shape), rng.normal(size=(2 * H, H)), rng.normal(size=2 * H)
-    _check_fd(Ly.glu_fwd, Ly.glu_bwd, [s, W, b], rng)
-
-
 @pytest.mark.parametrize("shape", [(2, 3, 5), (1, 4, 1), (3, 2, 2)])
 def test_layernorm_fd_and_dot_product(shape):
     rng = np.random.default_rng(8)
@@ -365,14 +357,25 @@ class _Threads:
         return self.n
 
 
+def _glu_form(monkeypatch, form):
+    """Force :func:`refimpl.layers.glu_fwd`'s form at any length: ``"batched"`` (one GEMM per
+    batch row) or ``"channel_major"`` (one GEMM on a channel-major copy)."""
+    if form == "batched":
+        monkeypatch.setattr(Ly, "GLU_BATCHED_MIN_L", 0)
+        monkeypatch.setattr(Ly, "BATCHED_MAX_L", 10**9)
+    else:
+        monkeypatch.setattr(Ly, "BATCHED_MAX_L", 0)
+
+
+@pytest.mark.parametrize("form", ["batched", "channel_major"])
 @pytest.mark.parametrize("shape", [(2, 3, 5), (1, 4, 1), (3, 1, 2)])
-def test_glu_channel_major_fd_and_dot_product(monkeypatch, shape):
-    """The long-sequence GLU (channel-major GEMMs, forced at a small shape)."""
-    monkeypatch.setattr(Ly, "BATCHED_MAX_L", 0)
+def test_glu_forms_fd_and_dot_product(monkeypatch, shape, form):
+    """Each GLU form (forced at a small shape)."""
+    _glu_form(monkeypatch, form)
     rng = np.random.default_rng(17)
     Bsz, H, L = shape
     s, W, b = rng.normal(size=shape), rng.normal(size=(2 * H, H)), rng.normal(size=2 * H)
-    assert Ly.glu_fwd(s, W, b)[1][0][2] is False  # the channel-major cache: the path under test
+    assert Ly.glu_fwd(s, W, b)[1][0][2] is (form == "batched")  # the cache of the form
     _check_fd(Ly.glu_fwd, Ly.glu_bwd, [s, W, b], rng)
 
 
@@ -387,15 +390,14 @@ def test_glu_channel_major_against_batch_major(shape, seed):
     rng = np.random.default_rng(seed)
     s, W, b = rng.normal(size=shape), rng.normal(size=(2 * H, H)), rng.normal(size=2 * H)
     dz = rng.normal(size=shape)
-    z0, c0 = Ly.glu_fwd(s, W, b)
-    ds0, dW0, db0 = Ly.glu_bwd(c0, dz)
-    saved = Ly.BATCHED_MAX_L
-    try:
-        Ly.BATCHED_MAX_L = 0
-        z1, c1 = Ly.glu_fwd(s, W, b)
-        ds1, dW1, db1 = Ly.glu_bwd(c1, dz)
-    finally:
-        Ly.BATCHED_MAX_L = saved
+    runs = []
+    for form in ("batched", "channel_major"):
+        with pytest.MonkeyPatch.context() as mp:
+            _glu_form(mp, form)
+            z, c = Ly.glu_fwd(s, W, b)
+            assert c[0][2] is (form == "batched")
+            runs.append((z, c, *Ly.glu_bwd(c, dz)))
+    (z0, c0, ds0, dW0, db0), (z1, c1, ds1, dW1, db1) = runs
     absW = np.abs(W)
     o_abs = np.matmul(absW, np.abs(s)) + np.abs(b)[:, None]  # (B, 2H, L) sum|terms| of o
     e_o = 2 * H * EPS * o_abs
@@ -417,9 +419,9 @@ def test_glu_channel_major_against_batch_major(shape, seed):
                   do_abs.sum(axis=(0, 2)))
 
 
-@pytest.mark.parametrize("long", [False, True])
+@pytest.mark.parametrize("form", ["batched", "channel_major"])
 @pytest.mark.parametrize("threads", [2, 3, 5])
-def test_batch_split_gives_identical_results(monkeypatch, threads, long):
+def test_batch_split_gives_identical_results(monkeypatch, threads, form):
     """GLU and LayerNorm split over batch rows (any number of threads, even uneven ranges)
     equal the single-call results exactly: rows are independent and the batch sums are added
     in row order after the split."""
@@ -428,8 +430,7 @@ def test_batch_split_gives_identical_results(monkeypatch, threads, long):
     s, W, b = rng.normal(size=(Bsz, H, L)), rng.normal(size=(2 * H, H)), rng.normal(size=2 * H)
     gamma, beta = 1 + 0.1 * rng.normal(size=H), rng.normal(size=H)
     dz = rng.normal(size=(Bsz, H, L))
-    if long:  # the channel-major GLU (glu_fwd's long-sequence form)
-        monkeypatch.setattr(Ly, "BATCHED_MAX_L", 0)
+    _glu_form(monkeypatch, form)
 
     def run():
         z, c = Ly.glu_fwd(s, W, b)
