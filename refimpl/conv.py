@@ -13,6 +13,10 @@ reads: the kernel and input spectra of the FFT form are computed once, not again
 backward; short sequences (``L <=`` :data:`TOEPLITZ_MAX_L`) use the Toeplitz form instead, one
 ``(B, L) @ (L, L)`` BLAS product per channel (the same sums taken directly, cheaper than the
 transforms at that length). :func:`fftconv` / :func:`fftconv_bwd` are always the FFT form.
+
+Precision: the float arrays documented as float64 are float32 under
+``refimpl.precision.using("float32")`` (the training variant, :mod:`refimpl.precision`);
+nothing is cast: the inputs must be of the current precision.
 """
 from typing import NamedTuple, Optional
 
@@ -150,7 +154,8 @@ def _spectral_bwd(dyf, kf, uf, duf, dkf):
 
     Equivalent to ``duf = dyf * np.conj(kf); dkf = (dyf * np.conj(uf)).sum(0)`` (the same
     complex products, the sum over ``b`` in ``b`` order as NumPy's reduction over the leading
-    axis). Preconditions: C-contiguous complex128, ``dyf, uf, duf (B, H, F)``, ``kf, dkf
+    axis). Preconditions: C-contiguous complex128 (complex64 in the float32 variant), ``dyf, uf,
+    duf (B, H, F)``, ``kf, dkf
     (H, F)``; ``duf`` and ``dkf`` overwritten.
     """
     Bsz, H, F = dyf.shape

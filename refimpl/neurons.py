@@ -128,6 +128,10 @@ snntorch's ``Leaky`` docstring states the "zero" rule as ``U[t+1] = beta U[t] + 
 R (beta U[t] + I[t+1])`` (the input is zeroed too); its code (``_base_zero``) instead zeroes the
 previous membrane before the decay, ``mem = (1 - reset) mem; mem = beta mem + input``. The table
 follows the code, which is what runs.
+
+Precision: the float arrays documented as float64 are float32 under
+``refimpl.precision.using("float32")`` (the training variant, :mod:`refimpl.precision`);
+nothing is cast: the inputs must be of the current precision.
 """
 import dataclasses
 from dataclasses import dataclass

@@ -35,6 +35,10 @@ is the NumPy table in :mod:`refimpl.reference` (``tests/test_surrogates.py``).
 
 :data:`SURROGATES` maps each name to a :class:`Surrogate` record (code, default scale, kinks).
 Unknown names raise ``ValueError`` listing the valid ones.
+
+Precision: the float arrays documented as float64 are float32 under
+``refimpl.precision.using("float32")`` (the training variant, :mod:`refimpl.precision`);
+nothing is cast: the inputs must be of the current precision.
 """
 import math
 from dataclasses import dataclass

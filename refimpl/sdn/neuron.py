@@ -20,6 +20,10 @@ bit-identical: each position's sums add the same products in the same order
 (``k = 0 .. K-1``), and where the whole run skips a tap before ``t = 0`` the chunked run adds
 ``w * 0.0 = +-0``, which leaves a nonzero sum unchanged and a zero sum zero (its sign is
 erased by the ReLU, which maps ``-0`` to ``0``).
+
+Precision: the float arrays documented as float64 are float32 under
+``refimpl.precision.using("float32")`` (the training variant, :mod:`refimpl.precision`);
+nothing is cast: the inputs must be of the current precision.
 """
 from typing import NamedTuple
 
