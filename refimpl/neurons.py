@@ -131,7 +131,10 @@ follows the code, which is what runs.
 
 Precision: the float arrays documented as float64 are float32 under
 ``refimpl.precision.using("float32")`` (the training variant, :mod:`refimpl.precision`);
-nothing is cast: the inputs must be of the current precision.
+nothing is cast: the inputs must be of the current precision. In float32 each step's ``h_t``
+and ``u_t`` are computed from float32 operands (and the float64 constants ``tau``, ``theta``,
+the reset) and rounded once when stored; the stored values decide the spike and carry to the
+next step, so the spikes are those of the float32 membranes the caller sees.
 """
 import dataclasses
 from dataclasses import dataclass
