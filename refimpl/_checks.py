@@ -49,7 +49,12 @@ def check_array(name, a, ndim=None, dtype=None, finite=True):
         if a.ndim not in ndims:
             want = " or ".join(str(d) for d in ndims)
             raise ValueError(f"{name} must have rank {want}, got shape {a.shape} (rank {a.ndim})")
-    if finite and not np.all(np.isfinite(a)):
+    # One pass: a finite sum means every entry is finite (a NaN or an inf makes the sum NaN or
+    # inf); only a non-finite sum (a bad entry, or an overflow of finite ones) needs the scan.
+    if finite:
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = a.sum()
+    if finite and not np.isfinite(total) and not np.all(np.isfinite(a)):
         bad = np.argwhere(~np.isfinite(a))[0]
         raise ValueError(
             f"{name} contains non-finite values (first at index {tuple(int(i) for i in bad)}: "
