@@ -31,9 +31,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import h5py
 import numpy as np
@@ -58,7 +55,8 @@ from refimpl.surrogates import SURROGATES
 from refimpl.tasks import make_task
 from refimpl.train import TrainConfig, load_checkpoint, train
 
-from test_model import sdn_weights, small_model  # the whole-model gradient-check fixtures
+from test_model import CASES as MODEL_TEST_CASES  # the whole-model gradient checks
+from test_model import sdn_weights, small_model
 
 F32, F64 = np.float32, np.float64
 EPS32 = float(np.finfo(np.float32).eps)  # 2^-23
@@ -789,18 +787,7 @@ def test_dropout_meanpool_cross_entropy():
 # The whole model
 # ============================================================================================
 
-MODEL_CASES = [
-    dict(activation="gelu"),
-    dict(activation="gelu", norm="batch", prenorm=True, bidirectional=True),
-    dict(activation="binary"),
-    dict(activation="binary_gsu"),
-    dict(activation="binary_gsu", norm="batch", vocab=7),
-    dict(activation="lif"),
-    dict(activation="lif", prenorm=True, bidirectional=True, surrogate="sigmoid"),
-    dict(activation="sdn"),
-    dict(activation="refractory"),
-    dict(activation="refractory", norm="batch", surrogate="atan", dropout=0.3),
-]
+MODEL_CASES = MODEL_TEST_CASES  # tests/test_model.py's cases: every family, norms, options
 
 
 def model_depth(cfg, L):
@@ -964,58 +951,6 @@ def test_float32_training_is_deterministic(tmp_path):
     for part in ("exp_avg", "exp_avg_sq"):
         for k in a.opt[part]:
             assert np.array_equal(a.opt[part][k], b.opt[part][k]), (part, k)
-
-
-THREADS_SCRIPT = textwrap.dedent("""
-    import sys
-    import numpy as np
-    from refimpl import layers, model as M
-    from refimpl.optim import adamw_init, adamw_step, make_groups
-    layers.PARALLEL_MIN_ELEMENTS = 0  # split every elementwise pass over the batch rows
-    rng = np.random.default_rng(0)
-    sdn = {"w0": rng.normal(0, .3, (8, 1, 8)), "w1": np.zeros(8),
-           "w2": rng.normal(0, .3, (8, 8, 1)), "w3": np.zeros(8),
-           "w4": rng.normal(0, .3, (1, 8, 1)), "w5": np.zeros(1)}
-    out = {}
-    for act in sys.argv[2].split(","):
-        for L in (40, 96):
-            cfg = M.ModelConfig(n_classes=10, d_model=64, d_state=8, n_layers=2,
-                                activation=act, norm="batch" if act == "lif" else "layer",
-                                dtype="float32")
-            p, buf = M.init_model(cfg, 0, sdn_weights=sdn if act == "sdn" else None)
-            x = np.random.default_rng(1).standard_normal((4, L, 1)).astype(np.float32)
-            y = np.random.default_rng(2).integers(0, 10, 4).astype(np.int64)
-            loss, logits, g, nb, _ = M.loss_and_grads(cfg, p, buf, x, y, training=True)
-            adamw_step(p, g, adamw_init(p), make_groups(p, 1e-3, 1e-2, M.optimizer_rules(1e-3)))
-            out[f"{act}/{L}/loss"] = np.array(loss)
-            out[f"{act}/{L}/logits"] = logits
-            out.update({f"{act}/{L}/grad/{k}": v for k, v in g.items()})
-            out.update({f"{act}/{L}/param/{k}": v for k, v in p.items()})
-            out.update({f"{act}/{L}/buf/{k}": v for k, v in nb.items()})
-    np.savez(sys.argv[1], **out)
-""")
-
-
-def test_float32_step_is_independent_of_the_thread_count(tmp_path):
-    """As tests/test_speed_threads.py, in float32: one training step of every family with
-    every pool at 1 and at 2 threads (``H = 64`` puts the GEMMs above OpenBLAS's threading
-    threshold; ``L = 40`` Toeplitz, ``L = 96`` FFT): bit-identical."""
-    fams = ",".join(sorted(ACTIVATIONS))
-    procs = {}
-    for n in (1, 2):
-        env = dict(os.environ, NUMBA_NUM_THREADS=str(n), REFIMPL_FFT_WORKERS=str(n),
-                   OPENBLAS_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
-        procs[n] = subprocess.Popen([sys.executable, "-c", THREADS_SCRIPT,
-                                     str(tmp_path / f"{n}.npz"), fams], env=env,
-                                    stderr=subprocess.PIPE, text=True)
-    for n, proc in procs.items():
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"threads={n}: {err}"
-    with np.load(tmp_path / "1.npz") as a, np.load(tmp_path / "2.npz") as b:
-        assert sorted(a.files) == sorted(b.files) and len(a.files) > 100
-        assert a["lif/40/logits"].dtype == F32
-        differ = [k for k in a.files if not np.array_equal(a[k], b[k])]
-    assert not differ, f"float32 results depend on the thread count: {differ[:10]}"
 
 
 # ============================================================================================

@@ -17,6 +17,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from refimpl.activations import ACTIVATIONS
 
@@ -34,33 +35,39 @@ SCRIPT = textwrap.dedent("""
     for act in sys.argv[2].split(","):
         for L in (40, 96):
             cfg = M.ModelConfig(n_classes=10, d_model=64, d_state=8, n_layers=2,
-                                activation=act)
+                                activation=act, norm="batch" if act == "lif" else "layer",
+                                dtype=sys.argv[3])
             p, buf = M.init_model(cfg, 0, sdn_weights=sdn if act == "sdn" else None)
-            x = np.random.default_rng(1).standard_normal((4, L, 1))
+            x = np.random.default_rng(1).standard_normal((4, L, 1)).astype(sys.argv[3])
             y = np.random.default_rng(2).integers(0, 10, 4).astype(np.int64)
-            loss, logits, g, _, _ = M.loss_and_grads(cfg, p, buf, x, y, training=True)
+            loss, logits, g, nb, _ = M.loss_and_grads(cfg, p, buf, x, y, training=True)
             adamw_step(p, g, adamw_init(p), make_groups(p, 1e-3, 1e-2, M.optimizer_rules(1e-3)))
             out[f"{act}/{L}/loss"] = np.array(loss)
             out[f"{act}/{L}/logits"] = logits
             out.update({f"{act}/{L}/grad/{k}": v for k, v in g.items()})
             out.update({f"{act}/{L}/param/{k}": v for k, v in p.items()})
+            out.update({f"{act}/{L}/buf/{k}": v for k, v in nb.items()})
     np.savez(sys.argv[1], **out)
 """)
 
 
-def test_training_step_is_independent_of_the_thread_count(tmp_path):
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_training_step_is_independent_of_the_thread_count(tmp_path, dtype):
+    """Every family (lif with BatchNorm), in float64 and in the float32 variant."""
     fams = ",".join(sorted(ACTIVATIONS))
     procs = {}
     for n in (1, 2):
         env = dict(os.environ, NUMBA_NUM_THREADS=str(n), REFIMPL_FFT_WORKERS=str(n),
                    OPENBLAS_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
         procs[n] = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / f"{n}.npz"),
-                                     fams], env=env, stderr=subprocess.PIPE, text=True)
+                                     fams, dtype], env=env, stderr=subprocess.PIPE,
+                                    text=True)
     for n, p in procs.items():
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, f"threads={n}: {err}"
     with np.load(tmp_path / "1.npz") as a, np.load(tmp_path / "2.npz") as b:
         assert sorted(a.files) == sorted(b.files)
         assert len(a.files) > 100
+        assert a["lif/40/logits"].dtype == np.dtype(dtype)
         differ = [k for k in a.files if not np.array_equal(a[k], b[k])]
     assert not differ, f"results depend on the thread count: {differ[:10]}"
