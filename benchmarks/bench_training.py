@@ -36,13 +36,13 @@ def sdn_weights():
             "w4": rng.normal(0, .3, (1, 8, 1)), "w5": np.zeros(1)}
 
 
-def make_step(activation, s):
+def make_step(activation, s, dtype="float64"):
     retain_freed_memory()  # as refimpl.train runs its steps (refimpl/memory.py)
     cfg = M.ModelConfig(n_classes=10, d_input=1, d_model=s["H"], d_state=s["N"],
-                        n_layers=s["layers"], activation=activation)
+                        n_layers=s["layers"], activation=activation, dtype=dtype)
     p, buf = M.init_model(cfg, 0, sdn_weights=sdn_weights() if activation == "sdn" else None)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((s["B"], s["L"], 1))  # (B, L, 1)
+    x = M.model_inputs(cfg, rng.standard_normal((s["B"], s["L"], 1)))  # (B, L, 1)
     y = rng.integers(0, 10, s["B"]).astype(np.int64)
     opt = adamw_init(p)
     groups = make_groups(p, 1e-3, 1e-2, M.optimizer_rules(1e-3))
@@ -62,14 +62,22 @@ def make_step(activation, s):
           description="float64 reference path (fastmath off, results independent of the thread "
                       "count); input (B, L, 1), 10 classes, LayerNorm post-norm, GLU mixing. "
                       "Grid of issue 13; baseline: the non-spiking `gelu` model of the same "
-                      "size. PyTorch side by side: the `peers` figures (`make bench-peers`).")
+                      "size; the float32 variant (`--dtype float32`) against the float64 step "
+                      "of the same family. PyTorch side by side: the `peers` figures "
+                      "(`make bench-peers`).")
 def training(ctx):
     grid = [QUICK] if ctx.quick else GRID
     ctx.params.update(grid=grid)
     for s in grid:
         base = make_step("gelu", s)
         ctx.absolute("gelu (S4D baseline) step", s, refimpl=base)
+        steps = {"gelu": base}
         for act in FAMILIES:
-            ctx.compare(f"{act} step vs gelu step", s, refimpl=make_step(act, s),
+            steps[act] = make_step(act, s)
+            ctx.compare(f"{act} step vs gelu step", s, refimpl=steps[act],
                         baseline=base, baseline_name="gelu step", rtol=None,
                         note="different models: a cost ratio, not a check")
+        for act, step64 in steps.items():
+            ctx.compare(f"{act} float32 step vs float64", s, refimpl=make_step(act, s, "float32"),
+                        baseline=step64, baseline_name="float64 step", rtol=None,
+                        note="the named float32 variant (ModelConfig dtype): a speed ratio")
