@@ -9,10 +9,11 @@ backward + AdamW + the ``rho >= 0`` projection) of
 - refimpl float32, when ``refimpl.model.ModelConfig`` accepts ``dtype`` (else ``-``),
 - PyTorch float64 and float32 (``torch.set_num_threads(2)``),
 
-all from the same initial parameters (refimpl ``init_model``, seed 0) and the same batch. The
-contenders are interleaved step by step after one warm-up step each; medians of ``--repeats``
-timed steps, fewer where a step is slow: each contender gets at most ``--max-seconds`` of timed
-steps per point (at least one), and the table says how many it got.
+all from the same initial parameters (refimpl ``init_model``, seed 0) and the same batch. After
+one warm-up step each, every contender runs its timed steps back to back in two blocks (all
+contenders in order, then in reverse order, a rest before each block: :data:`BLOCK_REST`);
+medians of ``--repeats`` timed steps, fewer where a step is slow: each contender gets at most
+``--max-seconds`` of timed steps per point (at least one), and the table says how many it got.
 
 Before timing, the float64 correctness check (``torch_model.py --check``) must pass: the torch
 model loaded with refimpl's parameters gives refimpl's loss and gradients (its tolerance and why:
@@ -173,6 +174,14 @@ class Worker:
             self.proc.wait()
 
 
+#: Rest (s) before each block of timed steps. Timing the contenders step by step in turn was
+#: unfair: each process's BLAS and OpenMP threads spin-wait after their work (OpenBLAS's for
+#: about 2^28 cycles, ~0.1 s), so a step timed right after the other process's step shared the
+#: cores with those spinning threads. Measured at L=40 (gelu, float64, 15 steps each): PyTorch
+#: 52-57 ms alone, 123 ms interleaved; refimpl 27-35 ms alone, 40 ms interleaved.
+BLOCK_REST = 0.5
+
+
 #: Shape of the correctness check (B, H, N, L).
 CHECK_SHAPE = (4, 16, 8, 64)
 
@@ -209,7 +218,7 @@ def run_check(worker, tmp):
 
 
 def time_point(family, s, worker, tmp, repeats, max_seconds, f32):
-    """Interleaved timings of one grid point: ``{contender: {...}}``."""
+    """Timings of one grid point in alternating blocks: ``{contender: {...}}``."""
     _, p, buf, x, labels = problem(family, s)
     npz = os.path.join(tmp, "point.npz")
     np.savez(npz, x=x, labels=labels, **{"p." + k: v for k, v in p.items()},
@@ -235,10 +244,17 @@ def time_point(family, s, worker, tmp, repeats, max_seconds, f32):
             out[k] = {"error": f"{type(e).__name__}: {e}"}
     runners = {k: v for k, v in runners.items() if k in warm}
     want = {k: max(1, min(repeats, int(max_seconds // max(warm[k], 1e-9)))) for k in runners}
-    for r in range(max(want.values(), default=0)):
-        for k, run in runners.items():
-            if r < want[k]:
-                t, _ = run()
+    # Two blocks per contender, back to back within a block (as a training loop runs), in
+    # order and then in reverse order (drift of the machine falls on both alike), with a rest
+    # before each block (see BLOCK_REST).
+    order = list(runners)
+    for block, keys in enumerate((order, order[::-1])):
+        for k in keys:
+            n = (want[k] + 1 - block) // 2  # ceil for the first block, floor for the second
+            if n:
+                time.sleep(BLOCK_REST)
+            for _ in range(n):
+                t, _ = runners[k]()
                 times[k].append(t)
     for k in runners:
         out[k] = {"median_s": statistics.median(times[k]), "min_s": min(times[k]),
@@ -333,7 +349,9 @@ def render(doc):
              f"{LAYERS} layers, {CLASSES} classes, d_input 1; one training step = forward + "
              "backward + AdamW (+ `rho >= 0`), from refimpl's `init_model` seed 0, the same "
              "batch on both sides. Median (and fastest) of the timed steps after one warm-up step, "
-             f"contenders interleaved; at most {doc['max_seconds']:g} s of timed steps per "
+             "each contender's steps back to back in two blocks (contenders in order, then "
+             f"reversed, {BLOCK_REST:g} s of rest before each block); at most "
+             f"{doc['max_seconds']:g} s of timed steps per "
              "contender and point (the `n` column: timed steps of refimpl64 / torch64 / "
              "refimpl32 / torch32; fewer than "
              f"{doc['repeats']} means capped; `load`: the 1-minute load average when the point "
