@@ -13,6 +13,11 @@ Block (one layer), input ``x (B, H, L)``::
 Model: encoder ``Linear(d_input -> H)`` (or a token embedding), ``n_layers`` blocks, mean over
 time, ``Linear(H -> n_classes)``, cross-entropy.
 
+Language model (``head="lm"``, DESIGN.md section 11): tokens ``x (B, L)``, the embedding, causal
+blocks, a per-token decoder ``logits[b, t] = W h[b, :, t] + c`` (``W (V, H)``, or the embedding
+``E`` itself with ``tie_embedding``), and the next-token cross-entropy
+``mean_{b, t < L-1} CE(logits[b, t], x[b, t+1])`` (:func:`loss_and_grads` with ``labels=None``).
+
 Parameters are one flat dict ``name -> float64 array`` with dotted names
 (``encoder.W``, ``layers.0.ssm.log_dt``, ``layers.0.mix.W``, ``decoder.b``, ...); non-trained
 state (BatchNorm running statistics, the SDN's fixed weights) lives in a second flat dict,
@@ -50,6 +55,7 @@ from .ssm import DISCRETIZATIONS, INITS, s4d_init
 
 NORMS = ("layer", "batch")
 NEURON_IMPLS = ("pmbc", "iterative")
+HEADS = ("classifier", "lm")
 ENERGY_PJ = {"MAC": 4.6, "AC": 0.9}  # 45 nm figures (SpikingSSM paper)
 
 
@@ -75,6 +81,8 @@ class ModelConfig:
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     dtype: str = "float64"  # "float32": the named float32 training variant (module docstring)
+    head: str = "classifier"  # "lm": next-token prediction at every position (module docstring)
+    tie_embedding: bool = False  # lm only: the decoder's W is the embedding E
 
     def __post_init__(self):
         check_int("n_classes", self.n_classes, 2)
@@ -89,6 +97,21 @@ class ModelConfig:
         check_name("init", self.init, INITS)
         check_name("neuron_impl", self.neuron_impl, {k: k for k in NEURON_IMPLS})
         precision.check_precision(self.dtype)
+        check_name("head", self.head, {k: k for k in HEADS})
+        if self.head == "lm":
+            if self.vocab < 2:
+                raise ValueError(f"head='lm' predicts tokens: it needs vocab >= 2, got "
+                                 f"vocab={self.vocab}")
+            if self.n_classes != self.vocab:
+                raise ValueError(f"head='lm' predicts the next token: n_classes must equal "
+                                 f"vocab ({self.vocab}), got n_classes={self.n_classes}; "
+                                 f"build the config with ModelConfig.for_lm")
+            if self.bidirectional:
+                raise ValueError("a language model must be causal: its prediction at t may "
+                                 "read tokens up to t only; drop bidirectional (--causal)")
+        elif self.tie_embedding:
+            raise ValueError("tie_embedding applies to head='lm' only (a classifier's decoder "
+                             "maps to classes, not tokens)")
         check_real("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         if self.d_state % 2:
             raise ValueError("d_state must be even (d_state // 2 complex modes), "
@@ -103,6 +126,12 @@ class ModelConfig:
         x = data["x_train"]
         d_input = 1 if data["vocab"] or x.ndim == 2 else x.shape[2]
         return cls(n_classes=data["n_classes"], vocab=data["vocab"], d_input=d_input, **options)
+
+    @classmethod
+    def for_lm(cls, vocab, **options):
+        """A language model's config over a vocabulary of ``vocab`` tokens (``head="lm"``,
+        ``n_classes = vocab``); ``options`` set the other fields."""
+        return cls(n_classes=vocab, vocab=vocab, head="lm", **options)
 
     def neuron_config(self):
         """The NeuronConfig of this model's spiking family, or None."""
@@ -164,6 +193,8 @@ def init_model(cfg, seed=0, sdn_weights=None):
             buf[pre + "norm.running_var"] = np.ones(H)
     p["decoder.W"] = _uniform(rng, H, (cfg.n_classes, H))  # (C, H)
     p["decoder.b"] = _uniform(rng, H, (cfg.n_classes,))
+    if cfg.tie_embedding:
+        del p["decoder.W"]  # the embedding is the decoder (drawn anyway: the same bias)
     buf.update(fam.init_buffers(sdn_weights))
     return p, buf
 
@@ -223,8 +254,8 @@ class ModelCache(NamedTuple):
     """What :func:`model_bwd` needs from :func:`model_fwd`."""
     embed: object  # encoder or embedding cache
     blocks: list  # BlockCache per layer
-    pool: object  # mean-pool cache (the shape)
-    pooled: np.ndarray  # (B, H)
+    pool: object  # mean-pool cache (the shape); None for head="lm"
+    pooled: np.ndarray  # (B, H) the decoder's input; head="lm": (B, H, L) the last block's out
 
 
 def block_fwd(cfg, p, buf, i, x, training, rng, smooth=False, frozen=None, new_buf=None):
@@ -393,6 +424,13 @@ def check_inputs(cfg, x, labels=None):
                              f"got shape {x.shape}")
     if x.shape[1] < 1:
         raise ValueError(f"x must have at least one time step, got shape {x.shape}")
+    if cfg.head == "lm":
+        if labels is not None:
+            raise ValueError("a language model's targets are its input shifted by one token; "
+                             "pass labels=None")
+        if x.shape[1] < 2:
+            raise ValueError(f"x must have at least two tokens per sequence for next-token "
+                             f"prediction, got shape {x.shape}")
     if labels is not None:
         if not isinstance(labels, np.ndarray) or labels.dtype != np.int64:
             raise TypeError("labels must be an int64 array (B,); pass labels.astype(np.int64)")
@@ -434,7 +472,8 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
 
     Returns
     -------
-    logits : ``cfg.dtype`` (B, n_classes)
+    logits : ``cfg.dtype`` (B, n_classes); head="lm": (B, L, V), position ``t`` predicting
+        token ``t + 1``
     cache : what :func:`model_bwd` needs
     new_buf : float64 buffers after the step (BatchNorm running statistics)
     stats : ``{"rates": [per-layer firing rate or None], "features": (B, H, L) the last
@@ -452,11 +491,37 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
             h, bc, st = block_fwd(cfg, p, buf_c, i, h, training, rng, smooth, frozen, updates)
             blocks.append(bc)
             rates.append(st["rate"])
-        pooled, pool_c = Ly.meanpool_fwd(h)  # (B, H)
-        logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, C)
+        if cfg.head == "lm":
+            pooled, pool_c = h, None  # every position is decoded
+            logits = _lm_decode(cfg, p, h)  # (B, L, V)
+        else:
+            pooled, pool_c = Ly.meanpool_fwd(h)  # (B, H)
+            logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, C)
     stats = {"rates": rates, "features": h}
     new_buf = {**buf, **_to_master(updates)}
     return logits, ModelCache(embed_c, blocks, pool_c, pooled), new_buf, stats
+
+
+def _decoder_W(cfg, p):
+    """The decoder's ``(V, H)`` matrix: ``decoder.W``, or the embedding when tied."""
+    return p["embedding.E"] if cfg.tie_embedding else p["decoder.W"]
+
+
+def _lm_decode(cfg, p, h):
+    """``logits[b, t] = W h[b, :, t] + c``: h (B, H, L) -> (B, L, V)."""
+    z = Ly.chanmix(_decoder_W(cfg, p), h)  # (B, V, L)
+    z += p["decoder.b"][:, None]
+    return np.ascontiguousarray(z.transpose(0, 2, 1))  # (B, L, V)
+
+
+def _lm_decode_bwd(cfg, p, h, dlogits, g):
+    """Backward of :func:`_lm_decode`: writes the decoder's gradients into ``g`` (``W``'s under
+    ``decoder.W``, or ``decoder.E_tied`` to be added to the embedding's), returns ``dh``."""
+    dz = np.ascontiguousarray(dlogits.transpose(0, 2, 1))  # (B, V, L)
+    W = _decoder_W(cfg, p)
+    g["decoder.E_tied" if cfg.tie_embedding else "decoder.W"] = Ly.chanmix_dW(dz, h)  # (V, H)
+    g["decoder.b"] = dz.sum(axis=(0, 2))  # (V,)
+    return Ly.chanmix(np.ascontiguousarray(W.T), dz)  # (B, H, L)
 
 
 def frozen_constants(cfg, p, buf, x, training=True, rng=None):
@@ -474,28 +539,56 @@ def model_bwd(cfg, p, cache, dlogits):
     """Gradients of every parameter given ``dlogits (B, C)`` of ``cfg.dtype``: a dict like
     ``p``, float64 (under float32: the float32 gradients, up-cast exactly)."""
     with precision.using(cfg.dtype):
-        dlogits = check_array("dlogits", dlogits, 2)
-        W = compute_copy(cfg, {"W": p["decoder.W"]})["W"]  # (C, H)
-        g = {"decoder.W": dlogits.T @ cache.pooled, "decoder.b": dlogits.sum(0)}
-        (dh,) = Ly.meanpool_bwd(cache.pool, dlogits @ W)  # (B, H, L)
+        if cfg.head == "lm":
+            dlogits = check_array("dlogits", dlogits, 3)
+            pc = compute_copy(cfg, {k: p[k] for k in ("embedding.E", "decoder.W", "decoder.b")
+                                    if k in p})
+            g = {}
+            dh = _lm_decode_bwd(cfg, pc, cache.pooled, dlogits, g)  # (B, H, L)
+        else:
+            dlogits = check_array("dlogits", dlogits, 2)
+            W = compute_copy(cfg, {"W": p["decoder.W"]})["W"]  # (C, H)
+            g = {"decoder.W": dlogits.T @ cache.pooled, "decoder.b": dlogits.sum(0)}
+            (dh,) = Ly.meanpool_bwd(cache.pool, dlogits @ W)  # (B, H, L)
         for i in reversed(range(cfg.n_layers)):
             dh, gb = block_bwd(cfg, p, i, cache.blocks[i], dh)
             g.update(gb)
         if cfg.vocab:
             _, g["embedding.E"] = Ly.embedding_bwd(cache.embed, dh)
+            if cfg.tie_embedding:
+                g["embedding.E"] += g.pop("decoder.E_tied")  # E is used twice: the sum
         else:
             _, g["encoder.W"], g["encoder.b"] = Ly.linear_bwd(cache.embed, dh)
     return _to_master(g)
 
 
 def loss_and_grads(cfg, p, buf, x, labels, training=True, rng=None, smooth=False, frozen=None):
-    """Cross-entropy loss, logits, gradients, new buffers and stats for one batch."""
+    """Cross-entropy loss, logits, gradients, new buffers and stats for one batch.
+
+    head="lm": ``labels`` must be None; the loss is the mean next-token cross-entropy over
+    positions ``0 .. L-2`` (the last position's prediction has no target: zero gradient)."""
     x = check_inputs(cfg, x, labels)
     logits, cache, new_buf, stats = model_fwd(cfg, p, buf, x, training, rng, smooth, frozen)
     with precision.using(cfg.dtype):
-        loss, ce = Ly.cross_entropy_fwd(logits, labels)
-        (dlogits,) = Ly.cross_entropy_bwd(ce)
+        if cfg.head == "lm":
+            loss, dlogits = lm_loss(logits, x)
+        else:
+            loss, ce = Ly.cross_entropy_fwd(logits, labels)
+            (dlogits,) = Ly.cross_entropy_bwd(ce)
     return loss, logits, model_bwd(cfg, p, cache, dlogits), new_buf, stats
+
+
+def lm_loss(logits, tokens):
+    """Next-token cross-entropy and its gradient: ``(loss, dlogits (B, L, V))``.
+
+    ``loss = mean_{b, t < L-1} CE(logits[b, t], tokens[b, t+1])`` (nats; bits per token =
+    loss / ln 2); ``dlogits[:, L-1] = 0`` (no target after the last token)."""
+    Bsz, L, V = logits.shape
+    loss, ce = Ly.cross_entropy_fwd(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))
+    (d,) = Ly.cross_entropy_bwd(ce)  # (B (L-1), V)
+    dlogits = np.zeros_like(logits)  # (B, L, V)
+    dlogits[:, :-1] = d.reshape(Bsz, L - 1, V)
+    return loss, dlogits
 
 
 def energy(cfg, rates, L):

@@ -1,0 +1,129 @@
+"""The language-model head (DESIGN.md section 11): next-token loss at every position, the
+per-token decoder (tied or not), the whole-LM gradient check for every family, errors.
+
+Gradient checks as tests/test_model.py (smooth spiking forward, frozen SDN/GSU constants;
+central differences with Richardson steps, ``|fd - analytic| <= 1e-7 max(|fd|, 1e-2)``)."""
+import numpy as np
+import pytest
+
+from refimpl import model as M
+from refimpl.activations import ACTIVATIONS
+
+from gradcheck import assert_close_scalar, directional_fd
+from test_model import sdn_weights
+
+V = 7
+
+
+def small_lm(**kw):
+    cfg = M.ModelConfig.for_lm(V, **{**dict(d_model=4, d_state=4, n_layers=2), **kw})
+    p, buf = M.init_model(cfg, 0, sdn_weights=sdn_weights() if cfg.activation == "sdn" else None)
+    for k in p:  # spread the SSM output around the threshold (as tests/test_model.py)
+        if k.endswith("ssm.C_re") or k.endswith("ssm.C_im"):
+            p[k] = p[k] * 3
+    x = np.random.default_rng(1).integers(0, V, size=(3, 10))  # (B, L) int64 tokens
+    return cfg, p, buf, x
+
+
+CASES = [dict(activation=a) for a in sorted(ACTIVATIONS)] + [
+    dict(activation="lif", tie_embedding=True),
+    dict(activation="gelu", tie_embedding=True, norm="batch", prenorm=True),
+    dict(activation="refractory", dropout=0.3),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_lm_gradient_every_parameter(case):
+    cfg, p, buf, x = small_lm(**case)
+    frozen = M.frozen_constants(cfg, p, buf, x, rng=np.random.default_rng(5))
+
+    def loss(q):
+        return M.loss_and_grads(cfg, q, buf, x, None, training=True,
+                                rng=np.random.default_rng(5), smooth=True, frozen=frozen)
+
+    _, logits, g, _, _ = loss(p)
+    assert logits.shape == (3, 10, V)
+    assert set(g) == set(p)
+    assert ("decoder.W" in p) != cfg.tie_embedding
+    rng = np.random.default_rng(2)
+    for k in p:
+        v = rng.normal(size=p[k].shape)
+
+        def f(val, k=k):
+            q = dict(p)
+            q[k] = val
+            return loss(q)[0]
+
+        fd = directional_fd(f, p[k], v, 1e-4)
+        assert_close_scalar(float((g[k] * v).sum()), fd, 1e-7, 1e-2, k)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "lif", "sdn"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_lm_dot_product_random_cotangent(activation, tied):
+    """``<J v, c> == <v, J^T c>`` over all parameters at once, ``c`` on every position's
+    logits (the last position included: model_bwd takes any cotangent)."""
+    cfg, p, buf, x = small_lm(activation=activation, tie_embedding=tied)
+    frozen = M.frozen_constants(cfg, p, buf, x)
+    rng = np.random.default_rng(8)
+    c = rng.normal(size=(x.shape[0], x.shape[1], V))
+    _, cache, _, _ = M.model_fwd(cfg, p, buf, x, training=True, smooth=True, frozen=frozen)
+    g = M.model_bwd(cfg, p, cache, c)
+    v = {k: rng.normal(size=val.shape) for k, val in p.items()}
+
+    def f(e):
+        q = {k: p[k] + e * v[k] for k in p}
+        return float((M.model_fwd(cfg, q, buf, x, training=True, smooth=True,
+                                  frozen=frozen)[0] * c).sum())
+
+    jv = directional_fd(lambda e: f(float(e)), np.array(0.0), np.array(1.0), 1e-4)
+    assert_close_scalar(sum(float((g[k] * v[k]).sum()) for k in p), float(jv), 1e-7, 1e-2,
+                        "dot product")
+
+
+def test_lm_loss_is_next_token_cross_entropy():
+    """Against a plain loop: mean over b and t < L-1 of -log softmax(logits[b, t])[x[b, t+1]];
+    the last position gets no gradient."""
+    rng = np.random.default_rng(3)
+    logits, x = rng.normal(size=(2, 5, V)), rng.integers(0, V, size=(2, 5))
+    loss, d = M.lm_loss(logits, x)
+    terms = [-(logits[b, t, x[b, t + 1]] - np.log(np.exp(logits[b, t]).sum()))
+             for b in range(2) for t in range(4)]
+    assert abs(loss - np.mean(terms)) <= 1e-14 * max(1.0, abs(loss))
+    assert not d[:, -1].any()
+    soft = np.exp(logits[0, 0]) / np.exp(logits[0, 0]).sum()
+    want = (soft - np.eye(V)[x[0, 1]]) / 8  # 8 predicted positions
+    np.testing.assert_allclose(d[0, 0], want, rtol=1e-13, atol=1e-16)
+
+
+def test_lm_prediction_at_t_reads_tokens_up_to_t_only():
+    """Causality: changing token t+1 .. L-1 leaves the logits at 0 .. t unchanged."""
+    cfg, p, buf, x = small_lm(activation="lif")
+    a = M.model_fwd(cfg, p, buf, x)[0]
+    y = x.copy()
+    y[:, 6:] = (y[:, 6:] + 1) % V
+    b = M.model_fwd(cfg, p, buf, y)[0]
+    # rounding: the FFT convolution mixes every position into every output by rounding only
+    # (entries of order eps times the sum of |terms|, far below 1e-9)
+    np.testing.assert_allclose(a[:, :6], b[:, :6], rtol=0, atol=1e-9)
+    assert not np.allclose(a[:, 6:], b[:, 6:])
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(n_classes=5, vocab=7, head="lm"), "n_classes must equal vocab"),
+    (dict(n_classes=3, vocab=0, head="lm"), "vocab >= 2"),
+    (dict(n_classes=7, vocab=7, head="lm", bidirectional=True), "must be causal"),
+    (dict(n_classes=3, tie_embedding=True), "head='lm' only"),
+    (dict(n_classes=3, head="decoder"), "unknown head"),
+])
+def test_lm_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        M.ModelConfig(**kw)
+
+
+def test_lm_inputs_errors():
+    cfg, p, buf, x = small_lm()
+    with pytest.raises(ValueError, match="labels=None"):
+        M.loss_and_grads(cfg, p, buf, x, np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match="at least two tokens"):
+        M.loss_and_grads(cfg, p, buf, x[:, :1], None)
