@@ -186,7 +186,7 @@ def test_bytes_reads_any_file_chars_refuses_binary(tmp_path):
     raw = bytes(range(256)) * 4
     path.write_bytes(raw)
     d = load_text(path, vocab="bytes", context=16)
-    assert np.array_equal(np.concatenate([d.train, d.val]), np.arange(256).repeat(1).tolist() * 4)
+    assert np.array_equal(np.concatenate([d.train, d.val]), np.tile(np.arange(256), 4))
     with pytest.raises(ValueError, match=r"not UTF-8 text \(byte 0x80 at offset 128.*"
                                          r"use --vocab bytes") as e:
         load_text(path, vocab="chars", context=16)
