@@ -424,13 +424,9 @@ def check_inputs(cfg, x, labels=None):
                              f"got shape {x.shape}")
     if x.shape[1] < 1:
         raise ValueError(f"x must have at least one time step, got shape {x.shape}")
-    if cfg.head == "lm":
-        if labels is not None:
-            raise ValueError("a language model's targets are its input shifted by one token; "
-                             "pass labels=None")
-        if x.shape[1] < 2:
-            raise ValueError(f"x must have at least two tokens per sequence for next-token "
-                             f"prediction, got shape {x.shape}")
+    if cfg.head == "lm" and labels is not None:
+        raise ValueError("a language model's targets are its input shifted by one token; "
+                         "pass labels=None")
     if labels is not None:
         if not isinstance(labels, np.ndarray) or labels.dtype != np.int64:
             raise TypeError("labels must be an int64 array (B,); pass labels.astype(np.int64)")
@@ -493,7 +489,7 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
             rates.append(st["rate"])
         if cfg.head == "lm":
             pooled, pool_c = h, None  # every position is decoded
-            logits = _lm_decode(cfg, p, h)  # (B, L, V)
+            logits = lm_decode(cfg, p, h)  # (B, L, V)
         else:
             pooled, pool_c = Ly.meanpool_fwd(h)  # (B, H)
             logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, C)
@@ -507,7 +503,7 @@ def _decoder_W(cfg, p):
     return p["embedding.E"] if cfg.tie_embedding else p["decoder.W"]
 
 
-def _lm_decode(cfg, p, h):
+def lm_decode(cfg, p, h):
     """``logits[b, t] = W h[b, :, t] + c``: h (B, H, L) -> (B, L, V)."""
     z = Ly.chanmix(_decoder_W(cfg, p), h)  # (B, V, L)
     z += p["decoder.b"][:, None]
@@ -515,7 +511,7 @@ def _lm_decode(cfg, p, h):
 
 
 def _lm_decode_bwd(cfg, p, h, dlogits, g):
-    """Backward of :func:`_lm_decode`: writes the decoder's gradients into ``g`` (``W``'s under
+    """Backward of :func:`lm_decode`: writes the decoder's gradients into ``g`` (``W``'s under
     ``decoder.W``, or ``decoder.E_tied`` to be added to the embedding's), returns ``dh``."""
     dz = np.ascontiguousarray(dlogits.transpose(0, 2, 1))  # (B, V, L)
     W = _decoder_W(cfg, p)
@@ -568,6 +564,9 @@ def loss_and_grads(cfg, p, buf, x, labels, training=True, rng=None, smooth=False
     head="lm": ``labels`` must be None; the loss is the mean next-token cross-entropy over
     positions ``0 .. L-2`` (the last position's prediction has no target: zero gradient)."""
     x = check_inputs(cfg, x, labels)
+    if cfg.head == "lm" and x.shape[1] < 2:
+        raise ValueError(f"x must have at least two tokens per sequence for next-token "
+                         f"prediction, got shape {x.shape}")
     logits, cache, new_buf, stats = model_fwd(cfg, p, buf, x, training, rng, smooth, frozen)
     with precision.using(cfg.dtype):
         if cfg.head == "lm":

@@ -15,7 +15,9 @@ its parameters (or a checkpoint) in three forms that compute the same function:
 
 The model's output at step ``t`` is the classifier's prediction after ``t + 1`` steps: the
 decoder applied to the mean of the last block's outputs so far, so the output at the last step
-is the parallel form's logits. Eval mode only: dropout off, BatchNorm with its running
+is the parallel form's logits. A language model (``head="lm"``) outputs the next-token
+logits of step ``t``, ``decoder(h_t)``, exactly the parallel form's at position ``t`` up to
+rounding (no pooling, no ``pool.sum``). Eval mode only: dropout off, BatchNorm with its running
 statistics. A bidirectional model has no streaming form (its output at ``t`` reads later
 inputs).
 
@@ -27,7 +29,7 @@ The state (:class:`StreamState`) holds flat named arrays, per layer ``i``:
 | ``layers.i.neuron.u`` | ``(B, H)`` float64 | membrane after reset (neuron families) |
 | ``layers.i.neuron.count`` | ``(B, H)`` int64 | refractory steps still blocked |
 | ``layers.i.sdn.window`` | ``(B, H, 8)`` float64 | the SDN neuron's last 8 inputs |
-| ``pool.sum`` | ``(B, H)`` float64 | running sum of the last block's outputs |
+| ``pool.sum`` | ``(B, H)`` float64 | running sum of the last block's outputs (classifiers) |
 
 plus ``steps`` (time steps seen) and the ``fingerprint`` of the model that made it: a state is
 refused by another model. The mixing layers (GLU, GSU), LayerNorm and eval BatchNorm are
@@ -47,7 +49,7 @@ import numpy as np
 
 from . import layers as Ly
 from .activations import ACTIVATIONS
-from .model import block_fwd, block_stream, check_inputs, embed_fwd, stream_record
+from .model import block_fwd, block_stream, check_inputs, embed_fwd, lm_decode, stream_record
 from .neurons import threshold_scale_fwd
 from .precision import require_reference
 from .s4d import LAYER_PARAMS, s4d_step_coeffs
@@ -123,7 +125,8 @@ class ModelStream:
             spec[f"layers.{i}.ssm.x"] = ((batch, H, N2), np.complex128)
             for k, v in self.family.state_spec(batch, H).items():
                 spec[f"layers.{i}.{k}"] = v
-        spec["pool.sum"] = ((batch, H), np.float64)
+        if cfg.head == "classifier":  # a language model decodes every step: no pooling state
+            spec["pool.sum"] = ((batch, H), np.float64)
         return spec
 
     def init_state(self, batch):
@@ -192,11 +195,14 @@ class ModelStream:
                                       step=self._coeffs[i] if step else None)
             new.update({pre + k: v for k, v in st.items()})
             records.append(rec)
-        csum = arrays["pool.sum"][:, :, None] + np.cumsum(h, axis=2)  # (B, H, T)
-        n = state.steps + np.arange(1, T + 1)  # (T,) steps seen after each output
-        pooled = (csum / n).transpose(0, 2, 1)  # (B, T, H)
-        logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, T, C)
-        new["pool.sum"] = np.ascontiguousarray(csum[:, :, -1])
+        if cfg.head == "lm":
+            logits = lm_decode(cfg, p, h)  # (B, T, V): the next-token logits after each step
+        else:
+            csum = arrays["pool.sum"][:, :, None] + np.cumsum(h, axis=2)  # (B, H, T)
+            n = state.steps + np.arange(1, T + 1)  # (T,) steps seen after each output
+            pooled = (csum / n).transpose(0, 2, 1)  # (B, T, H)
+            logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, T, C)
+            new["pool.sum"] = np.ascontiguousarray(csum[:, :, -1])
         out_state = StreamState(self.fingerprint, state.steps + T, new)
         if record:
             records[-1]["out"] = h
@@ -274,9 +280,12 @@ class ModelStream:
             rec = {**stream_record(c.y, v, diag), "norm_gain": _norm_gain(cfg, c, h_in, h)}
             recs.append(rec)
         recs[-1]["out"] = h
-        n = np.arange(1, h.shape[2] + 1)
-        pooled = (np.cumsum(h, axis=2) / n).transpose(0, 2, 1)  # (B, L, H)
-        logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, L, C)
+        if cfg.head == "lm":
+            logits = lm_decode(cfg, p, h)  # (B, L, V): model_fwd's logits exactly
+        else:
+            n = np.arange(1, h.shape[2] + 1)
+            pooled = (np.cumsum(h, axis=2) / n).transpose(0, 2, 1)  # (B, L, H)
+            logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, L, C)
         return (logits, recs) if record else logits
 
 
@@ -334,7 +343,7 @@ def tolerances(cfg, L, records):
     a few elementwise operations (16): ``2 log2(2L) + 2L + N2 + 4H + 16``. A layer passes the
     relative error of its input on multiplied by its norm's gain (``norm_gain`` of the parallel
     records, measured on the reference values like a golden case's scale); the running mean
-    over time adds ``L`` additions. The bound is 16 times that (the constants of the classical
+    over time adds ``L`` additions (a language model's per-token decoder ``H``). The bound is 16 times that (the constants of the classical
     summation bounds, as for the golden tolerances).
 
     Returns ``{"membrane": [bound per layer on what decides the spikes, absolute],
@@ -348,7 +357,8 @@ def tolerances(cfg, L, records):
         scale = max(1.0, float(np.abs(rec["v"]).max()))
         membrane.append(16 * EPS * depth * scale)
         depth *= max(1.0, rec["norm_gain"])
-    return {"membrane": membrane, "logits": 16 * EPS * (depth + L)}
+    readout = L if cfg.head == "classifier" else H  # the running mean, or the decoder's sums
+    return {"membrane": membrane, "logits": 16 * EPS * (depth + readout)}
 
 
 def compare_forms(stream, x, chunks):

@@ -127,3 +127,22 @@ def test_lm_inputs_errors():
         M.loss_and_grads(cfg, p, buf, x, np.zeros(3, np.int64))
     with pytest.raises(ValueError, match="at least two tokens"):
         M.loss_and_grads(cfg, p, buf, x[:, :1], None)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_lm_streams_every_position(activation):
+    """The model stream of an LM: the next-token logits after every step (step by step and in
+    chunks) equal the parallel forward's at every position, with the streaming issue's policy
+    (refimpl.stream.compare_forms: bounds from the depth; spike flips only within them)."""
+    from refimpl.stream import ModelStream, compare_forms
+    cfg, p, buf, x = small_lm(activation=activation, tie_embedding=activation == "lif")
+    st = ModelStream(cfg, p, buf)
+    assert "pool.sum" not in st.init_state(2).arrays
+    par = st.parallel(x)
+    np.testing.assert_array_equal(par, M.model_fwd(cfg, p, buf, x)[0])  # the same operations
+    r = compare_forms(st, x, chunks=[3, 1, 6])
+    assert r["mismatches"] == 0
+    assert r["worst_error"] <= r["logit_bound"], r
+    assert r["worst_membrane"] <= 1.0, r
+    logits, _ = st.step(x[:, 0], st.init_state(x.shape[0]))
+    assert logits.shape == (x.shape[0], V)
