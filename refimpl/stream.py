@@ -343,8 +343,9 @@ def tolerances(cfg, L, records):
     a few elementwise operations (16): ``2 log2(2L) + 2L + N2 + 4H + 16``. A layer passes the
     relative error of its input on multiplied by its norm's gain (``norm_gain`` of the parallel
     records, measured on the reference values like a golden case's scale); the running mean
-    over time adds ``L`` additions (a language model's per-token decoder ``H``). The bound is 16 times that (the constants of the classical
-    summation bounds, as for the golden tolerances).
+    over time adds ``L`` additions (a language model's per-token decoder ``H``). The bound is
+    16 times that (the constants of the classical summation bounds, as for the golden
+    tolerances).
 
     Returns ``{"membrane": [bound per layer on what decides the spikes, absolute],
     "logits": bound relative to max(1, max|logits|)}``.
