@@ -146,3 +146,77 @@ def test_lm_streams_every_position(activation):
     assert r["worst_membrane"] <= 1.0, r
     logits, _ = st.step(x[:, 0], st.init_state(x.shape[0]))
     assert logits.shape == (x.shape[0], V)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and generation (refimpl.generate)
+# --------------------------------------------------------------------------------------------
+
+
+def test_sample_matches_the_distribution_and_is_deterministic():
+    """Frequencies over many draws within 5 binomial standard deviations of softmax(z / T);
+    top_k keeps exactly the k largest; the same seed gives the same tokens."""
+    from refimpl.generate import sample
+    z = np.log(np.array([[0.5, 0.2, 0.2, 0.1]]))  # (1, 4)
+    n = 20000
+    rows = np.repeat(z, n, axis=0)  # (n, 4): one draw per row
+    for T, k, want in [(1.0, 0, [0.5, 0.2, 0.2, 0.1]), (1.0, 2, [0.5 / 0.7, 0.2 / 0.7, 0, 0]),
+                       (0.5, 0, np.array([0.25, 0.04, 0.04, 0.01]) / 0.34)]:
+        got = np.bincount(sample(rows, T, k, np.random.default_rng(0)), minlength=4) / n
+        want = np.asarray(want)
+        sd = np.sqrt(want * (1 - want) / n)
+        assert np.all(np.abs(got - want) <= 5 * sd + 1e-12), (T, k, got, want)
+    a = sample(rows[:50], 1.0, 0, np.random.default_rng(3))
+    b = sample(rows[:50], 1.0, 0, np.random.default_rng(3))
+    assert np.array_equal(a, b)
+    # top_k = 1 is greedy; ties (two equal largest) go to the lower token id
+    assert np.array_equal(sample(np.array([[0.0, 2.0, 2.0, 1.0]]), 1.0, 1,
+                                 np.random.default_rng(0)), [1])
+
+
+def test_generate_is_deterministic_and_scored_by_the_parallel_form():
+    """The generated continuation: the same for a seed (different for another), and each
+    sampled token came from the logits the parallel forward gives at that position (top_k=1:
+    the argmax of the parallel logits, wherever the top two are not within the stream
+    tolerance of each other)."""
+    from refimpl.generate import generate
+    from refimpl.stream import ModelStream
+    cfg, p, buf, x = small_lm(activation="lif")
+    st = ModelStream(cfg, p, buf)
+    prompt = x[:, :4]
+    a, info = generate(st, prompt, 6, temperature=0.8, top_k=3, seed=1)
+    b, _ = generate(st, prompt, 6, temperature=0.8, top_k=3, seed=1)
+    c, _ = generate(st, prompt, 6, temperature=0.8, top_k=3, seed=2)
+    assert a.shape == (3, 6) and a.dtype == np.int64 and np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert info["tokens_per_second"] > 0
+    g, _ = generate(st, prompt, 6, top_k=1, seed=0)
+    full = np.concatenate([prompt, g], axis=1)  # (B, 10)
+    logits = M.model_fwd(cfg, p, buf, full)[0]  # (B, 10, V)
+    for t in range(6):
+        lg = logits[:, 3 + t]  # predicts token 4 + t
+        top2 = np.sort(lg, axis=1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 1e-9  # rounding cannot reorder these
+        assert np.array_equal(lg.argmax(1)[clear], g[clear, t])
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(length=0), "length must be >= 1"),
+    (dict(length=3, temperature=0.0), "temperature must be in"),
+    (dict(length=3, top_k=-1), "top_k must be >= 0"),
+])
+def test_generate_errors(kw, match):
+    from refimpl.generate import generate
+    from refimpl.stream import ModelStream
+    cfg, p, buf, x = small_lm()
+    with pytest.raises(ValueError, match=match):
+        generate(ModelStream(cfg, p, buf), x[:, :2], **kw)
+
+
+def test_generate_refuses_a_classifier():
+    from refimpl.generate import generate
+    from refimpl.stream import ModelStream
+    from test_model import small_model
+    cfg, p, buf, x, _ = small_model(activation="lif", vocab=7)
+    with pytest.raises(ValueError, match="needs a language model"):
+        generate(ModelStream(cfg, p, buf), x[:, :2], 3)
