@@ -74,18 +74,28 @@ class progress_bar(progress):
     """:class:`progress` driven by :mod:`refimpl.progress` events: the object is the callback.
 
     Use as ``with progress_bar(total, "train") as on_event: run(..., progress=on_event)``. Each
-    :class:`~refimpl.progress.Step` advances it and shows epoch, loss and firing rate; an
+    :class:`~refimpl.progress.Step` advances it and shows epoch, loss and firing rate (and, with
+    ``tokens_per_step``, the tokens per second since the first step); an
     :class:`~refimpl.progress.EpochEnd` shows ``summary(event)`` if given.
     """
 
-    def __init__(self, total, label, summary=None, interval=5.0):
+    def __init__(self, total, label, summary=None, interval=5.0, tokens_per_step=None):
         super().__init__(total, label, interval)
         self._summary = summary
+        self._tokens, self._t0, self._steps = tokens_per_step, None, 0
 
     def __call__(self, event):
         if isinstance(event, Step):
             rate = "" if event.rate is None else f" rate {event.rate:.3f}"
-            self.update(1, f"epoch {event.epoch + 1}/{event.epochs} loss {event.loss:.4g}{rate}")
+            speed = ""
+            if self._tokens:
+                now = time.monotonic()
+                self._t0 = now if self._t0 is None else self._t0
+                self._steps += 1
+                if now > self._t0:  # the first step's own time is not known: from the second
+                    speed = f" {(self._steps - 1) * self._tokens / (now - self._t0):.0f} tok/s"
+            self.update(1, f"epoch {event.epoch + 1}/{event.epochs} loss {event.loss:.4g}{rate}"
+                           f"{speed}")
         elif isinstance(event, EpochEnd):
             if self._summary is not None:
                 self.update(0, self._summary(event))

@@ -12,6 +12,7 @@ from refimpl.table import render_table
 from .common import choice, progress
 from .golden import golden
 from .sdn import sdn
+from .text import generate
 from .train import evaluate, train
 
 
@@ -111,6 +112,7 @@ def equivalence(cases, seed, checks):
 
 main.add_command(train)
 main.add_command(evaluate)
+main.add_command(generate)
 main.add_command(golden)
 main.add_command(sdn)
 

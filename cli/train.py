@@ -22,6 +22,7 @@ from refimpl.train import (TrainConfig, evaluate as evaluate_model, evaluate_log
                            load_checkpoint, lock_output, plan)
 
 from .common import choice, fail, progress, progress_bar
+from .text import text_options, train_text
 
 #: Errors the library raises for bad input or files: shown as one line.
 USER_ERRORS = (OSError, ValueError, TypeError)  # FileFormatError is a ValueError
@@ -86,6 +87,7 @@ def _train_option(name, type_, help_=None):
 
 @click.command()
 @data_options
+@text_options
 @_model_option("activation", choice(ACTIVATIONS), "Activation family (refimpl.activations).")
 @click.option("--layers", "n_layers", default=_default(ModelConfig, "n_layers"),
               show_default=True, type=click.IntRange(min=1), help="Number of blocks.")
@@ -120,8 +122,31 @@ def _train_option(name, type_, help_=None):
                    "same options and data (--epochs included).")
 @click.option("--overwrite", is_flag=True, help="Start again even if OUT/checkpoint.h5 exists.")
 def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_size, lr,
-          weight_decay, clip_norm, out_dir, resume, overwrite, **model_options):
-    """Train a spiking SSM classifier on a built-in task or an .npz file."""
+          weight_decay, clip_norm, out_dir, resume, overwrite, text_path, text_vocab, context,
+          val_frac, tie_embedding, **model_options):
+    """Train a spiking SSM classifier on a built-in task or an .npz file, or (--text) a
+    language model on a text file."""
+    if text_path is not None:
+        if task or data or length is not None:
+            fail("--text trains a language model on the file: drop --task/--data/--length "
+                 "(--context sets the window)")
+        if resume:
+            fail("--resume is not available for --text runs yet; start again with --overwrite")
+        try:
+            tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
+                               weight_decay=weight_decay, clip_norm=clip_norm, seed=seed)
+            weights = None
+            if model_options["activation"] == "sdn":
+                if not sdn_weights:
+                    fail("--activation sdn needs --sdn-weights FILE (train one with "
+                         "'refimpl sdn train')")
+                weights = load_weights(sdn_weights)[0]
+        except USER_ERRORS as e:
+            fail(e)
+        return train_text(text_path, text_vocab, context, val_frac, tcfg, out_dir, overwrite,
+                          weights, dict(model_options, tie_embedding=tie_embedding))
+    if tie_embedding:
+        fail("--tie-embedding applies to --text (language models) only")
     ds = _load_data(task, data, tokens, samples, length, seed)
     try:
         cfg = ModelConfig.for_data(ds, **model_options)

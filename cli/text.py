@@ -1,0 +1,125 @@
+"""``refimpl train --text`` (a language model on a text file) and ``refimpl generate``."""
+import sys
+
+import click
+
+from refimpl.generate import generate as generate_tokens
+from refimpl.h5io import FileFormatError
+from refimpl.lm_train import steps_per_epoch, train_lm
+from refimpl.model import ModelConfig
+from refimpl.stream import ModelStream
+from refimpl.text import DEFAULT_CONTEXT, VOCABS, Vocab, load_text
+from refimpl.train import load_checkpoint
+
+from .common import choice, fail, progress, progress_bar
+
+USER_ERRORS = (OSError, ValueError, TypeError)
+
+def train_text(path, vocab, context, val_frac, tcfg, out_dir, overwrite, sdn_weights,
+               model_options):
+    """The ``--text`` branch of ``refimpl train``: validated before anything is written."""
+    try:
+        text = load_text(path, vocab=vocab, context=context, val_frac=val_frac)
+        cfg = ModelConfig.for_lm(text.vocab.size, **model_options)
+    except USER_ERRORS as e:
+        fail(e)
+    per_epoch = steps_per_epoch(text, tcfg.batch_size)
+    unit = text.vocab.unit
+
+    def epoch_summary(ev):
+        m = ev.metrics
+        return (f"epoch {m['epoch'] + 1} val {m['val_bits_per_token']:.3f} bits/{unit} "
+                f"(bigram {m['bigram_bits_per_token']:.3f}) "
+                f"{m['tokens_per_second']:.0f} tok/s")
+
+    click.echo(f"training a {cfg.activation} language model on {path} ({text.vocab.kind}, "
+               f"V = {text.vocab.size}): {len(text.train)} train / {len(text.val)} validation "
+               f"tokens, context {context}, {tcfg.epochs} epochs of {per_epoch} steps -> "
+               f"{out_dir}", err=True)
+    try:
+        with progress_bar(tcfg.epochs * per_epoch, "train", epoch_summary,
+                          tokens_per_step=tcfg.batch_size * context) as on_event:
+            metrics = train_lm(cfg, tcfg, text, out_dir, progress=on_event,
+                               sdn_weights=sdn_weights, overwrite=overwrite)
+    except USER_ERRORS as e:
+        fail(e)
+    m = metrics[-1]
+    click.echo(f"activation        {cfg.activation}")
+    click.echo(f"epochs            {m['epoch'] + 1}")
+    click.echo(f"train loss        {m['loss']:.4f} ({m['train_bits_per_token']:.3f} bits/{unit})")
+    click.echo(f"validation        {m['val_bits_per_token']:.3f} bits/{unit} "
+               f"(unigram {m['unigram_bits_per_token']:.3f}, bigram "
+               f"{m['bigram_bits_per_token']:.3f})")
+    rates = ", ".join("-" if r is None else f"{r:.3f}" for r in m["firing_rate"])
+    click.echo(f"firing rate       {rates}")
+    click.echo(f"energy / token    {m['energy_per_token_pj']:.1f} pJ (ANN baseline "
+               f"{m['energy_ann_per_token_pj']:.1f} pJ)")
+    click.echo(f"throughput        {m['tokens_per_second']:.0f} tokens/s (training)")
+
+def text_options(f):
+    """The ``--text`` options of ``refimpl train``."""
+    options = [
+        click.option("--text", "text_path", type=click.Path(dir_okay=False),
+                     help="Train a language model (next-token prediction) on this text file "
+                          "instead of a classifier."),
+        click.option("--vocab", "text_vocab", default=VOCABS[0], show_default=True,
+                     type=choice(VOCABS), help="--text tokens: bytes (V = 256, any file) or "
+                                               "chars (UTF-8; the vocabulary is stored)."),
+        click.option("--context", default=DEFAULT_CONTEXT, show_default=True,
+                     type=click.IntRange(min=2), help="--text: tokens per training window."),
+        click.option("--val-frac", default=0.1, show_default=True,
+                     type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     help="--text: the last fraction of the file, held out for validation."),
+        click.option("--tie-embedding", is_flag=True,
+                     help="--text: the decoder is the token embedding (shared weights)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--prompt", required=True, help="Text the model reads before it writes.")
+@click.option("--length", default=200, show_default=True, type=int,
+              help="Tokens to generate (>= 1).")
+@click.option("--temperature", default=1.0, show_default=True, type=float,
+              help="Softmax temperature (> 0; lower is more conservative).")
+@click.option("--top-k", default=0, show_default=True, type=int,
+              help="Sample among the k most likely tokens (0 = all).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Random seed of the sampling (the same seed, the same text).")
+def generate(checkpoint, prompt, length, temperature, top_k, seed):
+    """Continue PROMPT with a language model trained by `refimpl train --text`: the prompt runs
+    through the model stream, then tokens are sampled one at a time.
+
+    \b
+    Example:
+      refimpl train --text notes.txt --epochs 3 --out runs/lm
+      refimpl generate runs/lm/checkpoint.h5 --prompt "The " --length 100 --temperature 0.8
+    """
+    if length < 1:
+        fail(f"--length must be >= 1, got {length}")
+    try:
+        ck = load_checkpoint(checkpoint)
+    except (FileFormatError, OSError) as e:
+        fail(e)
+    if ck.cfg.head != "lm" or not (ck.data_recipe or {}).get("vocab_json"):
+        fail(f"{checkpoint} is a classifier checkpoint; generate needs a language model "
+             f"(train one with refimpl train --text FILE)")
+    try:
+        vocab = Vocab.from_json(ck.data_recipe["vocab_json"])
+        ids = vocab.encode(prompt)
+        if ids.size == 0:
+            fail("--prompt must not be empty")
+        stream = ModelStream(ck.cfg, ck.params, ck.buffers)
+        with progress(length, "generating") as bar:
+            out, info = generate_tokens(stream, ids[None], length, temperature=temperature,
+                                        top_k=top_k, seed=seed, progress=bar.update)
+    except USER_ERRORS as e:
+        fail(e)
+    click.echo(prompt + vocab.decode(out[0]))
+    click.echo(f"{length} tokens in {info['seconds']:.2f} s: {info['tokens_per_second']:.0f} "
+               f"tokens/s (prompt of {ids.size} tokens: {info['prompt_seconds'] * 1e3:.1f} ms)",
+               err=True)
+    sys.stdout.flush()
+
