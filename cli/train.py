@@ -126,38 +126,30 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
           val_frac, tie_embedding, **model_options):
     """Train a spiking SSM classifier on a built-in task or an .npz file, or (--text) a
     language model on a text file."""
-    if text_path is not None:
-        if task or data or length is not None:
-            fail("--text trains a language model on the file: drop --task/--data/--length "
-                 "(--context sets the window)")
-        if resume:
-            fail("--resume is not available for --text runs yet; start again with --overwrite")
-        try:
-            tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
-                               weight_decay=weight_decay, clip_norm=clip_norm, seed=seed)
-            weights = None
-            if model_options["activation"] == "sdn":
-                if not sdn_weights:
-                    fail("--activation sdn needs --sdn-weights FILE (train one with "
-                         "'refimpl sdn train')")
-                weights = load_weights(sdn_weights)[0]
-        except USER_ERRORS as e:
-            fail(e)
-        return train_text(text_path, text_vocab, context, val_frac, tcfg, out_dir, overwrite,
-                          weights, dict(model_options, tie_embedding=tie_embedding))
-    if tie_embedding:
+    if text_path is not None and (task or data or length is not None):
+        fail("--text trains a language model on the file: drop --task/--data/--length "
+             "(--context sets the window)")
+    if text_path is not None and resume:
+        fail("--resume is not available for --text runs yet; start again with --overwrite")
+    if text_path is None and tie_embedding:
         fail("--tie-embedding applies to --text (language models) only")
-    ds = _load_data(task, data, tokens, samples, length, seed)
     try:
-        cfg = ModelConfig.for_data(ds, **model_options)
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, clip_norm=clip_norm, seed=seed)
         weights = None
-        if cfg.activation == "sdn" and not resume:
+        if model_options["activation"] == "sdn" and not resume:
             if not sdn_weights:
                 fail("--activation sdn needs --sdn-weights FILE (train one with "
                      "'refimpl sdn train')")
             weights = load_weights(sdn_weights)[0]
+    except USER_ERRORS as e:
+        fail(e)
+    if text_path is not None:
+        return train_text(text_path, text_vocab, context, val_frac, tcfg, out_dir, overwrite,
+                          weights, dict(model_options, tie_embedding=tie_embedding))
+    ds = _load_data(task, data, tokens, samples, length, seed)
+    try:
+        cfg = ModelConfig.for_data(ds, **model_options)
     except USER_ERRORS as e:
         fail(e)
 

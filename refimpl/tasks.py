@@ -151,16 +151,23 @@ def data_from_recipe(recipe):
     if "task" in recipe:
         return make_task(recipe["task"], n=recipe["samples"], L=recipe["length"],
                          seed=recipe["seed"])
-    path = recipe["data"]
-    if not os.path.isfile(path):
-        raise ValueError(f"the recorded data file {path} no longer exists; pass --task or "
-                         f"--data to choose the data")
-    digest = file_sha256(path)
-    if digest != recipe["sha256"]:
-        raise ValueError(f"the recorded data file {path} has changed since training (SHA-256 "
-                         f"{digest[:12]}... not {recipe['sha256'][:12]}...); pass --data to use "
-                         f"it anyway")
+    path = check_recorded_file(recipe["data"], recipe["sha256"], "data", "--task or --data",
+                               "--data")
     return load_npz(path, tokens=recipe.get("tokens", 0))
+
+
+def check_recorded_file(path, sha256, what, choose, use):
+    """A file a checkpoint recorded (``path`` and its ``sha256``) must still exist unchanged;
+    otherwise ValueError naming the options that ``choose`` other data or ``use`` it anyway.
+    Returns ``path``."""
+    if not os.path.isfile(path):
+        raise ValueError(f"the recorded {what} file {path} no longer exists; pass {choose} to "
+                         f"choose the {what}")
+    digest = file_sha256(path)
+    if digest != sha256:
+        raise ValueError(f"the recorded {what} file {path} has changed since training (SHA-256 "
+                         f"{digest[:12]}... not {sha256[:12]}...); pass {use} to use it anyway")
+    return path
 
 
 def load_data(task=None, path=None, tokens=0, n=1000, L=None, seed=0):

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._checks import check_array, check_int, check_name
-from .tasks import file_sha256
+from .tasks import check_recorded_file, file_sha256
 
 #: Vocabulary kinds, in the order the CLI lists them (``--vocab``); ``bytes`` is the default.
 VOCABS = ("bytes", "chars")
@@ -377,15 +377,7 @@ def text_from_recipe(recipe):
 
     The file must still exist with the recorded SHA-256; otherwise ValueError (one line).
     """
-    path = recipe["text"]
-    if not os.path.isfile(path):
-        raise ValueError(f"the recorded text file {path} no longer exists; pass --text to "
-                         f"choose the text")
-    digest = file_sha256(path)
-    if digest != recipe["sha256"]:
-        raise ValueError(f"the recorded text file {path} has changed since training (SHA-256 "
-                         f"{digest[:12]}... not {recipe['sha256'][:12]}...); pass --text to use "
-                         f"it anyway")
+    path = check_recorded_file(recipe["text"], recipe["sha256"], "text", "--text", "--text")
     return load_text(path, vocab=recipe["vocab"], context=recipe["context"],
                      val_frac=recipe["val_frac"])
 
