@@ -220,3 +220,19 @@ def test_generate_refuses_a_classifier():
     cfg, p, buf, x, _ = small_model(activation="lif", vocab=7)
     with pytest.raises(ValueError, match="needs a language model"):
         generate(ModelStream(cfg, p, buf), x[:, :2], 3)
+
+
+def test_lm_float32_variant():
+    """The float32 variant runs a language model: float32 logits, float64 (up-cast) gradients,
+    the loss within the float32 model bound of tests/test_float32.py (C_MODEL x depth x eps32,
+    relative) of the float64 loss on the same float32-representable parameters."""
+    import dataclasses
+    from test_float32 import C_MODEL, EPS32, model_depth
+    cfg, p, buf, x = small_lm(activation="lif")
+    p = {k: v.astype(np.float32).astype(np.float64) for k, v in p.items()}
+    cfg32 = dataclasses.replace(cfg, dtype="float32")
+    l64, _, g64, _, _ = M.loss_and_grads(cfg, p, buf, x, None, training=False)
+    l32, lg32, g32, _, _ = M.loss_and_grads(cfg32, p, buf, x, None, training=False)
+    assert lg32.dtype == np.float32 and all(v.dtype == np.float64 for v in g32.values())
+    tol = C_MODEL * model_depth(cfg, x.shape[1]) * EPS32
+    assert 0 < abs(l32 - l64) <= tol * max(1.0, abs(l64)), (l32, l64, tol)
