@@ -15,7 +15,7 @@ from .common import choice, fail, progress, progress_bar
 
 USER_ERRORS = (OSError, ValueError, TypeError)
 
-def train_text(path, vocab, context, val_frac, tcfg, out_dir, overwrite, sdn_weights,
+def train_text(path, vocab, context, val_frac, tcfg, out_dir, overwrite, resume, sdn_weights,
                model_options):
     """The ``--text`` branch of ``refimpl train``: validated before anything is written."""
     try:
@@ -40,7 +40,7 @@ def train_text(path, vocab, context, val_frac, tcfg, out_dir, overwrite, sdn_wei
         with progress_bar(tcfg.epochs * per_epoch, "train", epoch_summary,
                           tokens_per_step=tcfg.batch_size * context) as on_event:
             metrics = train_lm(cfg, tcfg, text, out_dir, progress=on_event,
-                               sdn_weights=sdn_weights, overwrite=overwrite)
+                               sdn_weights=sdn_weights, overwrite=overwrite, resume=resume)
     except USER_ERRORS as e:
         fail(e)
     m = metrics[-1]

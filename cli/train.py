@@ -129,8 +129,6 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
     if text_path is not None and (task or data or length is not None):
         fail("--text trains a language model on the file: drop --task/--data/--length "
              "(--context sets the window)")
-    if text_path is not None and resume:
-        fail("--resume is not available for --text runs yet; start again with --overwrite")
     if text_path is None and tie_embedding:
         fail("--tie-embedding applies to --text (language models) only")
     try:
@@ -146,7 +144,7 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
         fail(e)
     if text_path is not None:
         return train_text(text_path, text_vocab, context, val_frac, tcfg, out_dir, overwrite,
-                          weights, dict(model_options, tie_embedding=tie_embedding))
+                          resume, weights, dict(model_options, tie_embedding=tie_embedding))
     ds = _load_data(task, data, tokens, samples, length, seed)
     try:
         cfg = ModelConfig.for_data(ds, **model_options)

@@ -31,7 +31,7 @@ from .memory import retain_freed_memory
 from .optim import adamw_init, adamw_step, cosine_schedule, make_groups
 from .progress import EpochEnd, Step
 from .text import bigram_bpt, eval_windows, unigram_bpt, windows
-from .train import Diverged, lock_output, save_checkpoint
+from .train import Diverged, load_checkpoint, lock_output, save_checkpoint
 
 
 def steps_per_epoch(text, batch_size):
@@ -58,13 +58,18 @@ def evaluate_lm(cfg, params, buffers, ids, context, batch_size=64):
             "tokens": n * context}
 
 
-def train_lm(cfg, tcfg, text, out_dir, progress=None, sdn_weights=None, overwrite=False):
+def train_lm(cfg, tcfg, text, out_dir, progress=None, sdn_weights=None, overwrite=False,
+             resume=False):
     """Train ``cfg`` on ``text`` for ``tcfg.epochs`` epochs (see the module docstring); holds
     ``out_dir``'s lock (:func:`refimpl.train.lock_output`). Returns the per-epoch metrics.
 
     Refuses a classifier config, a vocabulary size other than the text's, and (without
-    ``overwrite``) an existing checkpoint in ``out_dir``; a non-finite loss, gradient or
-    parameter stops the run with :class:`refimpl.train.Diverged` before that epoch is written.
+    ``overwrite`` or ``resume``) an existing checkpoint in ``out_dir``; a non-finite loss,
+    gradient or parameter stops the run with :class:`refimpl.train.Diverged` before that epoch
+    is written. ``resume=True`` continues ``out_dir/checkpoint.h5``, which must have been
+    written with the same configs (``epochs`` included: the schedule depends on the total) and
+    the same text (path, SHA-256, vocabulary, context, validation part): every update draws
+    from ``(seed, epoch, step)``, so the resumed run is the uninterrupted run, bit for bit.
     """
     if cfg.head != "lm":
         raise ValueError("train_lm trains a language model: build the config with "
@@ -73,16 +78,40 @@ def train_lm(cfg, tcfg, text, out_dir, progress=None, sdn_weights=None, overwrit
         raise ValueError(f"the model's vocab ({cfg.vocab}) must be the text's vocabulary size "
                          f"({text.vocab.size}, {text.vocab.kind})")
     ckpt = os.path.join(out_dir, "checkpoint.h5")
-    if os.path.exists(ckpt) and not overwrite:
-        raise FileExistsError(f"{ckpt} exists; pass overwrite=True (--overwrite) to start again")
+    if os.path.exists(ckpt) and not (overwrite or resume):
+        raise FileExistsError(f"{ckpt} exists; pass resume=True (--resume) to continue it or "
+                              f"overwrite=True (--overwrite) to start again")
     with lock_output(out_dir):
-        return _run(cfg, tcfg, text, out_dir, ckpt, progress, sdn_weights)
+        start = _resumed(cfg, tcfg, text, ckpt) if resume else None
+        return _run(cfg, tcfg, text, out_dir, ckpt, progress, sdn_weights, start)
 
 
-def _run(cfg, tcfg, text, out_dir, ckpt, progress, sdn_weights):
+def _resumed(cfg, tcfg, text, ckpt):
+    """The checkpoint's state ``(params, buffers, opt, epoch, metrics)`` after checking that it
+    is this run's."""
+    if not os.path.exists(ckpt):
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
+    c = load_checkpoint(ckpt)
+    if c.cfg != cfg or c.tcfg != tcfg:
+        raise ValueError(f"--resume: {ckpt} was written with other settings ({c.cfg}, "
+                         f"{c.tcfg}); rerun with the same options (--epochs included)")
+    recorded = {k: v for k, v in (c.data_recipe or {}).items() if k != "vocab_json"}
+    if recorded != text.recipe or (c.data_recipe or {}).get("vocab_json") != \
+            text.vocab.to_json():
+        raise ValueError(f"--resume: {ckpt} was trained on another text or split "
+                         f"({recorded.get('text')}, context {recorded.get('context')}, "
+                         f"val_frac {recorded.get('val_frac')}); rerun with the same --text "
+                         f"options")
+    return c.params, c.buffers, c.opt, c.epoch, c.metrics
+
+
+def _run(cfg, tcfg, text, out_dir, ckpt, progress, sdn_weights, start=None):
     retain_freed_memory()  # no page faults for the arrays every step reuses (memory.py)
-    params, buffers = M.init_model(cfg, tcfg.seed, sdn_weights=sdn_weights)
-    opt = adamw_init(params)
+    if start is None:
+        params, buffers = M.init_model(cfg, tcfg.seed, sdn_weights=sdn_weights)
+        opt, first, metrics = adamw_init(params), 0, []
+    else:
+        params, buffers, opt, first, metrics = start
     groups = make_groups(params, tcfg.lr, tcfg.weight_decay, M.optimizer_rules(tcfg.lr))
     per_epoch = steps_per_epoch(text, tcfg.batch_size)
     total = tcfg.epochs * per_epoch
@@ -94,8 +123,7 @@ def _run(cfg, tcfg, text, out_dir, ckpt, progress, sdn_weights):
     recipe = {**text.recipe, "vocab_json": text.vocab.to_json()}
     config = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
               "data": recipe}
-    metrics = []
-    for epoch in range(tcfg.epochs):
+    for epoch in range(first, tcfg.epochs):
         loss_sum, t0 = 0.0, time.perf_counter()
         for step in range(per_epoch):
             x = windows(text.train, C, tcfg.batch_size, np.random.default_rng([tcfg.seed, epoch,

@@ -103,3 +103,39 @@ def test_lm_trains_in_the_float32_variant(tmp_path):
     assert m["val_bits_per_token"] < m["unigram_bits_per_token"] - 1.0, m
     ck = load_checkpoint(str(tmp_path / "f32" / "checkpoint.h5"))
     assert ck.cfg.dtype == "float32" and all(v.dtype == np.float64 for v in ck.params.values())
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_after_first_epoch(ev):
+    from refimpl.progress import EpochEnd
+    if isinstance(ev, EpochEnd):
+        raise Interrupt  # like Ctrl-C right after the epoch's checkpoint was written
+
+
+def test_lm_resume_is_bit_exact(tmp_path):
+    """Interrupted after epoch 1 and resumed: the metrics (but the throughput) and every
+    parameter equal the uninterrupted run's; other settings or another split are refused."""
+    text, cfg, tcfg = _setup(tmp_path, epochs=3, dropout=0.1)
+    full = train_lm(cfg, tcfg, text, str(tmp_path / "full"))
+    with pytest.raises(Interrupt):
+        train_lm(cfg, tcfg, text, str(tmp_path / "cut"), progress=_interrupt_after_first_epoch)
+    assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.h5")).epoch == 1
+    with pytest.raises(FileExistsError, match="resume"):
+        train_lm(cfg, tcfg, text, str(tmp_path / "cut"))
+    with pytest.raises(ValueError, match="other settings"):
+        train_lm(cfg, TrainConfig(epochs=4, batch_size=8, lr=1e-2, seed=0), text,
+                 str(tmp_path / "cut"), resume=True)
+    other = load_text(text.path, vocab="chars", context=24, val_frac=0.3)
+    with pytest.raises(ValueError, match="another text or split"):
+        train_lm(cfg, tcfg, other, str(tmp_path / "cut"), resume=True)
+    resumed = train_lm(cfg, tcfg, text, str(tmp_path / "cut"), resume=True)
+    strip = [{k: v for k, v in m.items() if k != "tokens_per_second"} for m in full]
+    assert [{k: v for k, v in m.items() if k != "tokens_per_second"} for m in resumed] == strip
+    a = load_checkpoint(str(tmp_path / "full" / "checkpoint.h5"))
+    b = load_checkpoint(str(tmp_path / "cut" / "checkpoint.h5"))
+    assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_lm(cfg, tcfg, text, str(tmp_path / "none"), resume=True)
