@@ -188,7 +188,7 @@ def main(argv=None):
         keep[fam] = r
         doc["runs"] = [keep[k] for k in FAMILIES if k in keep]
         atomic_write_json(out_json, doc)
-        md = out_dir / "BENCHMARKS.md"
+        md = (args.out_dir or ROOT) / "BENCHMARKS.md"
         old = md.read_text() if md.exists() else None
         atomic_write_text(md, harness.merge_markdown(old, {"lm-runs": render(doc)}))
 
