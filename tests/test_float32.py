@@ -366,15 +366,21 @@ def compare_spikes(s32, h32, s64, h64, theta, bound, what, extra=()):
     return flips
 
 
+def _neuron_case(seed, name, Bsz, H, L):
+    """``(cfg, rng, x, rho, rho64)``: float32-representable input around the threshold and
+    ``rho`` (refractory only), with its float64 up-cast."""
+    cfg = NeuronConfig(**NEURONS[name])
+    rng = np.random.default_rng(seed)
+    x = r32(rng.normal(0.5 * cfg.theta + 0.3, 0.8, size=(Bsz, H, L)))
+    rho = r32(rng.uniform(0, 1, H)) if cfg.reset == "refractory" else None
+    return cfg, rng, x, rho, None if rho is None else up(rho)
+
+
 @settings(max_examples=8)
 @given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(sorted(NEURONS)))
 def test_neuron_fwd(seed, name):
-    cfg = NeuronConfig(**NEURONS[name])
-    rng = np.random.default_rng(seed)
     Bsz, H, L = 3, 4, 40
-    x = r32(rng.normal(0.5 * cfg.theta + 0.3, 0.8, size=(Bsz, H, L)))
-    rho = r32(rng.uniform(0, 1, H)) if cfg.reset == "refractory" else None
-    rho64 = None if rho is None else up(rho)
+    cfg, rng, x, rho, rho64 = _neuron_case(seed, name, Bsz, H, L)
     s64, h64, u64 = neuron_fwd(up(x), cfg, rho=rho64)
     with P.using("float32"):
         s, h, u = neuron_fwd(x, cfg, rho=rho)
@@ -453,12 +459,8 @@ def neuron_bwd_bound(cfg, s, h, ds, rho):
 @given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(sorted(NEURONS)))
 def test_neuron_bwd(seed, name):
     """The backward on the same spikes and (rounded) membranes as both runs' input."""
-    cfg = NeuronConfig(**NEURONS[name])
-    rng = np.random.default_rng(seed)
     Bsz, H, L = 3, 4, 24
-    x = r32(rng.normal(0.5 * cfg.theta + 0.3, 0.8, size=(Bsz, H, L)))
-    rho = r32(rng.uniform(0, 1, H)) if cfg.reset == "refractory" else None
-    rho64 = None if rho is None else up(rho)
+    cfg, rng, x, rho, rho64 = _neuron_case(seed, name, Bsz, H, L)
     s64, h64, _ = neuron_fwd(up(x), cfg, rho=rho64)
     s, h = r32(s64), r32(h64)
     ds = r32(rng.normal(size=(Bsz, H, L)))
