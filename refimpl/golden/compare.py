@@ -208,7 +208,7 @@ def _mark_acceptable(rows, gcase):
 #: Suites whose spikes ``s`` come from the stored membrane ``h`` of the same row (stateful).
 _NEURON_SUITES = ("neuron", "pmbc")
 #: Suites whose spikes are internal; judged by the case ``margin`` (:func:`membrane_bound`).
-_INTERNAL_SPIKES = ("block", "model_step", "model_stream")
+_INTERNAL_SPIKES = ("block", "model_step", "lm_step", "model_stream")
 #: Flipped-spike indices listed in a row's detail.
 _LIST_FLIPS = 8
 

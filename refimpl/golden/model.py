@@ -13,8 +13,8 @@ import numpy as np
 
 from .. import layers as Ly
 from ..activations import ACTIVATIONS
-from ..model import (ModelConfig, block_bwd, block_diagnostics, block_fwd, init_model, model_bwd,
-                     model_fwd, optimizer_rules, project)
+from ..model import (ModelConfig, block_bwd, block_diagnostics, block_fwd, init_model, lm_loss,
+                     model_bwd, model_fwd, optimizer_rules, project)
 from ..optim import adamw_init, adamw_step, cosine_schedule, make_groups
 from .registry import Spec, register
 from .spiking import sdn_weights
@@ -34,6 +34,8 @@ def _model_attrs(cfg):
              dropout=float(cfg.dropout), dt_min=float(cfg.dt_min), dt_max=float(cfg.dt_max),
              training=True, mixing=fam.mixing,
              threshold_scaling=bool(fam.threshold), activation_kind=fam.kind)
+    if cfg.head != "classifier":  # a classifier's files predate the head: they keep their attrs
+        a.update(head=cfg.head, tie_embedding=bool(cfg.tie_embedding))
     ncfg = cfg.neuron_config()
     if ncfg is not None:
         a["surrogate"] = ncfg.surrogate
@@ -48,6 +50,8 @@ def _model_config(attrs):
     # dt_min, dt_max were added to v1 later; files without them were generated with the defaults
     # (only the initialisation reads them)
     fields.update({k: attrs[k] for k in ("dt_min", "dt_max") if k in attrs})
+    # head, tie_embedding: stored by language-model cases only (a classifier's defaults)
+    fields.update({k: attrs[k] for k in ("head", "tie_embedding") if k in attrs})
     return ModelConfig(**fields)
 
 
@@ -188,33 +192,45 @@ register(
 ADAMW = dict(lr=1e-2, weight_decay=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
+def _step_case(rng, comment, flags=(), B=3, L=16, clip_norm=0.0, result="valid", edit=None,
+               attrs_edit=None, **kw):
+    """One training-step case (``model_step``, ``lm_step``): the model ``ModelConfig(**kw)``
+    (small defaults), parameters off their initial constants, the inputs (tokens when
+    ``cfg.vocab``; labels for a classifier, none for a language model: its targets are its
+    input), the AdamW settings. ``edit(inputs, p)`` and ``attrs_edit(attrs)`` make invalid
+    cases."""
+    kw = {"n_classes": 3, "d_input": 2, "d_model": 4, "d_state": 4, "n_layers": 2, **kw}
+    cfg = ModelConfig(**kw)
+    sdn_w = sdn_weights(rng) if cfg.activation == "sdn" else None
+    p, _ = init_model(cfg, seed=rng, sdn_weights=sdn_w)
+    p = _randomise(rng, p, cfg)
+    meta = {}
+    if sdn_w is not None:
+        for k, v in sdn_w.items():
+            p["sdn." + k] = v
+            meta["params/sdn." + k] = {"trainable": False}
+    if cfg.vocab:
+        x = rng.integers(0, cfg.vocab, size=(B, L)).astype(np.int64)
+    else:
+        x = rng.normal(size=(B, L, cfg.d_input))
+    inputs = {"x": x}
+    if cfg.head != "lm":
+        inputs["labels"] = rng.integers(0, cfg.n_classes, size=B).astype(np.int64)
+    if edit:
+        edit(inputs, p)
+    attrs = _model_attrs(cfg)
+    attrs.update(ADAMW, lr_scale=cosine_schedule(0, 10, 2), clip_norm=float(clip_norm), step=1)
+    if attrs_edit:
+        attrs_edit(attrs)
+    return Spec(comment, list(flags), attrs, inputs, p, result, meta=meta)
+
+
 def _model_specs(rngs, size):
     big = 8 if size == "large" else 1
     out = []
 
-    def add(comment, flags=(), B=3, L=16, clip_norm=0.0, result="valid", edit=None, **kw):
-        rng = rngs()
-        kw = {"n_classes": 3, "d_input": 2, "d_model": 4, "d_state": 4, "n_layers": 2, **kw}
-        cfg = ModelConfig(**kw)
-        sdn_w = sdn_weights(rng) if cfg.activation == "sdn" else None
-        p, _ = init_model(cfg, seed=rng, sdn_weights=sdn_w)
-        p = _randomise(rng, p, cfg)
-        meta = {}
-        if sdn_w is not None:
-            for k, v in sdn_w.items():
-                p["sdn." + k] = v
-                meta["params/sdn." + k] = {"trainable": False}
-        if cfg.vocab:
-            x = rng.integers(0, cfg.vocab, size=(B, L)).astype(np.int64)
-        else:
-            x = rng.normal(size=(B, L, cfg.d_input))
-        labels = rng.integers(0, cfg.n_classes, size=B).astype(np.int64)
-        inputs = {"x": x, "labels": labels}
-        if edit:
-            edit(inputs, p)
-        attrs = _model_attrs(cfg)
-        attrs.update(ADAMW, lr_scale=cosine_schedule(0, 10, 2), clip_norm=float(clip_norm), step=1)
-        out.append(Spec(comment, list(flags), attrs, inputs, p, result, meta=meta))
+    def add(comment, flags=(), **kw):
+        out.append(_step_case(rngs(), comment, flags, **kw))
 
     add("two LIF blocks (SpikingSSM), LayerNorm, one AdamW step with warm-up factor 0.5",
         ["default"], activation="lif", L=16 * big)
@@ -236,15 +252,23 @@ def _model_specs(rngs, size):
 
 
 def _model_fwd(case):
+    """Loss, logits, gradient and one AdamW step of a ``model_step`` or ``lm_step`` case."""
     c = case.config
     cfg = _model_config(c)
     params = case.group("params")
     buf = _model_buffers(cfg, params)
     p = {k: v for k, v in params.items() if not k.startswith("sdn.")}
-    x, labels = case.data["inputs/x"], case.data["inputs/labels"]
-    logits, cache, _, _ = model_fwd(cfg, p, buf, x, training=True)
-    loss, ce = Ly.cross_entropy_fwd(logits, labels)
-    (dlogits,) = Ly.cross_entropy_bwd(ce)
+    x = case.data["inputs/x"]
+    if cfg.head == "lm":
+        if x.ndim != 2 or x.shape[1] < 2:
+            raise ValueError(f"x must be int64 tokens (B, L) with L >= 2 for next-token "
+                             f"prediction, got shape {x.shape}")
+        logits, cache, _, _ = model_fwd(cfg, p, buf, x, training=True)
+        loss, dlogits = lm_loss(logits, x)
+    else:
+        logits, cache, _, _ = model_fwd(cfg, p, buf, x, training=True)
+        loss, ce = Ly.cross_entropy_fwd(logits, case.data["inputs/labels"])
+        (dlogits,) = Ly.cross_entropy_bwd(ce)
     grads = model_bwd(cfg, p, cache, dlogits)
     new = {k: np.array(v, dtype=np.float64, copy=True) for k, v in p.items()}
     groups = make_groups(new, c["lr"], c["weight_decay"], optimizer_rules(c["lr"]))
@@ -266,11 +290,17 @@ def _model_cotangents(outputs, rng):
 
 
 def _model_depth(case):
+    """Per layer as ``block``; the mean pool over time (classifier) or the per-token decoder
+    (language model) adds ``L``; the loss of a language model is a mean over ``B (L - 1)``
+    tokens and every gradient a sum over ``B L`` positions."""
     c = case.config
     x = case.data["inputs/x"]
     Bsz, L = x.shape[0], x.shape[1]
     d = c["n_layers"] * (L + c["d_state"] // 2 + fft_depth(L) + 4 * c["d_model"] + 16)
-    return {"*": d + L, "grads/*": Bsz * L + d + L}
+    depth = {"*": d + L, "grads/*": Bsz * L + d + L}
+    if c.get("head") == "lm":
+        depth["outputs/loss"] = Bsz * L + d + L
+    return depth
 
 
 def _model_meta(case):
@@ -289,6 +319,61 @@ register(
     name="model_step",
     math="cross-entropy loss, its gradient, one AdamW step",
     specs=_model_specs,
+    fwd=_model_fwd,
+    bwd=_model_bwd,
+    differentiable=("loss",),
+    cotangents=_model_cotangents,
+    depth=_model_depth,
+    meta=_model_meta,
+)
+
+
+# ---- lm_step: one training step of a language model (DESIGN.md 11) ---------------------------
+
+def _lm_specs(rngs, size):
+    big = 8 if size == "large" else 1
+    out = []
+
+    def add(comment, flags=(), vocab=7, **kw):
+        out.append(_step_case(rngs(), comment, flags, head="lm", vocab=vocab, n_classes=vocab,
+                              d_input=1, **kw))
+
+    add("two LIF blocks (SpikingSSM), LayerNorm, vocabulary 7, untied decoder, one AdamW step "
+        "with warm-up factor 0.5", ["default"], activation="lif", L=16 * big)
+    add("GELU blocks, prenorm, decoder tied to the embedding (E used twice: the gradient is the "
+        "sum)", activation="gelu", prenorm=True, tie_embedding=True)
+    add("Binary S4D (Heaviside), tied decoder, global-norm gradient clipping to 0.1",
+        activation="binary", tie_embedding=True, clip_norm=0.1)
+    add("Binary S4D + GSU", activation="binary_gsu")
+    add("refractory neurons (SPikE-SSM) by PMBC, BatchNorm (batch statistics over B and L), "
+        "rho projected onto rho >= 0", activation="refractory", norm="batch")
+    add("SDN neurons (sdn.w0..w5 fixed, not updated), vocabulary 256 (bytes), B = 2, L = 8",
+        activation="sdn", vocab=256, B=2, L=8)
+    add("LIF, two-token sequences (one target per row), B = 4", ["short_sequence"],
+        activation="lif", B=4, L=2)
+    add("LIF, context 256, B = 1", ["long_sequence"], activation="lif", B=1, L=256 * big)
+
+    def beyond(i, p):
+        i["x"][1, 3] = 7
+
+    add("a token outside the vocabulary (7 with vocabulary 7): must be rejected",
+        ["invalid_input"], activation="lif", result="invalid", edit=beyond)
+    add("one token per row: no next token to predict, must be rejected", ["invalid_input"],
+        activation="lif", L=1, result="invalid")
+
+    def bidirectional(a):
+        a["bidirectional"] = True
+
+    add("a bidirectional language model sees the tokens it predicts: must be rejected",
+        ["invalid_config"], activation="lif", result="invalid", attrs_edit=bidirectional)
+    return out
+
+
+register(
+    name="lm_step",
+    math="next-token cross-entropy of a causal language model (mean over positions 0 .. L-2), "
+         "its gradient, one AdamW step",
+    specs=_lm_specs,
     fwd=_model_fwd,
     bwd=_model_bwd,
     differentiable=("loss",),
