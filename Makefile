@@ -11,7 +11,7 @@ export NUMBA_NUM_THREADS
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,plot]'
 	touch $(STAMP)
 
 install: $(STAMP)

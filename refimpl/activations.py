@@ -143,7 +143,10 @@ class Activation:
 
     def diagnostics(self, cache, mix_cache):
         """``{"spikes": {name: 0/1 array}, "membranes": {name: (value, threshold)}}``: what
-        decided each spike, so that golden traces can record margins and flag near-ties."""
+        decided each spike, so that golden traces can record margins and flag near-ties; an
+        optional ``"internals": {name: array}`` adds what else the family computed over time
+        (the neuron's membrane after reset ``u``, the SDN's predicted membrane ``m``), for
+        records (:func:`refimpl.model.layer_record`)."""
         return {"spikes": {}, "membranes": {}}
 
     # Streaming (DESIGN.md section 10): the family's state between chunks, eval mode only.
@@ -198,7 +201,8 @@ class Neuron(Activation):
         return dy, ({} if drho is None else {"rho": drho})
 
     def diagnostics(self, cache, mix_cache):
-        return {"spikes": {"s": cache.s}, "membranes": {"h": (cache.h, cache.cfg.theta)}}
+        return {"spikes": {"s": cache.s}, "membranes": {"h": (cache.h, cache.cfg.theta)},
+                "internals": {"u": cache.u}}
 
     def state_spec(self, B, H):
         """The neuron's membrane after reset ``u_{T-1}`` and its refractory counter
@@ -294,7 +298,8 @@ class SDN(Activation):
 
     def diagnostics(self, cache, mix_cache):
         v = cache.m + cache.y  # (B, H, L) what the spike test compares with theta
-        return {"spikes": {"s": cache.s}, "membranes": {"m+x": (v, cache.cfg.theta)}}
+        return {"spikes": {"s": cache.s}, "membranes": {"m+x": (v, cache.cfg.theta)},
+                "internals": {"m": cache.m}}
 
 
 @register

@@ -333,15 +333,47 @@ def block_stream(cfg, p, buf, i, x, state, step=None):
     x_out, (_, mix_c, _, _) = _block_out(cfg, p, buf, pre, x, s, v, False, None, new_buf={})
     if fam.mixing == "gsu":
         diag = fam.diagnostics(None, mix_c)
-    return x_out, {"ssm.x": x_ssm, **new_act}, stream_record(y, v, diag)
+    return x_out, {"ssm.x": x_ssm, **new_act}, stream_record(y, v, diag, x_out)
 
 
-def stream_record(y, v, diag):
-    """What a streamed block records: ``y``, ``v`` and the family's diagnostics that run over
-    time (spikes and membranes ``(B, H, T)``; the GSU's constant ``Ter(W)`` is left out)."""
+def stream_record(y, v, diag, out):
+    """A block's record (:data:`RECORD_NAMES`) from its S4D output ``y``, the activation's
+    input ``v``, the family's diagnostics and the block output ``out``: the arrays that run
+    over time ``(B, H, T)`` (the GSU's constant ``Ter(W)`` is left out)."""
     rec = {"y": y, "v": v, **diag["spikes"],
-           **{k: val for k, (val, _) in diag["membranes"].items()}}
+           **{k: val for k, (val, _) in diag["membranes"].items()},
+           **diag.get("internals", {}), "out": out}
     return {k: a for k, a in rec.items() if a.ndim == 3}
+
+
+#: What a layer's record holds (``(B, H, L)`` arrays, by family): every layer ``y`` (the S4D
+#: output), ``v`` (the activation's input: ``y / exp(ln_vth)`` with threshold scaling, else
+#: ``y``), ``out`` (the block's output); neurons (binary, lif, refractory) ``s`` (spikes),
+#: ``h`` (membrane before the spike test and reset), ``u`` (after the reset); sdn ``s``, ``m``
+#: (the SDN's predicted membrane) and ``m+x`` (what the spike test compares with the threshold);
+#: binary_gsu ``Tx`` (the GSU's ternarisation of ``v``, -1/0/1).
+RECORD_NAMES = {"gelu": ("y", "v", "out"),
+                "binary": ("y", "v", "s", "h", "u", "out"),
+                "lif": ("y", "v", "s", "h", "u", "out"),
+                "refractory": ("y", "v", "s", "h", "u", "out"),
+                "sdn": ("y", "v", "s", "m+x", "m", "out"),
+                "binary_gsu": ("y", "v", "Tx", "out")}
+
+
+def layer_record(cfg, cache, out):
+    """The record of one block of :func:`model_fwd` (:data:`RECORD_NAMES`), copied from what
+    the forward computed (its cache ``cache`` and output ``out``), not recomputed."""
+    fam = ACTIVATIONS[cfg.activation]
+    v = cache.y if cache.ln_vth is None else cache.act.y  # the neuron's own input
+    rec = stream_record(cache.y, v, fam.diagnostics(cache.act, cache.mix), out)
+    return {k: np.array(a, copy=True) for k, a in rec.items()}
+
+
+def spike_threshold(cfg):
+    """The threshold the recorded membrane (``h``, or ``m+x`` for sdn) is compared with, or
+    None (gelu: no spikes; binary_gsu: the GSU's threshold is per token, 0.15 max |v|)."""
+    ncfg = cfg.neuron_config()
+    return None if ncfg is None or cfg.activation == "binary_gsu" else float(ncfg.theta)
 
 
 def block_bwd(cfg, p, i, c, dx_out):
@@ -447,7 +479,8 @@ def embed_fwd(cfg, p, x):
                          p["encoder.b"])  # (B, H, L)
 
 
-def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=None):
+def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=None,
+              record=False):
     """Forward to logits.
 
     Parameters
@@ -465,6 +498,9 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
         Values the backward treats as constants, held fixed for gradient checks: SDN
         predictions ``layers.i.m`` and GSU quantisations ``layers.i.Tx``, ``layers.i.TW``
         (see :func:`frozen_constants`).
+    record : bool
+        Also return, per layer, what the forward computed as named arrays (``stats["record"]``:
+        a list of dicts, :data:`RECORD_NAMES`): copies of the arrays the forward used.
 
     Returns
     -------
@@ -473,7 +509,7 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
     cache : what :func:`model_bwd` needs
     new_buf : float64 buffers after the step (BatchNorm running statistics)
     stats : ``{"rates": [per-layer firing rate or None], "features": (B, H, L) the last
-        block's output, before pooling}``
+        block's output, before pooling}``, with ``record`` also ``"record": [per-layer dict]``
     """
     x = check_inputs(cfg, x)
     if training and cfg.dropout > 0 and rng is None:
@@ -482,11 +518,13 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
     with precision.using(cfg.dtype):
         p, buf_c = compute_copy(cfg, p), compute_copy(cfg, buf)
         h, embed_c = embed_fwd(cfg, p, x)  # (B, H, L)
-        blocks, rates = [], []
+        blocks, rates, records = [], [], []
         for i in range(cfg.n_layers):
             h, bc, st = block_fwd(cfg, p, buf_c, i, h, training, rng, smooth, frozen, updates)
             blocks.append(bc)
             rates.append(st["rate"])
+            if record:
+                records.append(layer_record(cfg, bc, h))
         if cfg.head == "lm":
             pooled, pool_c = h, None  # every position is decoded
             logits = lm_decode(cfg, p, h)  # (B, L, V)
@@ -494,6 +532,8 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
             pooled, pool_c = Ly.meanpool_fwd(h)  # (B, H)
             logits = pooled @ p["decoder.W"].T + p["decoder.b"]  # (B, C)
     stats = {"rates": rates, "features": h}
+    if record:
+        stats["record"] = records
     new_buf = {**buf, **_to_master(updates)}
     return logits, ModelCache(embed_c, blocks, pool_c, pooled), new_buf, stats
 

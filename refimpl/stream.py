@@ -205,7 +205,6 @@ class ModelStream:
             new["pool.sum"] = np.ascontiguousarray(csum[:, :, -1])
         out_state = StreamState(self.fingerprint, state.steps + T, new)
         if record:
-            records[-1]["out"] = h
             return logits, out_state, records
         return logits, out_state
 
@@ -277,9 +276,8 @@ class ModelStream:
             h, c, _ = block_fwd(cfg, p, buf, i, h, False, None, new_buf={})
             diag = self.family.diagnostics(c.act, c.mix)
             v = c.y if c.ln_vth is None else threshold_scale_fwd(c.y, c.ln_vth)
-            rec = {**stream_record(c.y, v, diag), "norm_gain": _norm_gain(cfg, c, h_in, h)}
+            rec = {**stream_record(c.y, v, diag, h), "norm_gain": _norm_gain(cfg, c, h_in, h)}
             recs.append(rec)
-        recs[-1]["out"] = h
         if cfg.head == "lm":
             logits = lm_decode(cfg, p, h)  # (B, L, V): model_fwd's logits exactly
         else:
