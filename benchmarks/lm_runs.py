@@ -100,15 +100,22 @@ def run_one(family, corpus_path, size, minutes, sdn_weights, out_root):
     epochs = max(1, int(minutes * 60 // epoch_s))
     tcfg = TrainConfig(epochs=epochs, batch_size=size["batch_size"], lr=size["lr"], seed=0)
     out = out_root / f"lm-{family}"
+    load = [os.getloadavg()[0]]
     t0 = time.perf_counter()
     metrics = train_lm(cfg, tcfg, text, str(out), sdn_weights=w, overwrite=True)
     wall = time.perf_counter() - t0
+    load.append(os.getloadavg()[0])
+    if wall > minutes * 60 * 1.2:  # the machine was busier than when the steps were timed
+        print(f"[lm runs] {family}: training took {wall:.0f} s, over the {minutes:g}-minute "
+              f"budget (load {load[0]:.1f} -> {load[1]:.1f}): rerun it on a quieter machine",
+              file=sys.stderr)
     ck = load_checkpoint(str(out / "checkpoint.h5"))
     prompt = text.vocab.encode("The ")[None]
     ids, info = generate(ModelStream(ck.cfg, ck.params, ck.buffers), prompt, 200,
                          temperature=0.8, seed=0)
     m = metrics[-1]
     return {"family": family, "epochs": epochs, "steps": epochs * per_epoch, "train_s": wall,
+            "load_before_after": load,
             "val_bits_per_byte": m["val_bits_per_token"],
             "unigram_bits_per_byte": m["unigram_bits_per_token"],
             "bigram_bits_per_byte": m["bigram_bits_per_token"],
