@@ -54,15 +54,19 @@ def _check_json(path, inputs=(), golden_dirs=()):
 
 @click.group()
 def golden():
-    """Golden HDF5 traces: the contract with other backends (golden/SCHEMA.md).
+    """Golden HDF5 traces: the contract with other backends.
+
+    One file per suite (golden/SCHEMA.md) holds, case by case, the inputs, outputs and
+    gradients of one op. 'show' lists what a suite or file holds, 'verify' checks a backend's
+    candidate file against the golden files, 'check' recomputes the committed files with the
+    installed refimpl, and 'generate' writes them.
+
+    Examples:
 
     \b
-    refimpl golden show fftconv                         what a suite holds (or show FILE.h5)
-    refimpl golden verify my_backend/fftconv.h5         check a backend's candidate file
-    refimpl golden verify n.h5 --precision float32 --select reset=hard
-                                                        a float32 backend, hard-reset cases
-    refimpl golden check                                refimpl against its committed files
-    refimpl golden generate --overwrite                 regenerate golden/v1
+      refimpl golden show fftconv
+      refimpl golden verify my_backend/neuron.h5 --precision float32 --select reset=hard
+      refimpl golden check --suite neuron
     """
 
 
@@ -79,8 +83,19 @@ def golden():
 @click.option("--size", default="small", show_default=True, type=click.Choice(G.SIZES),
               help="'small' is the committed set; 'large' has 8x longer sequences.")
 def generate(suites, out_dir, overwrite, missing_only, seed, size):
-    """Write golden/v1/<suite>.h5 (float64, deterministic, atomic per suite; refuses
-    fast-math). After an interrupted run, --missing-only writes the absent suites."""
+    """Write the golden files, one <suite>.h5 per suite.
+
+    Every file is float64, deterministic for --seed and written atomically; generation refuses
+    to run with fast-math on. After an interrupted run, --missing-only writes the absent
+    suites. The default --out is the committed set: replacing it needs --overwrite.
+
+    Examples:
+
+    \b
+      refimpl golden generate --suite neuron --out /tmp/golden
+      refimpl golden generate --suite fftconv --size large --out golden-large
+      refimpl golden generate --out golden-new --missing-only
+    """
     names = list(suites) or list(G.SUITES)
     try:
         names = [n for n, _ in G.plan_generate(out_dir, names, overwrite, missing_only)]
@@ -122,15 +137,23 @@ def generate(suites, out_dir, overwrite, missing_only, seed, size):
                    "'flag:NAME'; repeatable (all must hold).")
 @click.option("-v", "--verbose", is_flag=True, help="Show a detail column for every row.")
 def verify(candidates, golden_dir, json_path, skip, precision, select, verbose):
-    """Compare candidate file(s) with the golden files, case by case.
+    """Compare a backend's candidate files with the golden ones.
 
-    A candidate has root attributes schema = 'refimpl-golden-candidate', schema_version = 1,
-    suite = '<suite>', and /cases/<id>/outputs/<name> and /cases/<id>/grads/<name> datasets
-    (an 'error' attribute on /cases/<id> says the backend rejected the case). Prints PASS or the
-    worst mismatch per tensor; exits 1 on any MISMATCH, MISSING, SHAPE, DTYPE, NOT_REJECTED,
-    ERROR or EXTRA row. Golden files are only read (by default the installed committed set).
-    UNTESTABLE rows (not a test at this precision) and ACCEPTABLE rows never fail.
-    --json never replaces a candidate, a golden file or a non-JSON file.
+    Each of CANDIDATES (one file per suite) has root attributes schema =
+    'refimpl-golden-candidate', schema_version = 1, suite = '<suite>', and
+    /cases/<id>/outputs/<name> and /cases/<id>/grads/<name> datasets (an 'error' attribute on
+    /cases/<id> says the backend rejected the case). Prints PASS or the worst mismatch per
+    tensor; exits 1 on any MISMATCH, MISSING, SHAPE, DTYPE, NOT_REJECTED, ERROR or EXTRA row.
+    Golden files are only read (by default the installed committed set). UNTESTABLE rows (not a
+    test at this precision) and ACCEPTABLE rows never fail. --json never replaces a candidate, a
+    golden file or a non-JSON file.
+
+    Examples:
+
+    \b
+      refimpl golden verify my_backend/fftconv.h5 my_backend/neuron.h5
+      refimpl golden verify my_backend/neuron.h5 --precision float32 --select reset=hard
+      refimpl golden verify out/*.h5 --skip '*/outputs/iterations' --json report.json
     """
     _check_json(json_path, candidates, [golden_dir])
     try:
@@ -161,9 +184,19 @@ def _finish(report, json_path, verbose):
               help="Also write the report as JSON to this file.")
 @click.option("-v", "--verbose", is_flag=True, help="Show a detail column for every row.")
 def check(golden_dir, suites, json_path, verbose):
-    """Recompute every committed case with the installed refimpl and compare (regression test),
-    then rebuild each case from its definition: STALE (fails) where the file differs beyond
-    rounding, DRIFT (informational) where it differs only within rounding (golden/SCHEMA.md)."""
+    """Recompute the committed golden cases with the installed refimpl.
+
+    Every committed case is recomputed and compared (a regression test), then rebuilt from its
+    definition: STALE (fails) where the file differs beyond rounding, DRIFT (informational)
+    where it differs only within rounding (golden/SCHEMA.md). Exits 1 on any failure.
+
+    Examples:
+
+    \b
+      refimpl golden check
+      refimpl golden check --suite neuron --suite pmbc -v
+      refimpl golden check --json check.json
+    """
     names = list(suites) or list(G.SUITES)
     _check_json(json_path, (), [golden_dir])
     try:
@@ -179,10 +212,17 @@ def check(golden_dir, suites, json_path, verbose):
 @click.argument("file", metavar="FILE_OR_SUITE")
 @click.option("--case", "case_id", help="Show one case in detail (datasets, shapes, tolerances).")
 def show(file, case_id):
-    """List the suite, cases, flags and shapes of a golden or candidate file.
+    """Show what a golden or candidate file holds.
 
-    FILE_OR_SUITE is a file, or a suite name for the installed committed file
-    (e.g. 'refimpl golden show neuron --case 0001').
+    Lists the suite, the cases, their flags and shapes; with --case, one case in detail.
+    FILE_OR_SUITE is a file, or a suite name for the installed committed file.
+
+    Examples:
+
+    \b
+      refimpl golden show neuron
+      refimpl golden show neuron --case 0001
+      refimpl golden show my_backend/neuron.h5
     """
     try:
         click.echo(G.show(file, case_id), nl=False)

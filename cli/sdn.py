@@ -25,7 +25,19 @@ USER_ERRORS = (OSError, ValueError, TypeError)  # FileFormatError is a ValueErro
 
 @click.group()
 def sdn():
-    """Surrogate Dynamic Network: train it on a CPU, score it against the iterative LIF."""
+    """Surrogate Dynamic Network: train it, score it against the LIF.
+
+    The SDN (SpikingSSM, DESIGN.md section 6) is a small causal CNN that predicts the decayed
+    membrane m_t = tau u_{t-1} of a hard-reset LIF from the input sequence, so spikes can be
+    computed in parallel. 'train' fits one from scratch on the iterative LIF, 'eval' scores a
+    weights file on fresh inputs; 'refimpl train --activation sdn --sdn-weights FILE' uses it.
+
+    Examples:
+
+    \b
+      refimpl sdn train --out runs/sdn.h5
+      refimpl sdn eval runs/sdn.h5
+    """
 
 
 @sdn.command()
@@ -66,13 +78,22 @@ def sdn():
               help="Continue the interrupted run whose state is in OUT.partial.h5 (same options).")
 def train(tau, theta, mean, std, samples, length, epochs, batch_size, lr, weight_decay, loss,
           init, eval_samples, seed, out, overwrite, resume):
-    """Train an SDN from scratch on the iterative hard-reset LIF and write its weights.
+    """Train an SDN on the iterative LIF and write its weights.
 
-    The file holds the fused weights (w0 .. w5), the training network with its BatchNorm
-    statistics, the training configuration and the final scores. While training, the whole
-    state is saved atomically after every epoch to OUT.partial.h5 (a file `sdn eval` refuses);
-    OUT itself is written only at the end, then OUT.partial.h5 is removed. After an
-    interruption, `--resume` with the same options continues bit-identically.
+    The SDN learns from scratch to predict the membrane of the iterative hard-reset LIF (--tau,
+    --theta) on Gaussian inputs (--mean, --std). The file OUT holds the fused weights (w0 ..
+    w5), the training network with its BatchNorm statistics, the training configuration and the
+    final scores. While training, the whole state is saved atomically after every epoch to
+    OUT.partial.h5 (a file `sdn eval` refuses); OUT itself is written only at the end, then
+    OUT.partial.h5 is removed. After an interruption, `--resume` with the same options continues
+    bit-identically.
+
+    Examples:
+
+    \b
+      refimpl sdn train --out runs/sdn.h5
+      refimpl sdn train --out runs/sdn.h5 --resume
+      refimpl sdn train --tau 0.25 --epochs 20 --seed 1 --out runs/sdn_tau025.h5
     """
     partial = partial_path(out)
     if resume and overwrite:
@@ -147,7 +168,18 @@ def _report(m):
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the fresh inputs (a stream training never uses).")
 def eval_(weights, tau, theta, mean, std, length, samples, seed):
-    """Score SDN WEIGHTS (refimpl HDF5 or the published .npz) against the iterative LIF."""
+    """Score SDN weights against the iterative LIF on fresh inputs.
+
+    WEIGHTS is a file of 'refimpl sdn train' (HDF5) or the published SpikingSSM .npz. Prints
+    the spike agreement, the membrane MSE and both firing rates on --samples Gaussian
+    sequences of --length steps.
+
+    Examples:
+
+    \b
+      refimpl sdn eval runs/sdn.h5
+      refimpl sdn eval sdn_spikingssm_tau0125.npz --length 4096 --samples 100
+    """
     try:
         w, meta = load_weights(weights)
         trained = meta.get("config", {})

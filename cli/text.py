@@ -89,13 +89,17 @@ def text_options(f):
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Random seed of the sampling (the same seed, the same text).")
 def generate(checkpoint, prompt, length, temperature, top_k, seed):
-    """Continue PROMPT with a language model trained by `refimpl train --text`: the prompt runs
-    through the model stream, then tokens are sampled one at a time.
+    """Continue a prompt with a trained language model.
+
+    CHECKPOINT is OUT/checkpoint.h5 of a 'refimpl train --text' run (it stores the
+    vocabulary). The --prompt text runs through the model stream, then --length tokens are
+    sampled one at a time; the prompt and its continuation go to stdout, the speed to stderr.
+
+    Examples:
 
     \b
-    Example:
-      refimpl train --text notes.txt --epochs 3 --out runs/lm
       refimpl generate runs/lm/checkpoint.h5 --prompt "The " --length 100 --temperature 0.8
+      refimpl generate runs/lm/checkpoint.h5 --prompt "Once" --top-k 5 --seed 1
     """
     if length < 1:
         fail(f"--length must be >= 1, got {length}")

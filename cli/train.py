@@ -34,26 +34,34 @@ def _default(cls, name):
 
 SAMPLES_DEFAULT = 1000
 
+#: Families with a spiking neuron (``--surrogate``, ``--grad-mode`` apply to them only) and
+#: families whose neuron PMBC can run (``--neuron-impl``), from the registry.
+NEURON_FAMILIES = [k for k, fam in ACTIVATIONS.items() if fam.neuron is not None]
+PMBC_FAMILIES = [k for k, fam in ACTIVATIONS.items() if getattr(fam, "pmbc", False)]
+
 
 def data_options(f, recorded=False):
     """``--task | --data`` with ``--tokens``, ``--samples``, ``--length``, ``--seed``: the data
     options ``train`` and ``evaluate`` share (``recorded``: no defaults, the checkpoint's
     recorded data fills what is not given)."""
     rec = " (default: as recorded in the checkpoint)" if recorded else ""
+    length_default = "as recorded in the checkpoint, else the task's" if recorded else "the task's"
+    seed_also = "" if recorded else " and of training (initialisation, batch order, dropout)"
     options = [
-        click.option("--task", type=choice(TASKS), help="Built-in task." + rec),
+        click.option("--task", type=choice(TASKS), help=f"Built-in task{rec}."),
         click.option("--data", type=click.Path(dir_okay=False),
-                     help="User data (.npz: x_train, y_train, x_test, y_test)." + rec),
+                     help=f"User data (.npz: x_train, y_train, x_test, y_test){rec}."),
         click.option("--tokens", default=None if recorded else 0, type=click.IntRange(min=0),
-                     help="Vocabulary size for integer inputs (uses an embedding)."),
+                     help="--data with integer inputs: the vocabulary size V (inputs go "
+                          f"through a token embedding); 0 = real-valued inputs{rec}."),
         click.option("--samples", default=None if recorded else SAMPLES_DEFAULT,
                      show_default=not recorded, type=click.IntRange(min=2),
-                     help="Samples of a built-in task (train + test)." + rec),
+                     help=f"Samples of a built-in task (train + test){rec}."),
         click.option("--length", default=None, type=click.IntRange(min=1),
-                     help="Sequence length of a built-in task (default: the task's)." + rec),
+                     help=f"Sequence length of a built-in task (default: {length_default})."),
         click.option("--seed", default=None if recorded else _default(TrainConfig, "seed"),
                      show_default=not recorded, type=click.IntRange(min=0),
-                     help="Seed of a built-in task's generator (and of training)." + rec),
+                     help=f"Seed of a built-in task's generator{seed_also}{rec}."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -91,32 +99,57 @@ def _train_option(name, type_, help_=None):
 @_model_option("activation", choice(ACTIVATIONS), "Activation family (refimpl.activations).")
 @click.option("--layers", "n_layers", default=_default(ModelConfig, "n_layers"),
               show_default=True, type=click.IntRange(min=1), help="Number of blocks.")
-@_model_option("d_model", click.IntRange(min=1), "Channels H.")
-@_model_option("d_state", click.IntRange(min=2), "Real state size N (even).")
-@_model_option("init", choice(INITS), "S4D initialisation of A.")
-@_model_option("disc", choice(DISCRETIZATIONS), "Discretization.")
-@_model_option("norm", choice(NORMS))
+@_model_option("d_model", click.IntRange(min=1), "Channels H (the width of every block).")
+@_model_option("d_state", click.IntRange(min=2),
+               "Real state size N per channel (even: N/2 complex modes).")
+@_model_option("init", choice(INITS), "S4D initialisation of A (refimpl.ssm.INITS).")
+@_model_option("disc", choice(DISCRETIZATIONS),
+               "Discretization of the S4D layers (refimpl.ssm.DISCRETIZATIONS).")
+@_model_option("dt_min", click.FloatRange(min=0, min_open=True),
+               "Smallest initial S4D step dt: per channel, ln dt ~ U[ln dt-min, ln dt-max] "
+               "(then trained).")
+@_model_option("dt_max", click.FloatRange(min=0, min_open=True),
+               "Largest initial S4D step dt (>= --dt-min).")
+@_model_option("norm", choice(NORMS), "Normalisation in every block: layer (LayerNorm) or "
+               "batch (BatchNorm; its running statistics are saved in the checkpoint).")
 @click.option("--prenorm/--postnorm", default=_default(ModelConfig, "prenorm"),
-              show_default=True)
+              show_default=True,
+              help="Normalise a block's input (pre) or its output after the residual (post).")
 @click.option("--bidirectional/--causal", default=_default(ModelConfig, "bidirectional"),
-              show_default=True)
-@_model_option("dropout", click.FloatRange(0, 1, max_open=True))
-@_model_option("grad_mode", choice(GRAD_MODES), "Backward mode of spiking neurons.")
+              show_default=True,
+              help="S4D kernels over the whole sequence, both directions (classifiers only), "
+                   "or causal (step t reads steps <= t).")
+@_model_option("dropout", click.FloatRange(0, 1, max_open=True),
+               "Dropout probability on the activation and on the mixing output (one mask per "
+               "sample and channel, shared over time; training only).")
+@_model_option("grad_mode", choice(GRAD_MODES),
+               "Backward of the spiking neuron through time (refimpl.neurons.GRAD_MODES); "
+               f"{'/'.join(NEURON_FAMILIES)} only.")
 @_model_option("surrogate", click.Choice([""] + list(SURROGATES)),
-               "Surrogate gradient ('' = the family's default).")
-@_model_option("neuron_impl", choice(NEURON_IMPLS), "Forward of the refractory family.")
+               "Surrogate gradient of the spike ('' = the family's own, refimpl.activations); "
+               f"{'/'.join(NEURON_FAMILIES)} only.")
+@_model_option("neuron_impl", choice(NEURON_IMPLS),
+               f"Forward of the {'/'.join(PMBC_FAMILIES)} neuron: PMBC (parallel) or the "
+               "iterative loop; exact either way.")
 @_model_option("dtype", choice(PRECISIONS), "Compute precision: float32 is the faster training "
                "variant (float64 master weights; never a reference), float64 the reference.")
 @click.option("--sdn-weights", type=click.Path(dir_okay=False),
               help="SDN weights (.h5 from 'refimpl sdn train' or the published .npz); "
                    "sdn family only.")
-@_train_option("epochs", click.IntRange(min=1))
-@_train_option("batch_size", click.IntRange(min=1))
-@_train_option("lr", click.FloatRange(min=0, min_open=True), "Peak learning rate (AdamW).")
-@_train_option("weight_decay", click.FloatRange(min=0))
-@_train_option("clip_norm", click.FloatRange(min=0), "Gradient-norm clipping (0 = off).")
+@_train_option("epochs", click.IntRange(min=1), "Passes over the training data.")
+@_train_option("batch_size", click.IntRange(min=1), "Samples (--text: windows) per AdamW step.")
+@_train_option("lr", click.FloatRange(min=0, min_open=True),
+               "Peak learning rate of AdamW (cosine schedule with warm-up; the SSM dynamics "
+               "use min(lr, 1e-3)).")
+@_train_option("weight_decay", click.FloatRange(min=0),
+               "AdamW decoupled weight decay (none on SSM dynamics, biases, norms, D, "
+               "thresholds, rho).")
+@_train_option("clip_norm", click.FloatRange(min=0),
+               "Clip the global gradient norm to this value (0 = off).")
 @click.option("--out", "out_dir", default="runs/train", show_default=True,
-              type=click.Path(file_okay=False))
+              type=click.Path(file_okay=False),
+              help="Run folder: checkpoint.h5, metrics.json and config.json, rewritten after "
+                   "every epoch.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run from OUT/checkpoint.h5, bit-exactly; needs the "
                    "same options and data (--epochs included).")
@@ -124,8 +157,23 @@ def _train_option(name, type_, help_=None):
 def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_size, lr,
           weight_decay, clip_norm, out_dir, resume, overwrite, text_path, text_vocab, context,
           val_frac, tie_embedding, **model_options):
-    """Train a spiking SSM classifier on a built-in task or an .npz file, or (--text) a
-    language model on a text file."""
+    """Train a spiking SSM classifier, or (--text) a language model.
+
+    A classifier learns a built-in task (--task) or an .npz file (--data); with --text FILE a
+    causal language model learns next-token prediction on a text file. After every epoch OUT
+    gets checkpoint.h5, metrics.json (loss, accuracy or bits per token, firing rate per layer,
+    energy) and config.json, each written atomically; 'refimpl evaluate' and 'refimpl
+    generate' read the checkpoint. Choices and defaults come from the library's registries and
+    config classes.
+
+    Examples:
+
+    \b
+      refimpl train --task recall --activation lif --epochs 3 --out runs/recall
+      refimpl train --data mydata.npz --activation refractory --surrogate atan --out runs/mine
+      refimpl train --text notes.txt --context 128 --epochs 3 --out runs/lm
+    """
+    _check_model_options(model_options)
     if text_path is not None and (task or data or length is not None):
         fail("--text trains a language model on the file: drop --task/--data/--length "
              "(--context sets the window)")
@@ -172,6 +220,20 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
     except USER_ERRORS as e:
         fail(e)
     _summary(metrics, cfg)
+
+
+def _check_model_options(options):
+    """Refuse what ModelConfig accepts but the model would ignore, or the S4D initialisation
+    would refuse only later: --surrogate, --grad-mode or --neuron-impl set (to anything but its
+    default) for a family that does not use it, and --dt-min > --dt-max."""
+    act = options["activation"]
+    for name in ("surrogate", "grad_mode", "neuron_impl"):
+        families = PMBC_FAMILIES if name == "neuron_impl" else NEURON_FAMILIES
+        if options[name] != _default(ModelConfig, name) and act not in families:
+            fail(f"--{name.replace('_', '-')} applies to --activation {'/'.join(families)} "
+                 f"only; --activation {act} does not use it: drop it")
+    if options["dt_min"] > options["dt_max"]:
+        fail(f"--dt-min ({options['dt_min']:g}) must be <= --dt-max ({options['dt_max']:g})")
 
 
 def _rates(rates):
@@ -233,16 +295,32 @@ def _eval_data(ckpt, task, data, tokens, samples, length, seed):
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Sequences streamed in lockstep (--stream).")
 def evaluate(checkpoint, task, data, tokens, samples, length, seed, stream, batch_size):
-    """Evaluate a checkpoint on the test split of its recorded data (task, samples, length and
-    seed, or the .npz file checked by SHA-256), or of the data the options name.
+    """Score a classifier checkpoint on a test split.
+
+    CHECKPOINT (OUT/checkpoint.h5 of 'refimpl train') is evaluated on the test split of its
+    recorded data (task, samples, length and seed, or the .npz file checked by SHA-256); the
+    data options given override the recorded ones. Prints test accuracy, loss and the firing
+    rate per layer.
 
     With --stream the test set also runs one time step at a time from the model's state
     (refimpl.stream), as a chip or an online system runs it, and the predictions are compared
-    with the parallel form's."""
+    with the parallel form's.
+
+    Examples:
+
+    \b
+      refimpl evaluate runs/recall/checkpoint.h5
+      refimpl evaluate runs/recall/checkpoint.h5 --samples 2000 --seed 1
+      refimpl evaluate runs/recall/checkpoint.h5 --stream --batch-size 32
+    """
     try:
         ckpt = load_checkpoint(checkpoint)
     except FileFormatError as e:
         fail(e)
+    if ckpt.cfg.head != "classifier":
+        fail(f"{checkpoint} is a language model (refimpl train --text); evaluate scores "
+             f"classifiers: its validation bits per token are in metrics.json next to it, and "
+             f"'refimpl generate' samples from it")
     ds = _eval_data(ckpt, task, data, tokens, samples, length, seed)
     rec = ds.get("recipe", {})
     what = (f"{rec['task']} (samples {rec['samples']}, length {rec['length']}, seed "

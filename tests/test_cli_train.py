@@ -182,3 +182,123 @@ def test_choices_come_from_the_library_registries():
     assert list(params["activation"].type.choices) == list(ACTIVATIONS)
     assert list(params["task"].type.choices) == list(TASKS)
     assert params["d_model"].default == M.ModelConfig.__dataclass_fields__["d_model"].default
+
+
+# --- model options on the command line (issue 15) -------------------------------------------
+
+#: Every model option away from its ModelConfig default (refractory: the family that uses all).
+MODEL_OPTIONS = {"activation": "refractory", "surrogate": "atan", "disc": "bilinear",
+                 "init": "inv", "dt_min": 0.02, "dt_max": 0.02, "grad_mode": "sltt",
+                 "neuron_impl": "iterative", "norm": "batch", "prenorm": True, "dropout": 0.1}
+TINY = ["--samples", "32", "--length", "8", "--d-model", "4", "--d-state", "2", "--layers", "1",
+        "--epochs", "1", "--batch-size", "16"]
+
+
+def model_args(options):
+    args = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "prenorm":
+            args.append("--prenorm" if value else "--postnorm")
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def test_every_model_config_field_is_an_option_with_its_default():
+    """A field added to ModelConfig must get an option (or be derived from the data)."""
+    import dataclasses
+
+    from refimpl.ssm import DISCRETIZATIONS, INITS
+    from refimpl.surrogates import SURROGATES
+
+    params = {p.name: p for p in main.commands["train"].params}
+    parsed = main.commands["train"].make_context("train", []).params  # every option's default
+    derived = {"n_classes", "d_input", "vocab", "head"}  # from the data or --text
+    for f in dataclasses.fields(M.ModelConfig):
+        if f.name in derived:
+            continue
+        assert f.name in params, f"ModelConfig.{f.name} has no option on refimpl train"
+        assert parsed[f.name] == f.default, f.name
+    assert list(params["surrogate"].type.choices) == [""] + list(SURROGATES)
+    assert list(params["disc"].type.choices) == list(DISCRETIZATIONS)
+    assert list(params["init"].type.choices) == list(INITS)
+
+
+@pytest.fixture(scope="module")
+def model_options_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("opts") / "run"
+    args = ["train", "--task", "parity", "--out", str(out)] + TINY + model_args(MODEL_OPTIONS)
+    r = run(args)
+    assert r.exit_code == 0, r.output
+    return out, args
+
+
+def test_model_options_reach_config_json_and_the_checkpoint(model_options_run):
+    from refimpl.train import load_checkpoint
+
+    out, _ = model_options_run
+    written = json.loads((out / "config.json").read_text())["model"]
+    ckpt = load_checkpoint(str(out / "checkpoint.h5"))
+    for name, value in MODEL_OPTIONS.items():
+        assert written[name] == value, name
+        assert getattr(ckpt.cfg, name) == value, name
+    # --dt-min = --dt-max fixes every initial step: log_dt starts at ln 0.02 in every channel.
+    # Two AdamW steps at the SSM-dynamics rate min(lr, 1e-3) move it by at most ~2e-3; the
+    # default range [ln 1e-3, ln 1e-1] is 4.6 wide, so 1e-2 separates the two.
+    np.testing.assert_allclose(ckpt.params["layers.0.ssm.log_dt"], np.log(0.02), atol=1e-2)
+    assert "layers.0.norm.running_mean" in ckpt.buffers  # --norm batch reached the model
+
+
+@pytest.mark.parametrize("name, other", [("surrogate", "sigmoid"), ("disc", "zoh"),
+                                         ("init", "lin"), ("dt_max", 0.05),
+                                         ("grad_mode", "bptt"), ("neuron_impl", "pmbc")])
+def test_resume_refuses_a_changed_model_option(model_options_run, name, other):
+    out, args = model_options_run
+    changed = model_args({**MODEL_OPTIONS, name: other})
+    base = [a for a in args if a not in model_args(MODEL_OPTIONS)]
+    assert len(base) + len(changed) == len(args)  # every model option was replaced
+    one_line_error(run(base + changed + ["--resume"]), "was written with other settings")
+    assert run(args + ["--resume"]).exit_code == 0  # the same options resume (nothing to do)
+
+
+def test_model_options_reach_a_language_model(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("spike state space model neuron threshold " * 40, encoding="utf-8")
+    out = tmp_path / "lm"
+    options = {"surrogate": "atan", "disc": "bilinear", "init": "real", "dt_min": 0.01,
+               "dt_max": 0.03, "grad_mode": "detach_reset"}
+    r = run(["train", "--text", str(text), "--context", "16", "--d-model", "4", "--d-state",
+             "2", "--layers", "1", "--epochs", "1", "--batch-size", "8", "--out", str(out)]
+            + model_args(options))
+    assert r.exit_code == 0, r.output
+    written = json.loads((out / "config.json").read_text())["model"]
+    assert {k: written[k] for k in options} == options
+    assert written["head"] == "lm"
+    # evaluate scores classifiers: a language model's checkpoint is one line, not a KeyError
+    one_line_error(run(["evaluate", str(out / "checkpoint.h5")]), "is a language model")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--activation", "gelu", "--surrogate", "atan"], "--surrogate applies to --activation"),
+    (["--activation", "binary_gsu", "--grad-mode", "sltt"], "--grad-mode applies to --activation"),
+    (["--activation", "lif", "--neuron-impl", "iterative"], "--neuron-impl applies to "
+                                                            "--activation refractory only"),
+    (["--dt-min", "0.5", "--dt-max", "0.1"], "--dt-min (0.5) must be <= --dt-max (0.1)"),
+    (["--dt-min", "0"], "'--dt-min'"),
+    (["--surrogate", "nope"], "'--surrogate'"),
+    (["--disc", "euler"], "'--disc'"),
+    (["--init", "random"], "'--init'"),
+])
+def test_bad_model_options_are_one_line_errors(tmp_path, args, fragment):
+    out = tmp_path / "run"
+    one_line_error(run(["train", "--task", "parity", "--out", str(out)] + TINY + args), fragment)
+    assert not out.exists()  # refused before anything is written
+
+
+def test_model_option_at_its_default_is_accepted_for_any_family(tmp_path):
+    """--surrogate '' and --grad-mode bptt are the defaults: gelu takes them (no error)."""
+    out = tmp_path / "run"
+    r = run(["train", "--task", "parity", "--activation", "gelu", "--surrogate", "",
+             "--grad-mode", "bptt", "--out", str(out)] + TINY)
+    assert r.exit_code == 0, r.output
