@@ -1,4 +1,5 @@
 """``refimpl train --text`` (a language model on a text file) and ``refimpl generate``."""
+import os
 import sys
 
 import click
@@ -25,6 +26,7 @@ def train_text(path, vocab, context, val_frac, tcfg, out_dir, overwrite, resume,
         fail(e)
     per_epoch = steps_per_epoch(text, tcfg.batch_size)
     unit = text.vocab.unit
+    done = _epochs_done(out_dir) if resume else 0  # the bar counts the steps still to run
 
     def epoch_summary(ev):
         m = ev.metrics
@@ -34,10 +36,10 @@ def train_text(path, vocab, context, val_frac, tcfg, out_dir, overwrite, resume,
 
     click.echo(f"training a {cfg.activation} language model on {path} ({text.vocab.kind}, "
                f"V = {text.vocab.size}): {len(text.train)} train / {len(text.val)} validation "
-               f"tokens, context {context}, {tcfg.epochs} epochs of {per_epoch} steps -> "
-               f"{out_dir}", err=True)
+               f"tokens, context {context}, {tcfg.epochs} epochs of {per_epoch} steps"
+               f"{f' (resuming after epoch {done})' if done else ''} -> {out_dir}", err=True)
     try:
-        with progress_bar(tcfg.epochs * per_epoch, "train", epoch_summary,
+        with progress_bar(max(tcfg.epochs - done, 0) * per_epoch, "train", epoch_summary,
                           tokens_per_step=tcfg.batch_size * context) as on_event:
             metrics = train_lm(cfg, tcfg, text, out_dir, progress=on_event,
                                sdn_weights=sdn_weights, overwrite=overwrite, resume=resume)
@@ -55,6 +57,15 @@ def train_text(path, vocab, context, val_frac, tcfg, out_dir, overwrite, resume,
     click.echo(f"energy / token    {m['energy_per_token_pj']:.1f} pJ (ANN baseline "
                f"{m['energy_ann_per_token_pj']:.1f} pJ)")
     click.echo(f"throughput        {m['tokens_per_second']:.0f} tokens/s (training)")
+
+def _epochs_done(out_dir):
+    """Epochs in ``out_dir``'s checkpoint (0 if there is none or it cannot be read: train_lm
+    then says why it cannot resume)."""
+    try:
+        return load_checkpoint(os.path.join(out_dir, "checkpoint.h5")).epoch
+    except (OSError, ValueError, KeyError, FileFormatError):
+        return 0
+
 
 def text_options(f):
     """The ``--text`` options of ``refimpl train``."""

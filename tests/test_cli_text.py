@@ -1,12 +1,15 @@
 """``refimpl train --text`` and ``refimpl generate`` (issue 14): a run on a generated text, the
 generated text, determinism, and every bad input as one line."""
 import json
+import re
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from refimpl.cli import text as text_cli
 from refimpl.cli.main import main as cli_main
+from refimpl.progress import EpochEnd
 
 WORDS = ["spike", "state", "space", "model", "neuron", "threshold"]
 SMALL = ["--context", "16", "--epochs", "1", "--d-model", "8", "--d-state", "4",
@@ -100,3 +103,34 @@ def test_generate_refuses_a_classifier_checkpoint(tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli_main, ["generate", str(out / "checkpoint.h5"), "--prompt", "a"])
     _one_line_error(r, "classifier checkpoint")
+
+
+
+class _Cut(Exception):
+    pass
+
+
+def test_resumed_text_run_counts_the_remaining_steps(text_file, tmp_path, monkeypatch):
+    """Off a terminal the bar prints ``train: done/total``: a 3-epoch run cut after epoch 1 and
+    resumed counts the steps of the 2 epochs still to run, not of the whole run."""
+    args = ["train", "--text", str(text_file), "--out", str(tmp_path / "lm")] + SMALL
+    args[args.index("--epochs") + 1] = "3"
+    real = text_cli.train_lm
+
+    def cut_after_first_epoch(*a, progress=None, **k):
+        def on_event(ev):
+            progress(ev)
+            if isinstance(ev, EpochEnd):
+                raise _Cut()
+        return real(*a, progress=on_event, **k)
+
+    monkeypatch.setattr(text_cli, "train_lm", cut_after_first_epoch)
+    first = CliRunner().invoke(cli_main, args)
+    assert isinstance(first.exception, _Cut), first.output
+    monkeypatch.undo()
+    r = CliRunner().invoke(cli_main, args + ["--resume"])
+    assert r.exit_code == 0, r.output
+    whole = int(re.search(r"train: 0/(\d+)", first.output).group(1))
+    rest = int(re.search(r"train: 0/(\d+)", r.output).group(1))
+    assert rest * 3 == whole * 2 and "resuming after epoch 1" in r.output, r.output
+    assert re.search(rf"train: {rest}/{rest} \(100 %\)", r.output), r.output
