@@ -11,6 +11,7 @@ from refimpl.table import render_table
 
 from .common import choice, progress
 from .golden import golden
+from .plot import plot, raster
 from .sdn import sdn
 from .text import generate
 from .train import evaluate, train
@@ -146,6 +147,8 @@ main.add_command(evaluate)
 main.add_command(generate)
 main.add_command(golden)
 main.add_command(sdn)
+main.add_command(plot)
+main.add_command(raster)
 
 
 if __name__ == "__main__":

@@ -104,4 +104,18 @@ step "refimpl golden show neuron (a suite name, resolved in the installed packag
 "$TMP/venv/bin/refimpl" golden show neuron > show.txt || { cat show.txt; exit 1; }
 head -n 5 show.txt
 
+step "refimpl plot without matplotlib (installed without extras): one line naming the install"
+# The plot extra is optional: the fresh environment has no matplotlib, so the command must stop
+# with exit status 1 and one line saying how to install it (not a traceback).
+"$VPY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("matplotlib") is not None)' || {
+    echo "wheel-check: matplotlib is installed in the fresh environment; the check needs it absent" >&2; exit 1; }
+rc=0
+"$TMP/venv/bin/refimpl" plot . > plot.txt 2>&1 || rc=$?
+if [ "$rc" -ne 1 ] || [ "$(wc -l < plot.txt)" -ne 1 ] || ! grep -qF "pip install 'refimpl[plot]'" plot.txt; then
+    cat plot.txt
+    echo "wheel-check: refimpl plot without matplotlib must exit 1 (got $rc) with one line naming pip install 'refimpl[plot]'" >&2
+    exit 1
+fi
+cat plot.txt
+
 step "passed in $((SECONDS - t0)) s"
