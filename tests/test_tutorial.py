@@ -70,6 +70,9 @@ def test_tutorial_has_its_five_sections():
 
 def test_train_reaches_the_stated_accuracy(tutorial):
     ns, cwd = tutorial
+    # the data as the comments and the text state it: 600 sequences of 32 steps, 80 % training
+    assert ns["x_train"].shape == (480, 32, 5) and ns["x_test"].shape == (120, 32, 5)
+    assert ns["y_train"].shape == (480,) and ns["y_test"].shape == (120,)
     history = ns["history"]
     assert len(history) == ns["tcfg"].epochs == 10
     # "the mean training loss falls, the test accuracy climbs far above chance (above 90 %
@@ -177,6 +180,11 @@ def test_golden_check_passes_then_catches_the_planted_bug(tutorial):
     invalid = [c.id for c in selected if c.result == "invalid" and "stateful" not in c.flags]
     # the prose: "REJECTED for the three invalid ones, SKIP for the two stateful ones"
     assert skip == ["0039", "0053"] and len(invalid) == 3
+    # "(a `tau` out of range, a NaN input, `theta = 0`)"
+    bad = [gold.cases[c] for c in invalid]
+    assert sorted(["tau" if not 0 <= c.config["tau"] < 1 else "nan" if "nan_input" in c.flags
+                   else "theta" if c.config["theta"] == 0 else "?" for c in bad]) == [
+        "nan", "tau", "theta"]
     # the selection holds the at_threshold cases the prose mentions
     assert any("at_threshold" in gold.cases[c].flags for c in valid)
 
@@ -196,9 +204,11 @@ def test_golden_check_passes_then_catches_the_planted_bug(tutorial):
     # all-zero input"
     zero = [c for c in valid if "all_zero" in gold.cases[c].flags]
     assert len(zero) == 1 and st[(zero[0], "-")] == "PASS"
+    assert not gold.cases[zero[0]].data["outputs/s"].any()  # "no spike, so no reset"
     for c in valid:
         if c in zero:
             continue
+        assert gold.cases[c].data["outputs/s"][..., :-1].any()  # a spike followed by a step
         got = {t for (case, t), status in st.items() if case == c and status == "MISMATCH"}
         assert got == {"outputs/s", "outputs/h", "outputs/u", "grads/x"}, (c, got)
     assert {c: st[(c, "-")] for c in invalid + skip} == {
