@@ -22,6 +22,7 @@ from refimpl.golden.model import _model_buffers, _model_config
 from refimpl.model import model_bwd, model_fwd, lm_loss
 
 from gradcheck import directional_fd
+from test_golden import candidate_cases  # a candidate with the golden outputs and grads
 
 COMMITTED = G.DEFAULT_DIR
 
@@ -40,20 +41,6 @@ def verify(tmp_path, cases):
     G.write_file(path, "lm_step", list(cases.values()), overwrite=True,
                  schema=G.CANDIDATE_SCHEMA)
     return G.verify([path])["files"][0]
-
-
-def golden_candidate(gf):
-    """A candidate with the golden outputs and grads (errors for the invalid cases)."""
-    cases = {}
-    for cid, g in gf.cases.items():
-        c = G.Case(id=cid)
-        if g.result == "invalid":
-            c.extra["error"] = "rejected"
-        else:
-            c.data = {p: np.array(v, copy=True) for p, v in g.data.items()
-                      if p.startswith(("outputs/", "grads/"))}
-        cases[cid] = c
-    return cases
 
 
 def failing(report):
@@ -123,7 +110,7 @@ def test_stored_loss_is_the_next_token_cross_entropy_of_the_stored_logits(lm_gol
 def test_independent_candidate_from_the_schema_formulas_passes(tmp_path, lm_golden):
     """Loss from the logits and parameters from the gradients, by the formulas above: within
     every stored bound (the bounds accept an implementation that is not refimpl's)."""
-    cases = golden_candidate(lm_golden)
+    cases = candidate_cases(lm_golden)
     for c in valid(lm_golden):
         cand = cases[c.id].data
         cand["outputs/loss"] = np.asarray(next_token_ce(c.data["outputs/logits"],
@@ -200,7 +187,7 @@ def _wrapped(logits, x):
 @pytest.mark.parametrize("bug", ["current_token", "last_position_counted", "tied_grad_dropped"])
 def test_language_model_bugs_fail_verify(tmp_path, lm_golden, bug):
     case = next(c for c in valid(lm_golden) if c.config["tie_embedding"])
-    cases = golden_candidate(lm_golden)
+    cases = candidate_cases(lm_golden)
     if bug == "tied_grad_dropped":
         loss, grads = _recomputed(case, untie=True)
         grads = {"embedding.E": grads["embedding.E"]}

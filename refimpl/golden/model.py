@@ -192,6 +192,13 @@ register(
 ADAMW = dict(lr=1e-2, weight_decay=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
 
 
+def _draw_x(rng, cfg, B, L):
+    """A model's input: int64 tokens ``(B, L)`` when ``cfg.vocab``, else N(0, 1) features."""
+    if cfg.vocab:
+        return rng.integers(0, cfg.vocab, size=(B, L)).astype(np.int64)
+    return rng.normal(size=(B, L, cfg.d_input))
+
+
 def _step_case(rng, comment, flags=(), B=3, L=16, clip_norm=0.0, result="valid", edit=None,
                attrs_edit=None, **kw):
     """One training-step case (``model_step``, ``lm_step``): the model ``ModelConfig(**kw)``
@@ -209,11 +216,7 @@ def _step_case(rng, comment, flags=(), B=3, L=16, clip_norm=0.0, result="valid",
         for k, v in sdn_w.items():
             p["sdn." + k] = v
             meta["params/sdn." + k] = {"trainable": False}
-    if cfg.vocab:
-        x = rng.integers(0, cfg.vocab, size=(B, L)).astype(np.int64)
-    else:
-        x = rng.normal(size=(B, L, cfg.d_input))
-    inputs = {"x": x}
+    inputs = {"x": _draw_x(rng, cfg, B, L)}
     if cfg.head != "lm":
         inputs["labels"] = rng.integers(0, cfg.n_classes, size=B).astype(np.int64)
     if edit:
@@ -416,11 +419,7 @@ def _stream_specs(rngs, size):
             else:
                 p[k] = v
             meta["params/" + k] = {"trainable": False}
-        if cfg.vocab:
-            x = rng.integers(0, cfg.vocab, size=(B, L)).astype(np.int64)
-        else:
-            x = rng.normal(size=(B, L, cfg.d_input))
-        inputs = {"x": x}
+        inputs = {"x": _draw_x(rng, cfg, B, L)}
         if edit:
             edit(inputs, p)
         attrs = _model_attrs(cfg)
