@@ -318,17 +318,12 @@ def _model_meta(case):
     return meta
 
 
-register(
-    name="model_step",
-    math="cross-entropy loss, its gradient, one AdamW step",
-    specs=_model_specs,
-    fwd=_model_fwd,
-    bwd=_model_bwd,
-    differentiable=("loss",),
-    cotangents=_model_cotangents,
-    depth=_model_depth,
-    meta=_model_meta,
-)
+#: What the training-step suites (``model_step``, ``lm_step``) share: one step of a whole model.
+_STEP = dict(fwd=_model_fwd, bwd=_model_bwd, differentiable=("loss",),
+             cotangents=_model_cotangents, depth=_model_depth, meta=_model_meta)
+
+register(name="model_step", math="cross-entropy loss, its gradient, one AdamW step",
+         specs=_model_specs, **_STEP)
 
 
 # ---- lm_step: one training step of a language model (DESIGN.md 11) ---------------------------
@@ -372,18 +367,10 @@ def _lm_specs(rngs, size):
     return out
 
 
-register(
-    name="lm_step",
-    math="next-token cross-entropy of a causal language model (mean over positions 0 .. L-2), "
-         "its gradient, one AdamW step",
-    specs=_lm_specs,
-    fwd=_model_fwd,
-    bwd=_model_bwd,
-    differentiable=("loss",),
-    cotangents=_model_cotangents,
-    depth=_model_depth,
-    meta=_model_meta,
-)
+register(name="lm_step",
+         math="next-token cross-entropy of a causal language model (mean over positions "
+              "0 .. L-2), its gradient, one AdamW step",
+         specs=_lm_specs, **_STEP)
 
 
 # ---- model_stream: a small model run in chunks (DESIGN.md 10) ---------------------------------
