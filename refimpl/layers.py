@@ -412,7 +412,11 @@ def glu_bwd(cache, dz):
     return np.ascontiguousarray(ds), dW, db
 
 
-def ternary(v, axis=None, ratio=0.15):
+#: The GSU quantiser's ratio (DESIGN.md section 7): ``Ter(v)`` keeps ``|v| >= 0.15 max|v|``.
+TERNARY_RATIO = 0.15
+
+
+def ternary(v, axis=None, ratio=TERNARY_RATIO):
     """``Ter(v) = sign(v) 1[|v| >= ratio max|v|]`` with the max over ``axis`` (None: all).
 
     Binary S4D's GSU quantiser **[choice]** (DESIGN.md section 7): per token over channels for

@@ -32,6 +32,7 @@ import numpy as np
 from . import model as M
 from .activations import ACTIVATIONS
 from .atomic import atomic_path, check_destination
+from .layers import TERNARY_RATIO
 
 #: Output formats by file extension.
 FORMATS = {".png": "png", ".svg": "svg"}
@@ -41,9 +42,6 @@ INSTALL_HINT = "pip install 'refimpl[plot]'"
 #: Most membrane traces drawn per layer.
 MAX_TRACES = 4
 
-#: ``Ter(v) = sign(v) 1[|v| >= ratio max|v|]``: the ratio of refimpl.layers.ternary's default,
-#: which the GSU uses (DESIGN.md section 7).
-GSU_RATIO = 0.15
 
 #: The families whose record holds spikes (``s``) or the GSU's ternary activations (``Tx``).
 RASTER_FAMILIES = tuple(k for k, names in M.RECORD_NAMES.items()
@@ -463,10 +461,10 @@ def raster_figure(cfg, record, layer=None, title=None, rates=None):
                 ax.plot([-0.5], [c], marker=">", color=color, markersize=5, clip_on=False,
                         linestyle="none")  # which raster rows are traced below
             if gsu:
-                thr = GSU_RATIO * np.max(np.abs(value), axis=0)  # (L,) per time step
+                thr = TERNARY_RATIO * np.max(np.abs(value), axis=0)  # (L,) per time step
                 axm.plot(t_all, thr, color="0.2", linestyle="--", linewidth=1,
                          drawstyle="steps-mid", gid=f"threshold.{i}",
-                         label=f"threshold +-{GSU_RATIO} max|v| (over channels)")
+                         label=f"threshold +-{TERNARY_RATIO} max|v| (over channels)")
                 axm.plot(t_all, -thr, color="0.2", linestyle="--", linewidth=1,
                          drawstyle="steps-mid", gid=f"threshold.{i}.neg")
             else:

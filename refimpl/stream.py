@@ -417,9 +417,9 @@ def _spike_names(rec):
 
 def _margin(cfg, rec, name):
     """``|value - threshold|`` of what decided the spikes ``name`` in a parallel record."""
-    if name == "Tx":  # GSU: Ter(v) keeps |v| >= 0.15 max|v| over channels per token
+    if name == "Tx":  # GSU: Ter(v) keeps |v| >= Ly.TERNARY_RATIO max|v| over channels per token
         v = np.abs(rec["v"])
-        return np.abs(v - 0.15 * v.max(axis=1, keepdims=True))
+        return np.abs(v - Ly.TERNARY_RATIO * v.max(axis=1, keepdims=True))
     theta = cfg.neuron_config().theta
     value = rec["h"] if "h" in rec else rec["m+x"]
     return np.abs(value - theta)

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from ..layers import glu_bwd, glu_fwd, gsu_bwd, gsu_fwd
+from ..layers import TERNARY_RATIO, glu_bwd, glu_fwd, gsu_bwd, gsu_fwd
 from .registry import Spec, dyadic, register
 
 
@@ -88,8 +88,8 @@ def _gsu_specs(rngs, size):
         inputs, params = {"x": x}, {"W": W, "b": b, "c": c}
         if edit:
             edit(inputs, params)
-        out.append(Spec(comment, list(flags), {"H": H, "ternary_ratio": 0.15}, inputs, params,
-                        result, exact))
+        out.append(Spec(comment, list(flags), {"H": H, "ternary_ratio": TERNARY_RATIO}, inputs,
+                        params, result, exact))
 
     add("z = (Ter(x) W + b) * (x Ter(W) + c)", ["default"], L=16 * big)
     add("b = c = 0 (their initial values)", bc=False, L=16 * big)

@@ -378,8 +378,6 @@ register(name="lm_step",
 #: Layers of a model_stream case (every case has 2), and the spike outputs they may record.
 _STREAM_LAYERS = 2
 _STREAM_SPIKES = tuple(f"layers.{i}.{k}" for i in range(_STREAM_LAYERS) for k in ("s", "Tx"))
-#: GSU ternarisation: Ter(v) keeps |v| >= GSU_T max_h |v| per token (DESIGN.md 7).
-GSU_T = 0.15
 
 
 def _stream_specs(rngs, size):
@@ -479,7 +477,7 @@ def _stream_fwd(case):
         if "Tx" in rec:
             spikes[pre + "Tx"] = rec["Tx"]
             a = np.abs(rec["v"])  # (B, H, L)
-            membranes[pre + "|v|"] = (a, GSU_T * a.max(axis=1, keepdims=True))
+            membranes[pre + "|v|"] = (a, Ly.TERNARY_RATIO * a.max(axis=1, keepdims=True))
         elif "s" in rec:
             spikes[pre + "s"] = rec["s"]
             m = "h" if "h" in rec else "m+x"
