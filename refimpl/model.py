@@ -113,6 +113,11 @@ class ModelConfig:
             raise ValueError("tie_embedding applies to head='lm' only (a classifier's decoder "
                              "maps to classes, not tokens)")
         check_real("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_real("dt_min", self.dt_min, 0.0, lo_open=True)
+        check_real("dt_max", self.dt_max, 0.0, lo_open=True)
+        if self.dt_min > self.dt_max:  # s4d_init would refuse it later, at init_model
+            raise ValueError(f"dt_min must be <= dt_max, got dt_min={self.dt_min}, "
+                             f"dt_max={self.dt_max}")
         if self.d_state % 2:
             raise ValueError("d_state must be even (d_state // 2 complex modes), "
                              f"got {self.d_state}")

@@ -192,6 +192,17 @@ def test_unknown_activation():
         M.ModelConfig(n_classes=2, activation="relu")
 
 
+@pytest.mark.parametrize("dt, match", [
+    ({"dt_min": 0.2, "dt_max": 0.1}, r"dt_min must be <= dt_max, got dt_min=0.2, dt_max=0.1"),
+    ({"dt_min": 0.0}, r"dt_min must be in \(0.0, inf\]"),
+    ({"dt_max": float("nan")}, r"dt_max must be finite"),
+])
+def test_dt_range_is_checked_by_the_config(dt, match):
+    """At construction, not at init_model (the config is what a run records and resumes)."""
+    with pytest.raises(ValueError, match=match):
+        M.ModelConfig(n_classes=2, **dt)
+
+
 def test_labels_out_of_range():
     cfg, p, buf, x, y = small_model(activation="gelu")
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got range \[0, 3\]"):
