@@ -49,8 +49,7 @@ import numpy as np
 
 from . import layers as Ly
 from .activations import ACTIVATIONS
-from .model import block_fwd, block_stream, check_inputs, embed_fwd, lm_decode, stream_record
-from .neurons import threshold_scale_fwd
+from .model import block_fwd, block_stream, check_inputs, embed_fwd, layer_record, lm_decode
 from .precision import require_reference
 from .s4d import LAYER_PARAMS, s4d_step_coeffs
 
@@ -274,9 +273,7 @@ class ModelStream:
         for i in range(cfg.n_layers):
             h_in = h
             h, c, _ = block_fwd(cfg, p, buf, i, h, False, None, new_buf={})
-            diag = self.family.diagnostics(c.act, c.mix)
-            v = c.y if c.ln_vth is None else threshold_scale_fwd(c.y, c.ln_vth)
-            rec = {**stream_record(c.y, v, diag, h), "norm_gain": _norm_gain(cfg, c, h_in, h)}
+            rec = {**layer_record(cfg, c, h), "norm_gain": _norm_gain(cfg, c, h_in, h)}
             recs.append(rec)
         if cfg.head == "lm":
             logits = lm_decode(cfg, p, h)  # (B, L, V): model_fwd's logits exactly

@@ -262,14 +262,13 @@ def _model_fwd(case):
     buf = _model_buffers(cfg, params)
     p = {k: v for k, v in params.items() if not k.startswith("sdn.")}
     x = case.data["inputs/x"]
+    if cfg.head == "lm" and (x.ndim != 2 or x.shape[1] < 2):
+        raise ValueError(f"x must be int64 tokens (B, L) with L >= 2 for next-token "
+                         f"prediction, got shape {x.shape}")
+    logits, cache, _, _ = model_fwd(cfg, p, buf, x, training=True)
     if cfg.head == "lm":
-        if x.ndim != 2 or x.shape[1] < 2:
-            raise ValueError(f"x must be int64 tokens (B, L) with L >= 2 for next-token "
-                             f"prediction, got shape {x.shape}")
-        logits, cache, _, _ = model_fwd(cfg, p, buf, x, training=True)
         loss, dlogits = lm_loss(logits, x)
     else:
-        logits, cache, _, _ = model_fwd(cfg, p, buf, x, training=True)
         loss, ce = Ly.cross_entropy_fwd(logits, case.data["inputs/labels"])
         (dlogits,) = Ly.cross_entropy_bwd(ce)
     grads = model_bwd(cfg, p, cache, dlogits)
