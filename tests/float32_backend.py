@@ -21,7 +21,17 @@ writes the candidate file for the committed golden file. ``BUGS`` lists the plan
 ``VARIANTS`` correct alternative implementations (passed as ``bug``); the
 special bug ``"rel_error_1e-3"`` multiplies the dataset named by ``target`` (``"outputs/y"``,
 ``"grads/x"``, ...) by ``1 + 1e-3``.
+
+Implementation switches (issue 21; used by ``tests/half_backend.py``): :func:`impl` sets, for
+the calls made inside it, another correct implementation — ``conv="direct"`` (time-domain
+convolution, a sequential sum over the lags, instead of the FFT), ``chunks=(5, 1, 10, ...)``
+(the neuron and the causal S4D forward run chunk by chunk, carrying their state), ``order=rng``
+(a random permutation of the summation order of every contraction and reduction), ``ulp=rng``
+(every inexact intermediate result moved by -1, 0 or +1 ulp at random, as another rounding
+order would), ``dtype=np.float64`` (the same code in float64 / complex128). Outside
+:func:`impl` the backend is the float32 one described above.
 """
+import contextlib
 import math
 
 import h5py
@@ -52,13 +62,26 @@ BUGS = {
     "ssm_end_state_power_off_by_one": ("s4d_layer", "outputs/x_re"),
     "stream_state_reset_per_chunk": ("model_stream", "outputs/logits"),
     "stream_ssm_end_state_off_by_one": ("model_stream", "outputs/state/layers.0.ssm.x_re"),
+    # issue 21: structural, discrete and scale bugs a 16-bit port makes
+    "fft_circular": ("fftconv", "outputs/y"),
+    "kernel_power_off_by_one": ("s4d_kernel", "outputs/K"),
+    "soft_reset_1001": ("neuron", "outputs/u"),
+    "glu_output_x1001": ("glu", "outputs/z"),
+    "grad_x1001": ("neuron", "grads/x"),
+    "gsu_ternary_global": ("gsu", "outputs/z"),
+    "gsu_bc_swapped": ("gsu", "outputs/z"),
+    "layernorm_unbiased": ("block", "outputs/y"),
 }
+#: garbage, not bugs (tests/test_golden_garbage.py): the block's internal spikes inverted or
+#: made non-binary before the mixing
+GARBAGE_SPIKES = {"spikes_inverted": lambda s: (F32(1) - s).astype(F32),
+                  "spikes_half": lambda s: (F32(0.5) * s).astype(F32)}
 REL_ERROR = "rel_error_1e-3"
 #: correct alternatives (not bugs), passed like a bug: ``naive_expm1`` computes the ZOH
 #: ``exp(dt A) - 1`` by subtraction and differentiates ``(exp(w) - 1) / w`` in closed form
 #: everywhere (what autograd of DESIGN.md's formula as written does)
 VARIANTS = ("naive_expm1",)
-SUITES = ("s4d_kernel", "fftconv", "s4d_layer", "neuron", "pmbc", "glu", "sdn", "block",
+SUITES = ("s4d_kernel", "fftconv", "s4d_layer", "neuron", "pmbc", "glu", "gsu", "sdn", "block",
           "model_stream")
 
 
@@ -70,11 +93,118 @@ def f32(a):
     return np.asarray(a, dtype=F32)
 
 
+# ============================================================================================
+# Implementation switches (see the module docstring); module state, set only through impl()
+# ============================================================================================
+
+IMPL = dict(conv="fft", chunks=None, order=None, ulp=None)
+
+
+@contextlib.contextmanager
+def impl(conv="fft", chunks=None, order=None, ulp=None, dtype=np.float32):
+    """Compute with another correct implementation inside the ``with`` block (not thread-safe:
+    module state, restored on exit)."""
+    global F32, C64
+    saved = dict(IMPL), F32, C64
+    IMPL.update(conv=conv, chunks=tuple(chunks) if chunks else None, order=order, ulp=ulp)
+    F32 = np.dtype(dtype).type
+    C64 = np.result_type(F32, np.complex64).type
+    try:
+        yield
+    finally:
+        IMPL.clear()
+        IMPL.update(saved[0])
+        F32, C64 = saved[1], saved[2]
+
+
+def _jit(a, exact=None):
+    """``a`` with every element moved by -1, 0 or +1 ulp at random when ``IMPL["ulp"]`` is set
+    (real and imaginary parts independently). Exact zeros stay, and so does every element equal
+    to ``exact`` (the same quantity computed in float64, when given): rounding never moves an
+    exactly representable result."""
+    rng = IMPL["ulp"]
+    if rng is None:
+        return a
+    a = np.asarray(a)
+    if a.dtype.kind == "c":
+        ex = None if exact is None else np.asarray(exact)
+        return _cplx(_jit(a.real, None if ex is None else ex.real),
+                     _jit(a.imag, None if ex is None else ex.imag)).astype(a.dtype)
+    if a.dtype.kind != "f":
+        return a
+    step = rng.integers(-1, 2, size=a.shape)
+    move = (step != 0) & (a != 0) & np.isfinite(a)
+    if exact is not None:
+        move &= a != np.asarray(exact)
+    out = np.where(move, np.nextafter(a, np.where(step > 0, np.inf, -np.inf).astype(a.dtype)), a)
+    return out.astype(a.dtype)
+
+
+def _axes_of(spec, ndim):
+    """``{letter: axis}`` of one einsum operand ``spec`` (with an optional leading ``...``)."""
+    if spec.startswith("..."):
+        tail = spec[3:]
+        return {c: ndim - len(tail) + i for i, c in enumerate(tail)}
+    return {c: i for i, c in enumerate(spec)}
+
+
+def _einsum(spec, *ops):
+    """``np.einsum``; under ``IMPL["order"]`` every contracted index is first permuted at
+    random (the same permutation in every operand): another summation order."""
+    rng = IMPL["order"]
+    if rng is None:
+        return np.einsum(spec, *ops)
+    ins, out = spec.split("->")
+    ins = ins.split(",")
+    ops = [np.asarray(o) for o in ops]
+    axes = [_axes_of(sp, o.ndim) for sp, o in zip(ins, ops)]
+    for c in sorted(set("".join(ins).replace(".", "")) - set(out)):
+        n = next(o.shape[ax[c]] for o, ax in zip(ops, axes) if c in ax)
+        perm = rng.permutation(n)
+        ops = [np.take(o, perm, axis=ax[c]) if c in ax else o for o, ax in zip(ops, axes)]
+    return np.einsum(spec, *ops)
+
+
+def _mm(a, b):
+    """``a @ b``; under ``IMPL["order"]`` the contracted index permuted at random."""
+    rng = IMPL["order"]
+    if rng is None:
+        return a @ b
+    perm = rng.permutation(a.shape[-1])
+    return a[..., perm] @ (b[perm] if b.ndim == 1 else b[..., perm, :])
+
+
+def _sum(a, axis=None, keepdims=False):
+    """``a.sum(axis)``; under ``IMPL["order"]`` the summed elements in a random order."""
+    rng = IMPL["order"]
+    a = np.asarray(a)
+    if rng is None:
+        return a.sum(axis=axis, keepdims=keepdims)
+    axis = tuple(range(a.ndim)) if axis is None else (axis,) if np.isscalar(axis) else axis
+    axis = tuple(x % a.ndim for x in axis)
+    keep = [i for i in range(a.ndim) if i not in axis]
+    m = np.transpose(a, keep + list(axis))
+    m = m.reshape([a.shape[i] for i in keep] + [-1])
+    res = m[..., rng.permutation(m.shape[-1])].sum(-1)
+    if keepdims:
+        res = np.expand_dims(res, axis)
+    return res
+
+
+def _mean(a, axis, keepdims=False):
+    if IMPL["order"] is None:
+        return np.asarray(a).mean(axis=axis, keepdims=keepdims)
+    n = np.prod([np.shape(a)[x] for x in ((axis,) if np.isscalar(axis) else axis)])
+    return (_sum(a, axis, keepdims) / F32(n)).astype(np.asarray(a).dtype)
+
+
 class Case:
     """One golden case read as float32: ``attrs`` (floats as float32), ``inputs``, ``params``,
-    ``cot`` (cotangents) and ``grad_names`` (the grads the golden case holds)."""
+    ``cot`` (cotangents) and ``grad_names`` (the grads the golden case holds). ``read``: how a
+    float dataset (float64 array) is read (default: rounded to the compute type)."""
 
-    def __init__(self, gcase):
+    def __init__(self, gcase, read=None):
+        read = f32 if read is None else read
         self.attrs = {}
         for k, v in gcase.attrs.items():
             if isinstance(v, (float, np.floating)):
@@ -87,7 +217,7 @@ class Case:
                 v = bool(v)
             self.attrs[k] = v
         def get(g):  # integer datasets (the refractory counter count0) stay int64
-            return ({n: (f32(v) if v.dtype.kind == "f" else np.asarray(v, np.int64))
+            return ({n: (read(v) if v.dtype.kind == "f" else np.asarray(v, np.int64))
                      for n, v in ((n, gcase[g][n][()]) for n in gcase[g])} if g in gcase else {})
 
         self.inputs, self.params, self.cot = get("inputs"), get("params"), get("cotangents")
@@ -162,12 +292,15 @@ def _discretize(log_dt, lar, aim, B, disc, naive=False):
                  dB_B=dt / q, logdA=np.log(dA))
     else:
         raise Reject(f"unknown disc {disc!r}")
-    return dt, A, dA.astype(C64), dB.astype(C64), d
+    return dt, A, _jit(dA.astype(C64)), _jit(dB.astype(C64)), d
 
 
-def _powers(logdA, L):
+def _powers(logdA, L, bug=None):
     """``dA^l`` for l = 0..L-1 as ``exp(l log dA)``, (H, N2, L) complex64."""
-    return np.exp(logdA[:, :, None] * np.arange(L, dtype=F32)).astype(C64)
+    P = np.exp(logdA[:, :, None] * np.arange(L, dtype=F32)).astype(C64)
+    if bug == "kernel_power_off_by_one":  # dA^(l+1): the kernel one step late
+        P = (P * np.exp(logdA)[:, :, None]).astype(C64)
+    return _jit(P)
 
 
 def kernel_fwd_bwd(p, L, disc, dK=None, bug=None):
@@ -184,32 +317,32 @@ def kernel_fwd_bwd(p, L, disc, dK=None, bug=None):
     Bm = _cplx(p["B_re"], p["B_im"]) if "B_re" in p else np.ones(p["A_imag"].shape, C64)
     dt, A, dA, dB, d = _discretize(p["log_dt"], p["log_A_real"], p["A_imag"], Bm, disc,
                                    naive=bug == "naive_expm1")
-    P = _powers(d["logdA"], L)  # (H, N2, L)
-    W = Cm * dB  # (..., H, N2)
-    K = (F32(2) * np.einsum("...hn,hnl->...hl", W, P).real).astype(F32)
+    P = _powers(d["logdA"], L, bug)  # (H, N2, L)
+    W = _jit(Cm * dB)  # (..., H, N2)
+    K = _jit((F32(2) * _einsum("...hn,hnl->...hl", W, P).real).astype(F32))
     if dK is None:
         return K, None
     G = dK.astype(C64)  # (..., H, L)
-    S0 = np.einsum("...hl,hnl->...hn", G, P)  # sum_l G_l dA^l
+    S0 = _jit(_einsum("...hl,hnl->...hn", G, P))  # sum_l G_l dA^l
     lG = G[..., 1:] * np.arange(1, L, dtype=F32)
-    S1 = np.einsum("...hl,hnl->...hn", lG, P[:, :, :L - 1])  # sum_l l G_l dA^(l-1)
+    S1 = _jit(_einsum("...hl,hnl->...hn", lG, P[:, :, :L - 1]))  # sum_l l G_l dA^(l-1)
     cC = dB * S0
     cdB = Cm * S0
     cdA = W * S1
     if bidir:
-        cdB, cdA = cdB.sum(0), cdA.sum(0)
+        cdB, cdA = _sum(cdB, 0), _sum(cdA, 0)
     grads = {}
     grads["C_re"], grads["C_im"] = _re2(cC)
     if bug == "missing_conj":  # d/d C_im taken from conj-less c: sign of the imaginary part
         grads["C_im"] = -grads["C_im"]
     c_dt = cdA * d["dA_dt"] + cdB * d["dB_dt"]
     c_A = cdA * d["dA_A"] + cdB * d["dB_A"]
-    grads["log_dt"] = (F32(2) * c_dt.real.sum(-1) * dt[:, 0]).astype(F32)
+    grads["log_dt"] = (F32(2) * _sum(c_dt.real, -1) * dt[:, 0]).astype(F32)
     gre, grads["A_imag"] = _re2(c_A)
     grads["log_A_real"] = (-gre * np.exp(p["log_A_real"])).astype(F32)
     if "B_re" in p:
         grads["B_re"], grads["B_im"] = _re2(cdB * d["dB_B"])
-    return K, grads
+    return K, {k: _jit(v) for k, v in grads.items()}
 
 
 def s4d_kernel(case, bug=None):
@@ -230,27 +363,66 @@ def conv_fwd_bwd(u, K, D, dy=None, bug=None):
         raise Reject(f"K must have shape (..., {H}, {L}), got {K.shape}")
     if D.shape != (H,):
         raise Reject(f"D must have shape ({H},), got {D.shape}")
-    n = 2 * L
+    if IMPL["conv"] == "direct" and bug != "fft_circular":
+        return _direct_conv_fwd_bwd(u, K, D, dy, bug)
+    n = L if bug == "fft_circular" else 2 * L  # circular: the FFT of length L wraps around
     k = np.zeros((H, n), F32)
     bidir = K.ndim == 3
     k[:, :L] = K[0] if bidir else K
-    if bidir:  # anticausal half: k[n - 1 - j] = K1[j]
+    if bidir and n == L:
+        k[:, 1:] += K[1][:, :L - 1][:, ::-1]
+    elif bidir:  # anticausal half: k[n - 1 - j] = K1[j]
         k[:, n - L:] = K[1] if bug == "anticausal_not_reversed" else K[1][:, ::-1]
     kf, uf = np.fft.rfft(k, n), np.fft.rfft(u, n)
-    y = (np.fft.irfft(uf * kf, n)[..., :L] + D[:, None] * u).astype(F32)
+    y = _jit((np.fft.irfft(uf * kf, n)[..., :L] + D[:, None] * u).astype(F32))
     if dy is None:
         return y, None
     dyf = np.fft.rfft(dy, n)
     du = np.fft.irfft(dyf * np.conj(kf), n)[..., :L]
     if bug != "no_D_in_backward":
         du = du + D[:, None] * dy
-    dk = np.fft.irfft((dyf * np.conj(uf)).sum(0), n)
-    if bidir:
+    dk = np.fft.irfft(_sum(dyf * np.conj(uf), 0), n)
+    if bidir and n == L:
+        dK = np.stack([dk[:, :L], np.concatenate([dk[:, 1:][:, ::-1], dk[:, :1]], -1)])
+    elif bidir:
         dK = np.stack([dk[:, :L], dk[:, n - L:][:, ::-1]])
     else:
         dK = dk[:, :L]
-    dD = (dy * u).sum(axis=(0, 2))
-    return y, {"u": du.astype(F32), "K": dK.astype(F32), "D": dD.astype(F32)}
+    dD = _sum(dy * u, (0, 2))
+    return y, {"u": _jit(du.astype(F32)), "K": _jit(dK.astype(F32)), "D": _jit(dD.astype(F32))}
+
+
+def _direct_conv_fwd_bwd(u, K, D, dy=None, bug=None):
+    """:func:`conv_fwd_bwd` in the time domain: a sequential sum over the lags (in a random
+    order under ``IMPL["order"]``), float32 accumulators."""
+    Bsz, H, L = u.shape
+    bidir = K.ndim == 3
+    K0, K1 = (K[0], K[1]) if bidir else (K, None)
+    if bidir and bug == "anticausal_not_reversed":  # the FFT bug, in the time domain
+        K1 = K1[:, ::-1]
+    rng = IMPL["order"]
+    lags = rng.permutation(L) if rng is not None else np.arange(L)
+    y = np.zeros_like(u)
+    for j in lags:  # y[t] += K0[j] u[t - j]; y[t] += K1[j] u[t + 1 + j]
+        y[..., j:] += K0[:, j, None] * u[..., :L - j]
+        if bidir and j < L - 1:
+            y[..., :L - 1 - j] += K1[:, j, None] * u[..., 1 + j:]
+    y = _jit((y + D[:, None] * u).astype(F32))
+    if dy is None:
+        return y, None
+    du = np.zeros_like(u)
+    dK0, dK1 = np.zeros((H, L), F32), np.zeros((H, L), F32)
+    for j in lags:
+        du[..., :L - j] += K0[:, j, None] * dy[..., j:]
+        dK0[:, j] = _sum(dy[..., j:] * u[..., :L - j], (0, 2))
+        if bidir and j < L - 1:
+            du[..., 1 + j:] += K1[:, j, None] * dy[..., :L - 1 - j]
+            dK1[:, j] = _sum(dy[..., :L - 1 - j] * u[..., 1 + j:], (0, 2))
+    if bug != "no_D_in_backward":
+        du = du + D[:, None] * dy
+    dK = np.stack([dK0, dK1]) if bidir else dK0
+    dD = _sum(dy * u, (0, 2))
+    return y, {"u": _jit(du.astype(F32)), "K": _jit(dK.astype(F32)), "D": _jit(dD.astype(F32))}
 
 
 def fftconv(case, bug=None):
@@ -270,9 +442,9 @@ def s4d_state_terms(p, x0, L, disc, bug=None):
     _, _, _, _, d = _discretize(p["log_dt"], p["log_A_real"], p["A_imag"], Bm, disc)
     P = _powers(d["logdA"], L + 1)  # (H, N2, L + 1): dA^0 .. dA^L
     Cm = _cplx(p["C_re"], p["C_im"])  # (H, N2)
-    y = (F32(2) * np.einsum("hn,hnl,bhn->bhl", Cm, P[:, :, 1:], x0).real).astype(F32)
+    y = (F32(2) * _einsum("hn,hnl,bhn->bhl", Cm, P[:, :, 1:], x0).real).astype(F32)
     Lx = L - 1 if bug == "ssm_end_state_power_off_by_one" else L
-    return y, (P[None, :, :, Lx] * x0).astype(C64)
+    return _jit(y), _jit((P[None, :, :, Lx] * x0).astype(C64))
 
 
 def s4d_end_state(p, u, disc):
@@ -281,7 +453,46 @@ def s4d_end_state(p, u, disc):
     _, _, _, dB, d = _discretize(p["log_dt"], p["log_A_real"], p["A_imag"], Bm, disc)
     T = u.shape[-1]
     P = _powers(d["logdA"], T)[:, :, ::-1]  # (H, N2, T): dA^(T-1-s)
-    return (dB[None] * np.einsum("bhs,hns->bhn", u.astype(C64), P)).astype(C64)
+    return _jit((dB[None] * _einsum("bhs,hns->bhn", u.astype(C64), P)).astype(C64))
+
+
+def _chunk_sizes_of(chunks, L):
+    """Chunk lengths summing to ``L``: ``chunks`` cycled, the last one cut."""
+    sizes = []
+    while sum(sizes) < L:
+        sizes.append(min(chunks[len(sizes) % len(chunks)], L - sum(sizes)))
+    return sizes
+
+
+def _chunk_sizes(L):
+    return _chunk_sizes_of(IMPL["chunks"], L)
+
+
+def s4d_forward(ssm, D, u, disc, x0=None, bug=None):
+    """The S4D layer's ``y`` (B, H, L) from the modes ``x0`` (None: zero) and its end modes
+    (None for a whole-sequence layer without ``x0``): the FFT over the whole sequence plus the
+    state's terms, or, under ``IMPL["chunks"]`` and causal, chunk by chunk, each from the
+    previous chunk's end state."""
+    L = u.shape[-1]
+    if IMPL["chunks"] and ssm["C_re"].ndim == 2:
+        x = np.zeros(u.shape[:2] + ssm["A_imag"].shape[-1:], C64) if x0 is None else x0
+        ys, t = [], 0
+        for T in _chunk_sizes(L):
+            Kc, _ = kernel_fwd_bwd(ssm, T, disc, bug=bug)
+            yc, _ = conv_fwd_bwd(u[..., t:t + T], Kc, D, None, bug)
+            sy, sx = s4d_state_terms(ssm, x, T, disc, bug)
+            ys.append(yc if bug == "ssm_state_ignored" else (yc + sy).astype(F32))
+            x = (s4d_end_state(ssm, u[..., t:t + T], disc) + sx).astype(C64)
+            t += T
+        return np.concatenate(ys, axis=-1), x
+    K, _ = kernel_fwd_bwd(ssm, L, disc, bug=bug)
+    y, _ = conv_fwd_bwd(u, K, D, None, bug)
+    if x0 is None:
+        return y, None
+    ys, xs = s4d_state_terms(ssm, x0, L, disc, bug)
+    if bug != "ssm_state_ignored":
+        y = (y + ys).astype(F32)
+    return y, (s4d_end_state(ssm, u, disc) + xs).astype(C64)
 
 
 def s4d_layer(case, bug=None):
@@ -298,13 +509,11 @@ def s4d_layer(case, bug=None):
         _finite(x0_re=case.inputs["x0_re"], x0_im=case.inputs["x0_im"])
         if p["C_re"].ndim == 3:
             raise Reject("a bidirectional layer has no streaming state")
-        y, _ = conv_fwd_bwd(u, K, p["D"], None, bug)
-        ys, xs = s4d_state_terms(ssm, x0, L, a["disc"], bug)
-        if bug != "ssm_state_ignored":
-            y = (y + ys).astype(F32)
-        x_end = s4d_end_state(ssm, u, a["disc"]) + xs
+        y, x_end = s4d_forward(ssm, p["D"], u, a["disc"], x0, bug)
         return {"y": y, "x_re": x_end.real.astype(F32), "x_im": x_end.imag.astype(F32)}, {}
     y, gc = conv_fwd_bwd(u, K, p["D"], case.cot.get("y"), bug)
+    if IMPL["chunks"]:
+        y, _ = s4d_forward(ssm, p["D"], u, a["disc"], None, bug)
     _, gk = kernel_fwd_bwd(ssm, L, a["disc"], gc["K"], bug)
     return {"y": y}, {"u": gc["u"], "D": gc["D"], **gk}
 
@@ -373,7 +582,21 @@ def _fires(h, theta, cond, bug):
 def neuron_fwd(x, rho, cfg, bug=None, u0=None, count0=None, end=None):
     """``s, h, u, allowed`` (B, H, L) float32, from the state ``u0`` (B, H) float32 and
     ``count0`` (B, H) int64 (None: zero); ``end``, a dict, receives ``u_end`` and
-    ``count_end``."""
+    ``count_end``. Under ``IMPL["chunks"]``: chunk by chunk, each from the previous chunk's
+    ``(u, count)``."""
+    if IMPL["chunks"] and x.shape[-1] > 1:
+        saved, parts, t, uc, cc = IMPL["chunks"], [], 0, u0, count0
+        IMPL["chunks"] = None  # each chunk: the whole-sequence code
+        try:
+            for T in _chunk_sizes_of(saved, x.shape[-1]):
+                e = {}
+                parts.append(neuron_fwd(x[..., t:t + T], rho, cfg, bug, uc, cc, e))
+                uc, cc, t = e["u_end"], e["count_end"], t + T
+        finally:
+            IMPL["chunks"] = saved
+        if end is not None:
+            end.update(u_end=uc, count_end=cc)
+        return tuple(np.concatenate(a, axis=-1) for a in zip(*parts))
     _finite(x=x, rho=rho, u0=u0)
     if rho is not None and (rho < 0).any():
         raise Reject("rho must be >= 0 everywhere")
@@ -389,8 +612,11 @@ def neuron_fwd(x, rho, cfg, bug=None, u0=None, count0=None, end=None):
     blocked = np.zeros((Bsz, H), np.int64)
     if count0 is not None and bug != "state_count0_ignored":
         blocked = count0.astype(np.int64)
+    f8 = np.float64
     for t in range(L):
         ht = tau * u_prev + x[:, :, t]
+        if IMPL["ulp"] is not None:  # exact64: the same sum in float64 (exact sums stay)
+            ht = _jit(ht, f8(tau) * u_prev.astype(f8) + x[:, :, t].astype(f8))
         ok = blocked == 0
         st = (ok & _fires(ht, theta, cfg["cond"], bug)).astype(F32)
         dec = 0 if bug == "count_end_not_decremented" and t == L - 1 else 1
@@ -398,11 +624,15 @@ def neuron_fwd(x, rho, cfg, bug=None, u0=None, count0=None, end=None):
         if cfg["reset"] == "hard":
             ut = ht * (F32(1) - st) + st * ur
         elif cfg["reset"] == "soft":
-            ut = ht - theta * st
+            ut = ht - (F32(1.001) if bug == "soft_reset_1001" else F32(1)) * theta * st
         elif cfg["reset"] == "refractory":
             ut = ht - (theta * st if bug == "refractory_theta" else (theta + rho) * st)
         else:
             ut = ht
+        if IMPL["ulp"] is not None and cfg["reset"] in ("soft", "refractory"):
+            ut = _jit(ut, ht.astype(f8) - (f8(theta) + (rho.astype(f8) if
+                                                         cfg["reset"] == "refractory" else 0))
+                      * st)
         s[:, :, t], h[:, :, t], u[:, :, t], allowed[:, :, t] = st, ht, ut, ok
         u_prev = ut.astype(F32)
     if end is not None:
@@ -440,10 +670,10 @@ def neuron_bwd(s, h, allowed, rho, cfg, gs, gh=None, gu=None, bug=None):
             dudh, duds = F32(1), F32(0)
         if mode != "detach_reset":
             gst = gst + gut * duds
-        ght = (gh[:, :, t] if gh is not None else zero) + gut * dudh + gst * dsdh[:, :, t]
+        ght = _jit((gh[:, :, t] if gh is not None else zero) + gut * dudh + gst * dsdh[:, :, t])
         dx[:, :, t] = ght
         carry = zero if mode == "sltt" else (tau * ght).astype(F32)
-    return dx, drho.sum(0).astype(F32)
+    return dx, _sum(drho, 0).astype(F32)
 
 
 def neuron(case, bug=None):
@@ -456,7 +686,7 @@ def neuron(case, bug=None):
                                   case.inputs.get("count0"), end)
     dx, drho = neuron_bwd(s, h, allowed, rho, cfg, case.cot.get("s"), case.cot.get("h"),
                           case.cot.get("u"), bug)
-    grads = {"x": dx}
+    grads = {"x": (dx * F32(1.001)).astype(F32) if bug == "grad_x1001" else dx}
     if rho is not None:
         grads["rho"] = drho
     return {"s": s, "h": h, "u": u, **(end or {})}, grads
@@ -471,18 +701,21 @@ pmbc = neuron  # same outputs; iterations omitted
 
 def glu_fwd_bwd(s, W, b, dz=None, bug=None):
     H = s.shape[1]
-    o = np.einsum("oi,bil->bol", W, s) + b[:, None]  # (B, 2H, L)
+    o = _jit(_einsum("oi,bil->bol", W, s) + b[:, None])  # (B, 2H, L)
     a, gate = (o[:, H:], o[:, :H]) if bug == "glu_gate_wrong_half" else (o[:, :H], o[:, H:])
-    sg = _sigmoid(gate)
-    z = (a * sg).astype(F32)
+    sg = _jit(_sigmoid(gate))
+    z = _jit((a * sg).astype(F32))
+    if bug == "glu_output_x1001":
+        z = (z * F32(1.001)).astype(F32)
     if dz is None:
         return z, None
     da = dz * sg
     dgate = dz * a * sg * (F32(1) - sg)
-    do = np.concatenate([dgate, da] if bug == "glu_gate_wrong_half" else [da, dgate], axis=1)
-    return z, {"s": np.einsum("oi,bol->bil", W, do).astype(F32),
-               "W": np.einsum("bol,bil->oi", do, s).astype(F32),
-               "b": do.sum(axis=(0, 2)).astype(F32)}
+    do = _jit(np.concatenate([dgate, da] if bug == "glu_gate_wrong_half" else [da, dgate],
+                             axis=1))
+    return z, {"s": _jit(_einsum("oi,bol->bil", W, do).astype(F32)),
+               "W": _jit(_einsum("bol,bil->oi", do, s).astype(F32)),
+               "b": _jit(_sum(do, (0, 2)).astype(F32))}
 
 
 def glu(case, bug=None):
@@ -496,15 +729,26 @@ def _ternary(v, axis=None):
     return np.where((vmax > 0) & (np.abs(v) >= F32(0.15) * vmax), np.sign(v), F32(0)).astype(F32)
 
 
-def gsu_fwd_bwd(x, W, b, c, dz):
-    Tx, TW = _ternary(x, axis=1), _ternary(W)
-    P = np.einsum("bil,ij->bjl", Tx, W) + b[:, None]
-    Q = np.einsum("bil,ij->bjl", x, TW) + c[:, None]
-    z = (P * Q).astype(F32)
+def gsu_fwd_bwd(x, W, b, c, dz, bug=None):
+    """``z = (Ter(x) W + b) * (x Ter(W) + c)`` (Ter(x) over the channels of each step) and,
+    given ``dz``, the grads of x, W, b, c (straight-through: Ter is the identity backward)."""
+    Tx, TW = _ternary(x, axis=None if bug == "gsu_ternary_global" else 1), _ternary(W)
+    if bug == "gsu_bc_swapped":
+        b, c = c, b
+    P = _jit(_einsum("bil,ij->bjl", Tx, W) + b[:, None])
+    Q = _jit(_einsum("bil,ij->bjl", x, TW) + c[:, None])
+    z = _jit((P * Q).astype(F32))
     dP, dQ = dz * Q, dz * P
-    return z, {"x": np.einsum("ij,bjl->bil", TW, dQ).astype(F32),
-               "W": np.einsum("bil,bjl->ij", Tx, dP).astype(F32),
-               "b": dP.sum(axis=(0, 2)).astype(F32), "c": dQ.sum(axis=(0, 2)).astype(F32)}
+    return z, {"x": _jit(_einsum("ij,bjl->bil", TW, dQ).astype(F32)),
+               "W": _jit(_einsum("bil,bjl->ij", Tx, dP).astype(F32)),
+               "b": _jit(_sum(dP, (0, 2)).astype(F32)), "c": _jit(_sum(dQ, (0, 2)).astype(F32))}
+
+
+def gsu(case, bug=None):
+    x, p = case.inputs["x"], case.params
+    _finite(x=x, **p)
+    z, g = gsu_fwd_bwd(x, p["W"], p["b"], p["c"], case.cot["z"], bug)
+    return {"z": z}, g
 
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -512,7 +756,7 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 def gelu_fwd_bwd(y):
     """``y Phi(y)`` and its derivative (erf correctly rounded to float32)."""
-    Phi = (F32(0.5) * (F32(1) + _erf(y / F32(math.sqrt(2.0))).astype(F32))).astype(F32)
+    Phi = _jit((F32(0.5) * (F32(1) + _erf(y / F32(math.sqrt(2.0))).astype(F32))).astype(F32))
     phi = np.exp(-F32(0.5) * y * y) / F32(math.sqrt(2 * math.pi))
     return (y * Phi).astype(F32), (Phi + y * phi).astype(F32)
 
@@ -534,25 +778,25 @@ def sdn_fwd_bwd(x, p, prefix="", dm=None, bug=None):
     xp = np.concatenate([np.zeros(x.shape[:-1] + (K,), F32), x], axis=-1)
     off = 1 if bug == "sdn_sees_x_t" else 0
     win = np.stack([xp[..., k + off:k + off + L] for k in range(K)], axis=-1)  # x[t-K+k]
-    pre1 = b1 + win @ W1.T  # (..., L, C)
+    pre1 = _jit(b1 + _mm(win, W1.T))  # (..., L, C)
     h1 = np.maximum(pre1, F32(0))
-    pre2 = b2 + h1 @ W2.T + h1
+    pre2 = _jit(b2 + _mm(h1, W2.T) + h1)
     h2 = np.maximum(pre2, F32(0))
-    m = (b3 + h2 @ w3).astype(F32)
+    m = _jit((b3 + _mm(h2, w3)).astype(F32))
     if dm is None:
         return m, None
     lead = tuple(range(dm.ndim))
     g2 = dm[..., None] * w3 * (pre2 > 0)  # (..., L, C)
-    g1 = (g2 @ W2 + g2) * (pre1 > 0)
+    g1 = _jit(_mm(g2, W2) + g2) * (pre1 > 0)
     def flat(a):
         return a.reshape(-1, a.shape[-1])
 
-    gW1 = flat(g1).T @ flat(win)
-    gW2 = flat(g2).T @ flat(h1)
-    grads = {"w0": gW1[:, None, :], "w1": g1.sum(axis=lead), "w2": gW2[:, :, None],
-             "w3": g2.sum(axis=lead), "w4": (flat(h2).T @ dm.reshape(-1))[None, :, None],
-             "w5": dm.sum().reshape(1)}
-    return m, {k: f32(v) for k, v in grads.items()}
+    gW1 = _mm(flat(g1).T, flat(win))
+    gW2 = _mm(flat(g2).T, flat(h1))
+    grads = {"w0": gW1[:, None, :], "w1": _sum(g1, lead), "w2": gW2[:, :, None],
+             "w3": _sum(g2, lead), "w4": _mm(flat(h2).T, dm.reshape(-1))[None, :, None],
+             "w5": _sum(dm).reshape(1)}
+    return m, {k: _jit(f32(v)) for k, v in grads.items()}
 
 
 def sdn(case, bug=None):
@@ -578,12 +822,14 @@ def sdn(case, bug=None):
 EPS_NORM = F32(1e-5)
 
 
-def norm_fwd(x, gamma, beta, kind, eps=EPS_NORM):
+def norm_fwd(x, gamma, beta, kind, eps=EPS_NORM, bug=None):
     axes = (1,) if kind == "layer" else (0, 2)
-    mu = x.mean(axis=axes, keepdims=True)
-    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
-    rstd = F32(1) / np.sqrt(var + eps)
-    xh = ((x - mu) * rstd).astype(F32)
+    mu = _jit(_mean(x, axes, keepdims=True))
+    var = _jit(_mean((x - mu) ** 2, axes, keepdims=True))
+    if bug == "layernorm_unbiased" and kind == "layer":  # torch.var's default: N - 1
+        var = (var * F32(x.shape[1]) / F32(x.shape[1] - 1)).astype(F32)
+    rstd = _jit(F32(1) / np.sqrt(var + F32(eps)))
+    xh = _jit(((x - mu) * rstd).astype(F32))
     return (xh * gamma[:, None] + beta[:, None]).astype(F32), (xh, rstd, axes)
 
 
@@ -591,13 +837,13 @@ def norm_bwd(dy, gamma, cache):
     xh, rstd, axes = cache
     other = tuple(a for a in (0, 1, 2) if a not in axes)  # what gamma is indexed by: axis 1
     red = tuple(a for a in (0, 1, 2) if a != 1)
-    dgamma = (dy * xh).sum(axis=red)
-    dbeta = dy.sum(axis=red)
+    dgamma = _sum(dy * xh, red)
+    dbeta = _sum(dy, red)
     dxh = dy * gamma[:, None]
-    dx = rstd * (dxh - dxh.mean(axis=axes, keepdims=True)
-                 - xh * (dxh * xh).mean(axis=axes, keepdims=True))
+    dx = rstd * (dxh - _mean(dxh, axes, keepdims=True)
+                 - xh * _mean(dxh * xh, axes, keepdims=True))
     del other
-    return dx.astype(F32), dgamma.astype(F32), dbeta.astype(F32)
+    return _jit(dx.astype(F32)), _jit(dgamma.astype(F32)), _jit(dbeta.astype(F32))
 
 
 def block(case, bug=None):
@@ -611,17 +857,20 @@ def block(case, bug=None):
     L = u.shape[-1]
     # forward
     if a["prenorm"]:
-        z, ncache = norm_fwd(u, gamma, beta, kind)
+        z, ncache = norm_fwd(u, gamma, beta, kind, bug=bug)
     else:
         z = u
     ssm = {k[4:]: v for k, v in p.items() if k.startswith("ssm.")}
     D = ssm.pop("D")
     K, _ = kernel_fwd_bwd(ssm, L, a.get("disc", "zoh"))
-    y0, _ = conv_fwd_bwd(z, K, D, bug=bug)
+    if IMPL["chunks"]:
+        y0, _ = s4d_forward(ssm, D, z, a.get("disc", "zoh"), None, bug)
+    else:
+        y0, _ = conv_fwd_bwd(z, K, D, bug=bug)
     thr = bool(a.get("threshold_scaling", False)) and "ln_vth" in p
     if thr:
         sc = np.exp(p["ln_vth"])[:, None]
-        y = (y0 / sc).astype(F32)
+        y = _jit((y0 / sc).astype(F32))
     else:
         y = y0
     kind_act = a.get("activation_kind", "")
@@ -640,13 +889,15 @@ def block(case, bug=None):
         s, h, _, allowed = neuron_fwd(y, rho, cfg, bug)
     else:
         raise Reject(f"unsupported activation {act!r}")
+    if act != "gelu" and s is not None and bug in GARBAGE_SPIKES:  # garbage: see GARBAGE_SPIKES
+        s = GARBAGE_SPIKES[bug](s)
     if a["mixing"] == "glu":
         mix, _ = glu_fwd_bwd(s, p["mix.W"], p["mix.b"], bug=bug)
     else:
-        mix, _ = gsu_fwd_bwd(y, p["mix.W"], p["mix.b"], p["mix.c"], np.zeros_like(y))
+        mix, _ = gsu_fwd_bwd(y, p["mix.W"], p["mix.b"], p["mix.c"], np.zeros_like(y), bug)
     out = u + mix
     if not a["prenorm"]:
-        out, ncache = norm_fwd(out, gamma, beta, kind)
+        out, ncache = norm_fwd(out, gamma, beta, kind, bug=bug)
     # backward
     g = case.cot["y"]
     grads = {}
@@ -667,12 +918,12 @@ def block(case, bug=None):
             if rho is not None and case.trainable.get("rho", True):
                 grads["rho"] = grho
     else:
-        _, gm = gsu_fwd_bwd(y, p["mix.W"], p["mix.b"], p["mix.c"], g)
+        _, gm = gsu_fwd_bwd(y, p["mix.W"], p["mix.b"], p["mix.c"], g, bug)
         grads["mix.W"], grads["mix.b"], grads["mix.c"] = gm["W"], gm["b"], gm["c"]
         gy = gm["x"]
     gy = f32(gy)
     if thr:
-        grads["ln_vth"] = (-(gy * y).sum(axis=(0, 2))).astype(F32)
+        grads["ln_vth"] = _jit((-_sum(gy * y, (0, 2))).astype(F32))
         gy = (gy / sc).astype(F32)
     _, gc = conv_fwd_bwd(z, K, D, gy, bug)
     _, gk = kernel_fwd_bwd(ssm, L, a.get("disc", "zoh"), gc["K"], bug)
@@ -805,7 +1056,8 @@ def model_stream(case, bug=None):
 
 
 OPS = {"s4d_kernel": s4d_kernel, "fftconv": fftconv, "s4d_layer": s4d_layer, "neuron": neuron,
-       "pmbc": pmbc, "glu": glu, "sdn": sdn, "block": block, "model_stream": model_stream}
+       "pmbc": pmbc, "glu": glu, "gsu": gsu, "sdn": sdn, "block": block,
+       "model_stream": model_stream}
 
 
 # ============================================================================================
