@@ -58,6 +58,17 @@ $(PEERS_STAMP): setup.cfg pyproject.toml
 bench-peers: install $(PEERS_STAMP)
 	$(BIN)/python benchmarks/peers/run.py --peers-python $(PEERS)/bin/python $(PEERS_ARGS)
 
+# The PyTorch backend example run for real (issue 21): in the .venv-peers environment above
+# (torch CPU; never a refimpl dependency) examples/torch_backend.py writes candidates for every
+# case of its suites at --dtype float64, float32, bfloat16 and float16 into a temporary folder,
+# `refimpl golden verify --precision` checks each at its own profile; fails if any verdict fails,
+# and writes the verdict table into examples/README.md (examples/run_backend_check.py; about 40 s
+# on 2 cores once the environment exists, which takes a minute to build).
+.PHONY: example-check
+example-check: install $(PEERS_STAMP)
+	$(BIN)/python examples/run_backend_check.py --torch-python $(PEERS)/bin/python \
+	  --refimpl $(BIN)/refimpl
+
 # ruff (settings in pyproject.toml), then the checks ruff cannot make (tools/check_style.py: every
 # Numba kernel takes fastmath from refimpl.config; setup.cfg lists every package; --strict adds
 # notes on Numba options spelled inline), then byte-compile everything and import every module
