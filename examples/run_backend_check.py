@@ -36,7 +36,8 @@ SKIP = ("*/outputs/iterations",)
 #: goes to the last column with its count.
 COLUMNS = ("PASS", "ACCEPTABLE", "UNTESTABLE", "REJECTED", "SKIP")
 BEGIN, END = "<!-- example-check:begin -->", "<!-- example-check:end -->"
-HEADER = ("suite", "dtype", "verdict", "cases", "failed") + COLUMNS + ("other rows",)
+HEADER = (("suite", "dtype", "verdict", "cases", "failed") + COLUMNS
+          + ("other rows", "tensors tested", "not compared"))
 
 
 class CheckError(Exception):
@@ -138,14 +139,19 @@ def table_rows(reports):
                 continue
             r = next((r for r in reports[dtype] if r["suite"] == suite), None)
             if r is None:
-                out.append([suite, dtype, "MISSING", "-", "-"] + ["-"] * len(COLUMNS) + ["-"])
+                out.append([suite, dtype, "MISSING"] + ["-"] * (len(HEADER) - 3))
                 continue
             s = r["summary"]
             counts = s["statuses"]
             other = ", ".join(f"{k} {n}" for k, n in sorted(counts.items()) if k not in COLUMNS)
+            t = s.get("tensors")  # coverage of the valid cases' tensors, when verify reports it
+            tested = not_compared = "-"
+            if t:
+                n = t["tested"] + t["untestable"] + t["not_compared"]
+                tested, not_compared = f"{t['tested']} of {n}", str(t["not_compared"])
             out.append([suite, dtype, "PASSED" if r["passed"] else "FAILED", str(s["cases"]),
                         str(s["cases_failed"])] + [str(counts.get(c, 0)) for c in COLUMNS]
-                       + [other or "0"])
+                       + [other or "0", tested, not_compared])
     return out
 
 
@@ -158,6 +164,9 @@ def render(rows, env):
         "count the verifier's rows (a passing case is one `PASS` row, otherwise every dataset",
         "gets its own row, so `UNTESTABLE` can exceed the cases); `other rows` lists any other",
         "status with its count (the failing ones: `MISMATCH`, `MISSING`, `ERROR`, ...).",
+        "`tensors tested`: the outputs and gradients of the valid cases that were a test at that",
+        "profile (not `UNTESTABLE`, and compared: `not compared` counts those left out after an",
+        "acceptable spike flip), as verify's summary counts them.",
         f"Environment of the example: {env}.",
         "",
         "| " + " | ".join(HEADER) + " |",

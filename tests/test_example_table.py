@@ -73,13 +73,18 @@ def test_table_verdicts_passed_with_the_golden_case_counts(rows):
         # every case gives at least one row; a passing case exactly one PASS row
         counts = [int(r[c]) for c in check.COLUMNS]
         assert sum(counts) >= cases and int(r["PASS"]) <= cases - invalid, where
+        if r["tensors tested"] != "-":  # verify's coverage: "tested of total"
+            tested, total = (int(v) for v in r["tensors tested"].split(" of "))
+            assert 0 < tested <= total and 0 <= int(r["not compared"]) <= total - tested, where
 
 
 def test_region_writer_and_parser_agree():
     reports = {d: [{"suite": "glu", "passed": d != "float16",
                     "summary": {"cases": 6, "cases_failed": int(d == "float16"),
                                 "statuses": {"PASS": 5, "MISMATCH": 2} if d == "float16"
-                                else {"PASS": 6}}}]
+                                else {"PASS": 6},
+                                **({"tensors": {"tested": 20, "untestable": 3,
+                                                "not_compared": 1}} if d == "float32" else {})}}]
                for d in check.DTYPES}
     body = check.render(check.table_rows(reports), "torch X")
     text = check.replace_region(f"intro\n{check.BEGIN}\nold table\n{check.END}\nrest\n", body)
@@ -91,6 +96,8 @@ def test_region_writer_and_parser_agree():
     bad = parsed[-1]
     assert (bad["failed"], bad["PASS"], bad["other rows"]) == ("1", "5", "MISMATCH 2")
     assert parsed[0]["PASS"] == "6" and parsed[0]["other rows"] == "0"
+    assert (parsed[0]["tensors tested"], parsed[0]["not compared"]) == ("-", "-")
+    assert (parsed[1]["tensors tested"], parsed[1]["not compared"]) == ("20 of 24", "1")
 
 
 @pytest.mark.parametrize("text", ["no markers\n", f"{check.BEGIN}\nonly the start\n",
