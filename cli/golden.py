@@ -228,3 +228,37 @@ def show(file, case_id):
         click.echo(G.show(file, case_id), nl=False)
     except (FileFormatError, KeyError) as e:
         fail(e.args[0] if isinstance(e, KeyError) else e)
+
+
+@golden.command()
+@click.option("--golden", "golden_dir", default=str(G.DEFAULT_DIR), show_default=True,
+              type=click.Path(file_okay=False), help="Folder of the golden <suite>.h5 files.")
+@click.option("--suite", "suites", multiple=True, type=choice(G.SUITES),
+              help="Only this suite (repeatable); default: all.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(list(G.PROFILES)),
+              help="Profile (repeatable); default: bfloat16 and float16.")
+def coverage(golden_dir, suites, precisions):
+    """How many golden tensors are a real test at each precision.
+
+    Judges refimpl's own answer, rounded to the format, against the golden files, and counts
+    per suite the tensors of the valid cases that are compared against a bound below their
+    magnitude (tested), that are UNTESTABLE (the bound reaches the magnitude, or the case
+    overflows the format), and that are not compared (an internal spike may flip at the
+    format's bound). Prints a Markdown table (golden/SCHEMA.md, "Coverage").
+
+    Examples:
+
+    \b
+      refimpl golden coverage
+      refimpl golden coverage --precision bfloat16 --suite block
+    """
+    names = list(suites) or list(G.SUITES)
+    precisions = list(precisions) or ["bfloat16", "float16"]
+    try:
+        total = len(precisions) * sum(len(G.suite_specs(n)) for n in names)
+        with progress(total, "golden coverage") as bar:
+            tables = {p: G.coverage(golden_dir, names, p, progress=bar.update)
+                      for p in precisions}
+    except FileFormatError as e:
+        fail(e)
+    click.echo(G.format_coverage(tables), nl=False)

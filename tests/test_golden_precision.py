@@ -116,7 +116,8 @@ def _rel_targets():
 def test_relative_error_1e_3_is_caught(cand, suite, target):
     rep = run(cand(suite, fb.REL_ERROR, target), "float32")
     rows = [r for r in rep["rows"] if r["tensor"] == target]
-    mism = [r for r in rows if r["status"] == "MISMATCH"]
+    # a spike tensor times 1.001 holds values that are no spikes: BAD_VALUE (issue 21)
+    mism = [r for r in rows if r["status"] in ("MISMATCH", "BAD_VALUE")]
     others = {r["tensor"] for r in rep["rows"] if r["status"] in FAILURES} - {target}
     assert not others, f"the error in {target} was reported on {sorted(others)}"
     if (suite, target) in UNTESTABLE_AT_FLOAT32:

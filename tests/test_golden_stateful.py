@@ -298,8 +298,10 @@ def test_model_stream_state_dropped_between_chunks_fails(files, tmp_path):
 def _flippable(gf):
     """``(profile, case, (b, k, t))``: the first valid stateful neuron case with an element whose
     margin ``|h - theta|`` is within the membrane bound of a profile (float32 first)."""
-    for prof in ("float32", "bfloat16", "float16"):
-        for c in stateful(gf, ("valid",)):
+    # float64 (the acceptable stateful case) or float32: at bfloat16 / float16 the flip rule
+    # runs on refimpl's answer at the rounded inputs, not on the stored h (issue 21)
+    for prof in ("float64", "float32"):
+        for c in stateful(gf, ("valid", "acceptable")):
             if "at_threshold" in c.flags:
                 continue
             atol, rtol = profile_bound(c.meta["outputs/h"], get_profile(prof))
@@ -326,7 +328,9 @@ def test_flip_within_the_bound_masks_the_rows_end_state(files, tmp_path):
     mine = [r for r in rep["rows"] if r["case"] == c.id]
     assert any(r["status"] == "ACCEPTABLE" and r["tensor"] == "outputs/s" for r in mine), mine
     assert not [r for r in mine if r["status"] in G.FAILURES], mine
-    other = (b + 1) % data["outputs/s"].shape[0], k
+    B, H = data["outputs/s"].shape[:2]
+    other = ((b + 1) % B, k) if B > 1 else (b, (k + 1) % H)  # another row (float64: B = 1)
+    assert other != (b, k)
     data["outputs/count_end"][other] += 1
     rep = verify_cases(tmp_path, "neuron", {c.id: G.Case(id=c.id, data=data)}, prof)
     bad = {r["tensor"] for r in rep["rows"] if r["case"] == c.id and r["status"] == "MISMATCH"}

@@ -22,8 +22,13 @@ What lives where:
   :func:`read_golden`);
 - :mod:`.generate`: the tolerance policy and the generator (:func:`build_suite`,
   :func:`generate`; float64, atomic writes with provenance, refuses fast-math);
-- :mod:`.compare`: :func:`verify` (candidate vs golden) and :func:`check` (refimpl vs its own
-  committed files: regressions, and staleness with a rounding-tolerant criterion);
+- the verifier, one module per question: :mod:`.tensors` (the one comparison primitive, an
+  interval per element, and the values no backend may write), :mod:`.spikes` (which spike
+  flips are acceptable and what they make incomparable, from the suite's registered
+  structure), :mod:`.verify` (:func:`verify`: a candidate against the golden files, the
+  reference at the backend's rounding points for 16-bit formats), :mod:`.check`
+  (:func:`check`: refimpl against its own committed files: regressions, and staleness with a
+  rounding-tolerant criterion); :mod:`.compare` re-exports their public names;
 - :mod:`.precision`: precision profiles (``PROFILES``: float64, float32, bfloat16, float16;
   the bound of a dataset re-derived for a format's epsilon) and ``--select`` expressions;
 - :mod:`.report`: :func:`format_report` and :func:`show` (strings; the library never prints,
@@ -40,18 +45,20 @@ from .schema import (CANDIDATE_SCHEMA, DEFAULT_DIR, FAILURES, FLAGS, GROUPS, NO_
 # the suites register themselves, in generation order
 from . import ssm, spiking, mixing, model  # noqa: E402,F401  isort: skip
 
-from .compare import check, compare_case, compare_tensor, recompute, staleness, verify, verify_file
+from .check import check, recompute, staleness
+from .verify import compare_case, compare_tensor, coverage, verify, verify_file
 from .generate import (EPS, N_PERTURB, PERTURB, SAFETY, build_case, build_suite, check_fastmath,
                        generate, plan_generate, regenerate, tolerance)
 from .precision import PROFILES, Profile, SelectError, get_profile, parse_select, selector
-from .report import format_report, show
+from .report import format_coverage, format_report, show
 
 __all__ = [
     "CANDIDATE_SCHEMA", "DEFAULT_DIR", "EPS", "FAILURES", "FLAGS", "GROUPS", "NO_GRADS",
     "N_PERTURB", "PERTURB", "PROFILES", "Profile", "RESERVED_ATTRS", "SelectError", "get_profile",
     "parse_select", "selector", "RESULTS", "SAFETY", "SCHEMA", "SCHEMA_VERSION", "SIZES",
     "STATUSES", "SUITES", "Case", "GoldenFile", "Spec", "Suite", "build_case", "build_suite",
-    "check", "check_fastmath", "compare_case", "compare_tensor", "flatten", "format_report",
+    "check", "check_fastmath", "compare_case", "compare_tensor", "coverage", "flatten",
+    "format_coverage", "format_report",
     "generate", "get_suite", "plan_generate", "golden_path", "nest", "read_candidate", "read_file",
     "read_golden", "recompute", "regenerate", "register", "show", "staleness", "suite_specs",
     "tolerance", "verify", "verify_file", "write_file",

@@ -494,6 +494,12 @@ def _stream_bwd(case, state, cot):
     raise NotImplementedError("model_stream cases are forward only (flag no_grads)")
 
 
+def _stream_causal(case):
+    """The logits ``(B, L, C)`` and every layer's spikes ``(B, H, L)``: a causal model in eval
+    mode, so step ``t`` depends on steps ``<= t`` only. (The end state depends on every step.)"""
+    return {"logits": 1, **{name: 2 for name in _STREAM_SPIKES}}
+
+
 def _stream_depth(case):
     """Per layer the FFT (``2 log2(2L)`` stages) or ``L`` recurrence steps and the end state's
     ``L``-term sums (``2 L``), the ``N2``-mode sum, mixing and norm (``4 H``) and a few
@@ -514,5 +520,7 @@ register(
     bwd=_stream_bwd,
     differentiable=(),
     spikes=_STREAM_SPIKES,
+    ternary=tuple(n for n in _STREAM_SPIKES if n.endswith(".Tx")),
+    causal=_stream_causal,
     depth=_stream_depth,
 )

@@ -46,32 +46,47 @@ INPUT_ROUNDING = 0.25
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """A floating-point format a backend computes in.
+    """A floating-point format a backend stores (and, for float64 / float32, computes) in.
 
     ``eps`` is the machine epsilon (2^-(mantissa bits)); unit roundoff is ``eps / 2``.
     ``storage`` are the dtypes a candidate may write float datasets in besides float64.
     ``bits`` is the significand precision (with the implicit bit): :func:`representable`.
     ``max`` is the largest finite value: a case with a value beyond it cannot be computed in
-    the format (:func:`overflows`).
+    the format (:func:`overflows`). ``emin`` is the :func:`numpy.frexp` exponent of the smallest
+    normal number (below it the spacing stays ``2^(emin - bits)``: subnormals).
+    ``compute``: for a storage format (bfloat16, float16) the format the backend computes in
+    (float32): the verdict is taken at the rounding points (golden/SCHEMA.md, "16-bit
+    profiles"); empty for the formats that are their own compute format.
     """
     name: str
     eps: float
     bits: int
     storage: tuple
     max: float
+    emin: int
+    compute: str = ""
 
     @property
     def k(self):
         """``eps_p / eps64``: how much looser than float64."""
         return self.eps / EPS
 
+    @property
+    def rounds(self):
+        """Whether the verdict is taken at the rounding points (a storage format)."""
+        return bool(self.compute)
+
 
 PROFILES = {
-    "float64": Profile("float64", 2.0 ** -52, 53, ("float64",), float(np.finfo(np.float64).max)),
-    "float32": Profile("float32", 2.0 ** -23, 24, ("float32",), float(np.finfo(np.float32).max)),
+    "float64": Profile("float64", 2.0 ** -52, 53, ("float64",), float(np.finfo(np.float64).max),
+                       -1021),
+    "float32": Profile("float32", 2.0 ** -23, 24, ("float32",), float(np.finfo(np.float32).max),
+                       -125),
     # bfloat16 has no NumPy dtype: a candidate stores it as float32 (or float64)
-    "bfloat16": Profile("bfloat16", 2.0 ** -7, 8, ("float32",), (2.0 - 2.0 ** -7) * 2.0 ** 127),
-    "float16": Profile("float16", 2.0 ** -10, 11, ("float16",), float(np.finfo(np.float16).max)),
+    "bfloat16": Profile("bfloat16", 2.0 ** -7, 8, ("float32",), (2.0 - 2.0 ** -7) * 2.0 ** 127,
+                        -125, compute="float32"),
+    "float16": Profile("float16", 2.0 ** -10, 11, ("float16", "float32"),
+                       float(np.finfo(np.float16).max), -13, compute="float32"),
 }
 
 
@@ -81,6 +96,11 @@ def get_profile(precision):
     if precision not in PROFILES:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PROFILES)}")
     return PROFILES[precision]
+
+
+def compute_profile(profile):
+    """The profile a backend at ``profile`` computes in (itself, or float32 for 16-bit)."""
+    return PROFILES[profile.compute] if profile.rounds else profile
 
 
 def bound(meta, profile):
@@ -102,14 +122,28 @@ def bound(meta, profile):
 
 
 def round_to(x, profile):
-    """``x`` (float64) rounded to nearest-even at ``profile``'s significand precision (exponent
-    range ignored: float16 underflow/overflow are not modelled here)."""
+    """``x`` (float64) rounded to nearest, ties to even, in ``profile``'s format: significand
+    ``bits``, subnormals below ``2^(emin - 1)``, and ``inf`` beyond the largest finite value
+    (where round-to-nearest overflows). Exact in float64 (a power-of-two scaling and
+    :func:`numpy.rint`). NaN and inf stay."""
     x = np.asarray(x, dtype=np.float64)
     if profile.bits >= 53:
-        return x
-    m, e = np.frexp(x)
-    scale = 2.0 ** profile.bits
-    return np.ldexp(np.round(m * scale) / scale, e)  # np.round: half to even
+        return x.copy()
+    _, e = np.frexp(x)
+    q = np.ldexp(1.0, np.maximum(e, profile.emin) - profile.bits)  # spacing at x
+    with np.errstate(invalid="ignore"):
+        r = np.rint(x / q) * q  # np.rint: half to even
+        r = np.where(np.isfinite(x), r, x)
+        return np.where(np.abs(r) > profile.max, np.copysign(np.inf, x), r)
+
+
+def read_as(x, profile, via=None):
+    """``x`` (float64) as a backend at ``profile`` reads it: rounded to the format directly,
+    or (``via`` a profile, float32) first to ``via`` and then to the format, as PyTorch's
+    ``tensor.to(torch.bfloat16)`` of a float64 tensor does. The two differ only where the
+    first rounding lands exactly on a midpoint of the format (about one value in 2^16)."""
+    x = np.asarray(x, dtype=np.float64)
+    return round_to(round_to(x, via) if via is not None else x, profile)
 
 
 def overflows(case, profile):

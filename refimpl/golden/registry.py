@@ -57,6 +57,14 @@ class Suite:
     - Tolerance model: ``depth(case) -> {path or group/* or *: depth}``; ``scales(case, outputs,
       grads, cot) -> {path: scale}`` (default ``max |T|``); ``floors(case) -> {path: minimal
       atol}``; ``meta(case) -> {path: attrs}`` adds dataset attributes.
+    - Spike structure, read by the verifier (:mod:`.spikes`): ``flips`` says how a spike flip
+      within the membrane bound propagates: ``"rows"`` (a stateful neuron: the flip changes its
+      row from that step on; the outputs hold the membrane ``h``), ``"elements"`` (a stateless
+      spike: only itself; the outputs hold ``m`` and the inputs ``x``), or ``""`` (spikes, if
+      any, are internal: ``fwd``'s ``diag`` names their membranes). ``ternary``: spike outputs
+      that hold -1/0/1 (the others 0/1). ``causal(case) -> {output name: time axis}``: outputs
+      whose value at step ``t`` depends on steps ``<= t`` only, compared before the first step
+      at which an internal spike may flip.
     """
 
     name: str
@@ -72,10 +80,16 @@ class Suite:
     spikes: tuple = ()
     cotangents: Optional[Callable] = None
     meta: Optional[Callable] = None
+    flips: str = ""
+    ternary: tuple = ()
+    causal: Optional[Callable] = None
 
     def __post_init__(self):
         if not self.op:
             object.__setattr__(self, "op", self.name)
+        if self.flips not in ("", "rows", "elements"):
+            raise ValueError(f"suite {self.name!r}: flips must be '', 'rows' or 'elements', "
+                             f"got {self.flips!r}")
 
 
 #: suite name -> :class:`Suite`, in registration (= generation) order.

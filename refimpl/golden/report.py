@@ -22,6 +22,20 @@ def _count(values):
     return counts
 
 
+def coverage_line(suite, precision, t):
+    """One line: how many tensors of the valid cases were a test at ``precision`` (compared
+    against a bound below their magnitude), how many UNTESTABLE, how many not compared (a
+    possible spike flip); a warning when fewer than half were a test."""
+    n = t["tested"] + t["untestable"] + t["not_compared"]
+    share = t["tested"] / n if n else 0.0
+    line = (f"  tensors at {precision}: {t['tested']} of {n} tested ({100 * share:.1f} %), "
+            f"{t['untestable']} UNTESTABLE, {t['not_compared']} not compared (spikes may flip)")
+    if n and share < 0.5:
+        line += (f"\n  WARNING: most tensors of {suite} are not a test at {precision}: this "
+                 f"verdict says little")
+    return line
+
+
 def format_report(report, verbose=False):
     """The verify/check table: one row per passing case, one per failing tensor (and for
     ``check`` one STALE and one DRIFT row per case that has them).
@@ -54,15 +68,41 @@ def format_report(report, verbose=False):
         prec = f" at {f['precision']}" if f.get("precision", "float64") != "float64" else ""
         lines.append(f"{verdict}: {f['suite']}{prec}: {s['cases']} cases{sel}, "
                      f"{s['cases_failed']} failed (rows: {st}); {f['candidate']} vs {f['golden']}")
+        if "tensors" in s and "precision" in f:
+            lines.append(coverage_line(f["suite"], f.get("precision", "float64"), s["tensors"]))
         if "resolution" in s:
-            lines.append(f"  resolution at {f['precision']}: worst atol / max|ref| of a passing "
-                         f"tensor {s['resolution']:.3g} ({s['resolution_at']}); {s['coarse']} "
-                         f"case(s) whose bound exceeds 1e-3 of some tensor's magnitude")
+            lines.append(f"  resolution at {f.get('precision', 'float64')}: worst half-width "
+                         f"/ max|ref| of a passing tensor {s['resolution']:.3g} "
+                         f"({s['resolution_at']}); {s['coarse']} case(s) whose bound exceeds "
+                         f"1e-3 of some tensor's magnitude")
         for r in f["rows"]:
             if r["status"] in FAILURES and r["detail"] and not verbose:
                 lines.append(f"  {r['case']} {r['status']} {r['tensor']}: {r['detail']}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def format_coverage(tables):
+    """A Markdown table of :func:`.verify.coverage` results, ``{precision: {suite: counts}}``:
+    per suite and profile the tested share, then the totals."""
+    rows, totals = [], {}
+    for prec, per in tables.items():
+        tot = totals.setdefault(prec, {"cases": 0, "tested": 0, "untestable": 0,
+                                       "not_compared": 0})
+        for suite, c in per.items():
+            for k in tot:
+                tot[k] += c[k]
+            rows.append((suite, prec, c))
+    rows += [("all", prec, tot) for prec, tot in totals.items()]
+    out = ["| suite | profile | valid cases | tensors | tested | UNTESTABLE | not compared |",
+           "|---|---|---|---|---|---|---|"]
+    for suite, prec, c in rows:
+        n = c["tested"] + c["untestable"] + c["not_compared"]
+        share = f"{100 * c['tested'] / n:.1f} %" if n else "-"
+        name = f"**{suite}**" if suite == "all" else f"`{suite}`"
+        out.append(f"| {name} | {prec} | {c['cases']} | {n} | {c['tested']} ({share}) | "
+                   f"{c['untestable']} | {c['not_compared']} |")
+    return "\n".join(out) + "\n"
 
 
 def show(path, case_id=None):

@@ -70,6 +70,8 @@ STATUSES = {
     "SKIP": "skipped with --skip",
     "DRIFT": "the file differs from what the generator writes now, but only within rounding",
     "MISMATCH": "outside the bound, or a differing spike",
+    "BAD_VALUE": "a value no backend may write, in any case and profile: NaN or inf where the "
+                 "reference is finite, a spike other than 0 or 1 (-1, 0, 1 where ternary)",
     "MISSING": "case or dataset absent from the candidate",
     "SHAPE": "dataset of another shape",
     "DTYPE": "dataset of another dtype",
@@ -79,7 +81,8 @@ STATUSES = {
              "case does not have",
     "STALE": "the file differs from what the generator writes now, beyond rounding",
 }
-FAILURES = ("MISMATCH", "MISSING", "SHAPE", "DTYPE", "NOT_REJECTED", "ERROR", "EXTRA", "STALE")
+FAILURES = ("MISMATCH", "BAD_VALUE", "MISSING", "SHAPE", "DTYPE", "NOT_REJECTED", "ERROR",
+            "EXTRA", "STALE")
 
 
 @dataclasses.dataclass

@@ -311,7 +311,7 @@ def _neuron_floors(case):
 
 #: What the neuron and PMBC suites share: outputs, exact spikes and the tolerance model.
 _NEURON_OUTPUTS = dict(differentiable=("s", "h", "u"), spikes=("s",), depth=_neuron_depth,
-                       floors=_neuron_floors)
+                       floors=_neuron_floors, flips="rows")
 
 register(
     name="neuron",
@@ -429,5 +429,6 @@ register(
     bwd=_sdn_bwd,
     differentiable=("m", "s"),
     spikes=("s",),
+    flips="elements",
     depth=_sdn_depth,
 )
