@@ -62,7 +62,7 @@ bench-peers: install $(PEERS_STAMP)
 # (torch CPU; never a refimpl dependency) examples/torch_backend.py writes candidates for every
 # case of its suites at --dtype float64, float32, bfloat16 and float16 into a temporary folder,
 # `refimpl golden verify --precision` checks each at its own profile; fails if any verdict fails,
-# and writes the verdict table into examples/README.md (examples/run_backend_check.py; about 40 s
+# and writes the verdict table into examples/README.md (examples/run_backend_check.py; 40-55 s
 # on 2 cores once the environment exists, which takes a minute to build).
 .PHONY: example-check
 example-check: install $(PEERS_STAMP)
