@@ -991,24 +991,68 @@ def test_ge_for_gt_at_threshold_fails_where_the_profile_computes_it_exactly(tmp_
     assert ("MISMATCH", "outputs/s") in rows, rows
 
 
-def test_block_case_with_margin_below_the_profile_bound_is_acceptable(tmp_path):
-    """A block case whose internal margin is within the float32 membrane bound: agreement is
-    reported (the detail says what cannot be told apart), a difference is ACCEPTABLE there at
-    float32 (not compared: a spike may have flipped) and a MISMATCH at float64."""
-    gf = _committed("block")
-    rows = [r for r in rows_of(_verify(COMMITTED / "block.h5", "float32"))
-            if "internal spikes may flip" in r["detail"]]
-    assert rows
-    cid = rows[0]["case"]
+def _near_case(suite, cases, precision):
+    """The first case of a perfect 16-bit candidate whose PASS says an internal spike may flip
+    (its margin at the rounded inputs is within the float32 membrane bound), and the report."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        report = _verify(write_candidate(Path(d) / "c.h5", suite, cases), precision)
+    assert report["passed"], [r for r in rows_of(report) if r["status"] in G.FAILURES][:3]
+    rows = [r for r in rows_of(report) if "internal spikes may flip" in r["detail"]]
+    assert rows, f"no {suite} case has a spike within the membrane bound at {precision}"
+    return rows[0]["case"], rows[0]["detail"]
 
-    def edit(cases):
-        cases[cid].data["outputs/y"] = cases[cid].data["outputs/y"] + 1.0
-    path = write_candidate(tmp_path / "b.h5", "block", candidate_cases(gf, edit))
-    report = _verify(path, "float32")
+
+def test_block_case_with_margin_below_the_profile_bound_is_acceptable(tmp_path):
+    """A block case whose internal margin (at the bfloat16 inputs) is within the float32
+    membrane bound: agreement passes and says what cannot be told apart; a difference in its
+    output is ACCEPTABLE (a spike may have flipped: y is not causal in a block); the same
+    difference in a case without a near membrane, and at float64 in this one, is a MISMATCH."""
+    gf = _committed("block")
+    good = sixteen_bit_cases(gf, "bfloat16")
+    cid, detail = _near_case("block", good, "bfloat16")
+    assert re.search(r"\by\b", detail.split("not compared:")[1]), detail
+
+    def plus_one(cases, case_id):
+        cases = {k: G.Case(id=v.id, extra=dict(v.extra), data=dict(v.data)) for k, v in
+                 cases.items()}
+        cases[case_id].data["outputs/y"] = cases[case_id].data["outputs/y"] + 1.0
+        return cases
+    path = write_candidate(tmp_path / "b.h5", "block", plus_one(good, cid))
+    report = _verify(path, "bfloat16")
     assert report["passed"]
     (row,) = [r for r in rows_of(report) if r["case"] == cid]
     assert row["status"] == "ACCEPTABLE" and "differing: y" in row["detail"], row
+    other = next(k for k, c in gf.cases.items() if c.result == "valid" and k != cid
+                 and "outputs/y" in c.data)
+    path = write_candidate(tmp_path / "o.h5", "block", plus_one(good, other))
+    assert ("MISMATCH", other, "outputs/y") in {(r["status"], r["case"], r["tensor"])
+                                                for r in rows_of(_verify(path, "bfloat16"))}
+    path = write_candidate(tmp_path / "f64.h5", "block", plus_one(candidate_cases(gf), cid))
     assert not _verify(path, "float64")["passed"]
+
+
+def test_model_stream_is_compared_before_the_first_step_that_may_flip(tmp_path):
+    """model_stream is causal: in a case whose internal spike may flip from step t*, the logits
+    and every layer's spikes before t* are still compared (a spike inverted there is a
+    MISMATCH), from t* on they are not (ACCEPTABLE)."""
+    gf = _committed("model_stream")
+    good = sixteen_bit_cases(gf, "bfloat16")
+    cid, detail = _near_case("model_stream", good, "bfloat16")
+    t_star = int(re.search(r"compared before step (\d+)", detail).group(1))
+    assert t_star > 0, detail
+    name = next(p for p in good[cid].data if re.fullmatch(r"outputs/layers\.0\.(s|Tx)", p))
+    for t, want in ((t_star - 1, "MISMATCH"), (t_star, "ACCEPTABLE")):
+        cases = {k: G.Case(id=v.id, extra=dict(v.extra), data=dict(v.data))
+                 for k, v in good.items()}
+        s = cases[cid].data[name].copy()
+        s[..., t] = np.where(s[..., t] == 0, 1.0, 0.0)  # an inverted step (binary or ternary)
+        cases[cid].data[name] = s
+        report = _verify(write_candidate(tmp_path / f"s{t}.h5", "model_stream", cases),
+                         "bfloat16")
+        rows = [r for r in rows_of(report) if r["case"] == cid]
+        assert any(r["status"] == want for r in rows), rows
+        assert report["passed"] == (want == "ACCEPTABLE")
 
 
 def test_select_by_attribute_and_flag_through_the_cli(tmp_path):
