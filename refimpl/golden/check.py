@@ -49,7 +49,7 @@ import numpy as np
 from .generate import EPS, SAFETY, case_from_spec, regenerate, run, tolerance
 from .registry import SUITES, get_suite, suite_specs
 from .schema import DEFAULT_DIR, read_golden
-from .tensors import index_str as _index
+from .tensors import excess, index_str as _index
 from .verify import (_row, annotate as _annotate, compare_case, summarise as _summary,  # noqa: F401
                      verify, verify_file)
 
@@ -141,12 +141,11 @@ class _Differences:
             elif not skip_beyond:
                 self.stale.append(entry)
             return
-        diff = np.where(same, 0.0, np.abs(new.astype(np.float64) - old))
-        diff = np.where(np.isnan(diff), np.inf, diff)
         allowance = np.broadcast_to(np.asarray(allowance, dtype=np.float64), old.shape)
-        ratio = np.where(diff == 0, 0.0, diff / np.maximum(allowance, 1e-300))
+        # |new - old| / allowance: the excess over the interval old -/+ allowance, plus 1
+        ratio = np.where(same, 0.0, excess(new, old - allowance, old + allowance) + 1.0)
         i = np.unravel_index(int(np.argmax(ratio)), old.shape)
-        beyond = int((diff > allowance).sum())
+        beyond = int((ratio > 1.0).sum())
         note = (f"{int((~same).sum())} of {old.size} elements differ"
                 + (f", {beyond} beyond rounding" if beyond else ""))
         entry = (float(ratio[i]), item, _index(i), new[i].item(), old[i].item(),

@@ -51,6 +51,17 @@ def rounded(ref, atol, rtol, profile):
     return round_to(lo, profile), round_to(hi, profile)
 
 
+def excess(values, lo, hi):
+    """Per element, how far ``values`` lie outside ``[lo, hi]`` in units of the interval's
+    half-width: ``(|v - mid| - half) / half``, <= 0 inside, ``inf`` for NaN. The one measure of
+    "how bad" behind every worst element the verifier and ``check`` report."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    half = np.maximum((hi - lo) / 2.0, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        dist = np.abs(np.asarray(values, np.float64) - (lo + hi) / 2.0) - half
+        return np.where(np.isnan(dist), np.inf, dist / np.maximum(half, 1e-300))
+
+
 def outside(cand, ref, lo, hi, mask=None, what=""):
     """The worst element of ``cand`` outside ``[lo, hi]`` (over ``mask``) as a
     :class:`Finding`, or None. ``what`` ends the detail ``"N of M <what>"``."""
@@ -67,11 +78,7 @@ def outside(cand, ref, lo, hi, mask=None, what=""):
     if ok.all():
         return None
     half = np.maximum((np.asarray(hi, np.float64) - np.asarray(lo, np.float64)) / 2.0, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        mid = (np.asarray(lo, np.float64) + np.asarray(hi, np.float64)) / 2.0
-        dist = np.abs(c - mid) - half
-        ratio = np.where(ok, -1.0, np.where(np.isnan(dist), np.inf,
-                                            dist / np.maximum(half, 1e-300)))
+    ratio = np.where(ok, -1.0, excess(c, lo, hi))
     i = np.unravel_index(int(np.argmax(ratio)), ref.shape)
     n = int((~ok).sum())
     total = int(mask.sum()) if mask is not None else ref.size
