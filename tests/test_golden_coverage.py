@@ -90,3 +90,20 @@ def test_untestable_counts_follow_from_the_formula(tables, precision):
                 if a > 0 and a >= (np.abs(v).max() if v.size else 0.0):
                     want += 1
         assert tables[precision][suite]["untestable"] == want, (suite, precision)
+
+
+def test_a_suite_mostly_not_a_test_says_so_on_one_line():
+    """The report's coverage line, and its warning when fewer than half the tensors were a test
+    (a synthetic report: no committed suite is that weak at any profile now)."""
+    def report(tested, untestable, not_compared):
+        return {"files": [{"suite": "glu", "precision": "bfloat16", "passed": True,
+                           "candidate": "c.h5", "golden": "g.h5", "rows": [],
+                           "summary": {"cases": 1, "cases_failed": 0, "statuses": {},
+                                       "tensors": {"tested": tested, "untestable": untestable,
+                                                   "not_compared": not_compared}}}]}
+    text = G.format_report(report(2, 3, 1))
+    assert "tensors at bfloat16: 2 of 6 tested (33.3 %), 3 UNTESTABLE, 1 not compared" in text
+    warn = [ln for ln in text.splitlines() if "WARNING" in ln]
+    assert warn == ["  WARNING: most tensors of glu are not a test at bfloat16: this verdict "
+                    "says little"]
+    assert "WARNING" not in G.format_report(report(4, 3, 0))
