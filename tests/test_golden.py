@@ -5,7 +5,6 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import h5py
@@ -698,18 +697,10 @@ def test_registry_takes_keywords_and_refuses_duplicates():
     assert suite.op == "glu" and suite.math
 
 
-def test_torch_example_backend_passes_verify(tmp_path):
-    """The worked example (examples/torch_backend.py) writes candidates that pass."""
-    pytest.importorskip("torch")
-    sys.path.insert(0, str(REPO / "examples"))
-    try:
-        import torch_backend
-    finally:
-        sys.path.pop(0)
-    written = torch_backend.main(["--golden", str(COMMITTED), "--out", str(tmp_path)])
-    report = G.verify(written, COMMITTED)
-    assert report["passed"], G.format_report(report)
-    assert {f["suite"] for f in report["files"]} == {"s4d_kernel", "fftconv", "neuron", "glu"}
+# The worked PyTorch example (examples/torch_backend.py) needs torch, which is no dependency:
+# `make example-check` (run by .ci/run) builds its own environment, runs it at float64, float32,
+# bfloat16 and float16 and verifies each at its profile (issue 21: a test here was skipped in
+# `make test` and the example broke unnoticed).
 
 
 # --------------------------------------------------------------------------------------------
