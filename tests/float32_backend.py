@@ -819,7 +819,7 @@ def sdn(case, bug=None):
 # Norms and the block
 # ============================================================================================
 
-EPS_NORM = F32(1e-5)
+EPS_NORM = 1e-5  # converted where used (F32(1e-5): the float32 value; float64 under impl)
 
 
 def norm_fwd(x, gamma, beta, kind, eps=EPS_NORM, bug=None):
@@ -959,7 +959,7 @@ def _eval_norm(x, p, pre, kind):
     if kind == "layer":
         return norm_fwd(x, gamma, beta, "layer")[0]
     rm, rv = p[pre + "norm.running_mean"], p[pre + "norm.running_var"]
-    rstd = F32(1) / np.sqrt(rv + EPS_NORM)
+    rstd = F32(1) / np.sqrt(rv + F32(EPS_NORM))
     return (((x - rm[:, None]) * rstd[:, None]) * gamma[:, None] + beta[:, None]).astype(F32)
 
 

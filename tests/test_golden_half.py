@@ -16,8 +16,8 @@ declares). Shown here, through :func:`refimpl.golden.verify`:
   failing row on the tensor the bug affects;
 - false alarms: random rounding variants of the correct backend (seeded summation order,
   1-ulp perturbations of inexact intermediates, FFT or direct convolution, whole or chunked)
-  give no failing row: ``N_FAST`` seeds in ``make test``, ``N_SLOW`` (200) in ``make
-  test-all``.
+  give no failing row: ``N_FAST`` (20) seeds on the cheap suites, each at one format, in
+  ``make test``; ``N_SLOW`` (200) seeds on every suite at both formats in ``make test-all``.
 
 Counts of PASS / ACCEPTABLE / UNTESTABLE rows are printed (``pytest -s``).
 """
@@ -41,13 +41,20 @@ N_FAST, N_SLOW = 20, 200
 VARIANT_SUITES = {
     "direct": ("fftconv", "s4d_layer", "block", "model_stream"),
     "chunked": ("s4d_layer", "neuron", "pmbc", "block"),
-    "order": hb.SUITES,
-    "jitter": hb.SUITES,
+    # the neuron has no reduction but drho's over B = 2 (a sum of two is commutative)
+    "order": tuple(s for s in hb.SUITES if s not in ("neuron", "pmbc")),
 }
+#: jitter (1-ulp perturbations) is tested inside the seeded ``rounding`` variants below
 #: the seed of the seeded variants in the fast tests
 SEED0 = 0
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _golden_read_once():
+    """Each golden file parsed once per module (half_backend.golden_read_once: speed only)."""
+    with hb.golden_read_once():
+        yield
 @pytest.fixture(scope="module")
 def cand(tmp_path_factory):
     """``cand(suite, fmt, bug=None, variant=None, seed=None)`` -> candidate path (memoised)."""
@@ -176,26 +183,45 @@ def test_variant_passes(cand, variant, suite, fmt):
     print(f"{suite} {fmt} {variant}: {counts(rep)}")
 
 
-@pytest.mark.parametrize("variant", list(VARIANT_SUITES))
-def test_variants_change_only_their_suites(variant):
-    """A variant really computes differently in its suites (else its test would only repeat
-    the FFT backend's), and identically elsewhere (so the suites left out are covered)."""
-    seed = SEED0 if variant in hb.SEEDED else None
-    differs = set()
-    for suite in hb.SUITES:
-        a = hb.compute_suite(suite, "bfloat16")
-        b = hb.compute_suite(suite, "bfloat16", variant=variant, seed=seed)
+def _differing(fmt, variant, seed, suites=hb.SUITES):
+    """``{suite: number of elements}`` where the variant's candidate differs from the FFT
+    backend's at ``fmt``."""
+    out = {}
+    for suite in suites:
+        a = hb.compute_suite(suite, fmt)
+        b = hb.compute_suite(suite, fmt, variant=variant, seed=seed)
+        n = 0
         for cid in a:
             if isinstance(a[cid], str):
                 assert a[cid] == b[cid]
                 continue
             for ta, tb in zip(a[cid], b[cid]):
-                if any(not np.array_equal(ta[k], tb[k], equal_nan=True) for k in ta):
-                    differs.add(suite)
-    assert differs <= set(VARIANT_SUITES[variant]), sorted(differs)
+                assert ta.keys() == tb.keys()
+                n += sum(int((~((ta[k] == tb[k]) | (np.isnan(ta[k]) & np.isnan(tb[k])))).sum())
+                         for k in ta)
+        if n:
+            out[suite] = n
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANT_SUITES) + ["jitter"])
+def test_variants_change_only_their_suites(variant):
+    """A variant computes differently in its suites (float32 results, before any 16-bit
+    rounding: the test of the variant is no repetition of the FFT backend's) and identically
+    elsewhere (so the suites left out of test_variant_passes are covered). At 16 bits most
+    of the difference disappears in the final rounding; the elements that still differ are
+    counted (-s)."""
+    seed = SEED0 if variant in hb.SEEDED else None
+    suites = VARIANT_SUITES.get(variant, hb.SUITES)
+    differs = _differing("float32", variant, seed)
+    assert set(differs) <= set(suites), sorted(differs)
     # the neuron chunked is the same recursion, bit for bit: its test checks the state passing
-    expect = set(VARIANT_SUITES[variant]) - {"neuron", "pmbc"}
-    assert expect <= differs, f"{variant} changes nothing in {sorted(expect - differs)}"
+    expect = set(suites) - ({"neuron", "pmbc"} if variant == "chunked" else set())
+    assert expect <= set(differs), f"{variant} changes nothing in {sorted(expect - set(differs))}"
+    for fmt in FORMATS:
+        print(f"{variant} at {fmt}: elements differing from the FFT backend "
+              f"{_differing(fmt, variant, seed, suites)}")
 
 
 # ---- planted bugs ----------------------------------------------------------------------------
@@ -236,42 +262,56 @@ def test_at_least_15_bugs_of_distinct_kinds():
 
 # ---- false alarms ------------------------------------------------------------------------------
 
-#: the suites of the fast false-alarm run (the cheap ones; the slow run takes every suite)
-FAST_SUITES = ("s4d_kernel", "fftconv", "s4d_layer", "glu", "gsu", "sdn")
+#: the suites of the fast false-alarm run: the cheap ones. A rounding variant moves the most
+#: 16-bit values in the block (measured over 6 seeds, bfloat16 / float16: block 736 / 1921,
+#: neuron 158 / 218, pmbc 138 / 169, glu 69 / 122, fftconv 14 / 61, sdn 5 / 53, s4d_layer 10 /
+#: 38, s4d_kernel 3 / 6, gsu 7 / 3, model_stream 1 / 8), which costs 0.5 s a seed: the slow run
+#: takes every suite
+FAST_SUITES = ("fftconv", "glu", "gsu", "sdn")
 
 
-def _false_alarms(cand, seeds, suites):
-    bad, stats = [], {}
+def _false_alarms(cand, seeds, suites, formats=lambda seed: FORMATS):
+    """Failing rows and status counts of the ``rounding`` variants ``seeds`` at their
+    ``formats(seed)``, and the number of elements in which they differ from the FFT backend's
+    candidates (what the run exercised: most float32 differences vanish in the 16-bit
+    rounding)."""
+    bad, stats, moved = [], {}, dict.fromkeys(FORMATS, 0)
     for seed in seeds:
-        for fmt in FORMATS:
+        for fmt in formats(seed):
+            stats.setdefault(("seeds", fmt), {"n": 0})["n"] += 1
+            moved[fmt] += sum(_differing(fmt, "rounding", seed, suites).values())
             for suite in suites:
                 rep = run(cand(suite, fmt, variant="rounding", seed=seed), fmt)
                 bad += [dict(r, seed=seed, fmt=fmt) for r in failing(rep)]
                 c = counts(rep)
-                s = stats.setdefault((suite, fmt), dict.fromkeys(c, 0))
+                st = stats.setdefault((suite, fmt), dict.fromkeys(c, 0))
                 for k, v in c.items():
-                    s[k] += v
-    return bad, stats
+                    st[k] += v
+    return bad, stats, moved
 
 
-def _report_false_alarms(bad, stats, n):
+def _report(bad, stats, moved):
     for (suite, fmt), c in sorted(stats.items()):
-        print(f"{suite} {fmt} over {n} rounding variants: {c}")
+        if suite != "seeds":
+            print(f"{suite} {fmt} over {stats['seeds', fmt]['n']} rounding variants: {c}")
+    print(f"elements differing from the FFT backend's candidates: {moved}")
     return "\n".join(f"seed {r['seed']} {r['fmt']} {r.get('suite')} {r['case']}"
                      for r in bad[:12]) + "\n" + fmt_rows(bad)
 
 
 def test_no_false_alarm_fast(cand):
     t = time.perf_counter()
-    bad, stats = _false_alarms(cand, range(N_FAST // 2), FAST_SUITES)
-    bad2, stats2 = _false_alarms(cand, range(1000, 1000 + N_FAST // 2), ("neuron", "block"))
-    msg = _report_false_alarms(bad + bad2, {**stats, **stats2}, N_FAST // 2)
-    assert not bad + bad2, msg
+    # seed i judged at one format, alternately (the slow run judges every seed at both)
+    bad, stats, moved = _false_alarms(cand, range(N_FAST), FAST_SUITES,
+                                      lambda seed: (FORMATS[seed % 2],))
+    assert not bad, _report(bad, stats, moved)
+    _report(bad, stats, moved)
+    assert sum(moved.values()) > 0  # the variants did round differently somewhere
     print(f"fast false-alarm run: {time.perf_counter() - t:.1f} s")
 
 
 @pytest.mark.slow
 def test_no_false_alarm_200_rounding_variants(cand):
-    bad, stats = _false_alarms(cand, range(N_SLOW), hb.SUITES)
-    assert not bad, _report_false_alarms(bad, stats, N_SLOW)
-    _report_false_alarms(bad, stats, N_SLOW)
+    bad, stats, moved = _false_alarms(cand, range(N_SLOW), hb.SUITES)
+    assert not bad, _report(bad, stats, moved)
+    _report(bad, stats, moved)
