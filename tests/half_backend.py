@@ -204,6 +204,13 @@ def compute_suite(suite, fmt, bug=None, variant=None, seed=None):
     return _CACHE[key]
 
 
+def forget(**match):
+    """Drop the memoised results whose bug / variant / seed equal ``match`` (memory)."""
+    names = ("path", "suite", "fmt", "bug", "variant", "seed")
+    for key in [k for k in _CACHE if all(dict(zip(names, k))[n] == v for n, v in match.items())]:
+        del _CACHE[key]
+
+
 def write_candidate(suite, path, fmt, bug=None, variant=None, seed=None, dtype=None,
                     corrupt=None):
     """Write the candidate of ``suite`` computed at ``fmt`` to ``path`` (returned).
