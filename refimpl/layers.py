@@ -11,7 +11,10 @@ fused into serial Numba kernels (``fastmath`` from :mod:`refimpl.config`, one pa
 several NumPy temporaries), each next to its NumPy form in a comment. Large passes run on
 ``numba.get_num_threads()`` threads over disjoint batch rows (:func:`_over_batch`); sums over
 the batch are kept per row and added in row order afterwards (:func:`_sum_rows`), so the
-results do not depend on the thread count.
+results do not depend on refimpl's thread count. BLAS's own threads: ``dgemm`` (float64) sums
+in the same order at any thread count; OpenBLAS's threaded ``sgemm`` does not on every CPU
+(one float32 ulp on an AMD EPYC, tests/test_speed_threads.py), so the float32 variant is
+reproducible for a given ``OPENBLAS_NUM_THREADS``.
 """
 import math
 import os

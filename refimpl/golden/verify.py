@@ -166,9 +166,12 @@ def _compare_case(suite, gcase, ccase, skip, prof):
                             f"refimpl: {gcase.extra.get('error', '')}")], None
     over = overflows(gcase, prof) if prof.name != "float64" else None
     if over:
-        return [_row(suite, cid, "UNTESTABLE", over[0], bound=prof.max, detail=(
+        rows = [_row(suite, cid, "UNTESTABLE", over[0], bound=prof.max, detail=(
             f"{over[0]} holds {over[1]:.3g}, beyond the largest {prof.name} ({prof.max:.5g}): "
-            f"not a test at this precision (a rejection is fine)"))], None
+            f"not a test at this precision (a rejection is fine)"))]
+        if not err:  # computed anyway: its spikes must still be spikes
+            rows += _spike_values(suite, gcase, ccase)
+        return rows, None
     if err:
         return [_row(suite, cid, "ERROR",
                      detail=f"valid case rejected by the candidate: {err}")], None
@@ -183,6 +186,19 @@ def _compare_case(suite, gcase, ccase, skip, prof):
         if best is None or (_fails(best[0]) and not _fails(out[0])):
             best = out
     return best
+
+
+def _spike_values(suite, gcase, ccase):
+    """BAD_VALUE rows of the spike outputs of a candidate case (0/1, -1/0/1 ternary)."""
+    spec, rows = get_suite(suite), []
+    for name in spec.spikes:
+        p = "outputs/" + name
+        if p in ccase.data and p in gcase.data:
+            f = bad_values(np.asarray(ccase.data[p]), np.asarray(gcase.data[p]), spike=True,
+                           ternary=name in spec.ternary)
+            if f:
+                rows.append(_finding_row(suite, gcase.id, "BAD_VALUE", p, f))
+    return rows
 
 
 def _fails(rows):
