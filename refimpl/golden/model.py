@@ -177,6 +177,17 @@ def _block_depth(case):
     return {"*": d, "grads/*": Bsz * L + d}
 
 
+def _block_causal(case):
+    """``y (B, H, L)`` depends on steps ``<= t`` only, unless the kernel is bidirectional or a
+    training-mode BatchNorm after the residual mixes every step's statistics (a prenorm
+    BatchNorm normalises the block input, upstream of the spikes)."""
+    c = case.config
+    if c.get("bidirectional") or (c.get("norm") == "batch" and not c.get("prenorm")
+                                  and c.get("training", True)):
+        return {}
+    return {"y": 2}
+
+
 register(
     name="block",
     math="one block of DESIGN.md section 8",
@@ -184,6 +195,7 @@ register(
     fwd=_block_fwd,
     bwd=_block_bwd,
     differentiable=("y",),
+    causal=_block_causal,
     depth=_block_depth,
 )
 

@@ -373,9 +373,10 @@ def _judge(suite, gcase, ccase, skip, prof, ref):
                 rows.append(_row(suite, cid, "PASS" if not skipped else "SKIP", detail=extra))
         elif counts["tested"]:
             how = f" (inputs read {ref.read})" if prof.rounds else ""
+            resolution = (f"; resolution: half-width / max|ref| <= {res[0]:.3g} ({res[1]})"
+                          if res[0] > 0 else "")
             rows.append(_row(suite, cid, "PASS", detail=(
-                f"at {prof.name}{how}; resolution: half-width / max|ref| <= {res[0]:.3g} "
-                f"({res[1]})" + (f"; {extra}" if extra else ""))))
+                f"at {prof.name}{how}{resolution}" + (f"; {extra}" if extra else ""))))
             if res[0] > 0:
                 rows[-1]["resolution"] = res[0]
                 rows[-1]["resolution_tensor"] = res[1]
