@@ -241,6 +241,32 @@ def test_planted_bug_fails_with_its_tensor(cand, bug, fmt):
     print(f"{bug} {fmt}: {len(hit)} failing rows on {tensor}, e.g.\n{fmt_rows(hit, 1)}")
 
 
+#: bugs that change one tensor only: the failing rows must name it and nothing else
+EXCLUSIVE = ("grad_x1001", "glu_output_x1001", "missing_conj", "no_D_in_backward",
+             "count_end_not_decremented")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("bug", EXCLUSIVE)
+def test_single_tensor_bug_blames_that_tensor_only(cand, bug, fmt):
+    suite, tensor = fb.BUGS[bug]
+    bad = failing(run(cand(suite, fmt, bug), fmt))
+    others = [r for r in bad if r["tensor"] != tensor]
+    assert bad and not others, f"{bug} at {fmt} blames other tensors:\n{fmt_rows(others)}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_missing_dataset_blames_that_dataset_only(cand, fmt):
+    """The correct pmbc candidate without ``iterations`` (verified without the skip): every
+    failing row is that MISSING dataset. (A case where reading the inputs directly and via
+    float32 round differently has two references; the verdict must not fall back to the one
+    the candidate does not match because the case fails for another reason.)"""
+    rep = verify([cand("pmbc", fmt)], precision=fmt)["files"][0]
+    bad = failing(rep)
+    others = [r for r in bad if (r["status"], r["tensor"]) != ("MISSING", "outputs/iterations")]
+    assert bad and not others, f"pmbc at {fmt}:\n{fmt_rows(others)}"
+
+
 def test_at_least_15_bugs_of_distinct_kinds():
     kinds = {  # bug -> kind (issue 21: structural, discrete, scale, stateful)
         "glu_gate_wrong_half": "structural", "fft_circular": "structural",
