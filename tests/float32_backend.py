@@ -27,8 +27,11 @@ the calls made inside it, another correct implementation — ``conv="direct"`` (
 convolution, a sequential sum over the lags, instead of the FFT), ``chunks=(5, 1, 10, ...)``
 (the neuron and the causal S4D forward run chunk by chunk, carrying their state), ``order=rng``
 (a random permutation of the summation order of every contraction and reduction), ``ulp=rng``
-(every inexact intermediate result moved by -1, 0 or +1 ulp at random, as another rounding
-order would), ``dtype=np.float64`` (the same code in float64 / complex128). Outside
+(intermediate results moved by -1, 0 or +1 ulp at random, as another evaluation order would:
+every nonzero intermediate of the kernel, convolution, GLU, GSU, SDN, norms and the neuron's
+backward; in the neuron's forward only membranes that float32 did not compute exactly, so the
+dyadic ``at_threshold`` cases stay exact), ``dtype=np.float64`` (the same code in float64 /
+complex128). Outside
 :func:`impl` the backend is the float32 one described above.
 """
 import contextlib
