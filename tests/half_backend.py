@@ -27,7 +27,6 @@ causal S4D forward chunk by chunk, 5 + 1 + 10 + 16 + ..., carrying their state),
 convolution and chunked or whole by the seed). Bugs: ``float32_backend.BUGS`` (planted bugs)
 and ``float32_backend.GARBAGE_SPIKES`` (the block's internal spikes inverted / halved).
 """
-import contextlib
 import os
 
 import h5py
@@ -244,31 +243,6 @@ def write_candidate(suite, path, fmt, bug=None, variant=None, seed=None, dtype=N
                         arr = np.asarray(corrupt(cid, dpath, arr))
                     grp[dpath] = arr.astype(np.int64 if arr.dtype.kind in "iub" else dtype)
     return path
-
-
-@contextlib.contextmanager
-def golden_read_once():
-    """Inside the ``with`` block the verifier parses each golden file once (memoised by path,
-    size and modification time): ``refimpl.golden.verify`` spends most of its time reading the
-    golden file's attributes, and the tests verify hundreds of candidates of the same files.
-    Transparent: the verifier never modifies what :func:`read_golden` returns (it compares
-    copies), and the golden files are read-only package data."""
-    import sys
-    V = sys.modules["refimpl.golden.verify"]  # the module (the package exports a function)
-    orig, memo = V.read_golden, {}
-
-    def read(path):
-        st = os.stat(path)
-        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-        if key not in memo:
-            memo[key] = orig(path)
-        return memo[key]
-
-    V.read_golden = read
-    try:
-        yield
-    finally:
-        V.read_golden = orig
 
 
 if __name__ == "__main__":  # python tests/half_backend.py OUTDIR FMT [VARIANT [SEED]]

@@ -93,13 +93,6 @@ def _corrupt(kind, suite):
 BLOCK_BUG = {"invert": "spikes_inverted", "half": "spikes_half"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _golden_read_once():
-    """Each golden file parsed once per module (half_backend.golden_read_once: speed only)."""
-    with hb.golden_read_once():
-        yield
-
-
 @pytest.fixture(scope="module")
 def cand(tmp_path_factory):
     """``cand(suite, profile, kind=None)`` -> path of the (garbage) candidate (memoised)."""

@@ -50,13 +50,6 @@ VARIANT_SUITES = {
 SEED0 = 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _golden_read_once():
-    """Each golden file parsed once per module (half_backend.golden_read_once: speed only)."""
-    with hb.golden_read_once():
-        yield
-
-
 @pytest.fixture(scope="module")
 def cand(tmp_path_factory):
     """``cand(suite, fmt, bug=None, variant=None, seed=None)`` -> candidate path (memoised)."""

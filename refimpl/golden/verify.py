@@ -444,6 +444,22 @@ def _no_match(select, cases, suite):
                        + (f" ({'; '.join(parts)})" if parts else ""))
 
 
+_GOLDEN = {}
+
+
+def _golden(path):
+    """:func:`~.schema.read_golden`, cached per process by path, size and modification time
+    (verifying many candidates against one suite reads its golden file once; the verifier never
+    writes into a golden case)."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _GOLDEN:
+        if len(_GOLDEN) > 32:
+            _GOLDEN.clear()
+        _GOLDEN[key] = read_golden(path)
+    return _GOLDEN[key]
+
+
 def verify_file(candidate, golden_dir=DEFAULT_DIR, skip=(), precision="float64", select=()):
     """Compare one candidate file with ``<golden_dir>/<suite>.h5``; returns a file report dict
     ``{candidate, golden, suite, precision, passed, summary, rows}``. Bad files raise
@@ -456,7 +472,7 @@ def verify_file(candidate, golden_dir=DEFAULT_DIR, skip=(), precision="float64",
     gpath = Path(golden_dir) / f"{suite}.h5"
     if not gpath.exists():
         raise FileFormatError(f"{candidate}: suite {suite!r} has no golden file {gpath}")
-    gf = read_golden(gpath)
+    gf = _golden(gpath)
     chosen = selector(select, list(gf.cases.values()), suite) if select else None
     if chosen is not None and not any(chosen(c) for c in gf.cases.values()):
         raise _no_match(select, list(gf.cases.values()), suite)
