@@ -1106,10 +1106,27 @@ def write_candidate(suite, path, bug=None, target=None, dtype=np.float64):
     if bug is not None and bug not in BUGS and bug not in VARIANTS and bug != REL_ERROR:
         raise ValueError(f"unknown bug {bug!r}")
     results = compute_suite(suite, None if bug == REL_ERROR else bug)
-    with h5py.File(golden_path(suite), "r") as gold, h5py.File(path, "w") as cand:
+
+    def store(cid, dpath, arr):
+        if np.asarray(arr).dtype.kind in "iu":  # counters: int64, as golden
+            return np.asarray(arr, dtype=np.int64)
+        arr = np.asarray(arr, dtype=np.float64)
+        if bug == REL_ERROR and dpath == target:
+            arr = arr * (1.0 + 1e-3)
+        return arr.astype(dtype)
+    with h5py.File(golden_path(suite), "r") as gold:
+        return write_results(path, suite, results, gold["cases"],
+                             "tests/float32_backend.py" + (f" bug={bug}" if bug else ""), store)
+
+
+def write_results(path, suite, results, cases, backend, store):
+    """Write a candidate file: ``results`` maps case ids to ``(outputs, grads)`` or a rejection
+    message; ``cases`` the golden cases (id -> something that answers ``"outputs/<name>" in``):
+    only the datasets the golden case holds are written, as ``store(case id, path, array)``."""
+    with h5py.File(path, "w") as cand:
         cand.attrs.update(schema="refimpl-golden-candidate", schema_version=1, suite=suite,
-                          backend="tests/float32_backend.py" + (f" bug={bug}" if bug else ""))
-        for cid, gcase in gold["cases"].items():
+                          backend=backend)
+        for cid, gcase in cases.items():
             grp = cand.create_group(f"cases/{cid}")
             if isinstance(results[cid], str):
                 grp.attrs["error"] = results[cid]
@@ -1117,15 +1134,9 @@ def write_candidate(suite, path, bug=None, target=None, dtype=np.float64):
             outputs, grads = results[cid]
             for group, tensors in (("outputs", outputs), ("grads", grads)):
                 for name, arr in tensors.items():
-                    if f"{group}/{name}" not in gcase:
-                        continue
-                    if np.asarray(arr).dtype.kind in "iu":  # counters: int64, as golden
-                        grp[f"{group}/{name}"] = np.asarray(arr, dtype=np.int64)
-                        continue
-                    arr = np.asarray(arr, dtype=np.float64)
-                    if bug == REL_ERROR and f"{group}/{name}" == target:
-                        arr = arr * (1.0 + 1e-3)
-                    grp[f"{group}/{name}"] = arr.astype(dtype)
+                    dpath = f"{group}/{name}"
+                    if dpath in gcase:
+                        grp[dpath] = store(cid, dpath, arr)
     return path
 
 

@@ -224,25 +224,14 @@ def write_candidate(suite, path, fmt, bug=None, variant=None, seed=None, dtype=N
     results = compute_suite(suite, fmt, bug, variant, seed)
     label = " ".join(f"{k}={v}" for k, v in (("bug", bug), ("variant", variant), ("seed", seed))
                      if v is not None)
-    with h5py.File(path, "w") as cand:
-        cand.attrs.update(schema="refimpl-golden-candidate", schema_version=1, suite=suite,
-                          backend=f"tests/half_backend.py {fmt} {label}".strip())
-        for cid, gcase in golden_cases(suite).items():
-            grp = cand.create_group(f"cases/{cid}")
-            if isinstance(results[cid], str):
-                grp.attrs["error"] = results[cid]
-                continue
-            outputs, grads = results[cid]
-            for group, tensors in (("outputs", outputs), ("grads", grads)):
-                for name, arr in tensors.items():
-                    dpath = f"{group}/{name}"
-                    if dpath not in gcase:
-                        continue
-                    arr = np.array(arr)
-                    if corrupt is not None:
-                        arr = np.asarray(corrupt(cid, dpath, arr))
-                    grp[dpath] = arr.astype(np.int64 if arr.dtype.kind in "iub" else dtype)
-    return path
+
+    def store(cid, dpath, arr):
+        arr = np.array(arr)
+        if corrupt is not None:
+            arr = np.asarray(corrupt(cid, dpath, arr))
+        return arr.astype(np.int64 if arr.dtype.kind in "iub" else dtype)
+    return fb.write_results(path, suite, results, golden_cases(suite),
+                            f"tests/half_backend.py {fmt} {label}".strip(), store)
 
 
 if __name__ == "__main__":  # python tests/half_backend.py OUTDIR FMT [VARIANT [SEED]]
