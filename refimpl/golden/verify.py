@@ -26,8 +26,8 @@ from ..h5io import FileFormatError
 from . import spikes as S
 from .generate import run
 from .precision import (PROFILES, SelectError, bound as profile_bound, compute_profile,
-                        get_profile, overflows, read_as, selector, _case_attrs)
-from .registry import get_suite
+                        get_profile, overflows, read_as, round_to, selector, _case_attrs)
+from .registry import SUITES, get_suite
 from .schema import DEFAULT_DIR, FAILURES, read_candidate, read_golden
 from .tensors import allclose, bad_values, outside, rounded
 
@@ -235,19 +235,25 @@ def _check_dtype(cand, ref, prof):
 
 
 def _interval(ref, meta, prof):
-    """``(lo, hi, atol)`` of one allclose dataset under ``prof``: the stored bound (float64),
-    the float32 bound (float32), or the 16-bit values a float32 evaluation may round to."""
+    """``(lo, hi, atol, what)`` of one dataset under ``prof``: ``lo = hi = ref`` for exact ones
+    (spikes, integers); for allclose ones the stored bound (float64), the float32 bound
+    (float32), or the 16-bit values a float32 evaluation may round to; ``what`` ends a
+    finding's detail."""
+    if ref.dtype.kind != "f" or meta.get("compare") == "exact":
+        return ref, ref, 0.0, "differ (exact)"
     atol, rtol = profile_bound(meta, compute_profile(prof))
-    lo, hi = rounded(ref, atol, rtol, prof) if prof.rounds else allclose(ref, atol, rtol)
-    return lo, hi, atol
+    if prof.rounds:
+        lo, hi = rounded(ref, atol, rtol, prof)
+        return lo, hi, atol, (f"outside the {prof.name} roundings of ref -/+ (atol {atol:.3g} "
+                              f"+ rtol |ref|), the {compute_profile(prof).name} bound")
+    lo, hi = allclose(ref, atol, rtol)
+    return lo, hi, atol, f"outside atol {atol:.3g} + rtol |ref|"
 
 
 def _outside_interval(cand, ref, meta, prof, mask):
     """:func:`.tensors.outside` of one dataset with its interval under ``prof``."""
-    if ref.dtype.kind != "f" or meta.get("compare") == "exact":
-        return outside(cand, ref, ref, ref, mask, "differ (exact)")
-    lo, hi, atol = _interval(ref, meta, prof)
-    return outside(cand, ref, lo, hi, mask, f"outside atol {atol:.3g} + rtol |ref|")
+    lo, hi, _, what = _interval(ref, meta, prof)
+    return outside(cand, ref, lo, hi, mask, what)
 
 
 def _spike_rule(suite, gcase, ref, cand, prof, paths):
@@ -336,12 +342,7 @@ def _judge(suite, gcase, ccase, skip, prof, ref):
                     excused.append(p.split("/", 1)[1])
             counts[key] += 1
             continue
-        exact = r.dtype.kind != "f" or meta.get("compare") == "exact"
-        lo, hi, atol = (r, r, 0.0) if exact else _interval(r, meta, prof)
-        what = ("differ (exact)" if exact else
-                f"outside the {prof.name} roundings of ref -/+ (atol {atol:.3g} + rtol |ref|), "
-                f"the {compute_profile(prof).name} bound" if prof.rounds else
-                f"outside atol {atol:.3g} + rtol |ref|")
+        lo, hi, atol, what = _interval(r, meta, prof)
         f = outside(cand[p], r, lo, hi, mask, what)
         mag = float(np.max(np.abs(r[mask]))) if r.size and r.dtype.kind == "f" else 0.0
         untestable = prof.name != "float64" and atol > 0 and atol >= mag
@@ -515,10 +516,7 @@ def compare_tensor(cand, ref, meta):
         return "SHAPE", "", None, None, None, f"shape {cand.shape}, expected {ref.shape}"
     if ref.size == 0:
         return None
-    exact = ref.dtype.kind != "f" or meta.get("compare") == "exact"
-    lo, hi, atol = (ref, ref, 0.0) if exact else _interval(ref, meta, PROFILES["float64"])
-    f = outside(cand, ref, lo, hi, None,
-                "differ (exact)" if exact else f"outside atol {atol:.3g} + rtol |ref|")
+    f = _outside_interval(cand, ref, meta, PROFILES["float64"], None)
     return None if f is None else ("MISMATCH", f.index, f.value, f.reference, f.bound, f.detail)
 
 
@@ -528,8 +526,6 @@ def coverage(golden_dir=DEFAULT_DIR, suites=None, precision="float64", progress=
     the format: a perfect backend, so no spike flips of its own) and the tensors counted as in
     :func:`summarise` (tested, untestable, not compared). Returns ``{suite: {cases, tested,
     untestable, not_compared, untestable_cases}}``; ``progress(1)`` per case."""
-    from .registry import SUITES
-    from .precision import round_to
     prof = get_profile(precision)
     out = {}
     for name in (suites or list(SUITES)):
