@@ -25,6 +25,7 @@ import scipy.fft as sfft
 from numba import njit
 
 from . import config
+from . import ops as _ops
 from ._checks import check_array, check_name, check_shape
 
 
@@ -379,3 +380,63 @@ def direct_conv(u, K, D=None):
             y += D[:, None] * u
     _check_finite("direct_conv", y=y)
     return y
+
+
+# ---- the op contract (refimpl.ops) -----------------------------------------------------------
+
+
+class ConvConfig(NamedTuple):
+    """Configuration of the ``fftconv`` op: the form (:data:`CONV_METHODS`; ``"fft"`` is the
+    golden suite's)."""
+    method: str = "fft"
+
+
+def _conv_op(inputs, params, cfg=None, state=None):
+    cfg = ConvConfig() if cfg is None else cfg
+    y, cache = conv_fwd(inputs["u"], params["K"], params.get("D"), method=cfg.method)
+    return _ops.Result({"y": y}, cache, None)
+
+
+def _conv_op_vjp(cache, cotangents):
+    du, dK, dD = conv_vjp(cache, _ops.cotangent(cotangents, "y", cache.u))
+    return {"u": du, "K": dK} if dD is None else {"u": du, "K": dK, "D": dD}
+
+
+def conv_depth(inputs, params, cfg):
+    """An ``L``-term sum, plus a forward and an inverse FFT; ``dK``/``dD`` sum over ``B L``."""
+    Bsz, H, L = inputs["u"].shape
+    f = 2 * int(np.ceil(np.log2(fft_length(L))))
+    return {"*": L + f, "dK": Bsz * L + f, "dD": Bsz * L + f}
+
+
+def conv_scales(inputs, params, cfg, cotangents):
+    """The magnitudes of the summed terms: the same op on absolute values (no cancellation)."""
+    u, K = np.abs(inputs["u"]), np.abs(params["K"])
+    D = None if params.get("D") is None else np.abs(params["D"])
+    y, cache = conv_fwd(u, K, D, method="toeplitz")
+    out = {"y": float(np.max(y))}
+    if "y" in cotangents:
+        du, dK, dD = conv_vjp(cache, np.abs(cotangents["y"]))
+        out.update(du=float(np.max(du)), dK=float(np.max(dK)))
+        if dD is not None:
+            out["dD"] = float(np.max(dD))
+    return out
+
+
+def conv_examples(rng):
+    """Causal with and without ``D``, bidirectional, both forms."""
+    out = []
+    for method, bi, with_D, L in (("fft", False, True, 12), ("fft", True, True, 9),
+                                  ("toeplitz", False, False, 7), ("fft", False, False, 1)):
+        K = rng.normal(size=(2, 3, L) if bi else (3, L)) / L
+        params = {"K": K, "D": rng.normal(size=3)} if with_D else {"K": K}
+        out.append(_ops.Example({"u": rng.normal(size=(2, 3, L))}, params, ConvConfig(method)))
+    return out
+
+
+CONV_OP = _ops.defop(
+    name="fftconv", math="y[t] = sum_{s<=t} K0[t-s] u[s] (+ K1 anticausal) + D u[t]",
+    inputs=("u",), params=("K", "D"), optional=("D",), outputs=("y",), config=ConvConfig,
+    fwd=_conv_op, vjp=_conv_op_vjp, depth=conv_depth, scales=conv_scales,
+    examples=conv_examples,
+)

@@ -144,6 +144,7 @@ import numpy as np
 from numba import njit
 
 from . import config
+from . import ops as _ops
 from ._checks import check_array, check_int, check_name, check_real, check_shape
 from .precision import float_dtype, require_reference
 from .surrogates import get_surrogate, surrogate_grad, surrogate_primitive
@@ -893,3 +894,80 @@ def threshold_scale_bwd(y, ln_vth, dz):
     dy = dz / vth[:, None]  # (B, H, L)
     dln_vth = -np.einsum("bhl,bhl->h", dz, z)  # (H,)
     return dy, dln_vth
+
+
+# ---- the op contract (refimpl.ops) -----------------------------------------------------------
+
+
+class NeuronCache(NamedTuple):
+    """What the neuron's VJP reads (:data:`NEURON_OP`)."""
+    x: np.ndarray  # (B, H, L) the input (its shape)
+    s: np.ndarray  # (B, H, L) spikes (real in smooth mode)
+    h: np.ndarray  # (B, H, L) membrane before reset
+    cfg: NeuronConfig
+    rho: Optional[np.ndarray]  # (H,) or None
+    state: Optional[NeuronState]  # the initial state (its counter masks the first steps)
+    smooth: bool
+
+
+def _neuron_op(inputs, params, cfg=None, state=None, smooth=False):
+    cfg = NeuronConfig() if cfg is None else cfg
+    x, rho = inputs["x"], params.get("rho")
+    if float_dtype() == np.float64:
+        s, h, u, end = neuron_fwd(x, cfg, rho=rho, smooth=smooth, state=state,
+                                  return_state=True)
+    else:  # states are float64 only (require_reference): the float32 variant has none
+        s, h, u = neuron_fwd(x, cfg, rho=rho, smooth=smooth, state=state)
+        end = None
+    return _ops.Result({"s": s, "h": h, "u": u}, NeuronCache(x, s, h, cfg, rho, state, smooth),
+                       end)
+
+
+def _neuron_op_smooth(inputs, params, cfg=None, state=None):
+    return _neuron_op(inputs, params, cfg, state, smooth=True)
+
+
+def _neuron_op_vjp(cache, cotangents):
+    c = cache
+    dx, drho = neuron_bwd(c.x, c.s, c.h, c.cfg, _ops.cotangent(cotangents, "s", c.s),
+                          dh=cotangents.get("h"), du=cotangents.get("u"), rho=c.rho,
+                          smooth=c.smooth, state=c.state)
+    return {"x": dx} if drho is None else {"x": dx, "rho": drho}
+
+
+def neuron_depth(inputs, params, cfg):
+    """Rounding depth of the neuron: ``L`` steps of the recursion; ``drho`` sums ``B L`` more."""
+    Bsz, H, L = inputs["x"].shape
+    return {"*": L, "drho": Bsz * L + L}
+
+
+def neuron_examples(rng):
+    """Small neuron calls: every reset, both spike conditions, a refractory period, a state,
+    and the grad modes whose VJP is a gradient (``bptt``) or not (``detach_reset``, ``sltt``)."""
+    out = []
+    for i, reset in enumerate(RESETS):
+        cfg = NeuronConfig(reset=reset, tau=0.6, theta=0.8 if reset != "none" else 0.3,
+                           refractory_steps=1 if i == 1 else 0,
+                           spike_condition="gt" if i % 2 else "ge")
+        x = rng.normal(0.5, 0.8, size=(2, 3, 12))
+        params = {"rho": rng.uniform(0.1, 0.5, size=3)} if reset == "refractory" else {}
+        state = None
+        if i >= 2:
+            state = NeuronState(rng.normal(0.2, 0.3, size=(2, 3)),
+                                rng.integers(0, cfg.refractory_steps + 1, size=(2, 3)))
+        out.append(_ops.Example({"x": x}, params, cfg, state))
+    for mode in ("detach_reset", "sltt"):
+        out.append(_ops.Example({"x": rng.normal(0.5, 0.8, size=(2, 2, 10))}, {},
+                                NeuronConfig(tau=0.5, grad_mode=mode)))
+    return out
+
+
+NEURON_OP = _ops.defop(
+    name="neuron",
+    math="h_t = tau u_{t-1} + x_t, s_t = Theta(h_t - theta), u_t = h_t (1 - a s_t) + b s_t",
+    inputs=("x",), params=("rho",), optional=("rho",), outputs=("s", "h", "u"),
+    spikes=("s",), config=NeuronConfig, state=NeuronState, time={"x": 2, "s": 2, "h": 2, "u": 2},
+    fwd=_neuron_op, vjp=_neuron_op_vjp, smooth=_neuron_op_smooth,
+    exact_vjp=lambda inputs, params, cfg: cfg is None or cfg.grad_mode == "bptt",
+    depth=neuron_depth, examples=neuron_examples,
+)

@@ -43,10 +43,11 @@ import numpy as np
 from numba import njit, prange
 
 from . import config
+from . import ops as _ops
 from ._checks import check_array, check_int, check_shape
 from .precision import require_reference
-from .neurons import (NeuronConfig, NeuronState, check_rho, check_state, end_state, neuron_bwd,
-                      reset_coefficients)
+from .neurons import (NEURON_OP, NeuronCache, NeuronConfig, NeuronState, check_rho,
+                      check_state, end_state, neuron_bwd, reset_coefficients)
 
 #: Chunk length of the two-level scan.
 CHUNK = 64
@@ -325,3 +326,25 @@ def rounding_bound(x, cfg, rho=None, state=None):
         u0 = check_state(state, cfg, *np.shape(x)[:2]).u  # (B, H)
         M += float(np.max(np.abs(u0)))
     return 4 * CHUNK * eps * M / (1.0 - cfg.tau)
+
+
+# ---- the op contract (refimpl.ops) -----------------------------------------------------------
+
+
+def _pmbc_op(inputs, params, cfg=None, state=None, parallel=False):
+    cfg = NeuronConfig() if cfg is None else cfg
+    x, rho = inputs["x"], params.get("rho")
+    s, h, u, it, end = pmbc_fwd(x, cfg, rho=rho, parallel=parallel, state=state,
+                                return_state=True)
+    return _ops.Result({"s": s, "h": h, "u": u, "iterations": it},
+                       NeuronCache(x, s, h, cfg, rho, state, False), end)
+
+
+PMBC_OP = _ops.defop(
+    name="pmbc", math="the neuron's s, h, u by boundary compression (exact, parallel over rows)",
+    inputs=("x",), params=("rho",), optional=("rho",), outputs=("s", "h", "u", "iterations"),
+    differentiable=("s", "h", "u"), spikes=("s",), config=NeuronConfig, state=NeuronState,
+    time={"x": 2, "s": 2, "h": 2, "u": 2},
+    fwd=_pmbc_op, vjp=NEURON_OP.vjp, smooth=NEURON_OP.smooth, exact_vjp=NEURON_OP.exact_vjp,
+    depth=NEURON_OP.depth, examples=NEURON_OP.examples, float32=False,
+)

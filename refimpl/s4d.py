@@ -55,11 +55,13 @@ import numpy as np
 from numba import njit
 
 from . import config
+from . import ops as _ops
 from . import precision
 from ._checks import check_array, check_name, check_shape
 from .conv import ConvCache, conv_fwd, conv_vjp, fftconv_bwd
+from .conv import fft_length
 from .ssm import (DISCRETIZATIONS, KERNEL_PARAMS, discretize_params, s4d_kernel,
-                  s4d_kernel_bwd, vandermonde)
+                  s4d_kernel_bwd, ssm_examples_params, vandermonde)
 
 #: Every parameter of the layer: the kernel's and the skip ``D``.
 LAYER_PARAMS = KERNEL_PARAMS + ("D",)
@@ -363,3 +365,70 @@ def s4d_layer_step(u_t, coeffs, state):
     y = np.empty_like(u_t)  # (B, H)
     _step(state, u_t, dA, dB, C, x_new, y)
     return y + D * u_t, x_new
+
+
+# ---- the op contract (refimpl.ops) -----------------------------------------------------------
+
+
+class S4DConfig(NamedTuple):
+    """Configuration of the ``s4d_layer`` op: the discretization."""
+    disc: str = "zoh"
+
+
+class S4DState(NamedTuple):
+    """The S4D layer's state between chunks: the complex modes ``x_{T-1}`` (DESIGN.md 10)."""
+    x: np.ndarray  # complex128 (B, H, N2)
+
+
+def _layer_op(inputs, params, cfg=None, state=None):
+    cfg = S4DConfig() if cfg is None else cfg
+    u = inputs["u"]
+    if precision.float_dtype() != np.float64:  # states are float64 only
+        y, cache = s4d_layer_fwd(u, params, disc=cfg.disc)
+        return _ops.Result({"y": y}, cache, None)
+    bidirectional = params["C_re"].ndim == 3
+    if bidirectional:  # no streaming form: no state to return
+        y, cache = s4d_layer_fwd(u, params, disc=cfg.disc, state=None if state is None
+                                 else state.x)
+        return _ops.Result({"y": y}, cache, None)
+    y, cache, x_end = s4d_layer_fwd(u, params, disc=cfg.disc,
+                                    state=None if state is None else state.x, return_state=True)
+    return _ops.Result({"y": y}, cache, S4DState(x_end))
+
+
+def _layer_op_vjp(cache, cotangents):
+    du, grads = s4d_layer_bwd(cache, _ops.cotangent(cotangents, "y", cache.u))
+    return {"u": du, **grads}
+
+
+def layer_depth(inputs, params, cfg):
+    """The convolution's ``L`` terms and FFTs plus the kernel's ``N2`` modes (and, from a
+    state, the state term's ``N2``-term sum); gradients sum over ``B L`` more."""
+    Bsz, H, L = inputs["u"].shape
+    N2 = params["log_A_real"].shape[1]
+    f = 2 * int(np.ceil(np.log2(fft_length(L))))
+    return {"*": L + 2 * N2 + f, **{"d" + k: Bsz * L + L + N2 + f for k in params}}
+
+
+def layer_examples(rng):
+    """Both discretizations, trainable ``B``, a start from a state. (A bidirectional layer has
+    no streaming form and returns no state; its convolution and kernel are the ``fftconv`` and
+    ``s4d_kernel`` ops' examples.)"""
+    out = []
+    for disc, tb, bi, with_state in (("zoh", False, False, False), ("bilinear", True, False, True),
+                                     ("zoh", True, False, True)):
+        p = ssm_examples_params(rng, 3, 4, disc=disc, trainable_B=tb, bidirectional=bi)
+        p["D"] = rng.normal(size=3)
+        state = (S4DState(rng.normal(size=(2, 3, 2)) + 1j * rng.normal(size=(2, 3, 2)))
+                 if with_state else None)
+        out.append(_ops.Example({"u": rng.normal(size=(2, 3, 11))}, p, S4DConfig(disc), state))
+    return out
+
+
+LAYER_OP = _ops.defop(
+    name="s4d_layer", math="y = conv(u, K(params)) + D u",
+    inputs=("u",), params=KERNEL_PARAMS + ("B_re", "B_im", "D"), optional=("B_re", "B_im"),
+    outputs=("y",), config=S4DConfig, state=S4DState, time={"u": 2, "y": 2},
+    fwd=_layer_op, vjp=_layer_op_vjp, depth=layer_depth, examples=layer_examples,
+    vjp_from_state=False,
+)

@@ -16,10 +16,13 @@ Gradients with respect to a complex number ``z`` are exchanged as the pair
 ``g_z = conj(f'(z)) g_w``; for a real variable ``t`` feeding ``w(t)``,
 ``dL/dt = Re(conj(w'(t)) g_w)``.
 """
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
 from . import config
+from . import ops as _ops
 from ._checks import check_array, check_int, check_name, check_real, check_shape
 
 # --------------------------------------------------------------------------------------------
@@ -460,3 +463,71 @@ def s4d_kernel_bwd(log_dt, log_A_real, A_imag, C_re, C_im, dK, disc="zoh", B_re=
         g_B = np.conj(p["dB_dB"]) * g_dB  # (H, N2)
         grads += (g_B.real.copy(), g_B.imag.copy())
     return grads
+
+
+# ---- the op contract (refimpl.ops) -----------------------------------------------------------
+
+
+class KernelConfig(NamedTuple):
+    """Configuration of the ``s4d_kernel`` op: the kernel length and the discretization."""
+    L: int = 16
+    disc: str = "zoh"
+
+
+class KernelCache(NamedTuple):
+    """What the ``s4d_kernel`` op's VJP reads: its parameters and discretization."""
+    params: dict
+    disc: str
+
+
+_B_PARAMS = ("B_re", "B_im")
+
+
+def _kernel_op(inputs, params, cfg=None, state=None):
+    cfg = KernelConfig() if cfg is None else cfg
+    K = s4d_kernel(*[params[k] for k in KERNEL_PARAMS], cfg.L, disc=cfg.disc,
+                   **_ops.optional(params, *_B_PARAMS))
+    return _ops.Result({"K": K}, KernelCache(dict(params), cfg.disc), None)
+
+
+def _kernel_op_vjp(cache, cotangents):
+    p = cache.params
+    B = _ops.optional(p, *_B_PARAMS)
+    dK = cotangents.get("K")
+    if dK is None:  # a zero cotangent: zero gradients
+        return {k: np.zeros_like(p[k]) for k in KERNEL_PARAMS + tuple(B)}
+    g = s4d_kernel_bwd(*[p[k] for k in KERNEL_PARAMS], dK, disc=cache.disc, **B)
+    return dict(zip(KERNEL_PARAMS + tuple(B), g))
+
+
+def kernel_depth(inputs, params, cfg):
+    """Rounding depth of the kernel: the ``L``-term power sum plus the ``N2`` modes."""
+    L = (cfg or KernelConfig()).L
+    return {"*": L + params["log_A_real"].shape[1]}
+
+
+def ssm_examples_params(rng, H, N, disc="zoh", init="lin", trainable_B=False,
+                        bidirectional=False):
+    """S4D parameters drawn for the op examples: :func:`s4d_init` at a random seed, ``C``
+    from the generator (float64 dict)."""
+    p = s4d_init(H, N, init=init, seed=int(rng.integers(1 << 30)), trainable_B=trainable_B,
+                 bidirectional=bidirectional)
+    return {k: np.asarray(v, dtype=np.float64) for k, v in p.items()}
+
+
+def kernel_examples(rng):
+    """Both discretizations, trainable ``B``, a bidirectional kernel."""
+    out = []
+    for disc, tb, bi in (("zoh", False, False), ("bilinear", True, False), ("zoh", True, True)):
+        p = ssm_examples_params(rng, 3, 4, disc=disc, trainable_B=tb, bidirectional=bi)
+        p = {k: v for k, v in p.items() if k in KERNEL_PARAMS + _B_PARAMS}
+        out.append(_ops.Example({}, p, KernelConfig(L=10, disc=disc)))
+    return out
+
+
+KERNEL_OP = _ops.defop(
+    name="s4d_kernel", math="K[h, l] = 2 Re sum_n C dB dA^l",
+    inputs=(), params=KERNEL_PARAMS + _B_PARAMS, optional=_B_PARAMS, outputs=("K",),
+    config=KernelConfig, fwd=_kernel_op, vjp=_kernel_op_vjp, depth=kernel_depth,
+    examples=kernel_examples, float32=False,
+)

@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit
 
 from .. import config
+from .. import ops as _ops
 from .._checks import check_array, check_name, check_real, check_shape
 from ..neurons import SPIKE_CONDITIONS
 from .weights import K, resolve_weights, unpack
@@ -255,3 +256,42 @@ def fused_bwd(cache, dm):
         "w5": np.array([dm2.sum()]),  # (1,)
     }
     return dx, dweights
+
+
+# ---- the op contract (refimpl.ops) -----------------------------------------------------------
+
+#: The fused weights' names, in :data:`~refimpl.sdn.weights.FUSED_LAYOUT` order.
+WEIGHT_NAMES = ("w0", "w1", "w2", "w3", "w4", "w5")
+
+
+def random_weights(rng):
+    """Random fused weights of the published shapes (for tests and golden cases; the
+    published checkpoint is external reference data, not part of refimpl's files)."""
+    return {"w0": rng.normal(0.0, 0.4, size=(8, 1, 8)), "w1": rng.normal(0.0, 0.2, size=8),
+            "w2": rng.normal(0.0, 0.3, size=(8, 8, 1)), "w3": rng.normal(0.0, 0.2, size=8),
+            "w4": rng.normal(0.0, 0.3, size=(1, 8, 1)), "w5": rng.normal(0.0, 0.1, size=1)}
+
+
+def _fused_op(inputs, params, cfg=None, state=None):
+    m, cache = fused_fwd(inputs["x"], params)
+    return _ops.Result({"m": m}, cache, None)
+
+
+def _fused_op_vjp(cache, cotangents):
+    dm = cotangents.get("m")
+    dx, dw = fused_bwd(cache, np.zeros(cache.shape) if dm is None else dm)
+    return {"x": dx, **dw}
+
+
+def fused_examples(rng):
+    """Rows of a few lengths, the first shorter than the 8 taps."""
+    return [_ops.Example({"x": rng.normal(size=(2, 2, L))}, random_weights(rng)) for L in (5, 12)]
+
+
+FUSED_OP = _ops.defop(
+    name="sdn_fused", math="m = b3 + w3 . relu(b2 + W2 h1 + h1), h1 = relu(b1 + W1 x[t-8 .. t-1])",
+    inputs=("x",), params=WEIGHT_NAMES, outputs=("m",), fwd=_fused_op, vjp=_fused_op_vjp,
+    depth=lambda inputs, params, cfg: {"*": 32, **{"d" + k: inputs["x"].size + 32
+                                                   for k in WEIGHT_NAMES}},
+    examples=fused_examples, float32=False,
+)

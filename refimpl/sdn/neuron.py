@@ -29,11 +29,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .. import ops as _ops
 from .._checks import check_array, check_int, check_shape
-from ..precision import require_reference
+from ..precision import float_dtype, require_reference
 from ..neurons import NeuronConfig
 from ..surrogates import get_surrogate
-from .fused import sdn_forward
+from .fused import WEIGHT_NAMES, FusedCache, fused_bwd, fused_fwd, random_weights, sdn_forward
 from .weights import K
 
 
@@ -172,3 +173,98 @@ def sdn_neuron_bwd(x, m, cfg, ds):
         raise ValueError(f"x, m and ds must have the same shape, got x {x.shape}, m {m.shape}, "
                          f"ds {ds.shape}")
     return ds * get_surrogate(cfg.surrogate).grad(m + x - cfg.theta, cfg.surrogate_scale)
+
+
+# ---- the op contract (refimpl.ops) -----------------------------------------------------------
+
+
+class SDNNeuronCache(NamedTuple):
+    """What the SDN neuron's VJP reads."""
+    x: np.ndarray  # (B, H, L)
+    m: np.ndarray  # (B, H, L) the SDN prediction (a constant)
+    cfg: NeuronConfig
+
+
+def _neuron_op(inputs, params, cfg=None, state=None, smooth=False):
+    cfg = NeuronConfig() if cfg is None else cfg
+    x, m = inputs["x"], inputs.get("m")
+    if float_dtype() == np.float64:
+        s, m, end = sdn_neuron_fwd(x, params, cfg, m=m, smooth=smooth, state=state,
+                                   return_state=True)
+    else:  # states are float64 only
+        s, m = sdn_neuron_fwd(x, params, cfg, m=m, smooth=smooth, state=state)
+        end = None
+    return _ops.Result({"s": s, "m": m}, SDNNeuronCache(x, m, cfg), end)
+
+
+def _neuron_op_smooth(inputs, params, cfg=None, state=None):
+    return _neuron_op(inputs, params, cfg, state, smooth=True)
+
+
+def _neuron_op_vjp(cache, cotangents):
+    return {"x": sdn_neuron_bwd(cache.x, cache.m, cache.cfg,
+                                _ops.cotangent(cotangents, "s", cache.x))}
+
+
+def _neuron_examples(rng):
+    """The SpikingSSM setting, ``gt`` with another surrogate, from a window, and a frozen
+    ``m`` (whose smooth forward the VJP differentiates exactly)."""
+    x = rng.normal(0.5, 1.0, size=(2, 2, 11))
+    return [
+        _ops.Example({"x": x}, random_weights(rng), NeuronConfig(tau=0.125)),
+        _ops.Example({"x": x[:, :, :6]}, random_weights(rng),
+                     NeuronConfig(tau=0.125, spike_condition="gt", surrogate="atan"),
+                     SDNState(rng.normal(size=(2, 2, K)))),
+        _ops.Example({"x": x, "m": rng.normal(0.3, 0.5, size=x.shape)}, random_weights(rng),
+                     NeuronConfig(tau=0.125, theta=0.8)),
+    ]
+
+
+SDN_NEURON_OP = _ops.defop(
+    name="sdn_neuron",
+    math="s = Theta(m + x - theta), m = SDN(x) a constant; dx = ds g(m + x - theta)",
+    inputs=("x", "m"), params=WEIGHT_NAMES, optional=("m",), nondiff=("m",) + WEIGHT_NAMES,
+    outputs=("s", "m"), differentiable=("s",), spikes=("s",), config=NeuronConfig,
+    state=SDNState, time={"x": 2, "m": 2, "s": 2}, fwd=_neuron_op, vjp=_neuron_op_vjp,
+    smooth=_neuron_op_smooth, exact_vjp=lambda inputs, params, cfg: "m" in inputs,
+    depth=lambda inputs, params, cfg: {"*": 32}, examples=_neuron_examples,
+)
+
+
+class SDNCache(NamedTuple):
+    """What the ``sdn`` op's VJP reads: the network's cache and the spike's arguments."""
+    fused: FusedCache
+    x: np.ndarray
+    m: np.ndarray
+    cfg: NeuronConfig
+
+
+def _sdn_op(inputs, params, cfg=None, state=None):
+    cfg = NeuronConfig() if cfg is None else cfg
+    x = inputs["x"]
+    m, s = sdn_forward(x, params, theta=cfg.theta, spike_condition=cfg.spike_condition)
+    _, fused = fused_fwd(x, params)
+    return _ops.Result({"m": m, "s": s}, SDNCache(fused, x, m, cfg), None)
+
+
+def _sdn_op_vjp(cache, cotangents):
+    c = cache
+    g = get_surrogate(c.cfg.surrogate).grad(c.m + c.x - c.cfg.theta, c.cfg.surrogate_scale)
+    dm = cotangents.get("m")
+    _, dw = fused_bwd(c.fused, np.zeros_like(c.x) if dm is None else dm)
+    return {"x": _ops.cotangent(cotangents, "s", c.x) * g, **dw}
+
+
+SDN_OP = _ops.defop(
+    name="sdn", math="m = fused SDN(x), s = Theta(m + x - theta); dx = ds g(m + x - theta)",
+    inputs=("x",), params=WEIGHT_NAMES, outputs=("m", "s"), spikes=("s",), config=NeuronConfig,
+    fwd=_sdn_op, vjp=_sdn_op_vjp,
+    # the golden suite's surrogate path: dx ignores dm/dx (as the SDN neuron does), so the VJP
+    # is no gradient; its parts are: sdn_fused (the weights' gradients) and sdn_neuron (dx)
+    exact_vjp=lambda inputs, params, cfg: False,
+    depth=lambda inputs, params, cfg: {"*": 32, **{"d" + k: inputs["x"].size + 32
+                                                   for k in WEIGHT_NAMES}, "dx": 32},
+    examples=lambda rng: [_ops.Example({"x": rng.normal(size=(2, 2, 10))}, random_weights(rng),
+                                       NeuronConfig(tau=0.125))],
+    float32=False,
+)
