@@ -76,7 +76,7 @@ example-check: install $(PEERS_STAMP)
 # package checks also run inside `make test` (tests/test_style.py).
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/python tools/check_style.py --strict
+	$(BIN)/python tools/check_style.py --strict --positional-caches
 	$(BIN)/python -m compileall -q refimpl cli tests benchmarks examples tools
 	$(BIN)/python -W error -c "import importlib, pkgutil, refimpl, refimpl.cli; [importlib.import_module(m.name) for p in (refimpl, refimpl.cli) for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.')]"
 

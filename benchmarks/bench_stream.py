@@ -58,7 +58,7 @@ def families():
 def make_stream(activation, s):
     cfg = M.ModelConfig(n_classes=10, d_input=1, d_model=s["H"], d_state=s["N"],
                         n_layers=s["layers"], activation=activation, norm="layer")
-    w = sdn_weights(np.random.default_rng(0)) if activation == "sdn" else None
+    w = sdn_weights(np.random.default_rng(0)) if cfg.family.needs_sdn_weights else None
     p, buf = M.init_model(cfg, 0, sdn_weights=w)
     return ModelStream(cfg, p, buf)
 

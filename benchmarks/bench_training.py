@@ -40,7 +40,8 @@ def make_step(activation, s, dtype="float64"):
     retain_freed_memory()  # as refimpl.train runs its steps (refimpl/memory.py)
     cfg = M.ModelConfig(n_classes=10, d_input=1, d_model=s["H"], d_state=s["N"],
                         n_layers=s["layers"], activation=activation, dtype=dtype)
-    p, buf = M.init_model(cfg, 0, sdn_weights=sdn_weights() if activation == "sdn" else None)
+    w = sdn_weights() if cfg.family.needs_sdn_weights else None
+    p, buf = M.init_model(cfg, 0, sdn_weights=w)
     rng = np.random.default_rng(0)
     x = M.model_inputs(cfg, rng.standard_normal((s["B"], s["L"], 1)))  # (B, L, 1)
     y = rng.integers(0, 10, s["B"]).astype(np.int64)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
 
+from refimpl.activations import ACTIVATIONS  # noqa: E402
 from refimpl.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
 FAMILIES = ["gelu", "binary", "lif", "sdn", "refractory"]
@@ -84,7 +85,7 @@ def run_one(family, corpus_path, size, minutes, sdn_weights, out_root):
                      val_frac=size["val_frac"])
     cfg = M.ModelConfig.for_lm(text.vocab.size, d_model=size["d_model"], d_state=size["d_state"],
                                n_layers=size["layers"], activation=family)
-    w = load_weights(sdn_weights)[0] if family == "sdn" else None
+    w = load_weights(sdn_weights)[0] if cfg.family.needs_sdn_weights else None
     # the step time, to fit the epochs into the budget (the cosine schedule needs the total)
     p, buf = M.init_model(cfg, 0, sdn_weights=w)
     opt, groups = adamw_init(p), make_groups(p, size["lr"], 1e-2, M.optimizer_rules(size["lr"]))
@@ -184,7 +185,7 @@ def main(argv=None):
                        "python": sys.version.split()[0]})
     keep = {r["family"]: r for r in doc["runs"]}
     for fam in args.only_family or FAMILIES:
-        if fam == "sdn" and not os.path.exists(args.sdn_weights):
+        if ACTIVATIONS[fam].needs_sdn_weights and not os.path.exists(args.sdn_weights):
             print(f"skip sdn: no SDN weights at {args.sdn_weights}", file=sys.stderr)
             continue
         print(f"[lm runs] {fam} ...", file=sys.stderr, flush=True)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402
 
+from refimpl.activations import ACTIVATIONS  # noqa: E402
 from refimpl.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 
 TASKS = {"adding": {"length": 200}, "listops": {"length": 128}, "recall": {"length": 200},
@@ -42,7 +43,7 @@ def run_one(task, family, sdn_weights, out_root):
     cfg = M.ModelConfig.for_data(data, d_model=SIZE["d_model"], d_state=SIZE["d_state"],
                                  n_layers=SIZE["layers"], activation=family)
     tcfg = TrainConfig(epochs=SIZE["epochs"], batch_size=SIZE["batch_size"], lr=SIZE["lr"], seed=0)
-    w = load_weights(sdn_weights)[0] if family == "sdn" else None
+    w = load_weights(sdn_weights)[0] if cfg.family.needs_sdn_weights else None
     t0 = time.perf_counter()
     metrics = train(cfg, tcfg, data, str(out_root / f"{task}-{family}"), sdn_weights=w,
                     overwrite=True)
@@ -87,7 +88,7 @@ def main(argv=None):
     keep = {(r["task"], r["family"]): r for r in doc["runs"]}
     for task in args.only_task or list(TASKS):
         for fam in args.only_family or FAMILIES:
-            if fam == "sdn" and not os.path.exists(args.sdn_weights):
+            if ACTIVATIONS[fam].needs_sdn_weights and not os.path.exists(args.sdn_weights):
                 print(f"skip {task}/sdn: no SDN weights at {args.sdn_weights}", file=sys.stderr)
                 continue
             print(f"[task runs] {task} / {fam} ...", file=sys.stderr, flush=True)

@@ -14,7 +14,8 @@ from refimpl import golden as G
 from refimpl.atomic import atomic_write_json, check_destination
 from refimpl.h5io import FileFormatError
 
-from .common import choice, fail, progress
+from . import options
+from .common import fail, progress
 
 
 def _jsonable(v):
@@ -71,15 +72,14 @@ def golden():
 
 
 @golden.command()
-@click.option("--suite", "suites", multiple=True, type=choice(G.SUITES),
-              help="Generate only this suite (repeatable); default: all.")
+@options.suites_opt
 @click.option("--out", "out_dir", default=str(G.DEFAULT_DIR), show_default=True,
               type=click.Path(file_okay=False), help="Folder for <suite>.h5.")
-@click.option("--overwrite", is_flag=True, help="Replace existing files.")
+@options.overwrite_opt
 @click.option("--missing-only", is_flag=True,
               help="Write only the suites whose file is absent (continue an interrupted run; "
                    "every suite file is written atomically, so a present one is complete).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every case stream.")
+@options.seed_opt(0)
 @click.option("--size", default="small", show_default=True, type=click.Choice(G.SIZES),
               help="'small' is the committed set; 'large' has 8x longer sequences.")
 def generate(suites, out_dir, overwrite, missing_only, seed, size):
@@ -121,10 +121,8 @@ def generate(suites, out_dir, overwrite, missing_only, seed, size):
 
 @golden.command()
 @click.argument("candidates", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--golden", "golden_dir", default=str(G.DEFAULT_DIR), show_default=True,
-              type=click.Path(file_okay=False), help="Folder of the golden <suite>.h5 files.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False),
-              help="Also write the report as JSON to this file.")
+@options.golden_dir_opt
+@options.json_opt
 @click.option("--skip", multiple=True, metavar="PATTERN",
               help="Skip cases or datasets matching a glob over 'ID' or 'ID/outputs/NAME' "
                    "(e.g. '*/outputs/iterations'); repeatable. Skipped ones never fail.")
@@ -135,7 +133,7 @@ def generate(suites, out_dir, overwrite, missing_only, seed, size):
 @click.option("--select", "select", multiple=True, metavar="EXPR",
               help="Only cases with NAME=VALUE (a case attribute, e.g. 'reset=hard') or "
                    "'flag:NAME'; repeatable (all must hold).")
-@click.option("-v", "--verbose", is_flag=True, help="Show a detail column for every row.")
+@options.verbose_opt
 def verify(candidates, golden_dir, json_path, skip, precision, select, verbose):
     """Compare a backend's candidate files with the golden ones.
 
@@ -176,13 +174,10 @@ def _finish(report, json_path, verbose):
 
 
 @golden.command()
-@click.option("--golden", "golden_dir", default=str(G.DEFAULT_DIR), show_default=True,
-              type=click.Path(file_okay=False), help="Folder of the committed <suite>.h5 files.")
-@click.option("--suite", "suites", multiple=True, type=choice(G.SUITES),
-              help="Check only this suite (repeatable); default: all.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False),
-              help="Also write the report as JSON to this file.")
-@click.option("-v", "--verbose", is_flag=True, help="Show a detail column for every row.")
+@options.golden_dir_opt
+@options.suites_opt
+@options.json_opt
+@options.verbose_opt
 def check(golden_dir, suites, json_path, verbose):
     """Recompute the committed golden cases with the installed refimpl.
 
@@ -231,10 +226,8 @@ def show(file, case_id):
 
 
 @golden.command()
-@click.option("--golden", "golden_dir", default=str(G.DEFAULT_DIR), show_default=True,
-              type=click.Path(file_okay=False), help="Folder of the golden <suite>.h5 files.")
-@click.option("--suite", "suites", multiple=True, type=choice(G.SUITES),
-              help="Only this suite (repeatable); default: all.")
+@options.golden_dir_opt
+@options.suites_opt
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(list(G.PROFILES)),
               help="Profile (repeatable); default: bfloat16 and float16.")
 def coverage(golden_dir, suites, precisions):

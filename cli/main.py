@@ -9,6 +9,7 @@ import refimpl
 from refimpl.equivalence import CHECKS
 from refimpl.table import render_table
 
+from . import options
 from .common import choice, progress
 from .golden import golden
 from .plot import plot, raster
@@ -107,7 +108,7 @@ def _fmt(v, spec):
 @main.command()
 @click.option("--cases", default=50, show_default=True, type=click.IntRange(min=1),
               help="Random cases per check.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the case generator.")
+@options.seed_opt(0)
 @click.option("--check", "checks", multiple=True, type=choice(CHECKS),
               help="Run only these checks (repeatable).")
 def equivalence(cases, seed, checks):

@@ -10,11 +10,12 @@ import numpy as np
 
 from refimpl import plot as P
 from refimpl.model import check_inputs, model_inputs
-from refimpl.tasks import TASKS, data_from_recipe, load_npz, make_task
+from refimpl.tasks import data_from_recipe, load_npz, make_task
 from refimpl.text import Vocab, eval_windows, text_from_recipe
 from refimpl.train import load_checkpoint
 
-from .common import choice, fail
+from . import options
+from .common import fail
 
 #: Errors the library raises for bad input or files: shown as one line (MatplotlibMissing is
 #: an ImportError).
@@ -27,9 +28,7 @@ def _rates(rates):
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", type=click.Path(dir_okay=False),
-              help="Image to write, .png or .svg (default: RUN_DIR/training.png; an existing "
-                   "file is replaced).")
+@options.image_out_opt(described="RUN_DIR/training.png")
 def plot(run_dir, out):
     """Draw the training curves of a run into one image.
 
@@ -139,29 +138,25 @@ def _lm_window(ckpt, text, sample):
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--task", type=choice(TASKS),
-              help="Draw a test sample of this built-in task (default: the recorded data; the "
-                   "recorded size, length and seed when it is the recorded task).")
-@click.option("--data", type=click.Path(dir_okay=False),
-              help="Draw a test sample of this .npz file (x_test, y_test).")
-@click.option("--text", type=click.Path(dir_okay=False),
-              help="Language models: draw a window of this text file (default: the validation "
-                   "part of the recorded text).")
+@options.task_opt(described="the recorded data; with the recorded task, its samples, length "
+                           "and seed")
+@options.data_opt()
+@options.text_opt(described="the validation part of the recorded text")
 @click.option("--sample", default=0, show_default=True, type=click.IntRange(min=0),
               help="Which test sample (classifier) or text window (language model).")
 @click.option("--layer", type=click.IntRange(min=0),
               help="Draw only this layer (0 = the first; default: every layer).")
-@click.option("--out", type=click.Path(dir_okay=False),
-              help="Image to write, .png or .svg (default: raster.png next to CHECKPOINT; an "
-                   "existing file is replaced).")
-def raster(checkpoint, task, data, text, sample, layer, out):
+@options.image_out_opt(described="raster.png next to CHECKPOINT")
+def raster(checkpoint, task, data, text_path, sample, layer, out):
     """Draw the spikes and membranes of one sample as a raster.
 
     CHECKPOINT is OUT/checkpoint.h5 of a 'refimpl train' run with a spiking family. One sample
-    runs through the model in eval mode, recording every layer. Per layer the image shows the
-    spikes of every channel over time (binary_gsu: the GSU's ternary activations, +1 and -1)
-    and, below, the membrane of the (at most four) most active channels against the
-    threshold, spike times marked. Needs matplotlib: pip install 'refimpl[plot]'.
+    (test sample or text window --sample of the recorded data, or of the --task, --data or
+    --text given) runs through the model in eval mode, recording every layer. Per layer the
+    image shows the spikes of every channel over time (binary_gsu: the GSU's ternary
+    activations, +1 and -1) and, below, the membrane of the (at most four) most active
+    channels against the threshold, spike times marked. Needs matplotlib: pip install
+    'refimpl[plot]'.
 
     Examples:
 
@@ -187,7 +182,7 @@ def raster(checkpoint, task, data, text, sample, layer, out):
     if layer is not None and layer >= cfg.n_layers:
         fail(f"--layer {layer} is out of range: the model has {cfg.n_layers} layer"
              f"{'s' if cfg.n_layers > 1 else ''} (0..{cfg.n_layers - 1})")
-    x, (what, label) = _sample_of(ckpt, task, data, text, sample)
+    x, (what, label) = _sample_of(ckpt, task, data, text_path, sample)
     try:
         record, rates, logits = P.record_sample(cfg, ckpt.params, ckpt.buffers, x)
         predicted = "" if label is None else f", predicted {int(np.argmax(logits))}"

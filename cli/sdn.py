@@ -15,6 +15,7 @@ from refimpl.atomic import check_destination
 from refimpl.sdn import INITS, LOSSES, SDNTrainConfig, evaluate, load_weights, train_sdn
 from refimpl.sdn.training import load_train_state, partial_path
 
+from . import options
 from .common import choice, fail, progress_bar
 
 _DEFAULTS = SDNTrainConfig()
@@ -41,26 +42,16 @@ def sdn():
 
 
 @sdn.command()
-@click.option("--tau", default=_DEFAULTS.tau, show_default=True, type=float,
-              help="LIF decay of the target neuron, in [0, 1).")
-@click.option("--theta", default=_DEFAULTS.theta, show_default=True, type=float,
-              help="LIF threshold (> 0).")
-@click.option("--mean", default=_DEFAULTS.mean, show_default=True, type=float,
-              help="Mean of the Gaussian training inputs.")
-@click.option("--std", default=_DEFAULTS.std, show_default=True, type=float,
-              help="Standard deviation of the Gaussian training inputs.")
-@click.option("--samples", default=_DEFAULTS.samples, show_default=True,
-              type=click.IntRange(min=1), help="Training sequences.")
-@click.option("--length", default=_DEFAULTS.length, show_default=True,
-              type=click.IntRange(min=1), help="Sequence length L.")
-@click.option("--epochs", default=_DEFAULTS.epochs, show_default=True,
-              type=click.IntRange(min=1), help="Passes over the training set.")
-@click.option("--batch-size", default=_DEFAULTS.batch_size, show_default=True,
-              type=click.IntRange(min=1), help="Sequences per AdamW update.")
-@click.option("--lr", default=_DEFAULTS.lr, show_default=True, type=float,
-              help="Peak learning rate (cosine schedule).")
-@click.option("--weight-decay", default=_DEFAULTS.weight_decay, show_default=True, type=float,
-              help="AdamW decoupled weight decay.")
+@options.tau_opt(_DEFAULTS.tau)
+@options.theta_opt(_DEFAULTS.theta)
+@options.mean_opt(_DEFAULTS.mean)
+@options.std_opt(_DEFAULTS.std)
+@options.samples_opt(_DEFAULTS.samples)
+@options.length_opt(_DEFAULTS.length)
+@options.epochs_opt(_DEFAULTS.epochs)
+@options.batch_size_opt(_DEFAULTS.batch_size)
+@options.lr_opt(_DEFAULTS.lr)
+@options.weight_decay_opt(_DEFAULTS.weight_decay)
 @click.option("--loss", default=_DEFAULTS.loss, show_default=True,
               type=choice(LOSSES), help="Training loss on m.")
 @click.option("--init", default=_DEFAULTS.init, show_default=True,
@@ -68,14 +59,11 @@ def sdn():
               help="Initialisation of the training network (see refimpl.sdn.init_train_params).")
 @click.option("--eval-samples", default=_DEFAULTS.eval_samples, show_default=True,
               type=click.IntRange(min=1), help="Fresh sequences for the final score.")
-@click.option("--seed", default=_DEFAULTS.seed, show_default=True,
-              type=click.IntRange(min=0), help="Seed of data, initialisation and shuffling.")
+@options.seed_opt(_DEFAULTS.seed)
 @click.option("--out", "out", default="sdn.h5", show_default=True,
               type=click.Path(dir_okay=False), help="Weights file to write (HDF5).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace an existing --out file (and start an interrupted run again).")
-@click.option("--resume", is_flag=True,
-              help="Continue the interrupted run whose state is in OUT.partial.h5 (same options).")
+@options.overwrite_opt
+@options.resume_opt
 def train(tau, theta, mean, std, samples, length, epochs, batch_size, lr, weight_decay, loss,
           init, eval_samples, seed, out, overwrite, resume):
     """Train an SDN on the iterative LIF and write its weights.
@@ -155,24 +143,19 @@ def _report(m):
 
 @sdn.command("eval")
 @click.argument("weights", type=click.Path(dir_okay=False))
-@click.option("--tau", default=None, type=float,
-              help="LIF decay [default: the file's training tau, else 0.125].")
-@click.option("--theta", default=None, type=float,
-              help="LIF threshold [default: the file's training theta, else 1].")
-@click.option("--mean", default=0.0, show_default=True, type=float, help="Input mean.")
-@click.option("--std", default=1.0, show_default=True, type=float, help="Input standard deviation.")
-@click.option("--length", default=1024, show_default=True, type=click.IntRange(min=1),
-              help="Sequence length L.")
-@click.option("--samples", default=200, show_default=True, type=click.IntRange(min=1),
-              help="Fresh sequences.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Seed of the fresh inputs (a stream training never uses).")
+@options.tau_opt(None, described="the file's training tau, else 0.125")
+@options.theta_opt(None, described="the file's training theta, else 1")
+@options.mean_opt(0.0)
+@options.std_opt(1.0)
+@options.length_opt(1024)
+@options.samples_opt(200)
+@options.seed_opt(0)
 def eval_(weights, tau, theta, mean, std, length, samples, seed):
     """Score SDN weights against the iterative LIF on fresh inputs.
 
     WEIGHTS is a file of 'refimpl sdn train' (HDF5) or the published SpikingSSM .npz. Prints
     the spike agreement, the membrane MSE and both firing rates on --samples Gaussian
-    sequences of --length steps.
+    sequences of --length steps, drawn from --seed (a stream training never uses).
 
     Examples:
 

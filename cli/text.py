@@ -12,6 +12,7 @@ from refimpl.stream import ModelStream
 from refimpl.text import DEFAULT_CONTEXT, VOCABS, Vocab, load_text
 from refimpl.train import load_checkpoint
 
+from . import options
 from .common import choice, fail, progress, progress_bar
 
 USER_ERRORS = (OSError, ValueError, TypeError)
@@ -69,10 +70,8 @@ def _epochs_done(out_dir):
 
 def text_options(f):
     """The ``--text`` options of ``refimpl train``."""
-    options = [
-        click.option("--text", "text_path", type=click.Path(dir_okay=False),
-                     help="Train a language model (next-token prediction) on this text file "
-                          "instead of a classifier."),
+    return options.compose(
+        options.text_opt(),
         click.option("--vocab", "text_vocab", default=VOCABS[0], show_default=True,
                      type=choice(VOCABS), help="--text tokens: bytes (V = 256, any file) or "
                                                "chars (UTF-8; the vocabulary is stored)."),
@@ -83,10 +82,7 @@ def text_options(f):
                      help="--text: the last fraction of the file, held out for validation."),
         click.option("--tie-embedding", is_flag=True,
                      help="--text: the decoder is the token embedding (shared weights)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    )(f)
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
@@ -97,8 +93,7 @@ def text_options(f):
               help="Softmax temperature (> 0; lower is more conservative).")
 @click.option("--top-k", default=0, show_default=True, type=int,
               help="Sample among the k most likely tokens (0 = all).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Random seed of the sampling (the same seed, the same text).")
+@options.seed_opt(0)
 def generate(checkpoint, prompt, length, temperature, top_k, seed):
     """Continue a prompt with a trained language model.
 

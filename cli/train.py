@@ -8,7 +8,7 @@ import dataclasses
 import click
 import numpy as np
 
-from refimpl.activations import ACTIVATIONS
+from refimpl.activations import ACTIVATIONS, FAMILY_OPTIONS
 from refimpl.h5io import FileFormatError
 from refimpl.model import NEURON_IMPLS, NORMS, ModelConfig, check_inputs, model_inputs
 from refimpl.precision import PRECISIONS
@@ -17,10 +17,11 @@ from refimpl.sdn import load_weights
 from refimpl.stream import ModelStream, evaluate_stream
 from refimpl.ssm import DISCRETIZATIONS, INITS
 from refimpl.surrogates import SURROGATES
-from refimpl.tasks import TASKS, data_from_recipe, load_data
+from refimpl.tasks import data_from_recipe, load_data
 from refimpl.train import (TrainConfig, evaluate as evaluate_model, evaluate_logits,
                            load_checkpoint, lock_output, plan)
 
+from . import options
 from .common import choice, fail, progress, progress_bar
 from .text import text_options, train_text
 
@@ -44,28 +45,19 @@ def data_options(f, recorded=False):
     """``--task | --data`` with ``--tokens``, ``--samples``, ``--length``, ``--seed``: the data
     options ``train`` and ``evaluate`` share (``recorded``: no defaults, the checkpoint's
     recorded data fills what is not given)."""
-    rec = " (default: as recorded in the checkpoint)" if recorded else ""
-    length_default = "as recorded in the checkpoint, else the task's" if recorded else "the task's"
-    seed_also = "" if recorded else " and of training (initialisation, batch order, dropout)"
-    options = [
-        click.option("--task", type=choice(TASKS), help=f"Built-in task{rec}."),
-        click.option("--data", type=click.Path(dir_okay=False),
-                     help=f"User data (.npz: x_train, y_train, x_test, y_test){rec}."),
-        click.option("--tokens", default=None if recorded else 0, type=click.IntRange(min=0),
-                     help="--data with integer inputs: the vocabulary size V (inputs go "
-                          f"through a token embedding); 0 = real-valued inputs{rec}."),
-        click.option("--samples", default=None if recorded else SAMPLES_DEFAULT,
-                     show_default=not recorded, type=click.IntRange(min=2),
-                     help=f"Samples of a built-in task (train + test){rec}."),
-        click.option("--length", default=None, type=click.IntRange(min=1),
-                     help=f"Sequence length of a built-in task (default: {length_default})."),
-        click.option("--seed", default=None if recorded else _default(TrainConfig, "seed"),
-                     show_default=not recorded, type=click.IntRange(min=0),
-                     help=f"Seed of a built-in task's generator{seed_also}{rec}."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    rec = "as recorded in the checkpoint" if recorded else None
+
+    def default(value):
+        return None if recorded else value
+
+    return options.compose(
+        options.task_opt(rec),
+        options.data_opt(rec),
+        options.tokens_opt(default(0), rec),
+        options.samples_opt(default(SAMPLES_DEFAULT), rec),
+        options.length_opt(None, f"{rec}, else the task's" if recorded else "the task's"),
+        options.seed_opt(default(_default(TrainConfig, "seed")), rec),
+    )(f)
 
 
 def recorded_data_options(f):
@@ -136,24 +128,18 @@ def _train_option(name, type_, help_=None):
 @click.option("--sdn-weights", type=click.Path(dir_okay=False),
               help="SDN weights (.h5 from 'refimpl sdn train' or the published .npz); "
                    "sdn family only.")
-@_train_option("epochs", click.IntRange(min=1), "Passes over the training data.")
-@_train_option("batch_size", click.IntRange(min=1), "Samples (--text: windows) per AdamW step.")
-@_train_option("lr", click.FloatRange(min=0, min_open=True),
-               "Peak learning rate of AdamW (cosine schedule with warm-up; the SSM dynamics "
-               "use min(lr, 1e-3)).")
-@_train_option("weight_decay", click.FloatRange(min=0),
-               "AdamW decoupled weight decay (none on SSM dynamics, biases, norms, D, "
-               "thresholds, rho).")
+@options.epochs_opt(_default(TrainConfig, "epochs"))
+@options.batch_size_opt(_default(TrainConfig, "batch_size"))
+@options.lr_opt(_default(TrainConfig, "lr"))
+@options.weight_decay_opt(_default(TrainConfig, "weight_decay"))
 @_train_option("clip_norm", click.FloatRange(min=0),
                "Clip the global gradient norm to this value (0 = off).")
 @click.option("--out", "out_dir", default="runs/train", show_default=True,
               type=click.Path(file_okay=False),
               help="Run folder: checkpoint.h5, metrics.json and config.json, rewritten after "
                    "every epoch.")
-@click.option("--resume", is_flag=True,
-              help="Continue an interrupted run from OUT/checkpoint.h5, bit-exactly; needs the "
-                   "same options and data (--epochs included).")
-@click.option("--overwrite", is_flag=True, help="Start again even if OUT/checkpoint.h5 exists.")
+@options.resume_opt
+@options.overwrite_opt
 def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_size, lr,
           weight_decay, clip_norm, out_dir, resume, overwrite, text_path, text_vocab, context,
           val_frac, tie_embedding, **model_options):
@@ -165,6 +151,11 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
     energy) and config.json, each written atomically; 'refimpl evaluate' and 'refimpl
     generate' read the checkpoint. Choices and defaults come from the library's registries and
     config classes.
+
+    --seed seeds a built-in task and the training (initialisation, batch order, dropout). A
+    batch holds --batch-size samples (--text: windows). AdamW warms up, then follows a cosine
+    schedule; the SSM dynamics use min(--lr, 1e-3), and they, biases, norms, D, thresholds and
+    rho get no weight decay.
 
     Examples:
 
@@ -183,9 +174,10 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, clip_norm=clip_norm, seed=seed)
         weights = None
-        if model_options["activation"] == "sdn" and not resume:
+        act = model_options["activation"]
+        if ACTIVATIONS[act].needs_sdn_weights and not resume:
             if not sdn_weights:
-                fail("--activation sdn needs --sdn-weights FILE (train one with "
+                fail(f"--activation {act} needs --sdn-weights FILE (train one with "
                      "'refimpl sdn train')")
             weights = load_weights(sdn_weights)[0]
     except USER_ERRORS as e:
@@ -227,9 +219,10 @@ def _check_model_options(options):
     would refuse only later: --surrogate, --grad-mode or --neuron-impl set (to anything but its
     default) for a family that does not use it, and --dt-min > --dt-max."""
     act = options["activation"]
-    for name in ("surrogate", "grad_mode", "neuron_impl"):
-        families = PMBC_FAMILIES if name == "neuron_impl" else NEURON_FAMILIES
-        if options[name] != _default(ModelConfig, name) and act not in families:
+    used = ACTIVATIONS[act].options  # what the family reads (refimpl.activations)
+    for name in FAMILY_OPTIONS:
+        if options[name] != _default(ModelConfig, name) and name not in used:
+            families = [k for k, fam in ACTIVATIONS.items() if name in fam.options]
             fail(f"--{name.replace('_', '-')} applies to --activation {'/'.join(families)} "
                  f"only; --activation {act} does not use it: drop it")
     if options["dt_min"] > options["dt_max"]:
@@ -292,8 +285,7 @@ def _eval_data(ckpt, task, data, tokens, samples, length, seed):
 @click.option("--stream", is_flag=True,
               help="Also run the test set step by step (the deployed, recurrent form) and "
                    "report its accuracy, throughput and per-step latency.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Sequences streamed in lockstep (--stream).")
+@options.batch_size_opt(64)
 def evaluate(checkpoint, task, data, tokens, samples, length, seed, stream, batch_size):
     """Score a classifier checkpoint on a test split.
 
@@ -303,8 +295,8 @@ def evaluate(checkpoint, task, data, tokens, samples, length, seed, stream, batc
     rate per layer.
 
     With --stream the test set also runs one time step at a time from the model's state
-    (refimpl.stream), as a chip or an online system runs it, and the predictions are compared
-    with the parallel form's.
+    (refimpl.stream), as a chip or an online system runs it, --batch-size sequences in
+    lockstep, and the predictions are compared with the parallel form's.
 
     Examples:
 

@@ -12,7 +12,17 @@ mixing reads. Each family is one :class:`Activation` subclass registered in
   library's own functions (:func:`refimpl.neurons.neuron_fwd`, :func:`refimpl.pmbc.pmbc_fwd`,
   :func:`refimpl.sdn.sdn_neuron_fwd`, :func:`refimpl.layers.gelu_fwd`), never re-implemented;
 - the firing rate, the diagnostics a golden trace records (spikes and the membranes that decide
-  them) and the constants a finite-difference check must hold fixed.
+  them) and the constants a finite-difference check must hold fixed;
+- what the rest of the package would otherwise ask its name for: the arrays of a layer record
+  (:attr:`~Activation.record_names`), what fires in it and the membrane that decides it
+  (:meth:`~Activation.membranes` and :meth:`~Activation.margins`, the one derivation of spike
+  margins that streams, golden traces and plots read), the model options it reads
+  (:attr:`~Activation.options`), whether it needs SDN weights, and the labels of its plots
+  (:class:`PlotText`).
+
+Nothing outside this module compares a family's name (``tools/check_style.py`` enforces it):
+code asks the family, ``cfg.family`` (:class:`refimpl.model.ModelConfig`) or
+``ACTIVATIONS[name]``.
 
 The families **[choice]** (the papers' settings where they state them):
 
@@ -38,15 +48,16 @@ The neuron of each family (``-``: none):
 Adding a family: one subclass here with ``@register``, and its tests (``tests/test_model.py``
 runs the whole-model gradient checks over every registered family).
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
 from . import layers as Ly
-from .neurons import NeuronConfig, NeuronState, neuron_bwd, neuron_fwd, neuron_step
-from .pmbc import pmbc_fwd
-from .sdn import FUSED_LAYOUT, sdn_neuron_bwd, sdn_neuron_fwd
-from .sdn.neuron import SDNState, sdn_neuron_step
+from .neurons import NEURON_OP, NeuronState
+from .ops import Op, Result, diagnose
+from .pmbc import PMBC_OP
+from .sdn import FUSED_LAYOUT
+from .sdn.neuron import SDN_NEURON_OP, SDNState
 from .sdn.weights import K as SDN_K
 
 #: name -> the registered :class:`Activation` instance.
@@ -64,23 +75,54 @@ def register(cls):
     return cls
 
 
-class NeuronCache(NamedTuple):
-    """Forward state of a neuron family for :func:`refimpl.neurons.neuron_bwd`."""
-    y: np.ndarray  # (B, H, L) neuron input
-    s: np.ndarray  # (B, H, L) spikes (or G(h - theta) in smooth mode)
-    h: np.ndarray  # (B, H, L) membrane before reset
-    u: np.ndarray  # (B, H, L) membrane after reset
-    cfg: NeuronConfig
-    rho: Optional[np.ndarray]  # (H,) or None
-    smooth: bool
+#: ``ModelConfig`` options that only some families read (:attr:`Activation.options`).
+FAMILY_OPTIONS = ("surrogate", "grad_mode", "neuron_impl")
 
 
-class SDNCache(NamedTuple):
-    """Forward state of the SDN neuron: its input and the (constant) SDN prediction."""
-    y: np.ndarray  # (B, H, L)
-    s: np.ndarray  # (B, H, L) spikes (or G(m + y - theta) in smooth mode)
-    m: np.ndarray  # (B, H, L) SDN(y), no gradient
-    cfg: NeuronConfig
+class PlotText(NamedTuple):
+    """How :mod:`refimpl.plot` labels what a family fires and the membrane that decides it
+    (each field a complete label; ``{n}``, ``{theta}``, ``{value}`` filled in by the plot)."""
+    rate: str = "spikes per neuron per step"  # training curves: the firing-rate axis
+    unit: str = "neuron"  # raster title: "rate 0.12 per <unit> per step"
+    count: str = "spikes"  # trace legend: "channel 3 (12 <count>)"
+    total: str = "spikes: {n}"  # raster title: what fired in the layer
+    legend: str = ""  # raster legend of one event value (ternary events only)
+    trace: str = ""  # the record entry drawn below the raster
+    membrane: str = ""  # its axis label
+    threshold: str = ""  # the threshold's label
+
+
+class ActCache(NamedTuple):
+    """A family's forward: the op (:mod:`refimpl.ops`) that ran, its arguments and result.
+    The family's backward is that op's VJP; the op's own cache is read by the op only."""
+    op: Op
+    inputs: dict  # {"x": the activation's input (B, H, L), ...}
+    params: dict
+    cfg: object  # the op's configuration (the model's NeuronConfig for the neurons)
+    result: Result
+
+    @property
+    def y(self):
+        """The activation's input ``(B, H, L)``."""
+        return self.inputs[self.op.inputs[0]]
+
+    @property
+    def s(self):
+        """The activation's output ``(B, H, L)`` (spikes, or GELU's values)."""
+        return self.result.outputs[self.op.outputs[0]]
+
+
+def run_op(op, inputs, params=None, cfg=None, smooth=False, state=None):
+    """Run a family's op (its smooth forward if ``smooth``): ``(activation output,
+    ActCache)``; from ``state`` with the end state in ``result.state``, else without one."""
+    params = {} if params is None else params
+    fwd = op.smooth if smooth else op.fwd
+    if state is None:
+        res = fwd(inputs, params, cfg, end_state=False) if op.state else fwd(inputs, params, cfg)
+    else:
+        res = fwd(inputs, params, cfg, state)
+    c = ActCache(op, inputs, params, cfg, res)
+    return c.s, c
 
 
 class Activation:
@@ -100,12 +142,82 @@ class Activation:
     kind : str
         How golden traces name the family's activation (the case attribute
         ``activation_kind``): ``gelu``, ``neuron``, ``sdn`` or ``none``.
+    pmbc : bool
+        Whether ``neuron_impl="pmbc"`` runs the family's forward by PMBC (exact either way).
+    record : tuple of str
+        The family's own arrays in a layer record, in record order (:attr:`record_names`).
+    events : str or None
+        The record entry of what fires: ``"s"`` (spikes, 0/1) or ``"Tx"`` (the GSU's
+        ``Ter(v)``, -1/0/1); None for a family without events.
+    ternary : bool
+        Whether the events take -1/0/1 (drawn in two colours) rather than 0/1.
+    membrane : str or None
+        The record entry the neuron's spike test compares with :attr:`theta` (``"h"``,
+        ``"m+x"``); None without one (:meth:`membranes` of the GSU derives its own).
+    membrane_label : str
+        What plots call that membrane.
+    needs_sdn_weights : bool
+        :meth:`init_buffers` needs ``sdn_weights`` (callers draw or load them only then).
     """
     name = ""
     mixing = "glu"
     threshold = False
     neuron = None
     kind = "neuron"
+    pmbc = False
+    record = ()
+    events = None
+    ternary = False
+    membrane = None
+    membrane_label = ""
+    needs_sdn_weights = False
+
+    @property
+    def record_names(self):
+        """What one layer's record holds (:func:`refimpl.model.layer_record`), ``(B, H, L)``
+        each: the block's ``y`` (S4D output) and ``v`` (the activation's input), the family's
+        :attr:`record`, the block's ``out``."""
+        return ("y", "v", *self.record, "out")
+
+    @property
+    def options(self):
+        """The :data:`FAMILY_OPTIONS` of ``ModelConfig`` this family reads: ``surrogate`` and
+        ``grad_mode`` (its neuron's), ``neuron_impl`` (PMBC); the CLI refuses the others."""
+        neuron = self.neuron is not None
+        used = {"surrogate": neuron, "grad_mode": neuron, "neuron_impl": self.pmbc}
+        return frozenset(k for k in FAMILY_OPTIONS if used[k])
+
+    @property
+    def theta(self):
+        """The threshold the recorded :attr:`membrane` is compared with, in the units of ``v``
+        (1 = the learned threshold with threshold scaling); None without a membrane."""
+        return None if self.membrane is None else float(self.neuron["theta"])
+
+    def membranes(self, rec):
+        """What decided the :attr:`events` of a layer record ``rec`` (``(..., H, L)`` arrays,
+        :attr:`record_names`): ``{name: (value, threshold)}``, empty without events. The one
+        derivation of spike margins (:meth:`margins`, golden ``model_stream`` membranes, the
+        raster's threshold)."""
+        if self.membrane is None:
+            return {}
+        return {self.membrane: (rec[self.membrane], self.theta)}
+
+    def margins(self, rec):
+        """``{events: |value - threshold|}`` of :meth:`membranes`: how far each decision in the
+        layer record ``rec`` was from flipping (empty without events)."""
+        mem = self.membranes(rec)
+        if not mem:
+            return {}
+        ((value, thr),) = mem.values()  # one membrane decides the events
+        return {self.events: np.abs(value - thr)}
+
+    @property
+    def plot(self):
+        """The family's :class:`PlotText`."""
+        units = "threshold units" if self.threshold else "S4D output units"
+        learned = " (learned exp(ln_vth))" if self.threshold else ""
+        return PlotText(trace=self.membrane or "", membrane=f"{self.membrane_label}\n({units})",
+                        threshold="threshold {theta:g}" + learned)
 
     def init_params(self, H):
         """Extra per-layer parameters ``{suffix: array}`` (``ln_vth`` added by the block)."""
@@ -129,8 +241,11 @@ class Activation:
         raise NotImplementedError
 
     def backward(self, cache, ds):
-        """Returns ``(dy, grads)``: ``grads`` maps parameter suffixes (``"rho"``) to gradients."""
-        raise NotImplementedError
+        """Returns ``(dy, grads)``: ``grads`` maps parameter suffixes (``"rho"``) to gradients.
+        A family run by an op (:func:`run_op`) gets its op's VJP."""
+        g = dict(cache.op.vjp(cache.result.cache, {cache.op.outputs[0]: ds}))
+        dy = g.pop(cache.op.inputs[0])
+        return dy, {k: v for k, v in g.items() if k in cache.params and k not in cache.op.nondiff}
 
     def rate(self, s, cache, mix_cache):
         """The firing rate of one block (None for non-spiking families)."""
@@ -171,11 +286,7 @@ class Gelu(Activation):
     kind = "gelu"
 
     def forward(self, y, cfg, p, buf, pre, smooth=False, frozen=None):
-        return Ly.gelu_fwd(y)
-
-    def backward(self, cache, ds):
-        (dy,) = Ly.gelu_bwd(cache, ds)
-        return dy, {}
+        return run_op(Ly.GELU_OP, {"x": y})
 
     def rate(self, s, cache, mix_cache):
         return None
@@ -183,26 +294,28 @@ class Gelu(Activation):
 
 class Neuron(Activation):
     """Families run by the iterative neuron (or PMBC, for ``neuron_impl="pmbc"``)."""
+    record = ("s", "h", "u")
+    events = "s"
+    membrane = "h"
+    membrane_label = "membrane h"
+
+    def _op(self, cfg, smooth=False, step=False):
+        """PMBC for ``neuron_impl="pmbc"`` (float64 only: the float32 variant and the smooth
+        forward run the iterative neuron, the form PMBC equals exactly in float64; so does a
+        single step), else the iterative neuron."""
+        if (cfg.neuron_impl == "pmbc" and self.pmbc and not smooth and not step
+                and cfg.dtype == "float64"):
+            return PMBC_OP
+        return NEURON_OP
 
     def forward(self, y, cfg, p, buf, pre, smooth=False, frozen=None):
-        ncfg = cfg.neuron_config()
-        rho = p.get(pre + "rho")
-        # PMBC is float64 only; the float32 variant runs the iterative neuron (the form PMBC
-        # equals exactly in float64)
-        if cfg.neuron_impl == "pmbc" and self.pmbc and not smooth and cfg.dtype == "float64":
-            s, h, u, _ = pmbc_fwd(y, ncfg, rho=rho)
-        else:
-            s, h, u = neuron_fwd(y, ncfg, rho=rho, smooth=smooth)
-        return s, NeuronCache(y, s, h, u, ncfg, rho, smooth)
-
-    def backward(self, cache, ds):
-        dy, drho = neuron_bwd(cache.y, cache.s, cache.h, cache.cfg, ds, rho=cache.rho,
-                              smooth=cache.smooth)
-        return dy, ({} if drho is None else {"rho": drho})
+        params = {"rho": p[pre + "rho"]} if pre + "rho" in p else {}
+        return run_op(self._op(cfg, smooth), {"x": y}, params, cfg.neuron_config(), smooth)
 
     def diagnostics(self, cache, mix_cache):
-        return {"spikes": {"s": cache.s}, "membranes": {"h": (cache.h, cache.cfg.theta)},
-                "internals": {"u": cache.u}}
+        c = cache
+        d = diagnose(c.op, c.inputs, c.params, c.cfg, c.result)
+        return {**d, "internals": {"u": c.result.outputs["u"]}}
 
     def state_spec(self, B, H):
         """The neuron's membrane after reset ``u_{T-1}`` and its refractory counter
@@ -210,21 +323,12 @@ class Neuron(Activation):
         return {"neuron.u": ((B, H), np.float64), "neuron.count": ((B, H), np.int64)}
 
     def stream(self, v, cfg, p, buf, pre, state, step=False):
-        ncfg = cfg.neuron_config()
-        rho = p.get(pre + "rho")
+        params = {"rho": p[pre + "rho"]} if pre + "rho" in p else {}
         st = NeuronState(state["neuron.u"], state["neuron.count"])
-        if step:
-            s_t, h_t, u_t, new = neuron_step(v[:, :, 0], ncfg, st, rho=rho)
-            s, h, u = s_t[:, :, None], h_t[:, :, None], u_t[:, :, None]  # (B, H, 1)
-        elif cfg.neuron_impl == "pmbc" and self.pmbc:
-            s, h, u, _, new = pmbc_fwd(v, ncfg, rho=rho, state=st, return_state=True)
-        else:
-            s, h, u, new = neuron_fwd(v, ncfg, rho=rho, state=st, return_state=True)
-        diag = self.diagnostics(NeuronCache(v, s, h, u, ncfg, rho, False), None)
-        return s, {"neuron.u": new.u, "neuron.count": new.count}, diag
+        s, c = run_op(self._op(cfg, step=step), {"x": v}, params, cfg.neuron_config(), state=st)
+        new = c.result.state
+        return s, {"neuron.u": new.u, "neuron.count": new.count}, self.diagnostics(c, None)
 
-    #: Whether ``neuron_impl="pmbc"`` runs this family's forward by PMBC (exact either way).
-    pmbc = False
 
 
 @register
@@ -261,6 +365,11 @@ class SDN(Activation):
     threshold = True
     neuron = dict(reset="hard", tau=0.125, theta=1.0, surrogate="triangle")
     kind = "sdn"
+    record = ("s", "m+x", "m")
+    events = "s"
+    membrane = "m+x"
+    membrane_label = "membrane m + x (SDN)"
+    needs_sdn_weights = True
 
     def init_buffers(self, sdn_weights):
         if sdn_weights is None:
@@ -269,37 +378,28 @@ class SDN(Activation):
         return {"sdn." + k: np.asarray(sdn_weights[k], dtype=np.float64) for k in FUSED_LAYOUT}
 
     def forward(self, y, cfg, p, buf, pre, smooth=False, frozen=None):
-        ncfg = cfg.neuron_config()
         weights = {k: buf["sdn." + k] for k in FUSED_LAYOUT}
         m = (frozen or {}).get(pre + "m")
-        s, m = sdn_neuron_fwd(y, weights, ncfg, m=m, smooth=smooth)
-        return s, SDNCache(y, s, m, ncfg)
-
-    def backward(self, cache, ds):
-        return sdn_neuron_bwd(cache.y, cache.m, cache.cfg, ds), {}
+        inputs = {"x": y} if m is None else {"x": y, "m": m}
+        return run_op(SDN_NEURON_OP, inputs, weights, cfg.neuron_config(), smooth)
 
     def frozen(self, cache, mix_cache):
-        return {"m": cache.m}
+        return {"m": cache.result.outputs["m"]}
 
     def state_spec(self, B, H):
         """The SDN's window: the last ``K`` inputs (:class:`refimpl.sdn.SDNState`)."""
         return {"sdn.window": ((B, H, SDN_K), np.float64)}
 
     def stream(self, v, cfg, p, buf, pre, state, step=False):
-        ncfg = cfg.neuron_config()
         weights = {k: buf["sdn." + k] for k in FUSED_LAYOUT}
         st = SDNState(state["sdn.window"])
-        if step:
-            s_t, m_t, new = sdn_neuron_step(v[:, :, 0], weights, ncfg, st)
-            s, m = s_t[:, :, None], m_t[:, :, None]  # (B, H, 1)
-        else:
-            s, m, new = sdn_neuron_fwd(v, weights, ncfg, state=st, return_state=True)
-        return s, {"sdn.window": new.window}, self.diagnostics(SDNCache(v, s, m, ncfg), None)
+        s, c = run_op(SDN_NEURON_OP, {"x": v}, weights, cfg.neuron_config(), state=st)
+        return s, {"sdn.window": c.result.state.window}, self.diagnostics(c, None)
 
     def diagnostics(self, cache, mix_cache):
-        v = cache.m + cache.y  # (B, H, L) what the spike test compares with theta
-        return {"spikes": {"s": cache.s}, "membranes": {"m+x": (v, cache.cfg.theta)},
-                "internals": {"m": cache.m}}
+        c = cache
+        d = diagnose(c.op, c.inputs, c.params, c.cfg, c.result)
+        return {**d, "internals": {"m": c.result.outputs["m"]}}
 
 
 @register
@@ -307,6 +407,23 @@ class BinaryGSU(Activation):
     name = "binary_gsu"
     mixing = "gsu"
     kind = "none"
+    record = ("Tx",)
+    events = "Tx"
+    ternary = True
+
+    def membranes(self, rec):
+        """``Ter(v)`` keeps ``|v| >= TERNARY_RATIO max|v|`` over the channels of each token:
+        ``{"|v|": (|v|, TERNARY_RATIO max_h |v|)}``, the threshold ``(..., 1, L)``."""
+        a = np.abs(rec["v"])  # (..., H, L)
+        return {"|v|": (a, Ly.TERNARY_RATIO * a.max(axis=-2, keepdims=True))}  # (..., 1, L)
+
+    @property
+    def plot(self):
+        return PlotText(rate="nonzero Ter(v) per channel per step", unit="channel",
+                        count="nonzero", total="GSU activations Ter(v): {n} nonzero",
+                        legend="Ter(v) = {value:+d}", trace="v",
+                        membrane="GSU input v = y (S4D output)",
+                        threshold=f"threshold +-{Ly.TERNARY_RATIO} max|v| (over channels)")
 
     def forward(self, y, cfg, p, buf, pre, smooth=False, frozen=None):
         return None, None  # the GSU ternarises y itself

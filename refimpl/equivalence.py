@@ -111,7 +111,7 @@ def _model_case(rng, activation):
         norm=str(rng.choice(list(NORMS))), prenorm=bool(rng.integers(0, 2)),
         disc=str(rng.choice(list(DISCRETIZATIONS))),
         neuron_impl=str(rng.choice(list(NEURON_IMPLS))))
-    w = sdn_weights(rng) if activation == "sdn" else None
+    w = sdn_weights(rng) if cfg.family.needs_sdn_weights else None
     p, buf = init_model(cfg, seed=rng, sdn_weights=w)
     for k in buf:  # BatchNorm statistics away from their initial values
         if k.endswith("running_mean"):

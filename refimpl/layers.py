@@ -27,6 +27,7 @@ from numba import njit
 from scipy.special import erf
 
 from . import config
+from . import ops as _ops
 from ._checks import check_array
 from .precision import float_dtype
 
@@ -664,3 +665,668 @@ def cross_entropy_bwd(cache, dloss=1.0):
     d = np.exp(logp)  # (B, C)
     d[np.arange(len(labels)), labels] -= 1.0
     return (d * (dloss / len(labels)),)
+
+
+# --------------------------------------------------------------------------------------------
+# The op contract (refimpl.ops, DESIGN.md section 12)
+# --------------------------------------------------------------------------------------------
+#
+# One op per layer above, entered as ``op.fwd(inputs, params, cfg) -> Result`` and
+# ``op.vjp(cache, cotangents) -> {name: gradient}``. Each wraps the layer's ``*_fwd`` /
+# ``*_bwd`` unchanged: the positional caches those return are kept in named records here and
+# rebuilt inside the op's own VJP (only this module reads them). The ``depth`` of each op is
+# its longest chain of dependent roundings (the ``gamma_n`` model of DESIGN.md section 9; a sum
+# of ``n`` terms counts ``n``), with the reason next to each number; tests/test_float32.py
+# derives the per-element float32 bounds these chains summarise. Where a result can be far
+# smaller than its terms (the norms' ``dx``, cross-entropy near a confident fit) ``scales``
+# gives the terms' magnitude (the abs analogue) for the bound in place of ``max |T|``.
+
+
+def _fresh(a):
+    """A copy of ``a``: the contract's outputs and gradients never alias its arguments."""
+    return np.array(a, copy=True)
+
+
+def _check_integer(name, a):
+    """Integer labels or tokens (the wrappers below; the kernels do not check)."""
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in "iu":
+        dtype = getattr(a, "dtype", type(a).__name__)
+        raise TypeError(f"{name} must be an integer numpy.ndarray, got {dtype}; "
+                        f"pass {name}.astype(np.int64)")
+
+
+# ---- linear ----------------------------------------------------------------------------------
+
+
+class LinearCache(NamedTuple):
+    """What the linear op's VJP reads (:data:`LINEAR_OP`)."""
+    x: np.ndarray  # (B, Hin, L) the input
+    W: np.ndarray  # (Hout, Hin)
+    has_b: bool  # whether a bias was given (then ``db`` is returned)
+
+
+def _linear_op(inputs, params, cfg=None, state=None):
+    y, (x, W, has_b) = linear_fwd(inputs["x"], params["W"], params.get("b"))
+    return _ops.Result({"y": y}, LinearCache(x, W, has_b), None)
+
+
+def _linear_op_vjp(cache, cotangents):
+    dy = _ops.cotangent(cotangents, "y", np.empty((cache.x.shape[0], cache.W.shape[0],
+                                                   cache.x.shape[2]), cache.x.dtype))
+    dx, dW, db = linear_bwd((cache.x, cache.W, cache.has_b), dy)
+    return {"x": dx, "W": dW, **({"b": db} if cache.has_b else {})}
+
+
+def linear_depth(inputs, params, cfg):
+    """``y``: a dot product of ``Hin`` terms plus the bias (``Hin + 1``); ``dx = W^T dy`` sums
+    ``Hout`` terms; ``dW`` and ``db`` sum ``B L`` (batch and time)."""
+    Bsz, Hin, L = inputs["x"].shape
+    Hout = params["W"].shape[0]
+    return {"*": Hin + 1, "y": Hin + 1, "dx": Hout, "dW": Bsz * L, "db": Bsz * L}
+
+
+def linear_examples(rng):
+    """With a bias, without one (``db`` absent), ``Hout < Hin`` and ``L = 1``."""
+    return [_ops.Example({"x": rng.normal(size=(2, 3, 5))},
+                         {"W": rng.normal(size=(4, 3)), "b": rng.normal(size=4)}),
+            _ops.Example({"x": rng.normal(size=(3, 4, 6))}, {"W": rng.normal(size=(2, 4))}),
+            _ops.Example({"x": rng.normal(size=(2, 5, 1))},
+                         {"W": rng.normal(size=(3, 5)), "b": rng.normal(size=3)})]
+
+
+LINEAR_OP = _ops.defop(
+    name="linear", math="y[:, o, t] = sum_i W[o, i] x[:, i, t] + b[o]",
+    inputs=("x",), params=("W", "b"), optional=("b",), outputs=("y",),
+    fwd=_linear_op, vjp=_linear_op_vjp, depth=linear_depth, examples=linear_examples,
+)
+
+
+# ---- embedding -------------------------------------------------------------------------------
+
+
+class EmbeddingCache(NamedTuple):
+    """What the embedding op's VJP reads (:data:`EMBEDDING_OP`)."""
+    tokens: np.ndarray  # (B, L) int64
+    V: int  # vocabulary size (rows of E)
+    H: int  # embedding width (columns of E)
+
+
+def _embedding_op(inputs, params, cfg=None, state=None):
+    E = params["E"]
+    _check_dtypes(E=E)
+    y, (tokens, V) = embedding_fwd(inputs["tokens"], E)
+    return _ops.Result({"y": y}, EmbeddingCache(tokens, V, E.shape[1]), None)
+
+
+def _embedding_op_vjp(cache, cotangents):
+    Bsz, L = cache.tokens.shape
+    dy = _ops.cotangent(cotangents, "y", np.zeros((Bsz, cache.H, L), float_dtype()))
+    _, dE = embedding_bwd((cache.tokens, cache.V), dy)
+    return {"E": dE}
+
+
+def embedding_depth(inputs, params, cfg):
+    """``y`` is a gather: exact (0 roundings). ``dE[v]`` adds the cotangents of every
+    occurrence of token ``v``: as many terms as its most frequent token's repeats."""
+    tokens = inputs["tokens"]
+    repeats = int(np.bincount(tokens.ravel()).max()) if tokens.size else 1
+    return {"*": 0, "y": 0, "dE": repeats}
+
+
+def embedding_examples(rng):
+    """Repeated tokens (``dE`` accumulates), every token once, and an unused vocabulary row."""
+    return [_ops.Example({"tokens": rng.integers(0, 5, size=(3, 7))},
+                         {"E": rng.normal(size=(5, 4))}),
+            _ops.Example({"tokens": rng.permutation(6).reshape(2, 3).astype(np.int64)},
+                         {"E": rng.normal(size=(6, 2))}),
+            _ops.Example({"tokens": rng.integers(0, 3, size=(2, 4))},
+                         {"E": rng.normal(size=(4, 3))})]
+
+
+EMBEDDING_OP = _ops.defop(
+    name="embedding", math="y[b, :, t] = E[tokens[b, t]]",
+    inputs=("tokens",), params=("E",), nondiff=("tokens",), outputs=("y",),
+    fwd=_embedding_op, vjp=_embedding_op_vjp, depth=embedding_depth,
+    examples=embedding_examples,
+)
+
+
+# ---- GELU ------------------------------------------------------------------------------------
+
+
+class GELUCache(NamedTuple):
+    """What the GELU op's VJP reads (:data:`GELU_OP`)."""
+    x: np.ndarray  # (B, H, L) the input (C-contiguous)
+    Phi: np.ndarray  # (B, H, L) the normal CDF at x
+
+
+def _gelu_op(inputs, params, cfg=None, state=None):
+    y, (x, Phi) = gelu_fwd(inputs["x"])
+    return _ops.Result({"y": y}, GELUCache(x, Phi), None)
+
+
+def _gelu_op_vjp(cache, cotangents):
+    (dx,) = gelu_bwd((cache.x, cache.Phi), _ops.cotangent(cotangents, "y", cache.x))
+    return {"x": dx}
+
+
+def gelu_depth(inputs, params, cfg):
+    """``y``: ``x / sqrt 2`` (1), ``erf`` (~2 ulps: 2), ``1 + erf`` (1), ``x Phi`` (1): 6 with
+    the halving, i.e. tests/test_float32.py's ``6 eps (|x| + |y|)``. ``dx``: that test's
+    ``8 eps |dy| (1 + (1 + x^2) |x| phi)``, whose factor is at most ``8 (1 + 0.633) = 13``
+    (``max (1 + x^2) |x| phi(x) = 0.633``: ``exp``'s argument error amplified by ``x^2``)."""
+    return {"*": 6, "y": 6, "dx": 13}
+
+
+def gelu_examples(rng):
+    """Both signs, the tails (``|x|`` up to ~6: ``Phi`` saturates) and a single element."""
+    return [_ops.Example({"x": 2.0 * rng.normal(size=(2, 3, 6))}, {}),
+            _ops.Example({"x": rng.uniform(-6.0, 6.0, size=(1, 4, 5))}, {}),
+            _ops.Example({"x": rng.normal(size=(1, 1, 1))}, {})]
+
+
+GELU_OP = _ops.defop(
+    name="gelu", math="y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2",
+    inputs=("x",), params=(), outputs=("y",),
+    fwd=_gelu_op, vjp=_gelu_op_vjp, depth=gelu_depth, examples=gelu_examples,
+)
+
+
+# ---- GLU -------------------------------------------------------------------------------------
+
+
+class GLUCache(NamedTuple):
+    """What the GLU op's VJP reads (:data:`GLU_OP`): :func:`glu_fwd`'s cache by name."""
+    s: np.ndarray  # the input as the backward reads it: (B, H, L), or (H, B, L) channel-major
+    W: np.ndarray  # (2H, H)
+    batch_major: bool  # True: ``s`` is (B, H, L) (see glu_fwd)
+    a: np.ndarray  # (B, H, L) o[:H], the value half
+    g: np.ndarray  # (B, H, L) sigmoid(o[H:]), the gate
+
+
+def _glu_op(inputs, params, cfg=None, state=None):
+    z, ((s, W, batch_major), a, g) = glu_fwd(inputs["s"], params["W"], params["b"])
+    return _ops.Result({"z": z}, GLUCache(s, W, batch_major, a, g), None)
+
+
+def _glu_op_vjp(cache, cotangents):
+    c = cache
+    ds, dW, db = glu_bwd(((c.s, c.W, c.batch_major), c.a, c.g),
+                         _ops.cotangent(cotangents, "z", c.a))
+    return {"s": ds, "W": dW, "b": db}
+
+
+def glu_depth(inputs, params, cfg):
+    """Forward ``f = H + 8``: ``o = W s + b`` sums ``H + 1`` terms, the gate ``0.5 (1 +
+    tanh(0.5 o))`` adds 4 (``tanh`` ~2 ulps), ``z = a g`` 1, rounded up (golden/mixing.py's
+    ``_mix_depth``). Backward: ``do = [dz g, dz a g (1 - g)]`` adds 4 to the cached ``a, g``'s
+    ``f``; ``ds = W^T do`` sums ``2H`` terms (``_mix_depth``'s ``H + 8`` undercounts it for
+    ``H > 8``), ``dW`` and ``db`` sum ``B L``."""
+    Bsz, H, L = inputs["s"].shape
+    f = H + 8
+    return {"*": f, "z": f, "ds": f + 4 + 2 * H, "dW": f + 4 + Bsz * L, "db": f + 4 + Bsz * L}
+
+
+def glu_examples(rng):
+    """Spike input on the channel-major path (``L <=`` :data:`GLU_BATCHED_MIN_L`), real input
+    on the batch-major path (``GLU_BATCHED_MIN_L < L <= BATCHED_MAX_L``), and ``H = 1``."""
+    def case(Bsz, H, L, spikes):
+        s = ((rng.random((Bsz, H, L)) < 0.3).astype(np.float64) if spikes
+             else rng.normal(size=(Bsz, H, L)))  # (B, H, L)
+        bound = 1.0 / math.sqrt(H)
+        return _ops.Example({"s": s}, {"W": rng.uniform(-bound, bound, size=(2 * H, H)),
+                                       "b": rng.uniform(-bound, bound, size=2 * H)})
+    return [case(2, 3, 6, True), case(1, 2, GLU_BATCHED_MIN_L + 6, False), case(2, 1, 4, False)]
+
+
+GLU_OP = _ops.defop(
+    name="glu", math="o = W s + b, z = o[:H] sigmoid(o[H:])",
+    inputs=("s",), params=("W", "b"), outputs=("z",),
+    fwd=_glu_op, vjp=_glu_op_vjp, depth=glu_depth, examples=glu_examples,
+)
+
+
+# ---- GSU -------------------------------------------------------------------------------------
+
+
+def _gsu_op(inputs, params, cfg=None, state=None):
+    z, cache = gsu_fwd(inputs["x"], params["W"], params["b"], params["c"], inputs.get("Tx"),
+                       inputs.get("TW"))
+    return _ops.Result({"z": z}, cache, None)  # GSUCache: Tx, TW (the ternary "spikes"), P, Q
+
+
+def _gsu_op_vjp(cache, cotangents):
+    dx, dW, db, dc = gsu_bwd(cache, _ops.cotangent(cotangents, "z", cache.P))
+    return {"x": dx, "W": dW, "b": db, "c": dc}
+
+
+def gsu_depth(inputs, params, cfg):
+    """``P = Ter(x) W + b`` and ``Q = x Ter(W) + c`` sum ``H + 1`` terms each, ``z = P Q`` 1
+    more: ``H + 2`` (``_mix_depth`` allows ``H + 8``). Backward: ``dP = dz Q``, ``dQ = dz P``
+    carry ``H + 2``; ``dx = Ter(W) dQ`` sums ``H`` more (``2H + 2``; ``_mix_depth``'s ``H + 8``
+    undercounts it for ``H > 6``); ``dW, db, dc`` sum ``B L`` more. ``Ter`` itself rounds
+    nothing (a comparison: equal in every precision away from the cut)."""
+    Bsz, H, L = inputs["x"].shape
+    return {"*": H + 2, "z": H + 2, "dx": 2 * H + 2, "dW": H + 2 + Bsz * L,
+            "db": H + 2 + Bsz * L, "dc": H + 2 + Bsz * L}
+
+
+def _off_the_cut(v, axis, ratio=TERNARY_RATIO, gap=0.05):
+    """``v`` with every ``|v|`` within ``gap max|v|`` of the cut ``ratio max|v|`` moved to
+    ``2 ratio max|v|`` (sign kept; the max unchanged), so that neither the finite differences'
+    steps nor float32's rounding change ``Ter(v)``: ``Ter`` is locally constant there and its
+    zero gradient (the **[choice]** of :func:`gsu_bwd`) is the exact one."""
+    m = np.abs(v).max(axis=axis, keepdims=axis is not None)
+    near = np.abs(np.abs(v) - ratio * m) < gap * m
+    return np.where(near, np.sign(v) * 2 * ratio * m, v)
+
+
+def gsu_examples(rng):
+    """A few tokens (``Ter(x)`` per token, ``Ter(W)`` over the matrix, both with zeros and
+    both signs), ``H = 6`` and ``L = 1``; every value at least ``0.05 max|v|`` off the
+    ternarisation cut. An all-zero token (the ``max|v| = 0`` guard) is left to the golden suite:
+    ``Ter`` jumps there, so no finite difference sees its VJP."""
+    def case(Bsz, H, L):
+        x = _off_the_cut(rng.normal(size=(Bsz, H, L)), axis=1)  # (B, H, L)
+        W = _off_the_cut(rng.uniform(-1.0, 1.0, size=(H, H)) / math.sqrt(H), axis=None)
+        return _ops.Example({"x": x}, {"W": W, "b": 0.1 * rng.normal(size=H),
+                                       "c": 0.1 * rng.normal(size=H)})
+    return [case(2, 4, 5), case(1, 6, 3), case(3, 3, 1)]
+
+
+def ternary_margins(x, W, ratio=TERNARY_RATIO):
+    """``{"ter_x": (|x| / max_h |x|, ratio), "ter_W": (|W| / max |W|, ratio)}``: what decides
+    ``Ter`` in relative form (a zero maximum: 1, far from the cut)."""
+    mx = np.abs(x).max(axis=1, keepdims=True)  # (B, 1, L)
+    rel_x = np.where(mx > 0, np.abs(x) / np.where(mx > 0, mx, 1.0), 1.0)
+    mw = np.abs(W).max()
+    rel_w = np.abs(W) / mw if mw > 0 else np.ones_like(W)
+    return {"ter_x": (rel_x, ratio), "ter_W": (rel_w, ratio)}
+
+
+def gsu_diagnostics(inputs, params, cfg, result):
+    """The ternarised ``Tx``, ``TW`` act as spikes; their margins in relative form."""
+    c = result.cache
+    return {"spikes": {"Tx": c.Tx, "TW": c.TW},
+            "membranes": ternary_margins(inputs["x"], params["W"])}
+
+
+GSU_OP = _ops.defop(
+    name="gsu", math="z = (Ter(x) W + b) (x Ter(W) + c)",
+    # Tx, TW: given, they stand for Ter(x), Ter(W) (constants a finite-difference check of a
+    # model holds fixed, refimpl.model.model_fwd's frozen)
+    inputs=("x", "Tx", "TW"), optional=("Tx", "TW"), nondiff=("Tx", "TW"),
+    params=("W", "b", "c"), outputs=("z",),
+    fwd=_gsu_op, vjp=_gsu_op_vjp, depth=gsu_depth, examples=gsu_examples,
+    diagnostics=gsu_diagnostics,
+)
+
+
+# ---- normalisation ---------------------------------------------------------------------------
+
+
+def _norm_depth(n, m):
+    """Rounding depths of a normalisation over ``n`` values whose parameter gradients sum ``m``.
+
+    ``mu`` sums ``n`` terms and divides (``n + 1``), the centring adds 1, ``var`` sums ``n``
+    squares and divides (``n + 2``), ``rstd = 1 / sqrt(var + eps)`` 3, ``xh = xc rstd`` 1:
+    ``xh`` carries ``2n + 8``, ``y = xh gamma + beta`` 2 more. The backward ``dx = rstd (g -
+    mean g - xh mean(g xh))`` with ``g = dy gamma``: ``mean(g xh)`` sums ``n`` more products of
+    the cached ``xh``, then 3 more: ``3n + 14``; ``dgamma = sum dy xh``: ``xh``'s ``2n + 8``
+    plus ``m + 1``; ``dbeta = sum dy``: ``m``. Each on the magnitude of its terms
+    (:func:`_norm_scales`), not of the result: both cancel."""
+    return {"*": 2 * n + 10, "y": 2 * n + 10, "dx": 3 * n + 14, "dgamma": 2 * n + m + 9,
+            "dbeta": m}
+
+
+def _norm_scales(x, xh, rstd, mu_abs, gamma, beta, dy, axes, training):
+    """The magnitudes of the terms of a normalisation's results (``Op.scales``), by name.
+
+    The abs analogue: ``xh = (x - mu) rstd`` has terms ``A = (|x| + |mu|_abs) rstd``, where
+    ``|mu|_abs`` is ``mean |x|`` over the ``axes`` (the batch statistic: its rounding is relative
+    to that, the centring's cancellation) or ``|running_mean|`` (eval). Then ``y``: ``A |gamma|
+    + |beta|``; ``dx = rstd (g - mean g - xh mean(g xh))``: ``rstd (|g| + mean|g| + A mean(|g|
+    |xh|) + |xh| mean(|g| A))`` (to first order: the rounding of either factor of ``xh mean(g
+    xh)`` times the other; ``|g| rstd`` in eval: no statistic depends on ``x``); ``dgamma``:
+    ``sum |dy| A``; ``dbeta``: ``sum |dy|``. Each result can be far below these: ``dx`` over
+    ``n = 2`` values is ``eps / (var + eps)`` of its terms (``xh = +-1`` whatever ``x``).
+    Shapes: ``x, xh, dy (B, H, L)``; ``rstd``, ``mu_abs`` broadcast against them; ``gamma,
+    beta (H,)``; ``dy`` None: ``y`` only.
+    """
+    col = (1, -1, 1)
+    A = (np.abs(x) + mu_abs) * rstd  # (B, H, L)
+    out = {"y": float(np.max(A * np.abs(gamma).reshape(col) + np.abs(beta).reshape(col),
+                             initial=0.0))}
+    if dy is None:
+        return out
+    ady = np.abs(dy)  # (B, H, L)
+    g = ady * np.abs(gamma).reshape(col)  # (B, H, L)
+    if training:
+        keep = dict(axis=axes, keepdims=True)
+        axh = np.abs(xh)  # (B, H, L)
+        dx = rstd * (g + g.mean(**keep) + A * (g * axh).mean(**keep)
+                     + axh * (g * A).mean(**keep))  # (B, H, L)
+    else:
+        dx = g * rstd  # (B, H, L)
+    out.update(dx=float(np.max(dx, initial=0.0)),
+               dgamma=float(np.max((ady * A).sum(axis=(0, 2)), initial=0.0)),
+               dbeta=float(np.max(ady.sum(axis=(0, 2)), initial=0.0)))
+    return out
+
+
+class LayerNormConfig(NamedTuple):
+    """LayerNorm's configuration: ``eps`` added to the variance."""
+    eps: float = 1e-5
+
+
+class LayerNormCache(NamedTuple):
+    """What the LayerNorm op's VJP reads (:data:`LAYERNORM_OP`)."""
+    xh: np.ndarray  # (B, H, L) the normalised input
+    rstd: np.ndarray  # (B, 1, L) 1 / sqrt(var + eps) per token
+    gamma: np.ndarray  # (H,)
+
+
+def _layernorm_op(inputs, params, cfg=None, state=None):
+    cfg = LayerNormConfig() if cfg is None else cfg
+    y, (xh, rstd, gamma) = layernorm_fwd(inputs["x"], params["gamma"], params["beta"], cfg.eps)
+    return _ops.Result({"y": y}, LayerNormCache(xh, rstd, gamma), None)
+
+
+def _layernorm_op_vjp(cache, cotangents):
+    dx, dgamma, dbeta = layernorm_bwd((cache.xh, cache.rstd, cache.gamma),
+                                      _ops.cotangent(cotangents, "y", cache.xh))
+    return {"x": dx, "gamma": dgamma, "beta": dbeta}
+
+
+def layernorm_depth(inputs, params, cfg):
+    """:func:`_norm_depth` over the ``H`` channels of a token; the parameters sum ``B L``."""
+    Bsz, H, L = inputs["x"].shape
+    return _norm_depth(H, Bsz * L)
+
+
+def layernorm_scales(inputs, params, cfg, cotangents):
+    """:func:`_norm_scales` over the channels of each token (``rstd`` of the float64 run)."""
+    cfg = LayerNormConfig() if cfg is None else cfg
+    x = inputs["x"]
+    _, (xh, rstd, _) = layernorm_fwd(x, params["gamma"], params["beta"], cfg.eps)
+    return _norm_scales(x, xh, rstd, np.abs(x).mean(axis=1, keepdims=True), params["gamma"],
+                        params["beta"], cotangents.get("y"), (1,), True)
+
+
+def layernorm_examples(rng):
+    """An offset mean (the centring matters), a large ``eps`` (``eps`` matters) and ``H = 2``
+    (``xh = +-1``: ``dx`` is ``eps / (var + eps)`` of its terms, the cancellation
+    :func:`_norm_scales` allows for)."""
+    return [_ops.Example({"x": rng.normal(0.5, 1.0, size=(2, 5, 4))},
+                         {"gamma": rng.normal(1.0, 0.3, size=5), "beta": rng.normal(size=5)}),
+            _ops.Example({"x": rng.normal(size=(1, 4, 6))},
+                         {"gamma": rng.normal(size=4), "beta": rng.normal(size=4)},
+                         LayerNormConfig(eps=0.5)),
+            _ops.Example({"x": rng.normal(size=(3, 2, 2))},
+                         {"gamma": rng.normal(size=2), "beta": rng.normal(size=2)})]
+
+
+LAYERNORM_OP = _ops.defop(
+    name="layernorm", math="y = (x - mean_h x) / sqrt(var_h x + eps) gamma + beta",
+    inputs=("x",), params=("gamma", "beta"), outputs=("y",), config=LayerNormConfig,
+    fwd=_layernorm_op, vjp=_layernorm_op_vjp, depth=layernorm_depth, scales=layernorm_scales,
+    examples=layernorm_examples,
+)
+
+
+class BatchNormConfig(NamedTuple):
+    """BatchNorm's configuration (see :func:`batchnorm_fwd`)."""
+    training: bool = True  # batch statistics (and new running ones), else the running ones
+    momentum: float = 0.1  # weight of the batch statistic in the new running statistic
+    eps: float = 1e-5  # added to the variance
+
+
+class BatchNormCache(NamedTuple):
+    """What the BatchNorm op's VJP reads (:data:`BATCHNORM_OP`): :func:`batchnorm_fwd`'s cache
+    by name."""
+    xh: np.ndarray  # (B, H, L) the normalised input
+    rstd: np.ndarray  # (H,) 1 / sqrt(var + eps), batch or running var
+    gamma: np.ndarray  # (H,)
+    training: bool
+    axes: tuple  # the reduced axes, (0, 2)
+    col: tuple  # the broadcast shape of a per-channel vector, (1, H, 1)
+
+
+def _batchnorm_op(inputs, params, cfg=None, state=None):
+    cfg = BatchNormConfig() if cfg is None else cfg
+    y, cache, (mean, var) = batchnorm_fwd(inputs["x"], params["gamma"], params["beta"],
+                                          inputs["running_mean"], inputs["running_var"],
+                                          cfg.training, cfg.momentum, cfg.eps)
+    if not cfg.training:  # eval returns the running statistics themselves: copy them
+        mean, var = _fresh(mean), _fresh(var)
+    return _ops.Result({"y": y, "running_mean": mean, "running_var": var},
+                       BatchNormCache(*cache), None)
+
+
+def _batchnorm_op_vjp(cache, cotangents):
+    dx, dgamma, dbeta = batchnorm_bwd(tuple(cache), _ops.cotangent(cotangents, "y", cache.xh))
+    return {"x": dx, "gamma": dgamma, "beta": dbeta}
+
+
+def batchnorm_depth(inputs, params, cfg):
+    """Training: :func:`_norm_depth` over the ``n = B L`` values of a channel (the parameters
+    sum the same ``n``); the new running mean ``(1 - m) r + m mu`` adds 3 to ``mu``'s ``n + 1``,
+    the running variance ``n / (n - 1)`` (2) and the mixing (3) to ``var``'s ``2n + 4``. Eval:
+    an affine map, ``y``: ``rstd`` 3, centring 1, ``xh`` 1, ``y`` 2; ``dx = dy gamma rstd``:
+    ``rstd`` 3 and 2 products; ``dgamma`` sums ``n`` products of ``xh`` (5); ``dbeta`` ``n``;
+    the running statistics are returned as they came (0)."""
+    cfg = BatchNormConfig() if cfg is None else cfg
+    Bsz, H, L = inputs["x"].shape
+    n = Bsz * L
+    if cfg.training:
+        return {**_norm_depth(n, n), "running_mean": n + 4, "running_var": 2 * n + 9}
+    return {"*": 7, "y": 7, "dx": 5, "dgamma": n + 6, "dbeta": n, "running_mean": 0,
+            "running_var": 0}
+
+
+def batchnorm_scales(inputs, params, cfg, cotangents):
+    """:func:`_norm_scales` over ``(B, L)`` per channel (``rstd`` of the float64 run); the new
+    running statistics' terms ``(1 - m) |r| + m |stat|_abs``, with ``mean |x|`` for the mean and
+    ``n / (n - 1) mean (|x| + mean |x|)^2`` for the variance (the centring's cancellation)."""
+    cfg = BatchNormConfig() if cfg is None else cfg
+    x, rm, rv = inputs["x"], inputs["running_mean"], inputs["running_var"]
+    _, cache, _ = batchnorm_fwd(x, params["gamma"], params["beta"], rm, rv, cfg.training,
+                                cfg.momentum, cfg.eps)
+    c = BatchNormCache(*cache)
+    col = (1, -1, 1)
+    rstd = c.rstd.reshape(col)  # (1, H, 1)
+    dy = cotangents.get("y")
+    if not cfg.training:
+        return _norm_scales(x, c.xh, rstd, np.abs(rm).reshape(col), params["gamma"],
+                            params["beta"], dy, (0, 2), False)
+    mu_abs = np.abs(x).mean(axis=(0, 2), keepdims=True)  # (1, H, 1)
+    n = x.size // x.shape[1]
+    m = cfg.momentum
+    var_abs = ((np.abs(x) + mu_abs) ** 2).mean(axis=(0, 2)) * n / max(n - 1, 1)  # (H,)
+    return {**_norm_scales(x, c.xh, rstd, mu_abs, params["gamma"], params["beta"], dy, (0, 2),
+                           True),
+            "running_mean": float(np.max((1 - m) * np.abs(rm) + m * mu_abs.ravel(),
+                                         initial=0.0)),
+            "running_var": float(np.max((1 - m) * np.abs(rv) + m * var_abs, initial=0.0))}
+
+
+def batchnorm_examples(rng):
+    """Training (with its new running statistics) and eval, a momentum of 0.3, two values per
+    channel (``n = 2``: ``dx`` cancels, as LayerNorm's over ``H = 2``) and one (``n = 1``: the
+    unbiased variance's ``max(n - 1, 1)`` guard)."""
+    def case(Bsz, H, L, cfg):
+        return _ops.Example({"x": rng.normal(0.5, 1.0, size=(Bsz, H, L)),
+                             "running_mean": rng.normal(0.2, 0.1, size=H),
+                             "running_var": rng.uniform(0.5, 1.5, size=H)},
+                            {"gamma": rng.normal(1.0, 0.3, size=H), "beta": rng.normal(size=H)},
+                            cfg)
+    return [case(3, 4, 5, BatchNormConfig()), case(2, 3, 4, BatchNormConfig(training=False)),
+            case(2, 2, 3, BatchNormConfig(momentum=0.3, eps=0.1)),
+            case(1, 3, 2, BatchNormConfig()), case(1, 3, 1, BatchNormConfig())]
+
+
+BATCHNORM_OP = _ops.defop(
+    name="batchnorm",
+    math="y = (x - mu) / sqrt(var + eps) gamma + beta, (mu, var) over (B, L) per channel "
+         "(training) or the running ones (eval)",
+    inputs=("x", "running_mean", "running_var"), params=("gamma", "beta"),
+    nondiff=("running_mean", "running_var"), outputs=("y", "running_mean", "running_var"),
+    differentiable=("y",), config=BatchNormConfig,
+    fwd=_batchnorm_op, vjp=_batchnorm_op_vjp, depth=batchnorm_depth, scales=batchnorm_scales,
+    examples=batchnorm_examples,
+)
+
+
+# ---- mean pooling ----------------------------------------------------------------------------
+
+
+class MeanPoolCache(NamedTuple):
+    """What the mean-pooling op's VJP reads (:data:`MEANPOOL_OP`)."""
+    shape: tuple  # (B, H, L) of the input
+
+
+def _meanpool_op(inputs, params, cfg=None, state=None):
+    _check_dtypes(x=inputs["x"])
+    y, shape = meanpool_fwd(inputs["x"])
+    return _ops.Result({"y": y}, MeanPoolCache(shape), None)
+
+
+def _meanpool_op_vjp(cache, cotangents):
+    dy = _ops.cotangent(cotangents, "y", np.zeros(cache.shape[:2], float_dtype()))
+    (dx,) = meanpool_bwd(cache.shape, dy)
+    return {"x": dx}
+
+
+def meanpool_depth(inputs, params, cfg):
+    """``y`` sums ``L`` terms and divides (``L + 1``); ``dx = dy / L``: one division."""
+    L = inputs["x"].shape[2]
+    return {"*": L + 1, "y": L + 1, "dx": 1}
+
+
+def meanpool_examples(rng):
+    return [_ops.Example({"x": rng.normal(size=(2, 3, 7))}, {}),
+            _ops.Example({"x": rng.normal(size=(1, 2, 1))}, {})]
+
+
+MEANPOOL_OP = _ops.defop(
+    name="meanpool", math="y[b, h] = mean_t x[b, h, t]",
+    inputs=("x",), params=(), outputs=("y",),
+    fwd=_meanpool_op, vjp=_meanpool_op_vjp, depth=meanpool_depth, examples=meanpool_examples,
+)
+
+
+# ---- cross-entropy ---------------------------------------------------------------------------
+
+
+class CrossEntropyCache(NamedTuple):
+    """What the cross-entropy op's VJP reads (:data:`CROSS_ENTROPY_OP`)."""
+    logp: np.ndarray  # (B, C) log-softmax of the logits
+    labels: np.ndarray  # (B,) integer
+
+
+def _cross_entropy_op(inputs, params, cfg=None, state=None):
+    logits, labels = inputs["logits"], inputs["labels"]
+    _check_dtypes(logits=logits)
+    _check_integer("labels", labels)
+    loss, (logp, labels) = cross_entropy_fwd(logits, labels)
+    return _ops.Result({"loss": np.asarray(loss, dtype=logp.dtype)},  # () in the precision
+                       CrossEntropyCache(logp, labels), None)
+
+
+def _cross_entropy_op_vjp(cache, cotangents):
+    dloss = _ops.cotangent(cotangents, "loss", np.zeros((), cache.logp.dtype))
+    (dlogits,) = cross_entropy_bwd((cache.logp, cache.labels), dloss)
+    return {"logits": dlogits}
+
+
+def cross_entropy_depth(inputs, params, cfg):
+    """``logp = z - log sum_c exp z`` (``z`` the logits less their max, exact up to 1): ``exp``
+    2, the sum ``C``, ``log`` 2, the difference 1 (``C + 6``); the loss averages ``B`` of them
+    (``B + 1``). ``dlogits = (exp(logp) - onehot) dloss / B``: ``exp`` 2, the difference 1, the
+    scaling 2 more. On the terms' magnitudes (:func:`cross_entropy_scales`): both cancel."""
+    Bsz, C = inputs["logits"].shape
+    return {"*": C + Bsz + 7, "loss": C + Bsz + 7, "dlogits": C + 11}
+
+
+def cross_entropy_scales(inputs, params, cfg, cotangents):
+    """The magnitudes of the terms (``Op.scales``). ``z <= 0 <= lse`` enter ``-logp = lse - z``
+    with one sign, so ``logp``'s terms are ``|logp|``, but ``lse = log S`` is rounded
+    *absolutely*: ``S = sum exp z >= 1`` errs relatively, which ``log`` makes an absolute ``C
+    eps``. So the loss's terms are ``mean_b (|logp[b, label]| + 1) = loss + 1`` (a confidently
+    right batch has a loss far below that), and ``dlogits``' are ``(p (|logp| + 1) + onehot)
+    |dloss| / B`` (``p = exp(logp)`` inherits ``logp``'s absolute error relatively; ``p - 1``
+    cancels for a confident label)."""
+    logits, labels = inputs["logits"], inputs["labels"]
+    loss, (logp, _) = cross_entropy_fwd(logits, labels)
+    out = {"loss": loss + 1.0}
+    dloss = cotangents.get("loss")
+    if dloss is not None:
+        Bsz = logits.shape[0]
+        onehot = np.zeros_like(logp)  # (B, C)
+        onehot[np.arange(Bsz), labels] = 1.0
+        terms = (np.exp(logp) * (np.abs(logp) + 1.0) + onehot) * (abs(float(dloss)) / Bsz)
+        out["dlogits"] = float(np.max(terms, initial=0.0))  # terms: (B, C)
+    return out
+
+
+def cross_entropy_examples(rng):
+    """A few classes at logit scale 3 (confident and unsure rows), a confidently right batch
+    (loss ~1e-5: the cancellation :func:`cross_entropy_scales` allows for) and one row."""
+    confident = rng.normal(size=(4, 3))  # (B, C)
+    labels = rng.integers(0, 3, size=4)
+    confident[np.arange(4), labels] += 12.0
+    return [_ops.Example({"logits": rng.normal(0.0, 3.0, size=(6, 5)),
+                          "labels": rng.integers(0, 5, size=6)}, {}),
+            _ops.Example({"logits": confident, "labels": labels}, {}),
+            _ops.Example({"logits": rng.normal(size=(1, 3)),
+                          "labels": rng.integers(0, 3, size=1)}, {})]
+
+
+CROSS_ENTROPY_OP = _ops.defop(
+    name="cross_entropy", math="loss = -mean_b log softmax(logits[b])[labels[b]]",
+    inputs=("logits", "labels"), params=(), nondiff=("labels",), outputs=("loss",),
+    fwd=_cross_entropy_op, vjp=_cross_entropy_op_vjp, depth=cross_entropy_depth,
+    scales=cross_entropy_scales, examples=cross_entropy_examples,
+)
+
+
+# ---- dropout ---------------------------------------------------------------------------------
+
+
+class DropoutCache(NamedTuple):
+    """What the dropout op's VJP reads (:data:`DROPOUT_OP`)."""
+    mask: object  # (B, H, 1) of 0 or 1 / (1 - p) (:func:`dropout_mask`), or None: identity
+    shape: tuple  # (B, H, L) of the input
+
+
+def _dropout_op(inputs, params, cfg=None, state=None):
+    x, mask = inputs["x"], inputs.get("mask")
+    _check_dtypes(x=x, mask=mask)
+    y, mask = dropout_fwd(x, mask)
+    return _ops.Result({"y": _fresh(y) if mask is None else y}, DropoutCache(mask, x.shape),
+                       None)
+
+
+def _dropout_op_vjp(cache, cotangents):
+    dy = _ops.cotangent(cotangents, "y", np.zeros(cache.shape, float_dtype()))
+    (dx,) = dropout_bwd(cache.mask, dy)
+    return {"x": _fresh(dx) if cache.mask is None else dx}
+
+
+def dropout_depth(inputs, params, cfg):
+    """One product each way (the mask is given, already rounded to the precision)."""
+    return {"*": 1, "y": 1, "dx": 1}
+
+
+def dropout_examples(rng):
+    """A mask of ``p = 0.3`` (:func:`dropout_mask`) and none (the identity)."""
+    x = rng.normal(size=(3, 4, 5))  # (B, H, L)
+    return [_ops.Example({"x": x, "mask": dropout_mask(rng, x.shape, 0.3)}, {}),
+            _ops.Example({"x": rng.normal(size=(2, 2, 3))}, {})]
+
+
+DROPOUT_OP = _ops.defop(
+    name="dropout", math="y = x mask (mask in {0, 1 / (1 - p)}, shared over time)",
+    inputs=("x", "mask"), params=(), optional=("mask",), nondiff=("mask",), outputs=("y",),
+    fwd=_dropout_op, vjp=_dropout_op_vjp, depth=dropout_depth, examples=dropout_examples,
+)

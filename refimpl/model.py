@@ -40,6 +40,7 @@ neuron (the form PMBC equals) in float32. Streams, golden files and equivalence 
 float32 models.
 """
 import dataclasses
+from collections.abc import Mapping
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -49,7 +50,7 @@ from . import precision
 from ._checks import check_array, check_int, check_name, check_real
 from .activations import ACTIVATIONS
 from .neurons import NeuronConfig, threshold_scale_bwd, threshold_scale_fwd
-from .s4d import LAYER_PARAMS, s4d_layer_bwd, s4d_layer_fwd, s4d_layer_step
+from .s4d import LAYER_OP, LAYER_PARAMS, S4DConfig, S4DState, s4d_layer_step
 from .ssm import DISCRETIZATIONS, INITS, s4d_init
 
 
@@ -91,7 +92,10 @@ class ModelConfig:
         check_int("d_model", self.d_model, 1)
         check_int("d_state", self.d_state, 2)
         check_int("n_layers", self.n_layers, 1)
-        check_name("activation", self.activation, ACTIVATIONS)
+        # the family and its NeuronConfig are resolved (and validated) once, here: blocks,
+        # streams and golden suites read cfg.family and cfg.neuron_config()
+        object.__setattr__(self, "_family", check_name("activation", self.activation,
+                                                       ACTIVATIONS))
         check_name("norm", self.norm, {k: k for k in NORMS})
         check_name("disc", self.disc, DISCRETIZATIONS)
         check_name("init", self.init, INITS)
@@ -121,7 +125,8 @@ class ModelConfig:
         if self.d_state % 2:
             raise ValueError("d_state must be even (d_state // 2 complex modes), "
                              f"got {self.d_state}")
-        self.neuron_config()  # validates grad_mode / surrogate through NeuronConfig
+        # validates grad_mode / surrogate through NeuronConfig
+        object.__setattr__(self, "_neuron", self._make_neuron_config())
 
     @classmethod
     def for_data(cls, data, **options):
@@ -138,9 +143,19 @@ class ModelConfig:
         ``n_classes = vocab``); ``options`` set the other fields."""
         return cls(n_classes=vocab, vocab=vocab, head="lm", **options)
 
+    @property
+    def family(self):
+        """The activation family, the :data:`refimpl.activations.ACTIVATIONS` entry of
+        ``activation`` (resolved on construction): what the model asks instead of comparing
+        names."""
+        return self._family
+
     def neuron_config(self):
-        """The NeuronConfig of this model's spiking family, or None."""
-        fam = ACTIVATIONS[self.activation]
+        """The NeuronConfig of this model's spiking family, or None (built on construction)."""
+        return self._neuron
+
+    def _make_neuron_config(self):
+        fam = self._family
         if fam.neuron is None:
             return None
         fields = dict(fam.neuron, grad_mode=self.grad_mode)
@@ -173,7 +188,7 @@ def init_model(cfg, seed=0, sdn_weights=None):
     else:
         p["encoder.W"] = _uniform(rng, cfg.d_input, (H, cfg.d_input))  # (H, d_input)
         p["encoder.b"] = _uniform(rng, cfg.d_input, (H,))
-    fam = ACTIVATIONS[cfg.activation]
+    fam = cfg.family
     for i in range(cfg.n_layers):
         pre = f"layers.{i}."
         ssm = s4d_init(H, cfg.d_state, init=cfg.init, seed=rng, dt_min=cfg.dt_min,
@@ -207,7 +222,7 @@ def init_model(cfg, seed=0, sdn_weights=None):
 def project(params, cfg):
     """Keep constrained parameters feasible after an optimizer step (in place), as each layer's
     activation family defines it (``rho >= 0`` for ``refractory``)."""
-    fam = ACTIVATIONS[cfg.activation]
+    fam = cfg.family
     for i in range(cfg.n_layers):
         pre = f"layers.{i}."
         layer = {k[len(pre):]: v for k, v in params.items() if k.startswith(pre)}
@@ -229,18 +244,26 @@ def optimizer_rules(lr):
 # --------------------------------------------------------------------------------------------
 
 
+#: norm name -> the op (:mod:`refimpl.ops`) of the block's norm.
+NORM_OPS = {"layer": Ly.LAYERNORM_OP, "batch": Ly.BATCHNORM_OP}
+
+
 def _norm_fwd(cfg, p, buf, pre, x, training, new_buf):
-    g, b = p[pre + "norm.gamma"], p[pre + "norm.beta"]
+    """The block's norm through its op: ``(y, cache)``; BatchNorm's new running statistics
+    go into ``new_buf``."""
+    params = {"gamma": p[pre + "norm.gamma"], "beta": p[pre + "norm.beta"]}
     if cfg.norm == "layer":
-        return Ly.layernorm_fwd(x, g, b)
-    y, cache, (m, v) = Ly.batchnorm_fwd(x, g, b, buf[pre + "norm.running_mean"],
-                                        buf[pre + "norm.running_var"], training)
-    new_buf[pre + "norm.running_mean"], new_buf[pre + "norm.running_var"] = m, v
-    return y, cache
+        res = Ly.LAYERNORM_OP.fwd({"x": x}, params)
+        return res.outputs["y"], res.cache
+    stats = {k: buf[pre + "norm." + k] for k in ("running_mean", "running_var")}
+    res = Ly.BATCHNORM_OP.fwd({"x": x, **stats}, params, Ly.BatchNormConfig(training=training))
+    new_buf.update({pre + "norm." + k: res.outputs[k] for k in stats})
+    return res.outputs["y"], res.cache
 
 
 def _norm_bwd(cfg, cache, d):
-    return (Ly.layernorm_bwd if cfg.norm == "layer" else Ly.batchnorm_bwd)(cache, d)
+    g = NORM_OPS[cfg.norm].vjp(cache, {"y": d})
+    return g["x"], g["gamma"], g["beta"]
 
 
 class BlockCache(NamedTuple):
@@ -251,8 +274,9 @@ class BlockCache(NamedTuple):
     ln_vth: Optional[np.ndarray]  # (H,) or None without a learnable threshold
     act: object  # the activation family's cache (refimpl.activations)
     mask_s: Optional[np.ndarray]  # dropout mask on s (None: no dropout)
-    mix: object  # GLU or GSU cache
+    mix: object  # the GLU or GSU op's cache
     mask_z: Optional[np.ndarray]  # dropout mask on the mixing output
+    mixed: np.ndarray  # (B, H, L) the mixing output before dropout (a post-norm's input - x)
 
 
 class ModelCache(NamedTuple):
@@ -270,42 +294,45 @@ def block_fwd(cfg, p, buf, i, x, training, rng, smooth=False, frozen=None, new_b
     running statistics go into ``new_buf``); ``smooth`` and ``frozen`` as in :func:`model_fwd`.
     """
     pre = f"layers.{i}."
-    fam = ACTIVATIONS[cfg.activation]
+    fam = cfg.family
     z, norm_c = x, None
     if cfg.prenorm:
         z, norm_c = _norm_fwd(cfg, p, buf, pre, x, training, new_buf)
     ssm = {k: p[pre + "ssm." + k] for k in LAYER_PARAMS}
-    y, ssm_c = s4d_layer_fwd(z, ssm, cfg.disc)  # (B, H, L)
+    res = LAYER_OP.fwd({"u": z}, ssm, S4DConfig(cfg.disc), end_state=False)
+    y, ssm_c = res.outputs["y"], res.cache  # (B, H, L)
     ln_vth = p[pre + "ln_vth"] if fam.threshold else None
     v = y if ln_vth is None else threshold_scale_fwd(y, ln_vth)  # (B, H, L)
     s, act_c = fam.forward(v, cfg, p, buf, pre, smooth, frozen)
-    x_out, (mask_s, mix_c, mask_z, post_c) = _block_out(cfg, p, buf, pre, x, s, v, training, rng,
-                                                        frozen, new_buf)
+    x_out, (mask_s, mix_c, mask_z, post_c, mixed) = _block_out(cfg, p, buf, pre, x, s, v,
+                                                               training, rng, frozen, new_buf)
     norm_c = post_c if not cfg.prenorm else norm_c
-    cache = BlockCache(norm_c, ssm_c, y, ln_vth, act_c, mask_s, mix_c, mask_z)
+    cache = BlockCache(norm_c, ssm_c, y, ln_vth, act_c, mask_s, mix_c, mask_z, mixed)
     return x_out, cache, {"rate": fam.rate(s, act_c, mix_c)}
 
 
 def _block_out(cfg, p, buf, pre, x, s, v, training, rng, frozen=None, new_buf=None):
     """The block after its activation: mixing (GLU of ``s`` or GSU of ``v``), dropout, residual
-    and post-norm. Returns ``(x_out, (mask_s, mix_cache, mask_z, postnorm_cache))``."""
-    fam = ACTIVATIONS[cfg.activation]
+    and post-norm. Returns ``(x_out, (mask_s, mix_cache, mask_z, postnorm_cache, mixed))``,
+    ``mixed`` the mixing output before dropout."""
+    fam = cfg.family
     drop = training and cfg.dropout > 0
     mask_s = None
     if fam.mixing == "glu":
         mask_s = Ly.dropout_mask(rng, s.shape, cfg.dropout) if drop else None
         s_d, _ = Ly.dropout_fwd(s, mask_s)
-        out, mix_c = Ly.glu_fwd(s_d, p[pre + "mix.W"], p[pre + "mix.b"])
+        res = Ly.GLU_OP.fwd({"s": s_d}, {"W": p[pre + "mix.W"], "b": p[pre + "mix.b"]})
     else:
         fz = frozen or {}
-        out, mix_c = Ly.gsu_fwd(v, p[pre + "mix.W"], p[pre + "mix.b"], p[pre + "mix.c"],
-                                fz.get(pre + "Tx"), fz.get(pre + "TW"))
-    mask_z = Ly.dropout_mask(rng, out.shape, cfg.dropout) if drop else None
-    out, _ = Ly.dropout_fwd(out, mask_z)
+        res = Ly.GSU_OP.fwd({"x": v, **{k: fz[pre + k] for k in ("Tx", "TW") if pre + k in fz}},
+                            {k: p[pre + "mix." + k] for k in ("W", "b", "c")})
+    mixed, mix_c = res.outputs["z"], res.cache
+    mask_z = Ly.dropout_mask(rng, mixed.shape, cfg.dropout) if drop else None
+    out, _ = Ly.dropout_fwd(mixed, mask_z)
     x_out, post_c = x + out, None
     if not cfg.prenorm:
         x_out, post_c = _norm_fwd(cfg, p, buf, pre, x_out, training, new_buf)
-    return x_out, (mask_s, mix_c, mask_z, post_c)
+    return x_out, (mask_s, mix_c, mask_z, post_c, mixed)
 
 
 def block_stream(cfg, p, buf, i, x, state, step=None):
@@ -321,13 +348,14 @@ def block_stream(cfg, p, buf, i, x, state, step=None):
     diagnostics (spikes and the membranes that decided them).
     """
     pre = f"layers.{i}."
-    fam = ACTIVATIONS[cfg.activation]
+    fam = cfg.family
     z = x
     if cfg.prenorm:
         z, _ = _norm_fwd(cfg, p, buf, pre, x, False, {})
     if step is None:
         ssm = {k: p[pre + "ssm." + k] for k in LAYER_PARAMS}
-        y, _, x_ssm = s4d_layer_fwd(z, ssm, cfg.disc, state=state["ssm.x"], return_state=True)
+        res = LAYER_OP.fwd({"u": z}, ssm, S4DConfig(cfg.disc), S4DState(state["ssm.x"]))
+        y, x_ssm = res.outputs["y"], res.state.x
     else:
         y_t, x_ssm = s4d_layer_step(z[:, :, 0], step, state["ssm.x"])
         y = y_t[:, :, None]  # (B, H, 1)
@@ -335,7 +363,7 @@ def block_stream(cfg, p, buf, i, x, state, step=None):
     v = y if ln_vth is None else threshold_scale_fwd(y, ln_vth)  # (B, H, T)
     act_state = {k: v_ for k, v_ in state.items() if k != "ssm.x"}
     s, new_act, diag = fam.stream(v, cfg, p, buf, pre, act_state, step=step is not None)
-    x_out, (_, mix_c, _, _) = _block_out(cfg, p, buf, pre, x, s, v, False, None, new_buf={})
+    x_out, (_, mix_c, _, _, _) = _block_out(cfg, p, buf, pre, x, s, v, False, None, new_buf={})
     if fam.mixing == "gsu":
         diag = fam.diagnostics(None, mix_c)
     return x_out, {"ssm.x": x_ssm, **new_act}, stream_record(y, v, diag, x_out)
@@ -351,24 +379,37 @@ def stream_record(y, v, diag, out):
     return {k: a for k, a in rec.items() if a.ndim == 3}
 
 
-#: What a layer's record holds (``(B, H, L)`` arrays, by family): every layer ``y`` (the S4D
-#: output), ``v`` (the activation's input: ``y / exp(ln_vth)`` with threshold scaling, else
-#: ``y``), ``out`` (the block's output); neurons (binary, lif, refractory) ``s`` (spikes),
-#: ``h`` (membrane before the spike test and reset), ``u`` (after the reset); sdn ``s``, ``m``
-#: (the SDN's predicted membrane) and ``m+x`` (what the spike test compares with the threshold);
+class _RecordNames(Mapping):
+    """Family name -> :attr:`~refimpl.activations.Activation.record_names`: a read-only view of
+    the registry (a family registered later appears by itself), not a table of its own."""
+
+    def __getitem__(self, name):
+        return ACTIVATIONS[name].record_names
+
+    def __iter__(self):
+        return iter(ACTIVATIONS)
+
+    def __len__(self):
+        return len(ACTIVATIONS)
+
+    def __repr__(self):
+        return f"RECORD_NAMES({dict(self)!r})"
+
+
+#: What a layer's record holds (``(B, H, L)`` arrays, by family; each family states its own in
+#: :attr:`refimpl.activations.Activation.record_names`): every layer ``y`` (the S4D output),
+#: ``v`` (the activation's input: ``y / exp(ln_vth)`` with threshold scaling, else ``y``),
+#: ``out`` (the block's output); neurons (binary, lif, refractory) ``s`` (spikes), ``h``
+#: (membrane before the spike test and reset), ``u`` (after the reset); sdn ``s``, ``m`` (the
+#: SDN's predicted membrane) and ``m+x`` (what the spike test compares with the threshold);
 #: binary_gsu ``Tx`` (the GSU's ternarisation of ``v``, -1/0/1).
-RECORD_NAMES = {"gelu": ("y", "v", "out"),
-                "binary": ("y", "v", "s", "h", "u", "out"),
-                "lif": ("y", "v", "s", "h", "u", "out"),
-                "refractory": ("y", "v", "s", "h", "u", "out"),
-                "sdn": ("y", "v", "s", "m+x", "m", "out"),
-                "binary_gsu": ("y", "v", "Tx", "out")}
+RECORD_NAMES = _RecordNames()
 
 
 def layer_record(cfg, cache, out):
     """The record of one block of :func:`model_fwd` (:data:`RECORD_NAMES`), copied from what
     the forward computed (its cache ``cache`` and output ``out``), not recomputed."""
-    fam = ACTIVATIONS[cfg.activation]
+    fam = cfg.family
     v = cache.y if cache.ln_vth is None else cache.act.y  # the neuron's own input
     rec = stream_record(cache.y, v, fam.diagnostics(cache.act, cache.mix), out)
     return {k: np.array(a, copy=True) for k, a in rec.items()}
@@ -376,15 +417,15 @@ def layer_record(cfg, cache, out):
 
 def spike_threshold(cfg):
     """The threshold the recorded membrane (``h``, or ``m+x`` for sdn) is compared with, or
-    None (gelu: no spikes; binary_gsu: the GSU's threshold is per token, 0.15 max |v|)."""
-    ncfg = cfg.neuron_config()
-    return None if ncfg is None or cfg.activation == "binary_gsu" else float(ncfg.theta)
+    None (gelu: no spikes; binary_gsu: the GSU's threshold is per token,
+    ``TERNARY_RATIO max |v|``): :attr:`refimpl.activations.Activation.theta`."""
+    return cfg.family.theta
 
 
 def block_bwd(cfg, p, i, c, dx_out):
     """Backward of :func:`block_fwd`: returns ``(dx, grads)`` for this block's parameters."""
     pre = f"layers.{i}."
-    fam = ACTIVATIONS[cfg.activation]
+    fam = cfg.family
     g = {}
     d = dx_out
     if not cfg.prenorm:
@@ -392,17 +433,20 @@ def block_bwd(cfg, p, i, c, dx_out):
     dx = d  # residual path (read only below: no copy)
     (dout,) = Ly.dropout_bwd(c.mask_z, d)
     if fam.mixing == "glu":
-        ds_d, g[pre + "mix.W"], g[pre + "mix.b"] = Ly.glu_bwd(c.mix, dout)
-        (ds,) = Ly.dropout_bwd(c.mask_s, ds_d)
+        gm = Ly.GLU_OP.vjp(c.mix, {"z": dout})
+        (ds,) = Ly.dropout_bwd(c.mask_s, gm.pop("s"))
         dv, ga = fam.backward(c.act, ds)
         g.update({pre + k: v for k, v in ga.items()})
     else:
-        dv, g[pre + "mix.W"], g[pre + "mix.b"], g[pre + "mix.c"] = Ly.gsu_bwd(c.mix, dout)
+        gm = Ly.GSU_OP.vjp(c.mix, {"z": dout})
+        dv = gm.pop("x")
+    g.update({pre + "mix." + k: v for k, v in gm.items()})
     if c.ln_vth is None:
         dy = dv
     else:
         dy, g[pre + "ln_vth"] = threshold_scale_bwd(c.y, c.ln_vth, dv)
-    dz, gs = s4d_layer_bwd(c.ssm, dy)
+    gs = LAYER_OP.vjp(c.ssm, {"y": dy})
+    dz = gs.pop("u")
     for k, v in gs.items():
         g[pre + "ssm." + k] = v
     if cfg.prenorm:
@@ -415,7 +459,7 @@ def block_diagnostics(cfg, cache):
     {name: array}, "membranes": {name: (value, threshold)}}``, as the block's activation family
     defines them (``s`` and ``h`` for neurons, ``s`` and ``m+x`` for the SDN neuron, ``Tx`` and
     ``TW`` for the GSU; empty for GELU)."""
-    return ACTIVATIONS[cfg.activation].diagnostics(cache.act, cache.mix)
+    return cfg.family.diagnostics(cache.act, cache.mix)
 
 
 def compute_copy(cfg, arrays):
@@ -569,7 +613,7 @@ def frozen_constants(cfg, p, buf, x, training=True, rng=None):
     """The quantities the backward treats as constants (SDN's m, GSU's Ter(y) and Ter(W)),
     recorded at ``p`` so that a finite-difference check can hold them fixed."""
     _, cache, _, _ = model_fwd(cfg, p, buf, x, training, rng, smooth=True)
-    fam = ACTIVATIONS[cfg.activation]
+    fam = cfg.family
     out = {}
     for i, c in enumerate(cache.blocks):
         out.update({f"layers.{i}.{k}": v for k, v in fam.frozen(c.act, c.mix).items()})

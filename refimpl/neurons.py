@@ -910,10 +910,10 @@ class NeuronCache(NamedTuple):
     smooth: bool
 
 
-def _neuron_op(inputs, params, cfg=None, state=None, smooth=False):
+def _neuron_op(inputs, params, cfg=None, state=None, end_state=True, smooth=False):
     cfg = NeuronConfig() if cfg is None else cfg
     x, rho = inputs["x"], params.get("rho")
-    if float_dtype() == np.float64:
+    if end_state and float_dtype() == np.float64:
         s, h, u, end = neuron_fwd(x, cfg, rho=rho, smooth=smooth, state=state,
                                   return_state=True)
     else:  # states are float64 only (require_reference): the float32 variant has none
@@ -923,8 +923,8 @@ def _neuron_op(inputs, params, cfg=None, state=None, smooth=False):
                        end)
 
 
-def _neuron_op_smooth(inputs, params, cfg=None, state=None):
-    return _neuron_op(inputs, params, cfg, state, smooth=True)
+def _neuron_op_smooth(inputs, params, cfg=None, state=None, end_state=True):
+    return _neuron_op(inputs, params, cfg, state, end_state, smooth=True)
 
 
 def _neuron_op_vjp(cache, cotangents):
@@ -962,6 +962,13 @@ def neuron_examples(rng):
     return out
 
 
+def neuron_diagnostics(inputs, params, cfg, result):
+    """The spikes and the membrane ``h`` that decided them, against ``theta``."""
+    cfg = NeuronConfig() if cfg is None else cfg
+    return {"spikes": {"s": result.outputs["s"]},
+            "membranes": {"h": (result.outputs["h"], cfg.theta)}}
+
+
 NEURON_OP = _ops.defop(
     name="neuron",
     math="h_t = tau u_{t-1} + x_t, s_t = Theta(h_t - theta), u_t = h_t (1 - a s_t) + b s_t",
@@ -969,5 +976,5 @@ NEURON_OP = _ops.defop(
     spikes=("s",), config=NeuronConfig, state=NeuronState, time={"x": 2, "s": 2, "h": 2, "u": 2},
     fwd=_neuron_op, vjp=_neuron_op_vjp, smooth=_neuron_op_smooth,
     exact_vjp=lambda inputs, params, cfg: cfg is None or cfg.grad_mode == "bptt",
-    depth=neuron_depth, examples=neuron_examples,
+    depth=neuron_depth, examples=neuron_examples, diagnostics=neuron_diagnostics,
 )

@@ -7,6 +7,9 @@ norms, linear, embedding, GELU, pooling, the losses) is entered the same way::
     result.outputs      {output name: array}
     result.cache        a named record (a NamedTuple of the op's module) only op.vjp reads
     result.state        the end state (the op's ``state`` NamedTuple), None when stateless
+                        (an op with a state also takes ``end_state=False``: the end state is
+                        not computed, result.state is None; e.g. the S4D layer's closed form
+                        costs twice its forward, which training does not need)
     grads = op.vjp(result.cache, cotangents)
                         {input or parameter name: gradient}
 
@@ -77,6 +80,10 @@ class Op:
       summed into an output (by name) or gradient (``"d" + name``) where it exceeds the
       result's own (cancellation; e.g. the same op on absolute values); default ``max |T|``.
       The tolerance is ``depth eps scale`` (times the golden files' safety factor).
+    - ``diagnostics(inputs, params, cfg, result) -> {"spikes": {name: array}, "membranes":
+      {name: (array, threshold)}}``: the spikes a rounding may flip (outputs or internal) and
+      the values that decided them, for the golden files' margins and flip rules; default:
+      the ``spikes`` outputs, no membranes. The one place a spiking op's margins are derived.
     - ``vjp_from_state``: False when the VJP of a forward started from a nonzero state is not
       implemented (the S4D layer: the state term's gradient; streams are evaluation only).
     - ``float32``: the op runs under ``refimpl.precision.using("float32")`` (else float64 only).
@@ -109,6 +116,7 @@ class Op:
     exact_vjp: Optional[Callable] = None
     scales: Optional[Callable] = None
     vjp_from_state: bool = True
+    diagnostics: Optional[Callable] = None
 
     def __post_init__(self):
         if self.differentiable is None:
@@ -180,6 +188,20 @@ def get_op(name):
     if name not in ops:
         raise ValueError(f"unknown op {name!r}; valid ops are {', '.join(ops)}")
     return ops[name]
+
+
+def diagnose(op, inputs, params, cfg, result):
+    """``op.diagnostics(...)``, or the default: the spike outputs, no membranes."""
+    if op.diagnostics is not None:
+        return op.diagnostics(inputs, params, cfg, result)
+    return {"spikes": {k: result.outputs[k] for k in op.spikes}, "membranes": {}}
+
+
+def config_fields(config):
+    """The field names of a configuration type (a dataclass or a NamedTuple)."""
+    if dataclasses.is_dataclass(config):
+        return tuple(f.name for f in dataclasses.fields(config))
+    return tuple(config._fields)
 
 
 def cotangent(cotangents, name, like):

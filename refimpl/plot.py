@@ -16,7 +16,9 @@ creation date in either format, a fixed ``svg.hashsalt`` for the SVG element ids
   GSU's ternary ``Ter(v)``, +1 and -1 in two colours), and below it the membrane of at most
   four channels (:func:`trace_channels`) against the threshold, spike times marked. Nothing is
   recomputed: the spikes and membranes are the forward's own
-  (:data:`refimpl.model.RECORD_NAMES`), the threshold is :func:`refimpl.model.spike_threshold`.
+  (:data:`refimpl.model.RECORD_NAMES`), the threshold is the family's
+  (:meth:`refimpl.activations.Activation.membranes`), and every family-specific label is the
+  family's :class:`~refimpl.activations.PlotText`.
 
 Units of the membrane (DESIGN.md sections 4 and 8): ``lif``, ``refractory`` and ``sdn`` scale
 their input by the learned threshold, ``v = y / exp(ln_vth)``, and fire at ``theta = 1``, so
@@ -30,9 +32,8 @@ import os
 import numpy as np
 
 from . import model as M
-from .activations import ACTIVATIONS
+from .activations import ACTIVATIONS, PlotText
 from .atomic import atomic_path, check_destination
-from .layers import TERNARY_RATIO
 
 #: Output formats by file extension.
 FORMATS = {".png": "png", ".svg": "svg"}
@@ -43,9 +44,9 @@ INSTALL_HINT = "pip install 'refimpl[plot]'"
 MAX_TRACES = 4
 
 
-#: The families whose record holds spikes (``s``) or the GSU's ternary activations (``Tx``).
-RASTER_FAMILIES = tuple(k for k, names in M.RECORD_NAMES.items()
-                        if "s" in names or "Tx" in names)
+#: The families whose record holds spikes (``s``) or the GSU's ternary activations (``Tx``):
+#: those with :attr:`~refimpl.activations.Activation.events`.
+RASTER_FAMILIES = tuple(k for k, fam in ACTIVATIONS.items() if fam.events is not None)
 
 # Every figure is drawn and saved under these settings (matplotlib.rc_context: restored after).
 _STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
@@ -185,9 +186,10 @@ def _series(metrics, key):
 
 
 def _rate_label(activation):
-    if activation == "binary_gsu":
-        return "nonzero Ter(v) per channel per step"
-    return "spikes per neuron per step"
+    """The firing-rate axis of a run of ``activation`` (a name from its config.json: the
+    spikes' label for a name refimpl does not know)."""
+    fam = ACTIVATIONS.get(activation) if isinstance(activation, str) else None
+    return (PlotText() if fam is None else fam.plot).rate
 
 
 def training_figure(metrics, config=None, title=None, name=None):
@@ -356,16 +358,12 @@ def trace_channels(events, membrane, k=MAX_TRACES):
 
 
 def _membrane(cfg, rec):
-    """What the layer's spike test reads, its label and the threshold (None: the GSU)."""
-    fam = ACTIVATIONS[cfg.activation]
-    theta = M.spike_threshold(cfg)
-    if cfg.activation == "binary_gsu":
-        return rec["v"], "GSU input v = y (S4D output)", None
-    name = "m+x" if cfg.activation == "sdn" else "h"
-    what = "membrane m + x (SDN)" if name == "m+x" else "membrane h"
-    if fam.threshold:
-        return rec[name], f"{what}\n(threshold units)", theta
-    return rec[name], f"{what}\n(S4D output units)", theta
+    """What the layer's spike test reads (the family's ``PlotText.trace``: the GSU's signed
+    ``v``), its axis label and the threshold the family derives (:meth:`~refimpl.activations.
+    Activation.membranes`): a number, or ``(1, L)`` per time step for ternary events."""
+    fam = cfg.family
+    ((_, theta),) = fam.membranes(rec).values()
+    return rec[fam.plot.trace], fam.plot.membrane, theta
 
 
 def _raster_marker_size(ax_height_in, H):
@@ -409,7 +407,8 @@ def raster_figure(cfg, record, layer=None, title=None, rates=None):
         raise ValueError(f"record must hold one dict per layer ({cfg.n_layers}), got "
                          f"{len(record)}")
     layers = range(cfg.n_layers) if layer is None else [int(layer)]
-    gsu = cfg.activation == "binary_gsu"
+    fam = cfg.family
+    text, ternary = fam.plot, fam.ternary  # -1/0/1 events (GSU): two colours, |v| traced
     raster_h, trace_h = 2.3, 1.8  # inches per layer
     with matplotlib.rc_context(_STYLE):
         fig = _figure(figsize=(9.5, 0.5 + len(layers) * (raster_h + trace_h)), dpi=100)
@@ -419,58 +418,54 @@ def raster_figure(cfg, record, layer=None, title=None, rates=None):
             fig.suptitle(title)
         for row, i in enumerate(layers):
             rec = record[i]
-            events = rec["Tx"] if gsu else rec["s"]  # (H, L)
+            events = rec[fam.events]  # (H, L)
             H, L = events.shape
             ax, axm = grid[2 * row], grid[2 * row + 1]
             size = _raster_marker_size(raster_h, H)
             t_all = np.arange(L)  # (L,)
-            if gsu:
+            if ternary:
                 for val, color in ((1, "tab:red"), (-1, "tab:blue")):
                     ch, t = np.nonzero(events == val)  # (n,) each
                     ax.scatter(t, ch, s=size, marker="|", color=color, linewidths=1.0,
-                               label=f"Ter(v) = {val:+d}", gid=f"raster.{i}.{val:+d}",
+                               label=text.legend.format(value=val), gid=f"raster.{i}.{val:+d}",
                                rasterized=len(t) > 20000)
                 n = np.count_nonzero(events)
                 ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), borderaxespad=0.2)
-                what = f"GSU activations Ter(v): {n} nonzero"
             else:
                 ch, t = np.nonzero(events)  # (n,) each
                 ax.scatter(t, ch, s=size, marker="|", color="black", linewidths=1.0,
                            gid=f"raster.{i}", rasterized=len(t) > 20000)
                 n = len(t)
-                what = f"spikes: {n}"
+            what = text.total.format(n=n)
             rate = (rates[i] if rates is not None and rates[i] is not None
                     else np.count_nonzero(events) / events.size)
-            ax.set_title(f"Layer {i}: {what} (rate {rate:.3f} per "
-                         f"{'channel' if gsu else 'neuron'} per step)")
+            ax.set_title(f"Layer {i}: {what} (rate {rate:.3f} per {text.unit} per step)")
             ax.set_ylabel("channel\n(> : traced below)")
             ax.set_ylim(-0.5, H - 0.5)
             ax.set_xlim(-0.5, L - 0.5)
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(False)
             value, ylabel, theta = _membrane(cfg, rec)
-            chosen = trace_channels(events, np.abs(value) if gsu else value)
+            chosen = trace_channels(events, np.abs(value) if ternary else value)
             for j, c in enumerate(chosen):
                 color = f"C{j}"
                 fired = np.flatnonzero(events[c])  # (n_c,)
                 axm.plot(t_all, value[c], color=color, linewidth=1.0, gid=f"membrane.{i}.{c}",
                          drawstyle="steps-mid",  # one value per time step
-                         label=f"channel {c} ({len(fired)} {'nonzero' if gsu else 'spikes'})")
+                         label=f"channel {c} ({len(fired)} {text.count})")
                 axm.plot(fired, value[c, fired], linestyle="none", marker="o", markersize=3.5,
                          color=color, gid=f"spikes.{i}.{c}")
                 ax.plot([-0.5], [c], marker=">", color=color, markersize=5, clip_on=False,
                         linestyle="none")  # which raster rows are traced below
-            if gsu:
-                thr = TERNARY_RATIO * np.max(np.abs(value), axis=0)  # (L,) per time step
+            if ternary:
+                thr = np.ravel(theta)  # (L,) per time step
                 axm.plot(t_all, thr, color="0.2", linestyle="--", linewidth=1,
-                         drawstyle="steps-mid", gid=f"threshold.{i}",
-                         label=f"threshold +-{TERNARY_RATIO} max|v| (over channels)")
+                         drawstyle="steps-mid", gid=f"threshold.{i}", label=text.threshold)
                 axm.plot(t_all, -thr, color="0.2", linestyle="--", linewidth=1,
                          drawstyle="steps-mid", gid=f"threshold.{i}.neg")
             else:
-                learned = " (learned exp(ln_vth))" if ACTIVATIONS[cfg.activation].threshold else ""
                 axm.axhline(theta, color="0.2", linestyle="--", linewidth=1.2,
-                            gid=f"threshold.{i}", label=f"threshold {theta:g}{learned}")
+                            gid=f"threshold.{i}", label=text.threshold.format(theta=theta))
             axm.set_ylabel(ylabel)
             axm.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), borderaxespad=0.2)
         grid[-1].set_xlabel("time step")

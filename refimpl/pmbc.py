@@ -331,11 +331,14 @@ def rounding_bound(x, cfg, rho=None, state=None):
 # ---- the op contract (refimpl.ops) -----------------------------------------------------------
 
 
-def _pmbc_op(inputs, params, cfg=None, state=None, parallel=False):
+def _pmbc_op(inputs, params, cfg=None, state=None, end_state=True, parallel=True):
     cfg = NeuronConfig() if cfg is None else cfg
     x, rho = inputs["x"], params.get("rho")
-    s, h, u, it, end = pmbc_fwd(x, cfg, rho=rho, parallel=parallel, state=state,
-                                return_state=True)
+    if end_state:
+        s, h, u, it, end = pmbc_fwd(x, cfg, rho=rho, parallel=parallel, state=state,
+                                    return_state=True)
+    else:
+        (s, h, u, it), end = pmbc_fwd(x, cfg, rho=rho, parallel=parallel, state=state), None
     return _ops.Result({"s": s, "h": h, "u": u, "iterations": it},
                        NeuronCache(x, s, h, cfg, rho, state, False), end)
 
@@ -346,5 +349,6 @@ PMBC_OP = _ops.defop(
     differentiable=("s", "h", "u"), spikes=("s",), config=NeuronConfig, state=NeuronState,
     time={"x": 2, "s": 2, "h": 2, "u": 2},
     fwd=_pmbc_op, vjp=NEURON_OP.vjp, smooth=NEURON_OP.smooth, exact_vjp=NEURON_OP.exact_vjp,
-    depth=NEURON_OP.depth, examples=NEURON_OP.examples, float32=False,
+    depth=NEURON_OP.depth, examples=NEURON_OP.examples, diagnostics=NEURON_OP.diagnostics,
+    float32=False,
 )

@@ -380,19 +380,15 @@ class S4DState(NamedTuple):
     x: np.ndarray  # complex128 (B, H, N2)
 
 
-def _layer_op(inputs, params, cfg=None, state=None):
+def _layer_op(inputs, params, cfg=None, state=None, end_state=True):
     cfg = S4DConfig() if cfg is None else cfg
-    u = inputs["u"]
-    if precision.float_dtype() != np.float64:  # states are float64 only
-        y, cache = s4d_layer_fwd(u, params, disc=cfg.disc)
+    u, x0 = inputs["u"], None if state is None else state.x
+    bidirectional = params["C_re"].ndim == 3  # no streaming form: no state to return
+    float32 = precision.float_dtype() != np.float64  # states are float64 only
+    if not end_state or bidirectional or (float32 and state is None):
+        y, cache = s4d_layer_fwd(u, params, disc=cfg.disc, state=x0)
         return _ops.Result({"y": y}, cache, None)
-    bidirectional = params["C_re"].ndim == 3
-    if bidirectional:  # no streaming form: no state to return
-        y, cache = s4d_layer_fwd(u, params, disc=cfg.disc, state=None if state is None
-                                 else state.x)
-        return _ops.Result({"y": y}, cache, None)
-    y, cache, x_end = s4d_layer_fwd(u, params, disc=cfg.disc,
-                                    state=None if state is None else state.x, return_state=True)
+    y, cache, x_end = s4d_layer_fwd(u, params, disc=cfg.disc, state=x0, return_state=True)
     return _ops.Result({"y": y}, cache, S4DState(x_end))
 
 

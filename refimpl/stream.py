@@ -48,7 +48,6 @@ from typing import NamedTuple
 import numpy as np
 
 from . import layers as Ly
-from .activations import ACTIVATIONS
 from .model import block_fwd, block_stream, check_inputs, embed_fwd, layer_record, lm_decode
 from .precision import require_reference
 from .s4d import LAYER_PARAMS, s4d_step_coeffs
@@ -96,7 +95,7 @@ class ModelStream:
                              "inputs after t; train with bidirectional=False to deploy step by "
                              "step")
         self.cfg, self.params, self.buffers = cfg, params, buffers
-        self.family = ACTIVATIONS[cfg.activation]
+        self.family = cfg.family
         self.fingerprint = fingerprint(cfg, params, buffers)
         self._coeffs = []
         for i in range(cfg.n_layers):
@@ -288,14 +287,14 @@ def _norm_gain(cfg, c, h_in, h_out):
     """Relative-error amplification of a block's norm: ``max|norm input| * max slope /
     max(1, max|norm output|)`` with slope ``2 rstd |gamma|`` (LayerNorm, per token: the mean
     and variance terms add at most one more ``rstd``) or ``rstd |gamma|`` (eval BatchNorm)."""
+    norm = c.norm  # the LayerNorm or BatchNorm op's cache: both hold xh, rstd, gamma
     if cfg.prenorm:
         x_in = h_in
-        out = c.norm[0] * c.norm[2][:, None]  # xh gamma, the norm's output before beta
+        out = norm.xh * norm.gamma[:, None]  # xh gamma, the norm's output before beta
     else:
-        mix = c.mix
-        x_in = h_in + (mix.P * mix.Q if hasattr(mix, "P") else mix[1] * mix[2])
+        x_in = h_in + c.mixed  # the post-norm's input: the residual plus the mixing output
         out = h_out
-    rstd, gamma = c.norm[1], c.norm[2]  # both norms' caches start (xh, rstd, gamma, ...)
+    rstd, gamma = norm.rstd, norm.gamma
     if cfg.norm == "layer":
         slope = 2.0 * float(rstd.max()) * float(np.abs(gamma).max())
     else:
@@ -413,13 +412,9 @@ def _spike_names(rec):
 
 
 def _margin(cfg, rec, name):
-    """``|value - threshold|`` of what decided the spikes ``name`` in a parallel record."""
-    if name == "Tx":  # GSU: Ter(v) keeps |v| >= Ly.TERNARY_RATIO max|v| over channels per token
-        v = np.abs(rec["v"])
-        return np.abs(v - Ly.TERNARY_RATIO * v.max(axis=1, keepdims=True))
-    theta = cfg.neuron_config().theta
-    value = rec["h"] if "h" in rec else rec["m+x"]
-    return np.abs(value - theta)
+    """``|value - threshold|`` of what decided the spikes ``name`` in a parallel record (the
+    family's :meth:`~refimpl.activations.Activation.margins`)."""
+    return cfg.family.margins(rec)[name]
 
 
 # --------------------------------------------------------------------------------------------

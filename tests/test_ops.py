@@ -109,6 +109,11 @@ def test_structure(name, i):
         assert res.state is None
     else:
         assert isinstance(res.state, op.state), f"{name}: end state {type(res.state).__name__}"
+        # end_state=False: the same outputs, no end state computed
+        lean = op.fwd(ex.inputs, ex.params, ex.cfg, ex.state, end_state=False)
+        assert lean.state is None, name
+        for k in op.outputs:
+            np.testing.assert_array_equal(lean.outputs[k], res.outputs[k], err_msg=name)
     for group, b, a in (("inputs", before[0], ex.inputs), ("params", before[1], ex.params)):
         for k in b:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name} changed {group}/{k}")

@@ -30,19 +30,22 @@ class ToyCache(NamedTuple):
     a: float
 
 
-def _fwd(inputs, params, cfg=None, state=None):
+def _fwd(inputs, params, cfg=None, state=None, end_state=True):
     cfg = ToyConfig() if cfg is None else cfg
     x, w = inputs["x"], params["w"]
     dtype = float_dtype()
     if x.dtype != dtype or w.dtype != dtype:
         raise TypeError(f"toy_leaky takes {dtype} arrays, got x {x.dtype}, w {w.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("toy_leaky: x holds NaN or inf")
     a = dtype.type(cfg.a)
     prev = np.zeros(x.shape[:2], dtype) if state is None else state.y.astype(dtype)
     y = np.empty_like(x)
     for t in range(x.shape[2]):
         prev = a * prev + w[None, :] * x[..., t]
         y[..., t] = prev
-    return ops.Result({"y": y}, ToyCache(x, y, w, cfg.a), ToyState(y[..., -1].copy()))
+    end = ToyState(y[..., -1].copy()) if end_state else None
+    return ops.Result({"y": y}, ToyCache(x, y, w, cfg.a), end)
 
 
 def _vjp(cache, cotangents):

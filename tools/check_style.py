@@ -1,4 +1,5 @@
-"""Static checks that ruff cannot make: Numba options and the package list.
+"""Static checks that ruff cannot make: Numba options, the package list, family names outside
+the family registry and positional reads of another op's cache.
 
 ``python tools/check_style.py`` (part of ``make lint``; ``tests/test_style.py`` runs the same
 functions in ``make test``) prints one ``path:line: message`` per finding and exits 1 if any.
@@ -23,6 +24,54 @@ functions in ``make test``) prints one ``path:line: message`` per finding and ex
    would silently be left out of the wheel. The list must equal the folders with an
    ``__init__.py`` under ``refimpl/`` plus those under each mapped folder; a folder of ``.py``
    files without ``__init__.py`` is a finding too.
+
+3. **No branch on an activation family's name outside its registry** (issue 22; STYLE.md
+   "Variants live in registries"). Family facts (record names, margins, plot labels, options,
+   SDN weights) live in the family's entry of ``refimpl.activations.ACTIVATIONS``; code asks
+   ``cfg.family`` or ``ACTIVATIONS[name]``. The family names are read from ``ACTIVATIONS`` at
+   lint time. In every ``.py`` file under :data:`FAMILY_SCOPE` except :data:`FAMILY_EXEMPT`, a
+   finding is
+
+   - a comparison ``==``, ``!=``, ``in``, ``not in``, ``is``, ``is not`` one of whose operands
+     is a string literal naming a family, or a tuple / list / set display holding one
+     (``cfg.activation == "sdn"``, ``act in ("lif", "sdn")``, ``"lif" != name``);
+   - a ``case`` pattern matching such a literal (``case "sdn":``, ``case "lif" | "gelu":``);
+   - a per-family table: a dict display (or ``dict(lif=...)``) whose keys are all family
+     names, assigned at module or class level (``RECORD_NAMES = {"gelu": ..., ...}``) or
+     subscripted / ``.get``-called where it stands (``{"lif": a, "sdn": b}[cfg.activation]``).
+
+   Not findings: a family name as a *value* (``activation="lif"``, ``ACTIVATIONS["lif"]``, a
+   default, a list of families to run), a dict built at run time with family keys; and a
+   comparison whose other operand names a field of another vocabulary that shares the word
+   (:data:`OTHER_VOCABULARIES`: ``reset == "refractory"`` compares a reset of
+   ``refimpl.neurons.RESETS``, not the family): the operand's last name (``reset``,
+   ``cfg.reset``, ``config["reset"]``, ``config.get("reset")``) is the field, and the literal
+   must belong to that vocabulary. The check reads syntax: a name reached through a variable
+   (``name = "sdn"`` then ``x == name``) or built (``"s" + "dn"``) is not seen. ``tests/`` is
+   outside the scope: tests state the families'
+   settings from the spec, by name, on purpose (``tests/test_activation_settings.py``); a test
+   that asked the registry would check the registry against itself.
+
+4. **No positional read of another op's cache** (STYLE.md "Forward and backward side by side":
+   nobody outside an op indexes its cache by position; DESIGN.md section 12). In every ``.py``
+   file under :data:`CACHE_SCOPE` (tests included), a finding is a subscript ``E[k]`` with an
+   integer literal ``k`` (``0``, ``-1``) where ``E`` is
+
+   - an attribute that holds another op's cache: a field of a ``...Cache`` class in
+     ``refimpl/`` annotated ``object`` or with a ``...Cache`` type (``BlockCache.norm``,
+     ``.mix``, ...: :func:`opaque_cache_fields`), or any attribute whose name contains
+     ``cache`` (``c.norm[0]``, ``self.cache[1]``);
+   - a name containing ``cache`` bound in the enclosing function by an assignment from a call
+     of a function not defined in this module (``z, cache = gsu_fwd(...)`` then ``cache[0]``),
+     or from a loop or anything else the check cannot trace to this module; a *parameter*
+     containing ``cache`` only in a module that defines no ``..._fwd`` function (an op's own
+     backward receives its own cache as a parameter and may index it);
+   - a name assigned in the enclosing function from one of the above (``mix = c.mix`` then
+     ``mix[1]``).
+
+   Not findings: unpacking (``s, W = cache``) and reads by name (``cache.Tx``). Without
+   ``--positional-caches`` the rule only prints notes; ``make lint`` passes the flag, so a
+   positional read fails it.
 """
 import argparse
 import ast
@@ -284,16 +333,309 @@ def _line_of(path, text):
 
 
 # --------------------------------------------------------------------------------------------
+# 3. Family names only in the family registry
+# --------------------------------------------------------------------------------------------
+
+#: Folders (under the project root) whose ``.py`` files may not branch on a family name.
+FAMILY_SCOPE = ("refimpl", "cli", "golden", "benchmarks", "examples", "tools")
+
+#: Files that state the families themselves, by design: path -> why.
+FAMILY_EXEMPT = {
+    "refimpl/activations.py": "the family registry itself",
+    "refimpl/reference.py": "the standalone oracle (STYLE.md: no imports from the package) "
+                            "states every family again, so that comparing it is not circular",
+    "benchmarks/peers/torch_model.py": "the PyTorch peer, an independent implementation "
+                                       "(torch and numpy only) compared with refimpl",
+}
+
+#: Fields of other vocabularies that share a word with a family name: field -> the registry
+#: (module, attribute) whose keys it takes. ``reset == "refractory"`` names a reset.
+OTHER_VOCABULARIES = {"reset": ("refimpl.neurons", "RESETS"),
+                      "init": ("refimpl.sdn", "INITS")}
+
+
+def family_vocabulary():
+    """``(family names, {field: names of that other vocabulary})``, read from the registries
+    (``refimpl.activations.ACTIVATIONS`` and :data:`OTHER_VOCABULARIES`)."""
+    import importlib
+    families = frozenset(importlib.import_module("refimpl.activations").ACTIVATIONS)
+    other = {field: frozenset(getattr(importlib.import_module(mod), attr))
+             for field, (mod, attr) in OTHER_VOCABULARIES.items()}
+    return families, other
+
+
+def _field(expr):
+    """The last name of ``expr`` (``reset``, ``cfg.reset``, ``c["reset"]``, ``c.get("reset")``),
+    or None."""
+    if isinstance(expr, ast.Name):
+        return expr.id
+    if isinstance(expr, ast.Attribute):
+        return expr.attr
+    if (isinstance(expr, ast.Subscript) and isinstance(expr.slice, ast.Constant)
+            and isinstance(expr.slice.value, str)):
+        return expr.slice.value
+    if (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute)
+            and expr.func.attr == "get" and expr.args and isinstance(expr.args[0], ast.Constant)
+            and isinstance(expr.args[0].value, str)):
+        return expr.args[0].value
+    return None
+
+
+def _str_literals(expr):
+    """The string literals ``expr`` is or displays (a tuple / list / set of them)."""
+    if isinstance(expr, ast.Constant) and isinstance(expr.value, str):
+        return [expr.value]
+    if isinstance(expr, (ast.Tuple, ast.List, ast.Set)):
+        return [e.value for e in expr.elts
+                if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+    return []
+
+
+_COMPARISONS = (ast.Eq, ast.NotEq, ast.In, ast.NotIn, ast.Is, ast.IsNot)
+
+
+def _named_families(literal_expr, other_expr, families, other):
+    """Family names ``literal_expr`` compares ``other_expr`` with (none when ``other_expr`` is a
+    field of another vocabulary holding every such name)."""
+    names = [n for n in _str_literals(literal_expr) if n in families]
+    vocabulary = other.get(_field(other_expr))
+    if names and vocabulary is not None and all(n in vocabulary for n in names):
+        return []
+    return names
+
+
+def _dict_keys(node):
+    """The keys of a dict display or ``dict(k=...)`` call if all are string literals, else
+    None."""
+    if isinstance(node, ast.Dict):
+        if node.keys and all(isinstance(k, ast.Constant) and isinstance(k.value, str)
+                             for k in node.keys):
+            return [k.value for k in node.keys]
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict"
+          and not node.args and node.keywords and all(k.arg for k in node.keywords)):
+        return [k.arg for k in node.keywords]
+    return None
+
+
+def family_findings(source, filename="<string>", families=None, other=None):
+    """Rule 3 over ``source``: ``[(filename, line, message)]``. ``families`` / ``other`` as
+    :func:`family_vocabulary` returns them (read from the registries when None)."""
+    if families is None:
+        families, other = family_vocabulary()
+    other = other or {}
+    tree = ast.parse(source, filename)
+    found = []
+
+    def add(node, what):
+        found.append((filename, node.lineno, f"{what}: family knowledge belongs in the family's "
+                                             "entry of refimpl.activations.ACTIVATIONS (ask "
+                                             "cfg.family / ACTIVATIONS[name])"))
+
+    tables = set()  # dict displays that stand as module/class constants or are looked up at once
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef)):
+            for st in node.body:
+                if isinstance(st, (ast.Assign, ast.AnnAssign)) and st.value is not None:
+                    tables.add(id(st.value))
+        elif isinstance(node, ast.Subscript):
+            tables.add(id(node.value))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "get"):
+            tables.add(id(node.func.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            for op, a, b in zip(node.ops, operands, operands[1:]):
+                if not isinstance(op, _COMPARISONS):
+                    continue
+                names = (_named_families(a, b, families, other)
+                         + _named_families(b, a, families, other))
+                if names:
+                    add(node, f"compares with family name {', '.join(map(repr, names))} "
+                              f"({ast.unparse(node)})")
+                    break
+        elif isinstance(node, ast.Match):
+            for case in node.cases:
+                for pat in ast.walk(case.pattern):
+                    if isinstance(pat, ast.MatchValue):
+                        names = _named_families(pat.value, node.subject, families, other)
+                        if names:
+                            add(pat, f"matches family name {', '.join(map(repr, names))}")
+        elif id(node) in tables:
+            keys = _dict_keys(node)
+            if keys and all(k in families for k in keys):
+                add(node, f"a per-family table (keys {', '.join(map(repr, keys))})")
+    return sorted(found, key=lambda f: f[1:])
+
+
+def family_tree_findings(root=ROOT, families=None, other=None):
+    """:func:`family_findings` over every ``.py`` file under :data:`FAMILY_SCOPE` of ``root``
+    but :data:`FAMILY_EXEMPT`."""
+    if families is None:
+        families, other = family_vocabulary()
+    found = []
+    for path in _py_files(root, FAMILY_SCOPE):
+        rel = path.relative_to(root).as_posix()
+        if rel not in FAMILY_EXEMPT:
+            found += family_findings(path.read_text(encoding="utf-8"), rel, families, other)
+    return found
+
+
+def _py_files(root, folders):
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            if "__pycache__" not in path.parts:
+                yield path
+
+
+# --------------------------------------------------------------------------------------------
+# 4. No positional read of another op's cache
+# --------------------------------------------------------------------------------------------
+
+#: Folders whose ``.py`` files may not index another op's cache by position.
+CACHE_SCOPE = FAMILY_SCOPE + ("tests",)
+
+
+def _is_cache_type(ann):
+    """An annotation naming another op's cache: ``object`` or a ``...Cache`` class (possibly
+    inside ``Optional[...]``)."""
+    for n in ast.walk(ann):
+        if isinstance(n, ast.Name) and (n.id == "object" or n.id.endswith("Cache")):
+            return True
+        if isinstance(n, ast.Attribute) and n.attr.endswith("Cache"):
+            return True
+    return False
+
+
+def opaque_cache_fields(root=ROOT):
+    """Fields of the ``...Cache`` classes in ``root/refimpl`` that hold another op's cache
+    (annotated ``object`` or with a ``...Cache`` type): ``{field name}``."""
+    fields = set()
+    for path in _py_files(root, ("refimpl",)):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Cache"):
+                for st in node.body:
+                    if (isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)
+                            and _is_cache_type(st.annotation)):
+                        fields.add(st.target.id)
+    return fields
+
+
+def _int_index(node):
+    s = node.slice
+    if isinstance(s, ast.UnaryOp) and isinstance(s.op, (ast.USub, ast.UAdd)):
+        s = s.operand
+    return isinstance(s, ast.Constant) and type(s.value) is int
+
+
+def _names_bound(target):
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for e in target.elts for n in _names_bound(e)]
+    if isinstance(target, ast.Starred):
+        return _names_bound(target.value)
+    return []
+
+
+def _own_scope(fn):
+    """The nodes of function (or module) ``fn`` outside its nested functions and classes."""
+    todo = list(ast.iter_child_nodes(fn))
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda,
+                                 ast.ClassDef)):
+            todo.extend(ast.iter_child_nodes(node))
+
+
+def cache_findings(source, filename="<string>", fields=None):
+    """Rule 4 over ``source``: ``[(filename, line, message)]``; ``fields`` as
+    :func:`opaque_cache_fields` (read from the tree when None)."""
+    if fields is None:
+        fields = opaque_cache_fields()
+    tree = ast.parse(source, filename)
+    defined = {n.name for n in ast.walk(tree)
+               if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    makes_caches = any(name.endswith("_fwd") for name in defined)
+    found = []
+
+    def foreign_attr(expr):
+        return isinstance(expr, ast.Attribute) and (expr.attr in fields
+                                                    or "cache" in expr.attr.lower())
+
+    def own_call(expr):
+        f = expr.func if isinstance(expr, ast.Call) else None
+        return isinstance(f, ast.Name) and f.id in defined
+
+    scopes = [tree] + [n for n in ast.walk(tree)
+                       if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))]
+    for fn in scopes:
+        params = set()
+        if not isinstance(fn, ast.Module):
+            a = fn.args
+            params = {x.arg for x in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg,
+                                      a.kwarg] if x is not None}
+        nodes = list(_own_scope(fn))
+        own, aliases = set(), set()  # cache names bound from this module's calls; aliases
+        for node in nodes:
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [n for t in targets for n in _names_bound(t)]
+                if own_call(node.value):
+                    own.update(names)
+                elif foreign_attr(node.value) or (isinstance(node.value, ast.Name)
+                                                  and node.value.id in aliases):
+                    aliases.update(names)
+        for node in nodes:
+            if not (isinstance(node, ast.Subscript) and _int_index(node)):
+                continue
+            e, why = node.value, None
+            if foreign_attr(e):
+                why = "holds another op's cache"
+            elif isinstance(e, ast.Name) and e.id in aliases:
+                why = "is another op's cache (assigned from one)"
+            elif isinstance(e, ast.Name) and "cache" in e.id.lower() and e.id not in own:
+                if e.id not in params:
+                    why = "is a cache made by another module"
+                elif not makes_caches:
+                    why = "is a cache passed in to a module that makes none"
+            if why:
+                found.append((filename, node.lineno,
+                              f"{ast.unparse(node)}: {ast.unparse(e)} {why}; read it by name "
+                              "(its op's named cache), never by position"))
+    return sorted(found, key=lambda f: f[1:])
+
+
+def cache_tree_findings(root=ROOT):
+    """:func:`cache_findings` over every ``.py`` file under :data:`CACHE_SCOPE` of ``root``."""
+    fields = opaque_cache_fields(root)
+    found = []
+    for path in _py_files(root, CACHE_SCOPE):
+        rel = path.relative_to(root).as_posix()
+        found += cache_findings(path.read_text(encoding="utf-8"), rel, fields)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="tools/check_style.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--strict", action="store_true",
                    help="also note Numba options spelled inline (notes never fail)")
+    p.add_argument("--positional-caches", action="store_true",
+                   help="positional reads of another op's cache fail (default: --strict notes "
+                        "them, until the tree is clean)")
     p.add_argument("--root", type=Path, default=ROOT, help="project folder (default: this one)")
     args = p.parse_args(argv)
     findings, notes = numba_tree_findings(args.root, strict=args.strict)
     findings += package_findings(args.root)
+    findings += family_tree_findings(args.root)
+    if args.positional_caches:
+        findings += cache_tree_findings(args.root)
+    elif args.strict:
+        notes += cache_tree_findings(args.root)
     for f, line, msg in findings:
         print(f"{f}:{line}: {msg}")
     for f, line, msg in notes:

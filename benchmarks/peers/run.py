@@ -89,7 +89,8 @@ def problem(family, s, dtype=None):
     extra = {} if dtype is None else {"dtype": dtype}
     cfg = M.ModelConfig(n_classes=CLASSES, d_input=1, d_model=s["H"], d_state=s["N"],
                         n_layers=LAYERS, activation=family, **extra)
-    p, buf = M.init_model(cfg, 0, sdn_weights=sdn_weights() if family == "sdn" else None)
+    w = sdn_weights() if cfg.family.needs_sdn_weights else None
+    p, buf = M.init_model(cfg, 0, sdn_weights=w)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((s["B"], s["L"], 1))  # (B, L, 1)
     labels = rng.integers(0, CLASSES, s["B"]).astype(np.int64)

@@ -1,13 +1,14 @@
 """Golden suites of the feature-mixing layers GLU and GSU (DESIGN.md 7).
 
 The GSU's ternariser ``Ter`` acts like a spike: ``Tx`` and ``TW`` are recorded as spikes (flip
-detection) and ``|v| / max|v|`` against 0.15 as membranes (the ``margin``).
+detection) and ``|v| / max|v|`` against ``TERNARY_RATIO`` (0.15) as membranes (the ``margin``):
+the ``gsu`` op's diagnostics (:func:`refimpl.layers.gsu_diagnostics`).
 """
 import math
 
 import numpy as np
 
-from ..layers import TERNARY_RATIO, glu_bwd, glu_fwd, gsu_bwd, gsu_fwd
+from ..layers import TERNARY_RATIO
 from .registry import Spec, dyadic, register
 
 
@@ -45,16 +46,6 @@ def _glu_specs(rngs, size):
     return out
 
 
-def _glu_fwd(case):
-    z, cache = glu_fwd(case.data["inputs/s"], case.data["params/W"], case.data["params/b"])
-    return {"z": z}, cache, {}
-
-
-def _glu_bwd(case, cache, cot):
-    ds, dW, db = glu_bwd(cache, cot["z"])
-    return {"s": ds, "W": dW, "b": db}
-
-
 def _mix_depth(case):
     key = "inputs/s" if "inputs/s" in case.data else "inputs/x"
     Bsz, H, L = case.data[key].shape
@@ -65,9 +56,6 @@ register(
     name="glu",
     math="o = W s + b, z = o[:H] sigmoid(o[H:])",
     specs=_glu_specs,
-    fwd=_glu_fwd,
-    bwd=_glu_bwd,
-    differentiable=("z",),
     depth=_mix_depth,
 )
 
@@ -118,32 +106,9 @@ def _gsu_specs(rngs, size):
     return out
 
 
-def _gsu_ter_margins(x, W, ratio=0.15):
-    mx = np.abs(x).max(axis=1, keepdims=True)  # (B, 1, L)
-    rel_x = np.where(mx > 0, np.abs(x) / np.where(mx > 0, mx, 1.0), 1.0)
-    mw = np.abs(W).max()
-    rel_w = np.abs(W) / mw if mw > 0 else np.ones_like(W)
-    return {"ter_x": (rel_x, ratio), "ter_W": (rel_w, ratio)}
-
-
-def _gsu_fwd(case):
-    x, W = case.data["inputs/x"], case.data["params/W"]
-    z, cache = gsu_fwd(x, W, case.data["params/b"], case.data["params/c"])
-    return {"z": z}, cache, {"spikes": {"Tx": cache[0], "TW": cache[1]},
-                             "membranes": _gsu_ter_margins(x, W)}
-
-
-def _gsu_bwd(case, cache, cot):
-    dx, dW, db, dc = gsu_bwd(cache, cot["z"])
-    return {"x": dx, "W": dW, "b": db, "c": dc}
-
-
 register(
     name="gsu",
     math="z = (Ter(x) W + b) (x Ter(W) + c)",
     specs=_gsu_specs,
-    fwd=_gsu_fwd,
-    bwd=_gsu_bwd,
-    differentiable=("z",),
     depth=_mix_depth,
 )

@@ -12,7 +12,6 @@ import math
 import numpy as np
 
 from .. import layers as Ly
-from ..activations import ACTIVATIONS
 from ..model import (ModelConfig, block_bwd, block_diagnostics, block_fwd, init_model, lm_loss,
                      model_bwd, model_fwd, optimizer_rules, project)
 from ..optim import adamw_init, adamw_step, cosine_schedule, make_groups
@@ -27,7 +26,7 @@ _MODEL_FIELDS = ("activation", "norm", "prenorm", "bidirectional", "disc", "init
 
 def _model_attrs(cfg):
     """Scalar attributes of a ModelConfig, with the family's neuron spelled out."""
-    fam = ACTIVATIONS[cfg.activation]
+    fam = cfg.family
     a = {k: getattr(cfg, k) for k in _MODEL_FIELDS}
     a.update(d_model=cfg.d_model, d_state=cfg.d_state, n_layers=cfg.n_layers,
              n_classes=cfg.n_classes, d_input=cfg.d_input, vocab=cfg.vocab,
@@ -67,14 +66,15 @@ def _model_buffers(cfg, params_group):
 
 def _randomise(rng, p, cfg):
     """Move parameters off their initial constants so that every gradient is generic, and put the
-    spiking thresholds where the membranes reach them."""
+    spiking thresholds where the membranes reach them. (The GSU's ``b`` starts at zero, GLU's
+    is drawn.)"""
+    gsu = cfg.family.mixing == "gsu"
     for k in list(p):
         if k.endswith("ln_vth"):
             p[k] = rng.normal(-1.0, 0.2, size=p[k].shape)
         elif k.endswith("norm.gamma"):
             p[k] = 1.0 + 0.1 * rng.normal(size=p[k].shape)
-        elif k.endswith(("norm.beta", "mix.c")) or (k.endswith("mix.b")
-                                                    and cfg.activation == "binary_gsu"):
+        elif k.endswith(("norm.beta", "mix.c")) or (k.endswith("mix.b") and gsu):
             p[k] = 0.1 * rng.normal(size=p[k].shape)
         elif k.endswith(".rho"):
             p[k] = rng.uniform(0.2, 1.0, size=p[k].shape)
@@ -88,7 +88,7 @@ def _block_specs(rngs, size):
     def add(comment, flags=(), B=2, H=4, N=4, L=32, uscale=1.0, result="valid", edit=None, **kw):
         rng = rngs()
         cfg = ModelConfig(n_classes=2, d_model=H, d_state=N, n_layers=1, **kw)
-        sdn_w = sdn_weights(rng) if cfg.activation == "sdn" else None
+        sdn_w = sdn_weights(rng) if cfg.family.needs_sdn_weights else None
         p, _ = init_model(cfg, seed=rng, sdn_weights=sdn_w)
         p = _randomise(rng, {k[len("layers.0."):]: v for k, v in p.items()
                              if k.startswith("layers.0.")}, cfg)
@@ -220,7 +220,7 @@ def _step_case(rng, comment, flags=(), B=3, L=16, clip_norm=0.0, result="valid",
     cases."""
     kw = {"n_classes": 3, "d_input": 2, "d_model": 4, "d_state": 4, "n_layers": 2, **kw}
     cfg = ModelConfig(**kw)
-    sdn_w = sdn_weights(rng) if cfg.activation == "sdn" else None
+    sdn_w = sdn_weights(rng) if cfg.family.needs_sdn_weights else None
     p, _ = init_model(cfg, seed=rng, sdn_weights=sdn_w)
     p = _randomise(rng, p, cfg)
     meta = {}
@@ -401,7 +401,7 @@ def _stream_specs(rngs, size):
         kw = {"n_classes": 3, "d_input": 2, "d_model": 4, "d_state": 4,
               "n_layers": _STREAM_LAYERS, **kw}
         cfg = ModelConfig(**kw)
-        sdn_w = sdn_weights(rng) if cfg.activation == "sdn" else None
+        sdn_w = sdn_weights(rng) if cfg.family.needs_sdn_weights else None
         p, buf = init_model(cfg, seed=rng, sdn_weights=sdn_w)
         p = _randomise(rng, p, cfg)
         meta = {}
@@ -481,18 +481,13 @@ def _stream_fwd(case):
         t += n
     out = {"logits": np.concatenate(logits, axis=1)}  # (B, L, C)
     spikes, membranes = {}, {}
-    theta = stream.cfg.neuron_config().theta if stream.family.neuron else 0.0
+    fam = stream.family
     for i in range(stream.cfg.n_layers):
         rec = {k: np.concatenate([r[i][k] for r in recs], axis=2) for k in recs[0][i]}
         pre = f"layers.{i}."
-        if "Tx" in rec:
-            spikes[pre + "Tx"] = rec["Tx"]
-            a = np.abs(rec["v"])  # (B, H, L)
-            membranes[pre + "|v|"] = (a, Ly.TERNARY_RATIO * a.max(axis=1, keepdims=True))
-        elif "s" in rec:
-            spikes[pre + "s"] = rec["s"]
-            m = "h" if "h" in rec else "m+x"
-            membranes[pre + m] = (rec[m], theta)
+        if fam.events is not None:  # the family's events and what decided them
+            spikes[pre + fam.events] = rec[fam.events]
+            membranes.update({pre + k: m for k, m in fam.membranes(rec).items()})
     out.update(spikes)
     for k, v in state.arrays.items():
         if np.iscomplexobj(v):

@@ -1,22 +1,29 @@
 """The suite registry: :class:`Spec`, :class:`Suite`, :data:`SUITES` and :func:`register`.
 
-A suite is one op family. Its module defines the case specifications, how refimpl computes
-them (forward and backward) and its tolerance model, and registers all of it in one call::
+A suite is one op family. Its module defines the case specifications and its tolerance model
+and registers them in one call; a suite of a registered op (:mod:`refimpl.ops`) is computed by
+that op, with no code of its own::
 
     register(
-        name="fftconv",
+        name="fftconv",                        # the op refimpl.ops.get_op("fftconv")
         math="y[t] = sum_{s<=t} K0[t-s] u[s] + D u[t]",
         specs=_fftconv_specs,                  # (rngs, size) -> [Spec]
-        fwd=_fftconv_fwd, bwd=_fftconv_bwd,    # refimpl's forward / VJP
-        differentiable=("y",),                 # outputs that get a cotangent
         depth=_fftconv_depth,                  # tolerance model (generate.py)
         scales=_fftconv_scales,
     )
+
+The op reads the case's ``inputs/<name>`` and ``params/<name>`` by its declared names and its
+configuration from the case attributes of the same names; a case holding the initial state
+(``inputs/<field>0`` per state field, complex fields as ``_re``/``_im`` pairs) is run from it and
+writes the end state (``outputs/<field>_end``, or the suite's ``state_out`` pattern). The
+outputs that get a cotangent, the spikes and the spikes' margins (``Op.diagnostics``) are the
+op's. A suite that is not one op (a block, a model) passes ``fwd`` and ``bwd`` itself.
 
 Adding a suite = one module (or one ``register`` block in a family module) imported by
 ``refimpl/golden/__init__.py``. Suites are generated and checked in registration order.
 """
 import dataclasses
+import functools
 import zlib
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,6 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..h5io import FileFormatError
+from ..ops import config_fields, diagnose, get_op
 from .schema import DEFAULT_DIR, SIZES
 
 
@@ -51,7 +59,9 @@ class Suite:
     - ``specs(rngs, size) -> [Spec]``: the cases; ``rngs()`` returns the next case's generator.
     - ``fwd(case) -> (outputs, state, diag)``; ``bwd(case, state, cotangents) -> grads``.
       ``diag`` may hold ``spikes`` (name -> array, for flip detection) and ``membranes``
-      (name -> (array, threshold), for margins).
+      (name -> (array, threshold), for margins). Omitted (None) for the suite of a registered
+      op ``op``: derived from it (:func:`op_fwd`, :func:`op_bwd`), as are ``differentiable``
+      and ``spikes``. ``state_in``/``state_out``: the patterns of the state datasets' names.
     - ``differentiable``: outputs that get a N(0, 1) cotangent, unless ``cotangents(outputs,
       rng)`` supplies them; ``spikes``: outputs compared exactly.
     - Tolerance model: ``depth(case) -> {path or group/* or *: depth}``; ``scales(case, outputs,
@@ -69,10 +79,10 @@ class Suite:
 
     name: str
     specs: Callable
-    fwd: Callable
-    bwd: Callable
-    differentiable: tuple
     depth: Callable
+    fwd: Optional[Callable] = None
+    bwd: Optional[Callable] = None
+    differentiable: Optional[tuple] = None
     op: str = ""
     math: str = ""
     scales: Optional[Callable] = None
@@ -83,13 +93,83 @@ class Suite:
     flips: str = ""
     ternary: tuple = ()
     causal: Optional[Callable] = None
+    state_in: str = "{}0"
+    state_out: str = "{}_end"
 
     def __post_init__(self):
         if not self.op:
             object.__setattr__(self, "op", self.name)
+        if self.fwd is None or self.bwd is None:
+            op = get_op(self.op)
+            object.__setattr__(self, "fwd", functools.partial(op_fwd, op, self))
+            object.__setattr__(self, "bwd", functools.partial(op_bwd, op))
+            if self.differentiable is None:
+                object.__setattr__(self, "differentiable", op.differentiable)
+            if not self.spikes:
+                object.__setattr__(self, "spikes", op.spikes)
+        if self.differentiable is None:
+            raise ValueError(f"suite {self.name!r}: a suite with its own fwd/bwd lists its "
+                             "differentiable outputs")
         if self.flips not in ("", "rows", "elements"):
             raise ValueError(f"suite {self.name!r}: flips must be '', 'rows' or 'elements', "
                              f"got {self.flips!r}")
+
+
+def read_state(op, pattern, data):
+    """The op's initial state from ``inputs/<pattern(field)>`` (complex as ``_re``/``_im``),
+    or None when the case holds none."""
+    if op.state is None:
+        return None
+    fields = {}
+    for f in op.state._fields:
+        key = "inputs/" + pattern.format(f)
+        if key in data:
+            fields[f] = data[key]
+        elif key + "_re" in data:
+            fields[f] = data[key + "_re"] + 1j * data[key + "_im"]
+        else:
+            return None
+    return op.state(**fields)
+
+
+def _state_outputs(state, pattern):
+    """``{pattern(field): array}`` of an end state, complex fields as ``_re``/``_im`` pairs."""
+    out = {}
+    for f, v in zip(state._fields, state):
+        name = pattern.format(f)
+        if np.iscomplexobj(v):
+            out.update({name + "_re": v.real.copy(), name + "_im": v.imag.copy()})
+        else:
+            out[name] = v
+    return out
+
+
+def op_args(op, case):
+    """``(inputs, params, cfg)`` of a case for ``op``: arrays by the op's names, the
+    configuration from the case attributes named as its fields."""
+    inputs = {n: case.data["inputs/" + n] for n in op.inputs if "inputs/" + n in case.data}
+    params = {n: case.data["params/" + n] for n in op.params if "params/" + n in case.data}
+    cfg = None
+    if op.config is not None:
+        cfg = op.config(**{k: case.config[k] for k in config_fields(op.config)
+                           if k in case.config})
+    return inputs, params, cfg
+
+
+def op_fwd(op, suite, case):
+    """A suite's forward through its registered op: ``(outputs, cache, diag)``."""
+    inputs, params, cfg = op_args(op, case)
+    state = read_state(op, suite.state_in, case.data)
+    res = op.fwd(inputs, params, cfg, state)
+    outputs = dict(res.outputs)
+    if state is not None:
+        outputs.update(_state_outputs(res.state, suite.state_out))
+    return outputs, res.cache, diagnose(op, inputs, params, cfg, res)
+
+
+def op_bwd(op, case, cache, cotangents):
+    """A suite's VJP through its registered op."""
+    return op.vjp(cache, cotangents)
 
 
 #: suite name -> :class:`Suite`, in registration (= generation) order.

@@ -9,12 +9,16 @@ import functools
 
 import numpy as np
 
-from ..neurons import NeuronConfig, NeuronState, neuron_bwd, neuron_fwd
-from ..pmbc import pmbc_bwd, pmbc_fwd, rounding_bound
-from ..sdn import fold, fused_bwd, fused_fwd, init_train_params, sdn_forward
+from ..pmbc import rounding_bound
+from ..ops import get_op
+from ..sdn import fold, init_train_params
+from ..sdn.fused import random_weights
 from ..sdn.weights import C
-from ..surrogates import SURROGATES, get_surrogate
-from .registry import Spec, dyadic, register
+from ..surrogates import SURROGATES
+from .registry import Spec, dyadic, op_args, read_state, register
+
+#: Random fused SDN weights of the published shapes (also the model suites').
+sdn_weights = random_weights
 
 #: What the neuron and PMBC cases sample (``golden show``).
 NEURON_MATH = "m_t = tau u_{t-1}, h_t = m_t + x_t, s_t = Theta(h_t - theta), u_t = reset(h_t, s_t)"
@@ -231,94 +235,30 @@ def _stateful_specs(add, resets):
         result="invalid", reset="hard", state=nan_u0)
 
 
-def _neuron_cfg(case):
-    return NeuronConfig(**case.config)
-
-
-def _rho(case):
-    return case.data.get("params/rho")
-
-
-def _state(case):
-    """The initial :class:`~refimpl.neurons.NeuronState` of a stateful case (None otherwise)."""
-    if "inputs/u0" not in case.data:
-        return None
-    return NeuronState(case.data["inputs/u0"], case.data["inputs/count0"])
-
-
-def _neuron_outputs(s, h, u, end):
-    out = {"s": s, "h": h, "u": u}
-    if end is not None:
-        out.update(u_end=end.u, count_end=end.count)
-    return out
-
-
-def _neuron_fwd(case):
-    cfg = _neuron_cfg(case)
-    state, end = _state(case), None
-    if state is None:
-        s, h, u = neuron_fwd(case.data["inputs/x"], cfg, rho=_rho(case))
-    else:
-        s, h, u, end = neuron_fwd(case.data["inputs/x"], cfg, rho=_rho(case), state=state,
-                                  return_state=True)
-    return _neuron_outputs(s, h, u, end), (s, h, u, cfg), {
-        "spikes": {"s": s}, "membranes": {"h": (h, cfg.theta)}}
-
-
-def _spiking_bwd(bwd, case, state, cot):
-    """VJP of the neuron / pmbc suites through ``bwd`` (neuron_bwd or pmbc_bwd); a stateful
-    case passes its initial state (its counter masks the first steps)."""
-    s, h, u, cfg = state
-    dx, drho = bwd(case.data["inputs/x"], s, h, cfg, cot["s"], dh=cot["h"], du=cot["u"],
-                   rho=_rho(case), state=_state(case))
-    return {"x": dx} if drho is None else {"x": dx, "rho": drho}
-
-
-def _neuron_bwd(case, state, cot):
-    return _spiking_bwd(neuron_bwd, case, state, cot)
-
-
-def _pmbc_fwd(case):
-    cfg = _neuron_cfg(case)
-    state, end = _state(case), None
-    if state is None:
-        s, h, u, it = pmbc_fwd(case.data["inputs/x"], cfg, rho=_rho(case), parallel=False)
-    else:
-        s, h, u, it, end = pmbc_fwd(case.data["inputs/x"], cfg, rho=_rho(case), parallel=False,
-                                    state=state, return_state=True)
-    out = _neuron_outputs(s, h, u, end)
-    out["iterations"] = it
-    return out, (s, h, u, cfg), {"spikes": {"s": s}, "membranes": {"h": (h, cfg.theta)}}
-
-
-def _pmbc_bwd(case, state, cot):
-    return _spiking_bwd(pmbc_bwd, case, state, cot)
-
-
 def _neuron_depth(case):
     Bsz, H, L = case.data["inputs/x"].shape
     return {"*": L, "grads/rho": Bsz * L + L}
 
 
 def _neuron_floors(case):
-    state = _state(case)
-    if state is None:
-        b = rounding_bound(case.data["inputs/x"], _neuron_cfg(case), _rho(case))
-        return {"outputs/h": b, "outputs/u": b, "membrane/h": b}
-    b = rounding_bound(case.data["inputs/x"], _neuron_cfg(case), _rho(case), state=state)
-    return {"outputs/h": b, "outputs/u": b, "outputs/u_end": b, "membrane/h": b}
+    """PMBC's rounding bound of the membranes (the neuron and PMBC cases are the same)."""
+    op = get_op(case.op)
+    inputs, params, cfg = op_args(op, case)
+    state = read_state(op, "{}0", case.data)
+    b = rounding_bound(inputs["x"], cfg, params.get("rho"), state=state)
+    floors = {"outputs/h": b, "outputs/u": b, "membrane/h": b}
+    if state is not None:
+        floors["outputs/u_end"] = b
+    return floors
 
 
 #: What the neuron and PMBC suites share: outputs, exact spikes and the tolerance model.
-_NEURON_OUTPUTS = dict(differentiable=("s", "h", "u"), spikes=("s",), depth=_neuron_depth,
-                       floors=_neuron_floors, flips="rows")
+_NEURON_OUTPUTS = dict(depth=_neuron_depth, floors=_neuron_floors, flips="rows")
 
 register(
     name="neuron",
     math=NEURON_MATH,
     specs=functools.partial(_neuron_specs, pmbc=False),
-    fwd=_neuron_fwd,
-    bwd=_neuron_bwd,
     **_NEURON_OUTPUTS,
 )
 
@@ -326,21 +266,11 @@ register(
     name="pmbc",
     math="PMBC fixed-point iteration S_{k+1} = F(S_k) of the neuron below; " + NEURON_MATH,
     specs=functools.partial(_neuron_specs, pmbc=True),
-    fwd=_pmbc_fwd,
-    bwd=_pmbc_bwd,
     **_NEURON_OUTPUTS,
 )
 
 
 # ---- SDN -------------------------------------------------------------------------------------
-
-
-def sdn_weights(rng):
-    """Random fused SDN weights of the published shapes (the published checkpoint is external
-    reference data, not part of refimpl's files)."""
-    return {"w0": rng.normal(0.0, 0.4, size=(8, 1, 8)), "w1": rng.normal(0.0, 0.2, size=8),
-            "w2": rng.normal(0.0, 0.3, size=(8, 8, 1)), "w3": rng.normal(0.0, 0.2, size=8),
-            "w4": rng.normal(0.0, 0.3, size=(1, 8, 1)), "w5": rng.normal(0.0, 0.1, size=1)}
 
 
 def _sdn_specs(rngs, size):
@@ -350,7 +280,7 @@ def _sdn_specs(rngs, size):
     def add(comment, flags=(), B=2, H=2, L=32, theta=1.0, spike_condition="ge",
             surrogate="triangle", surrogate_scale=None, result="valid", edit=None):
         rng = rngs()
-        w = sdn_weights(rng)
+        w = random_weights(rng)
         x = rng.normal(size=(B, H, L))
         if edit:
             x = edit(x)
@@ -399,23 +329,6 @@ def _sdn_specs(rngs, size):
     return out
 
 
-def _sdn_fwd(case):
-    x = case.data["inputs/x"]
-    c = case.config
-    m, s = sdn_forward(x, case.group("params"), theta=c["theta"],
-                       spike_condition=c["spike_condition"])
-    return {"m": m, "s": s}, m, {"spikes": {"s": s}, "membranes": {"m+x": (m + x, c["theta"])}}
-
-
-def _sdn_bwd(case, m, cot):
-    x = case.data["inputs/x"]
-    c = case.config
-    g = get_surrogate(c["surrogate"]).grad(m + x - c["theta"], c["surrogate_scale"])
-    _, cache = fused_fwd(x, case.group("params"))
-    _, dw = fused_bwd(cache, cot["m"])
-    return {"x": cot["s"] * g, **dw}
-
-
 def _sdn_depth(case):
     Bsz, H, L = case.data["inputs/x"].shape
     return {"*": 32, "grads/*": Bsz * H * L + 32, "grads/x": 32}
@@ -425,10 +338,6 @@ register(
     name="sdn",
     math="m = fused SDN(x), s = Theta(m + x - theta); dx = ds g(m + x - theta)",
     specs=_sdn_specs,
-    fwd=_sdn_fwd,
-    bwd=_sdn_bwd,
-    differentiable=("m", "s"),
-    spikes=("s",),
     flips="elements",
     depth=_sdn_depth,
 )

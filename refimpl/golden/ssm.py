@@ -9,9 +9,7 @@ import math
 import numpy as np
 
 from ..conv import fft_length, fftconv, fftconv_bwd
-from ..s4d import s4d_layer_bwd, s4d_layer_fwd
-from ..ssm import (DISCRETIZATIONS, KERNEL_PARAMS, discretize_params, s4d_init, s4d_kernel,
-                   s4d_kernel_bwd)
+from ..ssm import (DISCRETIZATIONS, KERNEL_PARAMS, discretize_params, s4d_init, s4d_kernel)
 from .registry import Spec, maxabs, register
 
 
@@ -113,24 +111,6 @@ def _kernel_specs(rngs, size):
     return out
 
 
-def _kernel_B(case):
-    return {k: case.data["params/" + k] for k in ("B_re", "B_im") if "params/" + k in case.data}
-
-
-def _kernel_fwd(case):
-    p = case.group("params")
-    K = s4d_kernel(*[p[k] for k in KERNEL_PARAMS], case.config["L"], disc=case.config["disc"],
-                   **_kernel_B(case))
-    return {"K": K}, None, {}
-
-
-def _kernel_bwd(case, state, cot):
-    p = case.group("params")
-    B = _kernel_B(case)
-    g = s4d_kernel_bwd(*[p[k] for k in KERNEL_PARAMS], cot["K"], disc=case.config["disc"], **B)
-    return dict(zip(KERNEL_PARAMS + tuple(B), g))
-
-
 def _kernel_depth(case):
     return {"*": case.config["L"] + case.group("params")["log_A_real"].shape[1]}
 
@@ -199,9 +179,6 @@ register(
     name="s4d_kernel",
     math="K[h, l] = 2 Re sum_n C dB dA^l",
     specs=_kernel_specs,
-    fwd=_kernel_fwd,
-    bwd=_kernel_bwd,
-    differentiable=("K",),
     depth=_kernel_depth,
     scales=_kernel_scales,
 )
@@ -260,17 +237,6 @@ def _fftconv_specs(rngs, size):
     return out
 
 
-def _fftconv_fwd(case):
-    y = fftconv(case.data["inputs/u"], case.data["params/K"], case.data["params/D"])
-    return {"y": y}, None, {}
-
-
-def _fftconv_bwd(case, state, cot):
-    du, dK, dD = fftconv_bwd(case.data["inputs/u"], case.data["params/K"], case.data["params/D"],
-                             cot["y"])
-    return {"u": du, "K": dK, "D": dD}
-
-
 def fft_depth(L):
     """Rounding depth of a forward and an inverse FFT of length ``fft_length(L)``."""
     return 2 * int(math.ceil(math.log2(fft_length(L))))
@@ -300,9 +266,6 @@ register(
     name="fftconv",
     math="y[t] = sum_{s<=t} K0[t-s] u[s] (+ sum_{s>t} K1[s-t-1] u[s]) + D u[t]",
     specs=_fftconv_specs,
-    fwd=_fftconv_fwd,
-    bwd=_fftconv_bwd,
-    differentiable=("y",),
     depth=_fftconv_depth,
     scales=_fftconv_scales,
 )
@@ -407,22 +370,6 @@ def _layer_state(case):
     return case.data["inputs/x0_re"] + 1j * case.data["inputs/x0_im"]  # (B, H, N2)
 
 
-def _layer_fwd(case):
-    x0 = _layer_state(case)
-    if x0 is None:
-        y, cache = s4d_layer_fwd(case.data["inputs/u"], case.group("params"),
-                                 disc=case.config["disc"])
-        return {"y": y}, cache, {}
-    y, cache, x_end = s4d_layer_fwd(case.data["inputs/u"], case.group("params"),
-                                    disc=case.config["disc"], state=x0, return_state=True)
-    return {"y": y, "x_re": x_end.real.copy(), "x_im": x_end.imag.copy()}, cache, {}
-
-
-def _layer_bwd(case, cache, cot):
-    du, g = s4d_layer_bwd(cache, cot["y"])
-    return {"u": du, **g}
-
-
 def _layer_depth(case):
     Bsz, H, L = case.data["inputs/u"].shape
     N2 = case.data["params/log_A_real"].shape[1]
@@ -485,11 +432,9 @@ def _layer_scales(case, outputs, grads, cot):
 
 register(
     name="s4d_layer",
+    state_out="{}",  # the end modes as outputs/x_re, x_im (v1)
     math="y = fftconv(u, s4d_kernel(params, L), D)",
     specs=_layer_specs,
-    fwd=_layer_fwd,
-    bwd=_layer_bwd,
-    differentiable=("y",),
     depth=_layer_depth,
     scales=_layer_scales,
 )

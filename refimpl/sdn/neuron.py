@@ -178,6 +178,13 @@ def sdn_neuron_bwd(x, m, cfg, ds):
 # ---- the op contract (refimpl.ops) -----------------------------------------------------------
 
 
+def sdn_diagnostics(inputs, cfg, result):
+    """The spikes and what the spike test compares with ``theta``: ``m + x``."""
+    theta = (NeuronConfig() if cfg is None else cfg).theta
+    return {"spikes": {"s": result.outputs["s"]},
+            "membranes": {"m+x": (result.outputs["m"] + inputs["x"], theta)}}
+
+
 class SDNNeuronCache(NamedTuple):
     """What the SDN neuron's VJP reads."""
     x: np.ndarray  # (B, H, L)
@@ -185,10 +192,10 @@ class SDNNeuronCache(NamedTuple):
     cfg: NeuronConfig
 
 
-def _neuron_op(inputs, params, cfg=None, state=None, smooth=False):
+def _neuron_op(inputs, params, cfg=None, state=None, end_state=True, smooth=False):
     cfg = NeuronConfig() if cfg is None else cfg
     x, m = inputs["x"], inputs.get("m")
-    if float_dtype() == np.float64:
+    if end_state and float_dtype() == np.float64:
         s, m, end = sdn_neuron_fwd(x, params, cfg, m=m, smooth=smooth, state=state,
                                    return_state=True)
     else:  # states are float64 only
@@ -197,8 +204,8 @@ def _neuron_op(inputs, params, cfg=None, state=None, smooth=False):
     return _ops.Result({"s": s, "m": m}, SDNNeuronCache(x, m, cfg), end)
 
 
-def _neuron_op_smooth(inputs, params, cfg=None, state=None):
-    return _neuron_op(inputs, params, cfg, state, smooth=True)
+def _neuron_op_smooth(inputs, params, cfg=None, state=None, end_state=True):
+    return _neuron_op(inputs, params, cfg, state, end_state, smooth=True)
 
 
 def _neuron_op_vjp(cache, cotangents):
@@ -228,6 +235,7 @@ SDN_NEURON_OP = _ops.defop(
     state=SDNState, time={"x": 2, "m": 2, "s": 2}, fwd=_neuron_op, vjp=_neuron_op_vjp,
     smooth=_neuron_op_smooth, exact_vjp=lambda inputs, params, cfg: "m" in inputs,
     depth=lambda inputs, params, cfg: {"*": 32}, examples=_neuron_examples,
+    diagnostics=lambda inputs, params, cfg, result: sdn_diagnostics(inputs, cfg, result),
 )
 
 
@@ -266,5 +274,6 @@ SDN_OP = _ops.defop(
                                                    for k in WEIGHT_NAMES}, "dx": 32},
     examples=lambda rng: [_ops.Example({"x": rng.normal(size=(2, 2, 10))}, random_weights(rng),
                                        NeuronConfig(tau=0.125))],
+    diagnostics=lambda inputs, params, cfg, result: sdn_diagnostics(inputs, cfg, result),
     float32=False,
 )
