@@ -73,7 +73,7 @@ def run_one(family, corpus_path, size, minutes, sdn_weights, out_root):
     import numpy as np
 
     from refimpl import model as M
-    from refimpl.generate import generate
+    from refimpl.sampling import generate
     from refimpl.lm_train import steps_per_epoch, train_lm
     from refimpl.optim import adamw_init, adamw_step, make_groups
     from refimpl.sdn import load_weights

@@ -11,11 +11,11 @@ from refimpl.table import render_table
 
 from . import options
 from .common import choice, progress
-from .golden import golden
-from .plot import plot, raster
-from .sdn import sdn
-from .text import generate
-from .train import evaluate, train
+from .golden_commands import golden
+from .plot_commands import plot, raster
+from .sdn_commands import sdn
+from .text_commands import generate
+from .train_commands import evaluate, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -16,7 +16,11 @@ Modules (one concept each; see DESIGN.md for the math):
 - :mod:`refimpl.model` - spiking SSM blocks and classifiers, whole-model backward;
 - :mod:`refimpl.optim` - AdamW with parameter groups, cosine schedule;
 - :mod:`refimpl.precision` - float64 (the reference) or the named float32 variant of the ops;
-- :mod:`refimpl.tasks` / :mod:`refimpl.train` - built-in tasks, the training loop, checkpoints;
+- :mod:`refimpl.ops` - the op contract and the op registry (every kernel module registers its ops);
+- :mod:`refimpl.loop` - the one training-loop core (classifier, language model, SDN);
+- :mod:`refimpl.tasks` / :mod:`refimpl.train` - built-in tasks, the classifier trainer, checkpoints;
+- :mod:`refimpl.text` / :mod:`refimpl.lm_train` / :mod:`refimpl.sampling` - text data, the
+  language-model trainer, sampling from a model stream;
 - :mod:`refimpl.progress` - the progress events of every training loop;
 - :mod:`refimpl.golden` - golden traces (package: schema, suite registry, suites, generation,
   comparison, reports; the committed files are the package data ``refimpl.golden.data``);

@@ -46,6 +46,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import layers as Ly
+from . import ops as _ops
 from . import precision
 from ._checks import check_array, check_int, check_name, check_real
 from .activations import ACTIVATIONS
@@ -592,21 +593,68 @@ def _decoder_W(cfg, p):
     return p["embedding.E"] if cfg.tie_embedding else p["decoder.W"]
 
 
+class DecoderCache(NamedTuple):
+    """What the LM decoder's VJP reads."""
+    h: np.ndarray  # (B, H, L) the last block's output
+    W: np.ndarray  # (V, H)
+
+
+def _decoder_op(inputs, params, cfg=None, state=None):
+    h, W = inputs["h"], params["W"]
+    z = Ly.chanmix(W, h)  # (B, V, L)
+    z += params["b"][:, None]
+    logits = np.ascontiguousarray(z.transpose(0, 2, 1))  # (B, L, V)
+    return _ops.Result({"logits": logits}, DecoderCache(h, W), None)
+
+
+def _decoder_op_vjp(cache, cotangents):
+    dlogits = cotangents.get("logits")
+    if dlogits is None:
+        Bsz, H, L = cache.h.shape
+        dlogits = np.zeros((Bsz, L, cache.W.shape[0]), cache.h.dtype)
+    dz = np.ascontiguousarray(dlogits.transpose(0, 2, 1))  # (B, V, L)
+    return {"h": Ly.chanmix(np.ascontiguousarray(cache.W.T), dz),  # (B, H, L)
+            "W": Ly.chanmix_dW(dz, cache.h),  # (V, H)
+            "b": dz.sum(axis=(0, 2))}  # (V,)
+
+
+def _decoder_examples(rng):
+    return [_ops.Example({"h": rng.normal(size=(2, 3, L))},
+                         {"W": rng.normal(size=(5, 3)), "b": rng.normal(size=5)})
+            for L in (4, Ly.BATCHED_MAX_L + 1)]
+
+
+#: The language model's per-token decoder (DESIGN.md section 11).
+DECODER_OP = _ops.defop(
+    name="lm_decoder", math="logits[b, t] = W h[b, :, t] + c",
+    inputs=("h",), params=("W", "b"), outputs=("logits",), fwd=_decoder_op,
+    vjp=_decoder_op_vjp, examples=_decoder_examples,
+    # H + 1 terms per logit; dh sums V, dW and db sum B L (the chanmix sums of layers.linear)
+    depth=lambda inputs, params, cfg: {"*": inputs["h"].shape[1] + 1,
+                                       "dh": params["W"].shape[0],
+                                       "dW": inputs["h"].shape[0] * inputs["h"].shape[2],
+                                       "db": inputs["h"].shape[0] * inputs["h"].shape[2]},
+)
+
+
 def lm_decode(cfg, p, h):
     """``logits[b, t] = W h[b, :, t] + c``: h (B, H, L) -> (B, L, V)."""
-    z = Ly.chanmix(_decoder_W(cfg, p), h)  # (B, V, L)
-    z += p["decoder.b"][:, None]
-    return np.ascontiguousarray(z.transpose(0, 2, 1))  # (B, L, V)
+    return lm_decoder(cfg, p, h).outputs["logits"]
+
+
+def lm_decoder(cfg, p, h):
+    """The decoder op's :class:`~refimpl.ops.Result` for the model's parameters (``W`` the
+    embedding when tied)."""
+    return DECODER_OP.fwd({"h": h}, {"W": _decoder_W(cfg, p), "b": p["decoder.b"]})
 
 
 def _lm_decode_bwd(cfg, p, h, dlogits, g):
     """Backward of :func:`lm_decode`: writes the decoder's gradients into ``g`` (``W``'s under
     ``decoder.W``, or ``decoder.E_tied`` to be added to the embedding's), returns ``dh``."""
-    dz = np.ascontiguousarray(dlogits.transpose(0, 2, 1))  # (B, V, L)
-    W = _decoder_W(cfg, p)
-    g["decoder.E_tied" if cfg.tie_embedding else "decoder.W"] = Ly.chanmix_dW(dz, h)  # (V, H)
-    g["decoder.b"] = dz.sum(axis=(0, 2))  # (V,)
-    return Ly.chanmix(np.ascontiguousarray(W.T), dz)  # (B, H, L)
+    d = DECODER_OP.vjp(DecoderCache(h, _decoder_W(cfg, p)), {"logits": dlogits})
+    g["decoder.E_tied" if cfg.tie_embedding else "decoder.W"] = d["W"]  # (V, H)
+    g["decoder.b"] = d["b"]  # (V,)
+    return d["h"]  # (B, H, L)
 
 
 def frozen_constants(cfg, p, buf, x, training=True, rng=None):

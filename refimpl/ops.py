@@ -163,7 +163,7 @@ OPS = {}
 
 #: The modules that register ops (:func:`all_ops` imports them).
 OP_MODULES = ("refimpl.ssm", "refimpl.conv", "refimpl.s4d", "refimpl.neurons", "refimpl.pmbc",
-              "refimpl.sdn.neuron", "refimpl.sdn.fused", "refimpl.layers")
+              "refimpl.sdn.neuron", "refimpl.sdn.fused", "refimpl.layers", "refimpl.model")
 
 
 def defop(**fields):

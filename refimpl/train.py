@@ -1,4 +1,11 @@
-"""CPU training of spiking SSM classifiers: the loop, evaluation, checkpoints, resume.
+"""CPU training of spiking SSM classifiers: the task, evaluation, checkpoints, resume.
+
+The loop itself, with its guards (option checks before writing, the folder's lock, divergence
+with epoch and step, finite parameters after every update, progress events, atomic checkpoints,
+resume), is :mod:`refimpl.loop`; this module plugs the classifier into it
+(:class:`ClassifierTask`) and holds what classifiers and language models share
+(:class:`ModelTask`: the model's AdamW groups and projection, the run folder and its
+checkpoint).
 
 Determinism: every random choice derives from the seed and the position in the run
 (``default_rng([seed, epoch])`` shuffles an epoch, ``default_rng([seed, epoch, step])`` draws
@@ -9,40 +16,32 @@ Outputs in ``out_dir``: ``checkpoint.h5`` (schema ``refimpl-checkpoint`` v1, wri
 atomically after every epoch), ``metrics.json`` and ``config.json`` (atomic too, written with
 each checkpoint, so the three always describe the same completed epoch). Both the checkpoint
 and ``config.json`` record how the data was made (the data set's ``recipe``: task, samples,
-length, seed, or the ``.npz`` path and SHA-256).
-
-A run owns its folder: :func:`lock_output` holds ``out_dir/.lock`` (``fcntl.flock``) for the
-run; a second run on the same folder is refused. The kernel releases the lock when a process
-dies, so a lock file left by a killed run never blocks a later one.
-
-Divergence: a non-finite loss, gradient or parameter stops the run with :class:`Diverged`
-before anything of that epoch is written; the folder keeps the last completed epoch's files
-(or nothing, if the first epoch diverged).
-The library never prints: pass ``progress`` to receive :mod:`refimpl.progress` events
-(:class:`~refimpl.progress.Step` per batch, :class:`~refimpl.progress.EpochEnd` per epoch).
+length, seed, or the ``.npz`` path and SHA-256). A run owns its folder
+(:func:`~refimpl.loop.lock_output`); a non-finite loss, gradient or parameter stops it with
+:class:`~refimpl.loop.Diverged` before anything of that epoch is written. The library never
+prints: pass ``progress`` to receive :mod:`refimpl.progress` events.
 
 :func:`plan` validates everything and reads a checkpoint to resume (once) before anything is
 written; the :class:`TrainingRun` it returns knows how many updates remain, so a caller can
-size a progress bar, and :meth:`TrainingRun.run` does the work. :func:`train` is both in one
-call.
+size a progress bar, and :meth:`TrainingRun.run` does the work (the caller holds the lock).
+:func:`train` is both in one call, under the lock.
 """
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 from typing import NamedTuple
 
 import numpy as np
 
+from . import loop
 from . import model as M
 from ._checks import check_int, check_real
 from .atomic import atomic_write_json
 from .h5io import FileFormatError, atomic_h5, open_h5, read_tree, write_tree
 from .layers import cross_entropy_fwd
-from .memory import retain_freed_memory
-from .optim import adamw_init, adamw_step, cosine_schedule, make_groups
-from .progress import EpochEnd, Step
+# The loop's names that the CLI and users import from here (as before the loop was shared):
+from .loop import LOCK_NAME, Diverged, OutputLocked, lock_output  # noqa: F401
+from .optim import adamw_init
 
 CHECKPOINT_SCHEMA = "refimpl-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -67,62 +66,6 @@ class TrainConfig:
         check_real("warmup_frac", self.warmup_frac, 0.0, 1.0, hi_open=True)
         check_real("clip_norm", self.clip_norm, 0.0)
         check_int("seed", self.seed, 0)
-
-
-class Diverged(ValueError):
-    """Training produced a non-finite loss, gradient or parameter (one-line message)."""
-
-
-class OutputLocked(OSError):
-    """Another run holds the output folder's lock."""
-
-
-LOCK_NAME = ".lock"
-
-
-@contextlib.contextmanager
-def lock_output(out_dir):
-    """Own ``out_dir`` for the duration of the block: an exclusive ``fcntl.flock`` on
-    ``out_dir/.lock`` (non-blocking: raises :class:`OutputLocked` if another process holds it).
-
-    Creates ``out_dir`` if needed; on exit removes the lock file, and ``out_dir`` again if this
-    call created it and it is empty (a run that failed early leaves the file system as it was).
-    """
-    created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, LOCK_NAME)
-    fd = None
-    try:
-        for _ in range(10):  # a lock file unlinked by the previous owner: take the new one
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                fd = None
-                raise OutputLocked(f"{out_dir} is in use by another run (locked: {path}); wait "
-                                   f"for it to finish or choose another --out") from None
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-            fd = None
-        else:
-            raise OutputLocked(f"{out_dir}: could not take the lock {path}; retry")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                os.rmdir(out_dir)  # only if empty
 
 
 def save_checkpoint(path, cfg, tcfg, params, buffers, opt_state, epoch, metrics,
@@ -214,128 +157,73 @@ def evaluate(cfg, params, buffers, x, y, batch_size=256):
     return {"accuracy": correct / n, "loss": loss_sum / n, "rates": rates}
 
 
+def mean_rate(rates):
+    """The mean of the per-layer firing rates where the model spikes (None: it does not)."""
+    spiking = [r for r in rates if r is not None]
+    return float(np.mean(spiking)) if spiking else None
+
+
 def _epoch_metrics(cfg, epoch, train_loss, train_acc, ev, L):
     e = M.energy(cfg, ev["rates"], L)
     rates = ev["rates"]
-    spiking = [r for r in rates if r is not None]
     return {
         "epoch": epoch, "loss": train_loss, "train_accuracy": train_acc,
         "test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
         "firing_rate": rates,
         "sparsity": [None if r is None else 1.0 - r for r in rates],
-        "mean_firing_rate": float(np.mean(spiking)) if spiking else None,
+        "mean_firing_rate": mean_rate(rates),
         "mac": e["mac"], "ac": e["ac"], "energy_pj": e["energy_pj"],
         "energy_ann_pj": e["energy_ann_pj"],
     }
 
 
-class TrainingRun:
-    """A validated training run (from :func:`plan`): the state to start from and the schedule.
+class ModelTask(loop.Task):
+    """What training a :mod:`refimpl.model` model shares, classifier or language model
+    (:class:`refimpl.loop.Task`): the AdamW of :class:`TrainConfig` with the model's parameter
+    groups and warm-up, :func:`refimpl.model.project` after every update, and the run folder
+    ``out_dir``: ``checkpoint.h5``, ``metrics.json`` and ``config.json`` after every epoch,
+    resumed only with the same configs (``epochs`` included: the schedule depends on the total)
+    and the same data.
 
-    Attributes: ``cfg``, ``tcfg``, ``data``, ``out_dir``, ``params``, ``buffers``, ``opt``,
-    ``start_epoch`` (epochs already done when resuming), ``metrics`` (theirs),
-    ``steps_per_epoch``, ``total_steps`` (the whole schedule) and ``remaining_steps``.
+    A subclass validates its data, passes ``steps_per_epoch``, ``recipe`` (the data recipe the
+    checkpoint stores) and ``config_data`` (``config.json``'s ``"data"``), and fills in
+    :meth:`check_recipe`, ``batches``, ``forward_backward`` and ``end_epoch``.
     """
+    advice = "lower --lr or enable --clip-norm"
 
-    def __init__(self, cfg, tcfg, data, out_dir, params, buffers, opt, start_epoch, metrics):
-        self.cfg, self.tcfg, self.data, self.out_dir = cfg, tcfg, data, out_dir
-        self.params, self.buffers, self.opt = params, buffers, opt
-        self.start_epoch, self.metrics = start_epoch, metrics
-        self.steps_per_epoch = -(-len(data["y_train"]) // tcfg.batch_size)
-        self.total_steps = tcfg.epochs * self.steps_per_epoch
-        self.remaining_steps = max(tcfg.epochs - start_epoch, 0) * self.steps_per_epoch
+    def __init__(self, cfg, tcfg, out_dir, steps_per_epoch, recipe, config_data, resume=False,
+                 overwrite=False, sdn_weights=None):
+        self.cfg, self.tcfg, self.out_dir = cfg, tcfg, out_dir
+        self.resume, self.overwrite, self.sdn_weights = resume, overwrite, sdn_weights
+        self.epochs, self.steps_per_epoch, self.recipe = tcfg.epochs, steps_per_epoch, recipe
+        total = self.total_steps
+        self.adamw = loop.AdamW(tcfg.lr, tcfg.weight_decay, tuple(M.optimizer_rules(tcfg.lr)),
+                                warmup_steps=min(int(round(tcfg.warmup_frac * total)), total - 1),
+                                clip_norm=tcfg.clip_norm or None)
+        self.config = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
+                       "data": config_data}
 
     @property
     def checkpoint_path(self):
         return os.path.join(self.out_dir, "checkpoint.h5")
 
-    def run(self, progress=None):
-        """Train the remaining epochs; writes the checkpoint, ``metrics.json`` and
-        ``config.json`` into ``out_dir`` (atomically, after every epoch). Returns the list of
-        per-epoch metrics (earlier epochs of a resumed run included)."""
-        cfg, tcfg, data = self.cfg, self.tcfg, self.data
-        params, buffers, opt, metrics = self.params, self.buffers, self.opt, self.metrics
-        retain_freed_memory()  # no page faults for the arrays every step reuses (memory.py)
-        xtr, ytr = data["x_train"], data["y_train"]
-        groups = make_groups(params, tcfg.lr, tcfg.weight_decay, M.optimizer_rules(tcfg.lr))
-        total = self.total_steps
-        warmup = min(int(round(tcfg.warmup_frac * total)), total - 1)
-        L = xtr.shape[1]
-        recipe = data.get("recipe")
-        config = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
-                  "data": recipe if recipe is not None else data.get("name", "")}
-        for epoch in range(self.start_epoch, tcfg.epochs):
-            rng = np.random.default_rng([tcfg.seed, epoch])
-            loss_sum = correct = 0.0
-            for step, idx in enumerate(_batches(len(ytr), tcfg.batch_size, rng)):
-                drop_rng = np.random.default_rng([tcfg.seed, epoch, step])
-                with np.errstate(all="ignore"):  # overflow is detected below, not warned about
-                    try:
-                        loss, logits, grads, buffers, st = M.loss_and_grads(
-                            cfg, params, buffers, xtr[idx], ytr[idx], training=True,
-                            rng=drop_rng)
-                    except ValueError as e:  # inputs are validated: a non-finite intermediate
-                        what = str(e).split(";")[0]  # "u contains non-finite values (...)"
-                        raise self._diverged(epoch, step, f"an intermediate of the forward pass "
-                                             f"({what})") from None
-                    if not np.isfinite(loss):
-                        raise self._diverged(epoch, step, f"the loss ({loss})")
-                    bad = next((k for k, g in grads.items() if not np.all(np.isfinite(g))), None)
-                    if bad is not None:
-                        raise self._diverged(epoch, step, f"the gradient of {bad}")
-                    scale = cosine_schedule(int(opt["step"]), total, warmup)
-                    adamw_step(params, grads, opt, groups, lr_scale=scale,
-                               clip_norm=tcfg.clip_norm or None)
-                    M.project(params, cfg)
-                bad = next((k for k, v in params.items() if not np.all(np.isfinite(v))), None)
-                if bad is not None:
-                    raise self._diverged(epoch, step, f"parameter {bad} after the update")
-                loss_sum += loss * len(idx)
-                correct += float((logits.argmax(1) == ytr[idx]).sum())
-                if progress is not None:
-                    spiking = [r for r in st["rates"] if r is not None]
-                    progress(Step(epoch, tcfg.epochs, step, self.steps_per_epoch,
-                                  int(opt["step"]) - 1, total, float(loss),
-                                  float(np.mean(spiking)) if spiking else None))
-            ev = evaluate(cfg, params, buffers, data["x_test"], data["y_test"])
-            metrics.append(_epoch_metrics(cfg, epoch, loss_sum / len(ytr), correct / len(ytr),
-                                          ev, L))
-            os.makedirs(self.out_dir, exist_ok=True)
-            save_checkpoint(self.checkpoint_path, cfg, tcfg, params, buffers, opt, epoch + 1,
-                            metrics, recipe)
-            atomic_write_json(os.path.join(self.out_dir, "metrics.json"), metrics)
-            atomic_write_json(os.path.join(self.out_dir, "config.json"), config)
-            self.buffers = buffers
-            if progress is not None:
-                progress(EpochEnd(epoch, tcfg.epochs, metrics[-1]["loss"], metrics[-1]))
-        return metrics
+    def check(self):
+        if self.resume:
+            self._checkpoint()
+        elif os.path.exists(self.checkpoint_path) and not self.overwrite:
+            raise FileExistsError(f"{self.checkpoint_path} exists; pass --resume to continue it "
+                                  f"or --overwrite to start again")
 
-    def _diverged(self, epoch, step, what):
-        done = (f"{self.checkpoint_path} holds the last completed epoch" if epoch > 0 else
-                "nothing was written")
-        return Diverged(f"training diverged at epoch {epoch + 1}, step {step + 1}: {what} is "
-                        f"not finite; {done}; lower --lr, enable --clip-norm, or rescale the "
-                        f"data (inputs of order 1)")
+    def initial_state(self):
+        if self.resume:
+            c = self._checkpoint()
+            return loop.State(c.params, c.buffers, c.opt, c.epoch, c.metrics)
+        params, buffers = M.init_model(self.cfg, self.tcfg.seed, sdn_weights=self.sdn_weights)
+        return loop.State(params, buffers, adamw_init(params))
 
-
-def plan(cfg, tcfg, data, out_dir, resume=False, sdn_weights=None, overwrite=False):
-    """Validate a training run and load what it starts from; writes nothing.
-
-    ``resume=True`` continues from ``out_dir/checkpoint.h5``: the stored model and training
-    configs (``epochs`` included: the learning-rate schedule depends on the total) and the
-    stored data recipe must equal the given ones, so the resumed run is the interrupted run,
-    bit-exactly. Without ``resume``, an existing checkpoint in
-    ``out_dir`` is an error unless ``overwrite``. Returns a :class:`TrainingRun`.
-    """
-    ckpt = os.path.join(out_dir, "checkpoint.h5")
-    data = {**data, "x_train": M.model_inputs(cfg, data["x_train"]),
-            "x_test": M.model_inputs(cfg, data["x_test"])}  # float32 variant: rounded once
-    M.check_inputs(cfg, data["x_train"], data["y_train"])
-    M.check_inputs(cfg, data["x_test"], data["y_test"])
-    if not resume and os.path.exists(ckpt) and not overwrite:
-        raise FileExistsError(f"{ckpt} exists; pass --resume to continue it or --overwrite to "
-                              "start again")
-    if resume:
+    def _checkpoint(self):
+        """The checkpoint to resume, after checking that it is this run's."""
+        ckpt, cfg, tcfg = self.checkpoint_path, self.cfg, self.tcfg
         if not os.path.exists(ckpt):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
         c = load_checkpoint(ckpt)
@@ -347,18 +235,119 @@ def plan(cfg, tcfg, data, out_dir, resume=False, sdn_weights=None, overwrite=Fal
         if c.cfg != cfg or c.tcfg != tcfg:
             raise ValueError(f"--resume: {ckpt} was written with other settings "
                              f"({c.cfg}, {c.tcfg}); rerun with the same options")
+        self.check_recipe(c.data_recipe)
+        return c
+
+    def check_recipe(self, stored):
+        """Raise ValueError (one line, naming the options) unless the checkpoint's data recipe
+        ``stored`` is this run's."""
+        raise NotImplementedError
+
+    def project(self, params):
+        M.project(params, self.cfg)
+
+    def save(self, state):
+        os.makedirs(self.out_dir, exist_ok=True)
+        save_checkpoint(self.checkpoint_path, self.cfg, self.tcfg, state.params, state.buffers,
+                        state.opt, state.epoch, state.metrics, self.recipe)
+        atomic_write_json(os.path.join(self.out_dir, "metrics.json"), state.metrics)
+        atomic_write_json(os.path.join(self.out_dir, "config.json"), self.config)
+
+
+class _Tally(NamedTuple):
+    """What an epoch's record needs of one classifier update."""
+    samples: int
+    correct: float  # correct predictions of the training-mode forward
+
+
+class ClassifierTask(ModelTask):
+    """A classifier on a data set (:mod:`refimpl.tasks`) for :mod:`refimpl.loop`: every epoch
+    a permutation of the training set (``default_rng([seed, epoch])``) in batches of
+    ``batch_size``; after it, :func:`evaluate` on the test set and the record of
+    :func:`_epoch_metrics`. Validates the data against ``cfg`` when made (float64 inputs are
+    rounded once to ``cfg.dtype``, :func:`refimpl.model.model_inputs`)."""
+    advice = "lower --lr, enable --clip-norm, or rescale the data (inputs of order 1)"
+
+    def __init__(self, cfg, tcfg, data, out_dir, resume=False, sdn_weights=None,
+                 overwrite=False):
+        data = {**data, "x_train": M.model_inputs(cfg, data["x_train"]),
+                "x_test": M.model_inputs(cfg, data["x_test"])}  # float32 variant: rounded once
+        M.check_inputs(cfg, data["x_train"], data["y_train"])
+        M.check_inputs(cfg, data["x_test"], data["y_test"])
         recipe = data.get("recipe")
-        if (c.data_recipe is None) != (recipe is None):  # both None: data dicts made by hand
+        super().__init__(cfg, tcfg, out_dir, -(-len(data["y_train"]) // tcfg.batch_size),
+                         recipe, recipe if recipe is not None else data.get("name", ""),
+                         resume, overwrite, sdn_weights)
+        self.data = data
+
+    def check_recipe(self, stored):
+        ckpt, recipe = self.checkpoint_path, self.recipe
+        if (stored is None) != (recipe is None):  # both None: data dicts made by hand
             raise ValueError(f"--resume: {ckpt} or the data given does not record how the data "
                              f"was made, so it cannot be checked; start again with --overwrite")
-        if c.data_recipe != recipe:
+        if stored != recipe:
             raise ValueError(f"--resume: {ckpt} was trained on other data "
-                             f"({_describe(c.data_recipe)}, not {_describe(recipe)}); rerun "
+                             f"({_describe(stored)}, not {_describe(recipe)}); rerun "
                              f"with the same data options")
-        return TrainingRun(cfg, tcfg, data, out_dir, c.params, c.buffers, c.opt, c.epoch,
-                           c.metrics)
-    params, buffers = M.init_model(cfg, tcfg.seed, sdn_weights=sdn_weights)
-    return TrainingRun(cfg, tcfg, data, out_dir, params, buffers, adamw_init(params), 0, [])
+
+    def batches(self, state, epoch):
+        rng = np.random.default_rng([self.tcfg.seed, epoch])
+        return _batches(len(self.data["y_train"]), self.tcfg.batch_size, rng)
+
+    def forward_backward(self, state, epoch, step, idx):
+        y = self.data["y_train"][idx]  # (b,)
+        loss, logits, grads, state.buffers, st = M.loss_and_grads(
+            self.cfg, state.params, state.buffers, self.data["x_train"][idx], y, training=True,
+            rng=np.random.default_rng([self.tcfg.seed, epoch, step]))  # dropout masks
+        correct = float((logits.argmax(1) == y).sum())
+        return loop.Outcome(loss, grads, mean_rate(st["rates"]), _Tally(len(idx), correct))
+
+    def end_epoch(self, state, epoch, outcomes, seconds):
+        loss_sum = correct = 0.0
+        for o in outcomes:
+            loss_sum += o.loss * o.tally.samples
+            correct += o.tally.correct
+        d, n = self.data, len(self.data["y_train"])
+        ev = evaluate(self.cfg, state.params, state.buffers, d["x_test"], d["y_test"])
+        return _epoch_metrics(self.cfg, epoch, loss_sum / n, correct / n, ev,
+                              d["x_train"].shape[1])
+
+
+class TrainingRun:
+    """A validated classifier run (from :func:`plan`): ``task`` (a :class:`ClassifierTask`)
+    and the :class:`refimpl.loop.State` it starts from (``state.epoch``: epochs already done
+    when resuming), with ``steps_per_epoch``, ``total_steps`` (the whole schedule) and
+    ``remaining_steps`` to size a progress bar."""
+
+    def __init__(self, task, state):
+        self.task, self.state = task, state
+        self.steps_per_epoch, self.total_steps = task.steps_per_epoch, task.total_steps
+        self.remaining_steps = loop.remaining_steps(task, state)
+
+    @property
+    def checkpoint_path(self):
+        return self.task.checkpoint_path
+
+    def run(self, progress=None):
+        """Train the remaining epochs (:func:`refimpl.loop.run`; the caller holds the folder's
+        lock); writes the checkpoint, ``metrics.json`` and ``config.json`` into ``out_dir``
+        (atomically, after every epoch). Returns the list of per-epoch metrics (earlier epochs
+        of a resumed run included)."""
+        return loop.run(self.task, self.state, progress).metrics
+
+
+def plan(cfg, tcfg, data, out_dir, resume=False, sdn_weights=None, overwrite=False):
+    """Validate a training run and load what it starts from; writes nothing.
+
+    ``resume=True`` continues from ``out_dir/checkpoint.h5``: the stored model and training
+    configs (``epochs`` included: the learning-rate schedule depends on the total) and the
+    stored data recipe must equal the given ones, so the resumed run is the interrupted run,
+    bit-exactly. Without ``resume``, an existing checkpoint in
+    ``out_dir`` is an error unless ``overwrite``. Returns a :class:`TrainingRun`.
+    """
+    task = ClassifierTask(cfg, tcfg, data, out_dir, resume, sdn_weights, overwrite)
+    task.check()
+    return TrainingRun(task, task.initial_state())
 
 
 def _describe(recipe):
@@ -372,8 +361,9 @@ def _describe(recipe):
 
 def train(cfg, tcfg, data, out_dir, resume=False, sdn_weights=None, progress=None,
           overwrite=False):
-    """Train ``cfg`` on ``data`` (see :mod:`refimpl.tasks`) for ``tcfg.epochs`` epochs, holding
-    the folder's lock: :func:`plan` then :meth:`TrainingRun.run`. Returns the list of per-epoch
-    metrics."""
-    with lock_output(out_dir):
-        return plan(cfg, tcfg, data, out_dir, resume, sdn_weights, overwrite).run(progress)
+    """Train ``cfg`` on ``data`` (see :mod:`refimpl.tasks`) for ``tcfg.epochs`` epochs: a
+    :class:`ClassifierTask` run by :func:`refimpl.loop.train` (checks, then the folder's lock,
+    then the loop; see :func:`plan` for ``resume`` and ``overwrite``). Returns the list of
+    per-epoch metrics."""
+    task = ClassifierTask(cfg, tcfg, data, out_dir, resume, sdn_weights, overwrite)
+    return loop.train(task, progress).metrics

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from refimpl.cli import text as text_cli
+from refimpl.cli import text_commands as text_cli
 from refimpl.cli.main import main as cli_main
 from refimpl.progress import EpochEnd
 

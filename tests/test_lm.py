@@ -139,14 +139,14 @@ def test_lm_streams_every_position(activation):
 
 
 # --------------------------------------------------------------------------------------------
-# Sampling and generation (refimpl.generate)
+# Sampling and generation (refimpl.sampling)
 # --------------------------------------------------------------------------------------------
 
 
 def test_sample_matches_the_distribution_and_is_deterministic():
     """Frequencies over many draws within 5 binomial standard deviations of softmax(z / T);
     top_k keeps exactly the k largest; the same seed gives the same tokens."""
-    from refimpl.generate import sample
+    from refimpl.sampling import sample
     z = np.log(np.array([[0.5, 0.2, 0.2, 0.1]]))  # (1, 4)
     n = 20000
     rows = np.repeat(z, n, axis=0)  # (n, 4): one draw per row
@@ -169,7 +169,7 @@ def test_generate_is_deterministic_and_scored_by_the_parallel_form():
     sampled token came from the logits the parallel forward gives at that position (top_k=1:
     the argmax of the parallel logits, wherever the top two are not within the stream
     tolerance of each other)."""
-    from refimpl.generate import generate
+    from refimpl.sampling import generate
     from refimpl.stream import ModelStream
     cfg, p, buf, x = small_lm(activation="lif")
     st = ModelStream(cfg, p, buf)
@@ -196,7 +196,7 @@ def test_generate_is_deterministic_and_scored_by_the_parallel_form():
     (dict(length=3, top_k=-1), "top_k must be >= 0"),
 ])
 def test_generate_errors(kw, match):
-    from refimpl.generate import generate
+    from refimpl.sampling import generate
     from refimpl.stream import ModelStream
     cfg, p, buf, x = small_lm()
     with pytest.raises(ValueError, match=match):
@@ -204,7 +204,7 @@ def test_generate_errors(kw, match):
 
 
 def test_generate_refuses_a_classifier():
-    from refimpl.generate import generate
+    from refimpl.sampling import generate
     from refimpl.stream import ModelStream
     from test_model import small_model
     cfg, p, buf, x, _ = small_model(activation="lif", vocab=7)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from refimpl import model as M
-from refimpl.generate import generate
+from refimpl.sampling import generate
 from refimpl.lm_train import evaluate_lm, steps_per_epoch, train_lm
 from refimpl.stream import ModelStream
 from refimpl.text import Vocab, load_text
@@ -125,8 +125,11 @@ def test_lm_resume_is_bit_exact(tmp_path):
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.h5")).epoch == 1
     with pytest.raises(FileExistsError, match="resume"):
         train_lm(cfg, tcfg, text, str(tmp_path / "cut"))
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="a run of 3 epochs, not 4.*pass --epochs 3"):
         train_lm(cfg, TrainConfig(epochs=4, batch_size=8, lr=1e-2, seed=0), text,
+                 str(tmp_path / "cut"), resume=True)
+    with pytest.raises(ValueError, match="other settings"):
+        train_lm(cfg, TrainConfig(epochs=3, batch_size=8, lr=2e-2, seed=0), text,
                  str(tmp_path / "cut"), resume=True)
     other = load_text(text.path, vocab="chars", context=24, val_frac=0.3)
     with pytest.raises(ValueError, match="another text or split"):

@@ -218,7 +218,7 @@ def test_golden_check_passes_then_catches_the_planted_bug(tutorial):
 def test_the_stated_verify_command_gives_the_same_verdicts(tutorial):
     """The command line the tutorial quotes: exit status 1 on the buggy candidate the tutorial
     leaves behind, 0 once the correct kernel's candidate is written again."""
-    from refimpl.cli.golden import golden  # the `refimpl golden` group alone
+    from refimpl.cli.golden_commands import golden  # the `refimpl golden` group alone
     ns, cwd = tutorial
     text = " ".join(TUTORIAL.read_text().split())
     m = re.search(r"`(refimpl golden verify candidates/neuron\.h5[^`]*)`", text)

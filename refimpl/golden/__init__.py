@@ -32,7 +32,7 @@ What lives where:
 - :mod:`.precision`: precision profiles (``PROFILES``: float64, float32, bfloat16, float16;
   the bound of a dataset re-derived for a format's epsilon) and ``--select`` expressions;
 - :mod:`.report`: :func:`format_report` and :func:`show` (strings; the library never prints,
-  ``cli/golden.py`` does).
+  ``cli/golden_commands.py`` does).
 
 Adding a suite: a module with its cases and one :func:`register` call, imported below.
 """

@@ -4,23 +4,25 @@ Inputs ``x ~ N(mean, std^2)`` of length ``L``, targets ``m_t = tau u_{t-1}`` fro
 hard-reset LIF (:func:`refimpl.neurons.neuron_fwd`), Huber (or MSE) loss on ``m``, AdamW (lr
 1e-2, weight decay 1e-2, :mod:`refimpl.optim`) with a cosine schedule, batches of 64 sequences,
 the forward and backward of the training network by hand (:mod:`refimpl.sdn.network`).
-Defaults: 1024 sequences of ``L = 1024``, 400 epochs (6400 updates). The loop reports
-:class:`refimpl.progress.Step` and :class:`refimpl.progress.EpochEnd` events. Quality measure
-(:func:`evaluate`): spike agreement with the iterative LIF on fresh inputs (the published
-checkpoint reaches 99.97 %).
+Defaults: 1024 sequences of ``L = 1024``, 400 epochs (6400 updates). The loop is
+:mod:`refimpl.loop`'s, with the classifier's guards (option checks before writing, a lock on
+the training state, divergence with epoch and step, finite parameters after every update,
+:class:`refimpl.progress.Step` and :class:`refimpl.progress.EpochEnd` events, an atomic
+training state after every epoch, bit-identical resume); :class:`SDNTask` plugs the SDN in.
+Quality measure (:func:`evaluate`): spike agreement with the iterative LIF on fresh inputs (the
+published checkpoint reaches 99.97 %).
 """
 import dataclasses
 import json
 import os
-import time
 
 import numpy as np
 
+from .. import loop
 from .._checks import check_int, check_name, check_real
 from ..h5io import FileFormatError, atomic_h5, open_h5, read_tree, write_tree
 from ..neurons import NeuronConfig, neuron_fwd
-from ..optim import adamw_init, adamw_step, check_state, cosine_schedule, make_groups
-from ..progress import EpochEnd, Step
+from ..optim import adamw_init, check_state
 from .fused import sdn_forward
 from .network import INITS, fold, init_train_params, train_bwd, train_fwd
 from .weights import check_buffers, check_train_params, resolve_weights, save_weights
@@ -267,7 +269,78 @@ def load_train_state(path, cfg):
     return params, buffers, opt, shuffle, loss, done, seconds
 
 
-def train_sdn(cfg=None, progress=None, state_path=None, resume=False, **overrides):
+class SDNTask(loop.Task):
+    """The SDN's training for :mod:`refimpl.loop` (see :func:`train_sdn`): a shuffle of the
+    training sequences per epoch from a generator whose state the training state keeps, the
+    training network's forward and backward with the loss on ``m``, the epoch's mean loss as
+    its record, and the training state file ``state_path`` (None: nothing is written) locked
+    by ``.<its name>.lock`` beside it."""
+
+    def __init__(self, cfg, state_path=None, resume=False, overwrite=False):
+        if resume and state_path is None:
+            raise ValueError("resume=True needs state_path")
+        self.cfg, self.resume, self.overwrite = cfg, resume, overwrite
+        self.epochs, self.steps_per_epoch = cfg.epochs, cfg.steps_per_epoch
+        self.adamw = loop.AdamW(cfg.lr, cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                                min_lr_factor=cfg.min_lr_factor)
+        if state_path is not None:
+            self.checkpoint_path = os.fspath(state_path)
+            self.out_dir = os.path.dirname(os.path.abspath(self.checkpoint_path))
+            self.lock_name = f".{os.path.basename(self.checkpoint_path)}.lock"
+        self.x, self.target, _ = make_dataset(cfg.samples, cfg.length, cfg.tau, cfg.theta,
+                                              cfg.mean, cfg.std, cfg.seed)  # (S, L) each
+
+    def check(self):
+        path = self.checkpoint_path
+        if self.resume:
+            self.initial_state()  # raises unless the state file is this run's
+        elif path is not None and os.path.exists(path) and not self.overwrite:
+            raise FileExistsError(f"{path} holds an interrupted run; pass resume=True "
+                                  f"(--resume) to continue it or overwrite=True (--overwrite) "
+                                  f"to start again")
+
+    def initial_state(self):
+        cfg = self.cfg
+        if self.resume:
+            if not os.path.exists(self.checkpoint_path):
+                raise FileNotFoundError(f"--resume: no training state at {self.checkpoint_path}")
+            params, buffers, opt, shuffle, loss, done, seconds = load_train_state(
+                self.checkpoint_path, cfg)
+            return loop.State(params, buffers, opt, done, [{"loss": float(v)} for v in loss],
+                              shuffle, seconds)
+        params, buffers = init_train_params(_rng(cfg.seed, _STREAM_INIT), cfg.init, cfg.tau)
+        return loop.State(params, buffers, adamw_init(params),
+                          rng=_rng(cfg.seed, _STREAM_SHUFFLE))
+
+    def batches(self, state, epoch):
+        b = self.cfg.batch_size
+        order = state.rng.permutation(self.cfg.samples)  # (S,)
+        return [order[i * b:(i + 1) * b] for i in range(self.steps_per_epoch)]
+
+    def forward_backward(self, state, epoch, step, idx):
+        cfg = self.cfg
+        m, cache, state.buffers = train_fwd(self.x[idx], state.params, state.buffers, True,
+                                            cfg.bn_momentum)  # (b, L)
+        loss, dm = loss_fwd_bwd(m, self.target[idx], cfg.loss, cfg.huber_delta)
+        _, grads = train_bwd(cache, dm)
+        return loop.Outcome(loss, grads)
+
+    def end_epoch(self, state, epoch, outcomes, seconds):
+        return {"loss": float(np.mean([o.loss for o in outcomes]))}
+
+    def save(self, state):
+        if self.checkpoint_path is not None:
+            save_train_state(self.checkpoint_path, self.cfg, state.params, state.buffers,
+                             state.opt, state.rng, _losses(state), state.epoch, state.seconds)
+
+
+def _losses(state):
+    """The per-epoch mean training losses of ``state`` ``(epochs done,)``."""
+    return np.array([r["loss"] for r in state.metrics], dtype=np.float64)
+
+
+def train_sdn(cfg=None, progress=None, state_path=None, resume=False, overwrite=False,
+              **overrides):
     """Train the SDN from scratch on the iterative LIF, then fold and evaluate it.
 
     Parameters
@@ -276,16 +349,21 @@ def train_sdn(cfg=None, progress=None, state_path=None, resume=False, **override
         Settings; ``overrides`` replace single fields (``train_sdn(epochs=5)``).
     progress : callable or None
         Called with a :class:`refimpl.progress.Step` after every update and a
-        :class:`refimpl.progress.EpochEnd` (the epoch's mean loss, no metrics) after every
-        epoch. The library draws nothing.
+        :class:`refimpl.progress.EpochEnd` (the epoch's mean loss; metrics ``{"loss": it}``)
+        after every epoch. The library draws nothing.
     state_path : path or None
         When given, the whole training state is written there atomically after every epoch
-        (:func:`save_train_state`; ``refimpl sdn train`` uses ``OUT.partial.h5``). The file
-        is left in place; the caller removes it once the final weights are written.
+        (:func:`save_train_state`; ``refimpl sdn train`` uses ``OUT.partial.h5``), and the run
+        holds the lock ``.<name>.lock`` beside it (:func:`refimpl.loop.lock_output`): a second
+        run on the same state file is refused. The file is left in place; the caller removes it
+        once the final weights are written.
     resume : bool, default False
         Continue from ``state_path`` (which must have been written with the same ``cfg``,
         else ValueError). The result is bit-identical to an uninterrupted run: parameters,
         buffers, AdamW moments and the shuffle generator's state are restored exactly.
+    overwrite : bool, default False
+        Start again even if ``state_path`` exists (else FileExistsError, before anything is
+        written).
 
     Returns
     -------
@@ -298,52 +376,17 @@ def train_sdn(cfg=None, progress=None, state_path=None, resume=False, **override
     weight decay 1e-2 on every parameter, as ``torch.optim.AdamW(model.parameters())``) with a
     cosine schedule stepped per batch; batches of 64 sequences reshuffled every epoch;
     training-mode BatchNorm with running statistics. The result is folded with the running
-    statistics and scored by :func:`evaluate` on ``eval_samples`` fresh sequences.
+    statistics and scored by :func:`evaluate` on ``eval_samples`` fresh sequences. A forward
+    pass that fails on a non-finite value, or a non-finite loss, gradient or parameter, stops
+    the run with :class:`refimpl.loop.Diverged` naming the epoch and the step.
     """
     cfg = dataclasses.replace(cfg or SDNTrainConfig(), **overrides)
-    if resume and state_path is None:
-        raise ValueError("resume=True needs state_path")
-    x, target, _ = make_dataset(cfg.samples, cfg.length, cfg.tau, cfg.theta, cfg.mean,
-                                cfg.std, cfg.seed)  # (S, L) each
-    epoch_loss = np.zeros(cfg.epochs)  # (epochs,)
-    if resume:
-        params, buffers, state, shuffle, done_loss, start, prior = load_train_state(
-            state_path, cfg)
-        epoch_loss[:start] = done_loss
-    else:
-        params, buffers = init_train_params(_rng(cfg.seed, _STREAM_INIT), cfg.init, cfg.tau)
-        state = adamw_init(params)
-        shuffle = _rng(cfg.seed, _STREAM_SHUFFLE)
-        start, prior = 0, 0.0
-    groups = make_groups(params, cfg.lr, cfg.weight_decay)
-    total = cfg.total_steps
-    t0 = time.perf_counter()
-    step = start * cfg.steps_per_epoch
-    for epoch in range(start, cfg.epochs):
-        order = shuffle.permutation(cfg.samples)  # (S,)
-        losses = []
-        for i in range(cfg.steps_per_epoch):
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            m, cache, buffers = train_fwd(x[idx], params, buffers, True, cfg.bn_momentum)  # (b, L)
-            loss, dm = loss_fwd_bwd(m, target[idx], cfg.loss, cfg.huber_delta)
-            _, grads = train_bwd(cache, dm)
-            adamw_step(params, grads, state, groups,
-                       lr_scale=cosine_schedule(step, total, cfg.warmup_steps, cfg.min_lr_factor))
-            losses.append(loss)
-            if progress is not None:
-                progress(Step(epoch, cfg.epochs, i, cfg.steps_per_epoch, step, total, loss))
-            step += 1
-        epoch_loss[epoch] = np.mean(losses)
-        if state_path is not None:
-            save_train_state(state_path, cfg, params, buffers, state, shuffle, epoch_loss,
-                             epoch + 1, prior + time.perf_counter() - t0)
-        if progress is not None:
-            progress(EpochEnd(epoch, cfg.epochs, float(epoch_loss[epoch])))
-    seconds = prior + time.perf_counter() - t0
-    weights = fold(params, buffers)
+    state = loop.train(SDNTask(cfg, state_path, resume, overwrite), progress)
+    weights = fold(state.params, state.buffers)
     metrics = evaluate(weights, tau=cfg.tau, theta=cfg.theta, mean=cfg.mean, std=cfg.std,
                        length=cfg.length, samples=cfg.eval_samples, seed=cfg.seed)
-    return SDNTrainResult(weights, params, buffers, cfg, {"loss": epoch_loss}, metrics, seconds)
+    return SDNTrainResult(weights, state.params, state.buffers, cfg, {"loss": _losses(state)},
+                          metrics, state.seconds)
 
 
 def evaluate(weights, tau=0.125, theta=1.0, mean=0.0, std=1.0, length=1024, samples=200,

@@ -4,7 +4,7 @@ import sys
 
 import click
 
-from refimpl.generate import generate as generate_tokens
+from refimpl.sampling import generate as generate_tokens
 from refimpl.h5io import FileFormatError
 from refimpl.lm_train import steps_per_epoch, train_lm
 from refimpl.model import ModelConfig

@@ -23,7 +23,7 @@ from refimpl.train import (TrainConfig, evaluate as evaluate_model, evaluate_log
 
 from . import options
 from .common import choice, fail, progress, progress_bar
-from .text import text_options, train_text
+from .text_commands import text_options, train_text
 
 #: Errors the library raises for bad input or files: shown as one line.
 USER_ERRORS = (OSError, ValueError, TypeError)  # FileFormatError is a ValueError
