@@ -38,7 +38,7 @@ if __name__ == "__main__":  # run as a script: the harness lives next to this fi
 from harness import format_time, register, time_calls, warm_up  # noqa: E402
 from refimpl import model as M  # noqa: E402
 from refimpl.activations import ACTIVATIONS  # noqa: E402
-from refimpl.golden.spiking import sdn_weights  # noqa: E402
+from refimpl.sdn.fused import random_weights as sdn_weights  # noqa: E402
 from refimpl.s4d import LAYER_PARAMS, s4d_step_coeffs  # noqa: E402
 from refimpl.stream import ModelStream  # noqa: E402
 

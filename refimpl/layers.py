@@ -858,7 +858,7 @@ def _glu_op_vjp(cache, cotangents):
 
 def glu_depth(inputs, params, cfg):
     """Forward ``f = H + 8``: ``o = W s + b`` sums ``H + 1`` terms, the gate ``0.5 (1 +
-    tanh(0.5 o))`` adds 4 (``tanh`` ~2 ulps), ``z = a g`` 1, rounded up (golden/mixing.py's
+    tanh(0.5 o))`` adds 4 (``tanh`` ~2 ulps), ``z = a g`` 1, rounded up (golden/mixing_suites.py's
     ``_mix_depth``). Backward: ``do = [dz g, dz a g (1 - g)]`` adds 4 to the cached ``a, g``'s
     ``f``; ``ds = W^T do`` sums ``2H`` terms (``_mix_depth``'s ``H + 8`` undercounts it for
     ``H > 8``), ``dW`` and ``db`` sum ``B L``."""

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from refimpl.cli.main import main
 from refimpl import config
 from refimpl import golden as G
-from refimpl.golden.model import _model_config
+from refimpl.golden.model_suites import _model_config
 from refimpl.h5io import FileFormatError
 
 COMMITTED = G.DEFAULT_DIR
@@ -775,7 +775,7 @@ def test_profiles_and_bounds():
     assert list(G.PROFILES) == ["float64", "float32", "bfloat16", "float16"]
     assert [G.PROFILES[p].eps for p in G.PROFILES] == [2.0 ** -52, 2.0 ** -23, 2.0 ** -7,
                                                       2.0 ** -10]
-    from refimpl.golden.precision import bound
+    from refimpl.golden.profiles import bound
     meta = {"atol": G.tolerance(100, 2.0, 3e-15, 1e-13), "rtol": 16 * G.EPS, "depth": 100,
             "scale": 2.0, "spread": 3e-15, "floor": 1e-13}
     assert bound(meta, G.PROFILES["float64"]) == (meta["atol"], meta["rtol"])
@@ -806,7 +806,7 @@ def test_float64_profile_keeps_todays_verdicts(tmp_path, suite):
 def to16(x, precision):
     """``x`` rounded to a 16-bit format the way PyTorch reads a float64 array: to float32,
     then to the format, to nearest even (bfloat16 from the float32 bits, float16 by NumPy's
-    cast). Written here, independent of refimpl.golden.precision."""
+    cast). Written here, independent of refimpl.golden.profiles."""
     x32 = np.asarray(x, dtype=np.float32)
     if precision == "float16":
         with np.errstate(over="ignore"):
@@ -910,7 +910,7 @@ def test_relative_error_1e_3_fails_float32(tmp_path, suite, case, tensor):
 def _flip_sites(gf, precision):
     """``(case id, (b, c, t), margin, bound)`` of valid neuron cases: elements whose margin is
     within the profile bound of ``h``, and far ones, each the first of its row to flip."""
-    from refimpl.golden.precision import bound
+    from refimpl.golden.profiles import bound
     near, far = [], []
     for c in gf.cases.values():
         if c.result != "valid" or "at_threshold" in c.flags:
@@ -1111,7 +1111,7 @@ def test_failing_rows_carry_flags_and_comment(tmp_path):
 
 def test_sdn_flip_is_judged_per_element(tmp_path):
     """The SDN is stateless: a flip within the bound of ``m + x`` is excused on its own."""
-    from refimpl.golden.precision import bound
+    from refimpl.golden.profiles import bound
     gf = _committed("sdn")
     P = G.PROFILES["float32"]
     best = None

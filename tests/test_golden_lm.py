@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from refimpl import golden as G
-from refimpl.golden.model import _model_buffers, _model_config
+from refimpl.golden.model_suites import _model_buffers, _model_config
 from refimpl.model import model_bwd, model_fwd, lm_loss
 
 from gradcheck import directional_fd

@@ -1,10 +1,10 @@
-"""The verifier's rounding to a format (refimpl.golden.precision.round_to / read_as), against
+"""The verifier's rounding to a format (refimpl.golden.profiles.round_to / read_as), against
 NumPy's float32 and float16 casts and a bfloat16 rounding of float32 bits written here (issue
 21): nearest, ties to even, subnormals, overflow to inf."""
 import numpy as np
 import pytest
 
-from refimpl.golden.precision import PROFILES, read_as, representable, round_to
+from refimpl.golden.profiles import PROFILES, read_as, representable, round_to
 
 from test_golden import to16
 

@@ -24,8 +24,8 @@ import pytest
 from refimpl import golden as G
 from refimpl.golden.compare import staleness
 from refimpl.golden.generate import regenerate
-from refimpl.golden.model import _stream_model
-from refimpl.golden.precision import bound as profile_bound, get_profile
+from refimpl.golden.model_suites import _stream_model
+from refimpl.golden.profiles import bound as profile_bound, get_profile
 from refimpl.golden.registry import get_suite, suite_specs
 from refimpl.h5io import FileFormatError
 

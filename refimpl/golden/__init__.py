@@ -12,11 +12,13 @@ What lives where:
   ``STATUSES``, ...), :class:`Case`, :class:`GoldenFile`, :func:`read_golden`,
   :func:`read_candidate`, :func:`write_file`;
 - :mod:`.registry`: :class:`Spec`, :class:`Suite`, :data:`SUITES` and :func:`register`, through
-  which each suite declares its name, math, cases, forward, backward and tolerance model;
-  :func:`golden_path` (a file named by path or by suite);
-- the suites, one module per op family: :mod:`.ssm` (``s4d_kernel``, ``fftconv``,
-  ``s4d_layer``), :mod:`.spiking` (``neuron``, ``pmbc``, ``sdn``), :mod:`.mixing` (``glu``,
-  ``gsu``), :mod:`.model` (``block``, ``model_step``, ``model_stream``); stateful cases (flag
+  which each suite declares its name, math, cases and tolerance model (a suite of a registered
+  op, :mod:`refimpl.ops`, is computed by that op; a model suite brings its forward and
+  backward); :func:`golden_path` (a file named by path or by suite);
+- the suites, one module per op family: :mod:`.ssm_suites` (``s4d_kernel``, ``fftconv``,
+  ``s4d_layer``), :mod:`.spiking` (``neuron``, ``pmbc``, ``sdn``), :mod:`.mixing_suites`
+  (``glu``, ``gsu``), :mod:`.model_suites` (``block``, ``model_step``, ``lm_step``,
+  ``model_stream``); stateful cases (flag
   ``stateful``, DESIGN.md 10) start from a stored state and output the end state, and
   forward-only cases carry the flag ``no_grads`` (:data:`NO_GRADS`, checked by
   :func:`read_golden`);
@@ -29,7 +31,7 @@ What lives where:
   reference at the backend's rounding points for 16-bit formats), :mod:`.check`
   (:func:`check`: refimpl against its own committed files: regressions, and staleness with a
   rounding-tolerant criterion); :mod:`.compare` re-exports their public names;
-- :mod:`.precision`: precision profiles (``PROFILES``: float64, float32, bfloat16, float16;
+- :mod:`.profiles`: precision profiles (``PROFILES``: float64, float32, bfloat16, float16;
   the bound of a dataset re-derived for a format's epsilon) and ``--select`` expressions;
 - :mod:`.report`: :func:`format_report` and :func:`show` (strings; the library never prints,
   ``cli/golden_commands.py`` does).
@@ -43,13 +45,13 @@ from .schema import (CANDIDATE_SCHEMA, DEFAULT_DIR, FAILURES, FLAGS, GROUPS, NO_
                      write_file)
 
 # the suites register themselves, in generation order
-from . import ssm, spiking, mixing, model  # noqa: E402,F401  isort: skip
+from . import ssm_suites, spiking, mixing_suites, model_suites  # noqa: E402,F401  isort: skip
 
 from .check import check, recompute, staleness
 from .verify import compare_case, compare_tensor, coverage, verify, verify_file
 from .generate import (EPS, N_PERTURB, PERTURB, SAFETY, build_case, build_suite, check_fastmath,
                        generate, plan_generate, regenerate, tolerance)
-from .precision import PROFILES, Profile, SelectError, get_profile, parse_select, selector
+from .profiles import PROFILES, Profile, SelectError, get_profile, parse_select, selector
 from .report import format_coverage, format_report, show
 
 __all__ = [

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .precision import representable
+from .profiles import representable
 from .registry import get_suite
 from .tensors import index_str
 
@@ -220,7 +220,7 @@ def membrane_bound(parts, profile):
     case, and stays. Measured: a float32 evaluation in 200 seeded rounding variants flips no
     spike outside this bound (tests/test_golden_half.py)."""
     from .generate import SAFETY
-    from .precision import INPUT_ROUNDING
+    from .profiles import INPUT_ROUNDING
     k = profile.k
     return max((max(SAFETY * (math.sqrt(d) * profile.eps * sc + (1.0 + INPUT_ROUNDING) * k * sp),
                     k * fl) for d, sc, sp, fl in parts), default=0.0)

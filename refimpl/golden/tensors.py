@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from .precision import round_to
+from .profiles import round_to
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ import numpy as np
 from ..h5io import FileFormatError
 from . import spikes as S
 from .generate import run
-from .precision import (PROFILES, SelectError, bound as profile_bound, compute_profile,
+from .profiles import (PROFILES, SelectError, bound as profile_bound, compute_profile,
                         get_profile, overflows, read_as, round_to, selector, _case_attrs)
 from .registry import SUITES, get_suite
 from .schema import DEFAULT_DIR, FAILURES, read_candidate, read_golden
@@ -129,7 +129,7 @@ def compare_case(suite, gcase, ccase, skip=(), precision="float64"):
     tensor; every row carries the case's ``flags`` and ``comment``, and the case's tensor
     counts (``tensors``: tested / untestable / not compared) ride on its first row.
 
-    ``precision`` (a :data:`~.precision.PROFILES` name) chooses the reference and the
+    ``precision`` (a :data:`~.profiles.PROFILES` name) chooses the reference and the
     intervals (module docstring; golden/SCHEMA.md)."""
     prof = get_profile(precision)
     rows, counts = _compare_case(suite, gcase, ccase, skip, prof)
@@ -465,7 +465,7 @@ def verify_file(candidate, golden_dir=DEFAULT_DIR, skip=(), precision="float64",
     """Compare one candidate file with ``<golden_dir>/<suite>.h5``; returns a file report dict
     ``{candidate, golden, suite, precision, passed, summary, rows}``. Bad files raise
     FileFormatError; a ``select`` expression naming no attribute / flag of the suite's cases,
-    or matching no case, raises :class:`~.precision.SelectError`. Cases not selected are left
+    or matching no case, raises :class:`~.profiles.SelectError`. Cases not selected are left
     out (the summary has ``selected`` and ``total``)."""
     prof = get_profile(precision)
     cf = read_candidate(candidate)
@@ -498,7 +498,7 @@ def verify_file(candidate, golden_dir=DEFAULT_DIR, skip=(), precision="float64",
 
 def verify(candidates, golden_dir=DEFAULT_DIR, skip=(), precision="float64", select=()):
     """Verify candidate files; returns ``{passed, precision, files: [file reports]}``. Never
-    writes. ``precision``: a :data:`~.precision.PROFILES` name; ``select``: ``--select``
+    writes. ``precision``: a :data:`~.profiles.PROFILES` name; ``select``: ``--select``
     expressions (``NAME=VALUE``, ``flag:NAME``; AND of all)."""
     prof = get_profile(precision)
     files = [verify_file(c, golden_dir, skip, prof.name, select) for c in candidates]

@@ -16,8 +16,8 @@ from ..model import (ModelConfig, block_bwd, block_diagnostics, block_fwd, init_
                      model_bwd, model_fwd, optimizer_rules, project)
 from ..optim import adamw_init, adamw_step, cosine_schedule, make_groups
 from .registry import Spec, register
-from .spiking import sdn_weights
-from .ssm import fft_depth
+from ..sdn.fused import random_weights as sdn_weights
+from .ssm_suites import fft_depth
 
 #: ModelConfig fields stored verbatim as case attributes.
 _MODEL_FIELDS = ("activation", "norm", "prenorm", "bidirectional", "disc", "init", "grad_mode",
