@@ -57,20 +57,23 @@ def check_ssm_forms(n_cases, seed=0, progress=None):
 
 
 def _neuron_case(rng):
-    """One random neuron case for PMBC: reset, tau, theta, R, input scale and sign, length."""
+    """One random neuron case for PMBC: reset (every registered one; ``u_reset`` and ``rho``
+    drawn where its :class:`~refimpl.neurons.Reset` takes them), tau, theta, R, input scale and
+    sign, length."""
     reset = str(rng.choice(list(RESETS)))
+    rule = RESETS[reset]
     cfg = NeuronConfig(
         reset=reset,
         tau=float(rng.choice([0.0, 0.125, 0.5, 0.9])),
         theta=float(rng.uniform(0.25, 2.0)),
-        u_reset=float(rng.uniform(-0.5, 0.0)) if reset == "hard" else 0.0,
+        u_reset=float(rng.uniform(-0.5, 0.0)) if rule.u_reset else 0.0,
         refractory_steps=int(rng.integers(0, 3)),
         spike_condition=str(rng.choice(list(SPIKE_CONDITIONS))),
     )
     H, L = int(rng.integers(1, 5)), int(rng.integers(1, 2049))
     x = rng.normal(float(rng.choice([-0.5, 0.0, 0.5])), float(rng.choice([0.3, 1.0, 3.0])),
                    size=(2, H, L))  # (B, H, L)
-    rho = rng.uniform(0.0, 1.0, size=H) if reset == "refractory" else None
+    rho = rng.uniform(0.0, 1.0, size=H) if rule.param == "rho" else None  # (H,)
     return x, cfg, rho
 
 
@@ -102,7 +105,7 @@ def check_pmbc(n_cases, seed=0, progress=None):
 
 def _model_case(rng, activation):
     """One random causal model of a family, an input batch and a random chunking."""
-    from .golden.spiking import sdn_weights  # random fused SDN weights of the published shapes
+    from .sdn.fused import random_weights as sdn_weights  # of the published shapes
 
     cfg = ModelConfig(
         n_classes=int(rng.integers(2, 5)), d_input=int(rng.integers(1, 3)),

@@ -8,21 +8,29 @@ DESIGN.md section 4. Input ``x (B, H, L)``; every row ``(b, h)`` runs, from ``u_
     s_t = Theta(h_t - theta)         ge: h_t >= theta (default);  gt: h_t > theta
     u_t = reset(h_t, s_t)
 
-| ``reset=`` | ``u_t`` | ``a`` | ``b`` |
-|---|---|---|---|
-| ``hard`` | ``h_t (1 - s_t) + u_reset s_t`` | 1 | ``u_reset`` |
-| ``soft`` | ``h_t - theta s_t`` | 0 | ``-theta`` |
-| ``refractory`` | ``h_t - (theta + rho[h]) s_t`` | 0 | ``-(theta + rho[h])`` |
-| ``none`` | ``h_t`` | 0 | 0 |
+| ``reset=`` | ``u_t`` | ``a`` | ``b`` | ``theta`` | takes |
+|---|---|---|---|---|---|
+| ``hard`` | ``h_t (1 - s_t) + u_reset s_t`` | 1 | ``u_reset`` | ``> 0`` | ``u_reset`` |
+| ``soft`` | ``h_t - theta s_t`` | 0 | ``-theta`` | ``> 0`` | |
+| ``refractory`` | ``h_t - (theta + rho[h]) s_t`` | 0 | ``-(theta + rho[h])`` | ``> 0`` | ``rho`` |
+| ``none`` | ``h_t`` | 0 | 0 | any real | |
 
-For ``refractory``, ``rho >= 0`` is per channel (``rho[h]``).
+For ``refractory``, ``rho >= 0`` is per channel (``rho[h]``), a trainable parameter (an array
+argument of the forward and backward, not configuration); ``u_reset`` is configuration and
+must stay 0 for a reset that does not take it.
 
 All four are one formula, ``u_t = h_t (1 - a s_t) + b s_t`` (the columns ``a``, ``b``); for
 spikes in {0, 1} it gives bit for bit the same numbers as the per-reset form in the table, so
 the kernels use it and the tests compare them with the literal per-reset loops of
 :func:`refimpl.reference.neuron_trace` for exact equality. Its partial derivatives, used by
 the backward pass, are
-``du/dh = 1 - a s``, ``du/ds = b - a h`` and, for ``refractory``, ``du/drho = -s``.
+``du/dh = 1 - a s``, ``du/ds = b - a h`` and, for a reset taking ``rho``, ``du/drho = -s``.
+
+Each row of the table is one :class:`Reset` in :data:`RESETS`, registered with
+:func:`register_reset` beside its coefficient function ``(cfg, rho, H) -> (a, b)``; the other
+columns are the entry's facts (``theta_positive``, ``u_reset``, ``param``), which
+:class:`NeuronConfig`, :func:`check_rho`, :func:`neuron_bwd`, PMBC, the golden suites and the
+equivalence checks read instead of comparing reset names (CONTRIBUTING.md, "A reset").
 
 **Absolute refractory period** ``refractory_steps = R`` (default 0): for the ``R`` steps after a
 spike (``t+1 .. t+R``) the neuron integrates (``h``, ``u`` evolve as usual) but cannot fire:
@@ -138,7 +146,7 @@ next step, so the spikes are those of the float32 membranes the caller sees.
 """
 import dataclasses
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 from numba import njit
@@ -154,33 +162,85 @@ from .surrogates import get_surrogate, surrogate_grad, surrogate_primitive
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Reset:
+    """One reset rule ``u = h (1 - a s) + b s`` (a row of the module docstring's table) and the
+    facts the package reads from it instead of comparing reset names.
+
+    Attributes
+    ----------
+    name : str
+        The ``reset=`` value (a key of :data:`RESETS`).
+    coefficients : callable ``(cfg, rho, H) -> (a, b)``
+        ``a`` in {0.0, 1.0} (a Python float), ``b`` float64 ``(H,)`` per channel; ``rho`` is the
+        validated ``(H,)`` array or None. Its docstring is the formula. ``a = 1`` resets to ``b``
+        (PMBC's hard kind), ``a = 0`` subtracts ``-b`` (PMBC's linear kind).
+    theta_positive : bool, default True
+        :class:`NeuronConfig` requires ``theta > 0``; False: any real ``theta``.
+    u_reset : bool, default False
+        The reset reads ``cfg.u_reset`` (any real); False: ``u_reset`` must stay 0.
+    param : {None, "rho"}, default None
+        The trainable per-channel parameter it takes. ``"rho"``: float64 ``(H,)``, ``>= 0``
+        (:func:`check_rho`), entering ``b`` with slope -1 (``db/drho = -1``, so
+        ``du/drho = -s``: the ``drho`` that :func:`neuron_bwd` accumulates).
+    """
+
+    name: str
+    coefficients: Callable
+    theta_positive: bool = True
+    u_reset: bool = False
+    param: Optional[str] = None
+
+    def __post_init__(self):
+        if self.param not in (None, "rho"):
+            raise ValueError(f"reset {self.name!r}: param must be None or 'rho' (the only "
+                             f"parameter the kernels differentiate), got {self.param!r}")
+
+
+#: reset name -> :class:`Reset`, in registration order (:func:`register_reset`).
+RESETS = {}
+
+
+def register_reset(name, **facts):
+    """Decorator: register ``fn(cfg, rho, H) -> (a, b)`` as the reset ``name`` with the
+    :class:`Reset` facts ``facts``; returns ``fn``. A name taken is a ValueError."""
+    def register(fn):
+        if name in RESETS:
+            raise ValueError(f"reset {name!r} is registered twice")
+        RESETS[name] = Reset(name, fn, **facts)
+        return fn
+    return register
+
+
+@register_reset("hard", u_reset=True)
 def _reset_hard(cfg, rho, H):
     """``u = h (1 - s) + u_reset s``."""
     return 1.0, np.full(H, cfg.u_reset)  # (H,)
 
 
+@register_reset("soft")
 def _reset_soft(cfg, rho, H):
     """``u = h - theta s``."""
     return 0.0, np.full(H, -cfg.theta)  # (H,)
 
 
+@register_reset("refractory", param="rho")
 def _reset_refractory(cfg, rho, H):
     """``u = h - (theta + rho) s`` (SPikE-SSM reset-refractory, ``rho (H,) >= 0``)."""
     return 0.0, -(cfg.theta + rho)  # (H,)
 
 
+@register_reset("none", theta_positive=False)
 def _reset_none(cfg, rho, H):
     """``u = h``."""
     return 0.0, np.zeros(H)  # (H,)
 
 
-#: reset name -> function ``(cfg, rho, H) -> (a, b (H,))`` with ``u = h (1 - a s) + b s``.
-RESETS = {
-    "hard": _reset_hard,
-    "soft": _reset_soft,
-    "refractory": _reset_refractory,
-    "none": _reset_none,
-}
+def _resets_with(fact, value=True):
+    """``"reset='hard'"`` (joined by ``or``): the registered resets whose ``fact`` is ``value``,
+    for error messages."""
+    return " or ".join(f"reset={n!r}" for n, r in RESETS.items() if getattr(r, fact) == value)
+
 
 BPTT = 0
 DETACH_RESET = 1
@@ -200,15 +260,19 @@ class NeuronConfig:
 
     Parameters
     ----------
-    reset : {"hard", "soft", "refractory", "none"}, default "hard"
-        See :data:`RESETS` and the module docstring. ``refractory`` takes ``rho`` as an array
-        argument of the forward/backward (it is a trainable parameter, not configuration).
+    reset : str, default "hard"
+        A name in :data:`RESETS` (``hard``, ``soft``, ``refractory``, ``none``; the module
+        docstring's table). A reset whose :class:`Reset` takes ``param="rho"``
+        (``refractory``) takes ``rho`` as an array argument of the forward/backward (it is a
+        trainable parameter, not configuration).
     tau : float in [0, 1), default 0.5
         Decay factor of the membrane, ``m_t = tau u_{t-1}``.
     theta : float, default 1.0
-        Threshold; ``> 0`` for ``hard``, ``soft``, ``refractory``; any real for ``none``.
+        Threshold; ``> 0`` where the reset says so (``Reset.theta_positive``: ``hard``,
+        ``soft``, ``refractory``); any real otherwise (``none``).
     u_reset : float, default 0.0
-        Reset potential of ``hard``; must stay 0 for the other resets.
+        Reset potential of a reset that takes it (``Reset.u_reset``: ``hard``); must stay 0
+        for the others.
     refractory_steps : int >= 0, default 0
         Absolute refractory period ``R``: no spike at ``t+1 .. t+R`` after a spike at ``t``.
     spike_condition : {"ge", "gt"}, default "ge"
@@ -241,24 +305,29 @@ class NeuronConfig:
     grad_mode: str = "bptt"
 
     def __post_init__(self):
-        check_name("reset", self.reset, RESETS)
+        rule = check_name("reset", self.reset, RESETS)
         check_name("spike_condition", self.spike_condition, SPIKE_CONDITIONS)
         check_name("grad_mode", self.grad_mode, GRAD_MODES)
         sur = get_surrogate(self.surrogate)
         tau = check_real("tau", self.tau, 0.0, 1.0, hi_open=True)
-        if self.reset == "none":
-            theta = check_real("theta", self.theta)
-        else:
+        if rule.theta_positive:
             theta = check_real(f"theta (with reset={self.reset!r})", self.theta, 0.0, lo_open=True)
+        else:
+            theta = check_real("theta", self.theta)
         u_reset = check_real("u_reset", self.u_reset)
-        if self.reset != "hard" and u_reset != 0.0:
-            raise ValueError(f"u_reset applies only to reset='hard'; got u_reset={self.u_reset} "
-                             f"with reset={self.reset!r}")
+        if not rule.u_reset and u_reset != 0.0:
+            raise ValueError(f"u_reset applies only to {_resets_with('u_reset')}; got "
+                             f"u_reset={self.u_reset} with reset={self.reset!r}")
         R = check_int("refractory_steps", self.refractory_steps, 0)
         scale = None if self.surrogate_scale is None else sur.resolve_scale(self.surrogate_scale)
         for name, value in (("tau", tau), ("theta", theta), ("u_reset", u_reset),
                             ("refractory_steps", R), ("surrogate_scale", scale)):
             object.__setattr__(self, name, value)
+
+    @property
+    def reset_rule(self):
+        """The :class:`Reset` of ``reset`` (its coefficients and facts)."""
+        return RESETS[self.reset]
 
     @property
     def theta_fire(self):
@@ -534,17 +603,18 @@ def _check_x(name, x):
 
 
 def check_rho(cfg, rho, H):
-    """Validate ``rho``: float64 ``(H,)``, finite, ``>= 0``, given iff ``reset="refractory"``.
+    """Validate ``rho``: float64 ``(H,)``, finite, ``>= 0``, given iff the reset takes it
+    (``Reset.param == "rho"``: ``refractory``).
 
     Returns ``rho`` (C-contiguous) or ``None``.
     """
-    if cfg.reset != "refractory":
+    if cfg.reset_rule.param != "rho":
         if rho is not None:
-            raise ValueError(f"rho is only used with reset='refractory'; got rho with "
-                             f"reset={cfg.reset!r} (pass rho=None)")
+            raise ValueError(f"rho is only used with {_resets_with('param', 'rho')}; got rho "
+                             f"with reset={cfg.reset!r} (pass rho=None)")
         return None
     if rho is None:
-        raise ValueError("reset='refractory' needs rho, a float64 array (H,) >= 0 "
+        raise ValueError(f"reset={cfg.reset!r} needs rho, a float64 array (H,) >= 0 "
                          "(the per-channel refractory magnitude)")
     rho = check_array("rho", rho, 1)
     check_shape("rho", rho, (H,))
@@ -562,7 +632,7 @@ def _check_smooth(smooth):
 
 def reset_coefficients(cfg, rho, H):
     """``(a, b)`` of the unified reset ``u = h (1 - a s) + b s``: ``a`` in {0, 1}, ``b (H,)``."""
-    return RESETS[cfg.reset](cfg, rho, H)
+    return cfg.reset_rule.coefficients(cfg, rho, H)
 
 
 def _kernel_args(cfg, rho, Bsz, H):
@@ -685,7 +755,7 @@ def neuron_fwd(x, cfg, rho=None, smooth=False, state=None, return_state=False):
         Input current, finite; ``L >= 1``.
     cfg : NeuronConfig
     rho : float64 array (H,) or None, default None
-        Refractory magnitude, ``>= 0``; required iff ``cfg.reset == "refractory"``.
+        Refractory magnitude, ``>= 0``; required iff the reset takes it (:func:`check_rho`).
     smooth : bool, default False
         Use the surrogate primitive ``G`` in place of ``Theta`` (testing the backward; see the
         module docstring). The refractory mask still follows the hard spikes.
@@ -784,7 +854,7 @@ def neuron_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, smooth=False, state
     dh, du : float64 arrays (B, H, L) or None, default None
         Cotangents of ``h`` and ``u``; ``None`` means zero.
     rho : float64 array (H,) or None
-        As in the forward (required iff ``reset == "refractory"``).
+        As in the forward (required iff the reset takes it).
     smooth : bool, default False
         Must match the forward. The surrogate derivative ``g`` is the same in both modes; in
         smooth mode it is exactly the derivative of the forward's ``G``.
@@ -797,8 +867,8 @@ def neuron_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, smooth=False, state
     dx : float64 array (B, H, L)
         Freshly allocated.
     drho : float64 array (H,) or None
-        Summed over batch and time (``rho`` is shared by every step); ``None`` unless
-        ``reset == "refractory"``.
+        Summed over batch and time (``rho`` is shared by every step); ``None`` unless the
+        reset takes ``rho``.
 
     Notes
     -----
@@ -846,7 +916,7 @@ def neuron_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, smooth=False, state
                     arrays["dh"] is not None, arrays["du"] is not None, c0, cfg.tau, cfg.theta,
                     theta_fire, a, b_rows, R, smooth, sur.code, cfg.scale, mode,
                     dx.reshape(M, L), g_rho)
-    drho = g_rho.reshape(Bsz, H).sum(0) if cfg.reset == "refractory" else None  # (H,)
+    drho = g_rho.reshape(Bsz, H).sum(0) if cfg.reset_rule.param == "rho" else None  # (H,)
     return dx, drho
 
 
@@ -945,12 +1015,13 @@ def neuron_examples(rng):
     """Small neuron calls: every reset, both spike conditions, a refractory period, a state,
     and the grad modes whose VJP is a gradient (``bptt``) or not (``detach_reset``, ``sltt``)."""
     out = []
-    for i, reset in enumerate(RESETS):
-        cfg = NeuronConfig(reset=reset, tau=0.6, theta=0.8 if reset != "none" else 0.3,
+    for i, (reset, rule) in enumerate(RESETS.items()):
+        cfg = NeuronConfig(reset=reset, tau=0.6, theta=0.8 if rule.theta_positive else 0.3,
+                           u_reset=-0.2 if rule.u_reset else 0.0,
                            refractory_steps=1 if i == 1 else 0,
                            spike_condition="gt" if i % 2 else "ge")
         x = rng.normal(0.5, 0.8, size=(2, 3, 12))
-        params = {"rho": rng.uniform(0.1, 0.5, size=3)} if reset == "refractory" else {}
+        params = {"rho": rng.uniform(0.1, 0.5, size=3)} if rule.param else {}
         state = None
         if i >= 2:
             state = NeuronState(rng.normal(0.2, 0.3, size=(2, 3)),

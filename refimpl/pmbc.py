@@ -1,15 +1,18 @@
 """PMBC: exact parallel spiking by boundary compression (SPikE-SSM; DESIGN.md section 5).
 
 Given the spike train ``S`` of a row, the membrane is a *linear* recurrence, so it can be
-computed by a parallel scan. For ``soft`` / ``refractory`` resets (``c = theta + rho``)::
+computed by a parallel scan. Every reset is ``u = h (1 - a s) + b_r s``
+(:data:`refimpl.neurons.RESETS`; ``b_r`` per channel). For the *linear* resets (``a = 0``:
+``soft`` / ``refractory`` with ``c = -b_r = theta + rho``, ``none`` with ``c = 0``)::
 
     h = b - c tau leaky(shift(S)),   b = leaky(x),   leaky(z)_t = sum_{i<=t} tau^(t-i) z_i
 
-and for ``hard`` reset ``h_t = a_t h_{t-1} + x_t + tau u_reset S_{t-1}`` with
-``a_t = tau (1 - S_{t-1})``. The spike map ``F(S) = Theta(h(S) - theta)`` (times the absolute
-refractory mask: no spike within ``R`` steps after a spike of ``S``) is strictly causal, so
-the iteration ``S_0 = 0, S_{k+1} = F(S_k)`` reaches the unique fixed point, which is the
-iterative neuron's spike train, after at most ``L`` steps.
+and for the *hard* ones (``a = 1``, reset to ``u_reset = b_r``: ``hard``)
+``h_t = a_t h_{t-1} + x_t + tau u_reset S_{t-1}`` with ``a_t = tau (1 - S_{t-1})``. The spike
+map ``F(S) = Theta(h(S) - theta)`` (times the absolute refractory mask: no spike within ``R``
+steps after a spike of ``S``) is strictly causal, so the iteration ``S_0 = 0,
+S_{k+1} = F(S_k)`` reaches the unique fixed point, which is the iterative neuron's spike
+train, after at most ``L`` steps.
 
 Freezing. If ``S_k`` is correct on ``[0, p)`` and ``F(S_k)`` first differs from ``S_k`` at
 ``q >= p``, then both are correct on ``[0, q)`` and ``F(S_k)`` also at ``q`` (each spike depends
@@ -54,7 +57,8 @@ CHUNK = 64
 
 #: Kernel codes of the reset: every reset of :data:`refimpl.neurons.RESETS` is
 #: ``u = h (1 - a s) + b s``; ``a = 0`` makes it linear in the spikes (``u = h - c s`` with
-#: ``c = -b``: soft, refractory, none with ``c = 0``), ``a = 1`` is the hard reset to ``b``.
+#: ``c = -b``: soft, refractory, none with ``c = 0``), ``a = 1`` is the hard reset to
+#: ``u_reset = b``. The kernels take ``b`` per row and derive both from it.
 LINEAR, HARD = 1, 2
 
 
@@ -125,9 +129,12 @@ def _evaluate(x, u0, c0, S, tau, theta, c, u_reset, kind, R, theta_fire, p, b, r
 
 
 @njit(**config.NJIT_OPTS)
-def _pmbc_row(x, u0, c0, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u):
-    """PMBC on one row ``x (L,)`` from the state ``(u0, c0)``; writes ``s, h, u (L,)``; returns
-    the number of evaluations of ``F`` (``-1`` if ``max_iter`` was reached without convergence)."""
+def _pmbc_row(x, u0, c0, tau, theta, b_r, kind, R, theta_fire, max_iter, s, h, u):
+    """PMBC on one row ``x (L,)`` from the state ``(u0, c0)`` with the reset ``u = h (1 - a s) +
+    b_r s`` (``a`` = 1 for ``kind`` HARD, else 0); writes ``s, h, u (L,)``; returns the number
+    of evaluations of ``F`` (``-1`` if ``max_iter`` was reached without convergence)."""
+    c = -b_r  # LINEAR: u = h - c s
+    u_reset = b_r  # HARD: u = h (1 - s) + u_reset s
     L = x.shape[0]
     b = np.empty(L)
     r = np.empty(L)
@@ -170,28 +177,27 @@ def _pmbc_row(x, u0, c0, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, 
 
 
 @njit(**config.PARALLEL_OPTS)
-def _pmbc_rows(x, u0, c0, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u,
-               iters):
-    """Rows of ``x (M, L)`` in parallel (disjoint writes; results independent of threads)."""
+def _pmbc_rows(x, u0, c0, tau, theta, b, kind, R, theta_fire, max_iter, s, h, u, iters):
+    """Rows of ``x (M, L)`` in parallel (disjoint writes; results independent of threads);
+    ``b (M,)`` the reset offset per row."""
     for m in prange(x.shape[0]):
-        iters[m] = _pmbc_row(x[m], u0[m], c0[m], tau, theta, c[m], u_reset, kind, R, theta_fire,
+        iters[m] = _pmbc_row(x[m], u0[m], c0[m], tau, theta, b[m], kind, R, theta_fire,
                              max_iter, s[m], h[m], u[m])
 
 
 @njit(**config.NJIT_OPTS)
-def _pmbc_rows_serial(x, u0, c0, tau, theta, c, u_reset, kind, R, theta_fire, max_iter, s, h, u,
-                      iters):
+def _pmbc_rows_serial(x, u0, c0, tau, theta, b, kind, R, theta_fire, max_iter, s, h, u, iters):
     """Serial twin of :func:`_pmbc_rows` (same results)."""
     for m in range(x.shape[0]):
-        iters[m] = _pmbc_row(x[m], u0[m], c0[m], tau, theta, c[m], u_reset, kind, R, theta_fire,
+        iters[m] = _pmbc_row(x[m], u0[m], c0[m], tau, theta, b[m], kind, R, theta_fire,
                              max_iter, s[m], h[m], u[m])
 
 
 def _check(x, cfg, rho, state=None):
-    """Validate like :func:`refimpl.neurons.neuron_fwd`; returns ``x``, the kernel's reset code,
-    ``c`` per row (B*H,), the reset magnitude of the linear resets (``u = h - c s``; unused
-    for ``hard``), and the initial state per row ``u0 (B*H,)``, ``c0 (B*H,) int64`` (zeros for
-    ``state=None``)."""
+    """Validate like :func:`refimpl.neurons.neuron_fwd`; returns ``x``, the kernel's reset code
+    (from the reset's ``a``), ``b`` per row (B*H,), the reset's offset (``u = h (1 - a s) +
+    b s``: the hard kind resets to ``b``, the linear kind subtracts ``c = -b``), and the initial
+    state per row ``u0 (B*H,)``, ``c0 (B*H,) int64`` (zeros for ``state=None``)."""
     require_reference("PMBC (its exactness argument is in float64; under float32 run "
                       "refimpl.neurons.neuron_fwd, the form PMBC equals)")
     if not isinstance(cfg, NeuronConfig):
@@ -203,13 +209,13 @@ def _check(x, cfg, rho, state=None):
     rho = check_rho(cfg, rho, H)
     a, b = reset_coefficients(cfg, rho, H)  # u = h (1 - a s) + b s; linear resets: b = -c
     kind = HARD if a == 1.0 else LINEAR
-    c = np.ascontiguousarray(np.broadcast_to(-b, (Bsz, H)).reshape(-1))  # (B*H,)
+    b_rows = np.ascontiguousarray(np.broadcast_to(b, (Bsz, H)).reshape(-1))  # (B*H,)
     if state is None:
         u0, c0 = np.zeros(Bsz * H), np.zeros(Bsz * H, dtype=np.int64)  # (B*H,) each
     else:
         state = check_state(state, cfg, Bsz, H)
         u0, c0 = state.u.reshape(-1), state.count.reshape(-1)  # (B*H,) each
-    return x, kind, c, u0, c0
+    return x, kind, b_rows, u0, c0
 
 
 def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True, state=None, return_state=False):
@@ -222,7 +228,8 @@ def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True, state=None, return_
         Any reset (``soft``/``refractory`` are the SPikE-SSM case; ``hard`` and ``none`` are
         exact too, see the module docstring), ``refractory_steps``, ``spike_condition``.
     rho : float64 (H,) or None
-        Refractory magnitude, required iff ``cfg.reset == "refractory"``.
+        Refractory magnitude, required iff the reset takes it
+        (:func:`refimpl.neurons.check_rho`).
     max_iter : int or None
         Cap on evaluations of ``F`` per row; default ``L + 1`` (always enough).
     parallel : bool, default True
@@ -241,7 +248,7 @@ def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True, state=None, return_
     state : refimpl.neurons.NeuronState
         Only with ``return_state=True``.
     """
-    x, kind, c, u0, c0 = _check(x, cfg, rho, state)
+    x, kind, b_rows, u0, c0 = _check(x, cfg, rho, state)
     if not isinstance(return_state, (bool, np.bool_)):
         raise TypeError(f"return_state must be a bool, got {return_state!r}")
     Bsz, H, L = x.shape
@@ -250,8 +257,8 @@ def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True, state=None, return_
     s, h, u = (np.empty_like(x2) for _ in range(3))  # (B*H, L)
     iters = np.empty(x2.shape[0], dtype=np.int64)  # (B*H,)
     kernel = _pmbc_rows if parallel else _pmbc_rows_serial
-    kernel(x2, u0, c0, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset), kind,
-           int(cfg.refractory_steps), cfg.theta_fire, max_iter, s, h, u, iters)
+    kernel(x2, u0, c0, float(cfg.tau), float(cfg.theta), b_rows, kind, int(cfg.refractory_steps),
+           cfg.theta_fire, max_iter, s, h, u, iters)
     if np.any(iters < 0):
         raise RuntimeError(f"PMBC did not converge within max_iter={max_iter} evaluations on "
                            f"{int((iters < 0).sum())} rows; raise max_iter (L + 1 always suffices)")
@@ -280,22 +287,21 @@ def spike_map(S, x, cfg, rho=None, state=None):
     from ``S_0 = 0`` are lower bounds and odd ones upper bounds of the true spike train; for
     ``hard`` reset they are not in general. ``state``: the initial state (module docstring).
     """
-    x, kind, c, u0, c0 = _check(x, cfg, rho, state)
+    x, kind, b_rows, u0, c0 = _check(x, cfg, rho, state)
     S = check_array("S", S, 3)
     check_shape("S", S, x.shape)
     Bsz, H, L = x.shape
     x2, S2 = x.reshape(-1, L), S.reshape(-1, L)
     out = np.empty_like(x2)  # (B*H, L)
-    _spike_map_rows(x2, S2, u0, c0, float(cfg.tau), float(cfg.theta), c, float(cfg.u_reset),
-                    kind, int(cfg.refractory_steps),
-                    cfg.theta_fire, out)
+    _spike_map_rows(x2, S2, u0, c0, float(cfg.tau), float(cfg.theta), b_rows, kind,
+                    int(cfg.refractory_steps), cfg.theta_fire, out)
     return out.reshape(x.shape)
 
 
 @njit(**config.NJIT_OPTS)
-def _spike_map_rows(x, S, u0, c0, tau, theta, c, u_reset, kind, R, theta_fire, out):
-    """``out[m] = F(S[m])`` for every row from its state ``(u0[m], c0[m])`` (full evaluation
-    from ``p = 0``)."""
+def _spike_map_rows(x, S, u0, c0, tau, theta, b_rows, kind, R, theta_fire, out):
+    """``out[m] = F(S[m])`` for every row from its state ``(u0[m], c0[m])`` and reset offset
+    ``b_rows[m]`` (full evaluation from ``p = 0``)."""
     M, L = x.shape
     b, r, h, a = np.empty(L), np.empty(L), np.empty(L), np.empty(L)
     beta = np.empty(L)
@@ -305,8 +311,8 @@ def _spike_map_rows(x, S, u0, c0, tau, theta, c, u_reset, kind, R, theta_fire, o
             for t in range(L):
                 a[t] = tau
             _scan_segment(a, x[m], u0[m], 0, L, b, P)
-        _evaluate(x[m], u0[m], c0[m], S[m], tau, theta, c[m], u_reset, kind, R, theta_fire, 0, b, r,
-                  h, out[m], a, beta, P)
+        _evaluate(x[m], u0[m], c0[m], S[m], tau, theta, -b_rows[m], b_rows[m], kind, R, theta_fire,
+                  0, b, r, h, out[m], a, beta, P)
 
 
 def rounding_bound(x, cfg, rho=None, state=None):
@@ -318,10 +324,17 @@ def rounding_bound(x, cfg, rho=None, state=None):
     ``O(CHUNK eps)`` relative per term (chunk products and reassociation), so
     ``|diff| <= 4 CHUNK eps M / (1 - tau)``. A spike can flip only where the iterative margin
     ``|h - theta|`` is below this bound.
+
+    ``c + |u_reset|`` stands for the reset's offset ``max |b|`` (``u = h (1 - a s) + b s``),
+    which it bounds for the four resets of DESIGN.md; a reset whose ``max |b|`` exceeds it
+    adds the excess (0.0, exactly, for those four: their bounds are unchanged bit for bit).
     """
     eps = np.finfo(np.float64).eps
     c = cfg.theta + (float(np.max(rho)) if rho is not None and np.size(rho) else 0.0)
     M = float(np.max(np.abs(x))) + abs(c) + abs(cfg.u_reset) + abs(cfg.theta)
+    if rho is not None or cfg.reset_rule.param != "rho":
+        _, b = reset_coefficients(cfg, rho, np.shape(x)[1])  # (H,) the reset's offset
+        M += max(0.0, float(np.max(np.abs(b), initial=0.0)) - abs(c) - abs(cfg.u_reset))
     if state is not None:
         u0 = check_state(state, cfg, *np.shape(x)[:2]).u  # (B, H)
         M += float(np.max(np.abs(u0)))

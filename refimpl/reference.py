@@ -11,9 +11,10 @@ Contents, in the order of DESIGN.md:
 - section 2, S4D kernel: :func:`s4d_discretize`, :func:`s4d_kernel`;
 - section 3, convolution: :func:`causal_conv` (direct sums, causal or bidirectional),
   :func:`ssm_recurrence` (the recurrent form), :func:`s4d_layer` (kernel + convolution + D);
-- section 4, neurons: :func:`neuron` and :func:`neuron_trace` (every reset, ``ge``/``gt``,
-  absolute refractory period, smooth mode), :func:`threshold_scale` (``y / exp(ln_vth)``),
-  and the surrogate table :data:`SURROGATES` (``g`` and its primitive ``G``);
+- section 4, neurons: :func:`neuron` and :func:`neuron_trace` (every reset of the table
+  :data:`RESETS`, ``ge``/``gt``, absolute refractory period, smooth mode),
+  :func:`threshold_scale` (``y / exp(ln_vth)``), and the surrogate table :data:`SURROGATES`
+  (``g`` and its primitive ``G``);
 - section 6, SDN: :func:`sdn_predict` (the fused network), :func:`sdn_neuron`;
 - section 7, feature mixing: :func:`gelu`, :func:`glu`, :func:`ternary`, :func:`gsu`;
 - section 8, normalisation and block: :func:`layernorm`, :func:`batchnorm`, :data:`FAMILIES`,
@@ -131,17 +132,37 @@ def fires(h, theta, spike_condition="ge"):
     raise ValueError(f"unknown spike_condition {spike_condition!r}")
 
 
+#: reset name -> ``u = reset(h, s)`` as a function of ``(h, s, theta, u_reset, rho)``, each
+#: literally as DESIGN.md section 4's table states it (``rho`` per channel). The oracle's own
+#: statement of every reset of ``refimpl.neurons.RESETS`` (not its ``u = h (1 - a s) + b s``
+#: form): a new reset adds its table row here.
+RESETS = {
+    "hard": lambda h, s, theta, u_reset, rho: h * (1.0 - s) + s * u_reset,
+    "soft": lambda h, s, theta, u_reset, rho: h - theta * s,
+    "refractory": lambda h, s, theta, u_reset, rho: h - (theta + rho) * s,
+    "none": lambda h, s, theta, u_reset, rho: h,
+}
+
+
+def reset_affine(reset, theta, u_reset=0.0, rho=0.0):
+    """``(a, b, drho)`` of ``u = h (1 - a s) + b s`` read off the literal formula of
+    :data:`RESETS` (no other statement of it): ``b = u(h=0, s=1)`` exactly, ``a = 1`` where the
+    spike erases ``h`` (``u(h=1, s=1) == u(h=0, s=1)``) else 0, and ``drho = du/drho / s``:
+    -1 where ``b`` moves with ``rho`` (the only slope a trainable reset has), else 0. ``b`` has
+    ``rho``'s shape (a scalar without one)."""
+    b = reset_membrane(reset, 0.0, 1.0, theta, u_reset, rho)
+    a = 1.0 if np.all(reset_membrane(reset, 1.0, 1.0, theta, u_reset, rho) == b) else 0.0
+    moved = reset_membrane(reset, 0.0, 1.0, theta, u_reset, np.asarray(rho) + 0.5)
+    drho = -1.0 if np.any(moved != b) else 0.0
+    return a, b, drho
+
+
 def reset_membrane(reset, h, s, theta, u_reset=0.0, rho=0.0):
-    """``u = reset(h, s)`` literally as DESIGN.md's table states it (``rho`` per channel)."""
-    if reset == "hard":
-        return h * (1.0 - s) + s * u_reset
-    if reset == "soft":
-        return h - theta * s
-    if reset == "refractory":
-        return h - (theta + rho) * s
-    if reset == "none":
-        return h
-    raise ValueError(f"unknown reset {reset!r}")
+    """``u = reset(h, s)`` literally as DESIGN.md's table states it (:data:`RESETS`; ``rho`` per
+    channel)."""
+    if reset not in RESETS:
+        raise ValueError(f"unknown reset {reset!r}")
+    return RESETS[reset](h, s, theta, u_reset, rho)
 
 
 class NeuronTrace(NamedTuple):
@@ -173,7 +194,8 @@ def neuron_trace(x, tau, theta, reset="hard", u_reset=0.0, rho=None, refractory_
         Decay, ``0 <= tau < 1``.
     theta : float
         Threshold.
-    reset : {"hard", "soft", "refractory", "none"}, default "hard"
+    reset : str, default "hard"
+        A name in :data:`RESETS` (``hard``, ``soft``, ``refractory``, ``none``).
     u_reset : float, default 0.0
         Potential after a hard reset.
     rho : (H,) or None

@@ -7,7 +7,7 @@ independent check of the hand-written reverse mode in ``tests/test_neurons.py``.
 """
 import numpy as np
 
-from refimpl.reference import neuron_trace
+from refimpl.reference import neuron_trace, reset_affine
 
 # ============================================================================================
 # Spiking neurons (DESIGN.md section 4): forward-mode tangents
@@ -15,14 +15,11 @@ from refimpl.reference import neuron_trace
 
 
 def reset_partials_naive(reset, h, s, theta, u_reset, rho_c):
-    """``(du/dh, du/ds, du/drho)`` of :func:`refimpl.reference.reset_membrane`."""
-    if reset == "hard":
-        return 1.0 - s, u_reset - h, 0.0
-    if reset == "soft":
-        return 1.0, -theta, 0.0
-    if reset == "refractory":
-        return 1.0, -(theta + rho_c), -s
-    return 1.0, 0.0, 0.0
+    """``(du/dh, du/ds, du/drho)`` of :func:`refimpl.reference.reset_membrane` (every reset is
+    affine in ``h`` and ``s``, :func:`refimpl.reference.reset_affine` reads its coefficients off
+    the literal formula): ``1 - a s``, ``b - a h``, ``drho s``."""
+    a, b, drho = reset_affine(reset, theta, u_reset, rho_c)
+    return 1.0 - a * s, b - a * h, drho * s
 
 
 def neuron_jvp_naive(x, vx, reset, tau, theta, u_reset=0.0, rho=None, vrho=None,

@@ -34,15 +34,16 @@ def neuron_configs(draw, resets=RESET_NAMES, grad_modes=GRAD_MODE_NAMES,
                    quantized=False):
     """A valid :class:`NeuronConfig` drawn over the given option sets."""
     reset = draw(st.sampled_from(resets))
+    rule = RESETS[reset]  # what the reset allows: theta of any sign, a u_reset
     if quantized:
         tau = draw(st.sampled_from([0.0, 0.25, 0.5, 0.75]))
-        thetas = [0.5, 1.0, 1.5, 2.0] + ([0.0, -0.5] if reset == "none" else [])
+        thetas = [0.5, 1.0, 1.5, 2.0] + ([] if rule.theta_positive else [0.0, -0.5])
         theta = draw(st.sampled_from(thetas))
-        u_reset = draw(st.sampled_from([0.0, -0.25, 0.5])) if reset == "hard" else 0.0
+        u_reset = draw(st.sampled_from([0.0, -0.25, 0.5])) if rule.u_reset else 0.0
     else:
         tau = draw(st.one_of(st.sampled_from([0.0, 0.125, 0.5, 0.9]), _floats(0.0, 0.95)))
-        theta = draw(_floats(-1.0, 2.0) if reset == "none" else _floats(0.1, 3.0))
-        u_reset = draw(_floats(-1.0, 0.5)) if reset == "hard" else 0.0
+        theta = draw(_floats(0.1, 3.0) if rule.theta_positive else _floats(-1.0, 2.0))
+        u_reset = draw(_floats(-1.0, 0.5)) if rule.u_reset else 0.0
     surrogate = draw(st.sampled_from(surrogates))
     return NeuronConfig(
         reset=reset, tau=tau, theta=theta, u_reset=u_reset,
@@ -64,7 +65,7 @@ def neuron_inputs(draw, cfg, max_B=2, max_H=3, lengths=LENGTHS, quantized=False)
     loc = draw(st.sampled_from([-0.5, 0.0, 0.3, 0.8]))
     scale = draw(st.sampled_from([0.3, 1.0, 3.0]))
     x = rng.normal(loc, scale, size=(Bsz, H, L))  # (B, H, L)
-    rho = rng.uniform(0.0, 1.5, size=H) if cfg.reset == "refractory" else None  # (H,)
+    rho = rng.uniform(0.0, 1.5, size=H) if cfg.reset_rule.param else None  # (H,)
     if quantized:
         x = np.round(x * 8.0) / 8.0
         rho = None if rho is None else np.round(rho * 8.0) / 8.0

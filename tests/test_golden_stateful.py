@@ -21,16 +21,17 @@ import dataclasses
 import numpy as np
 import pytest
 
-from refimpl import golden as G
+from refimpl import golden as G, neurons
 from refimpl.golden.compare import staleness
 from refimpl.golden.generate import regenerate
 from refimpl.golden.model_suites import _stream_model
 from refimpl.golden.profiles import bound as profile_bound, get_profile
 from refimpl.golden.registry import get_suite, suite_specs
 from refimpl.h5io import FileFormatError
+from refimpl.reference import reset_membrane
 
 COMMITTED = G.DEFAULT_DIR
-RESETS = {"hard", "soft", "refractory", "none"}
+RESETS = set(neurons.RESETS)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,8 @@ def rows_of(rep, status):
 def test_neuron_stateful_cases_cover_what_a_streaming_kernel_needs(files, suite):
     cases = stateful(files[suite])
     assert {c.config["reset"] for c in cases} == RESETS
-    assert any(c.config["reset"] == "hard" and c.config["u_reset"] != 0 for c in cases)
+    assert any(neurons.RESETS[c.config["reset"]].u_reset and c.config["u_reset"] != 0
+               for c in cases)
     assert any("at_threshold" in c.flags for c in cases)
     assert any(c.result == "acceptable" for c in cases)
     blocked_above = ends = 0
@@ -160,14 +162,9 @@ def naive_neuron(c):
                 fire = hh >= theta if cfg["spike_condition"] == "ge" else hh > theta
                 st = 1.0 if (fire and cnt == 0) else 0.0
                 cnt = R if st else max(cnt - 1, 0)
-                if cfg["reset"] == "hard":
-                    uu = cfg["u_reset"] if st else hh
-                elif cfg["reset"] == "soft":
-                    uu = hh - theta * st
-                elif cfg["reset"] == "refractory":
-                    uu = hh - (theta + rho[k]) * st
-                else:
-                    uu = hh
+                # the oracle's literal per-reset formula (refimpl.reference.RESETS)
+                uu = float(reset_membrane(cfg["reset"], hh, st, theta, cfg["u_reset"],
+                                          0.0 if rho is None else rho[k]))
                 s[b, k, t], h[b, k, t], u[b, k, t] = st, hh, uu
             u_end[b, k], c_end[b, k] = uu, cnt
     return {"outputs/s": s, "outputs/h": h, "outputs/u": u, "outputs/u_end": u_end,

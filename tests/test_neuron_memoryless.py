@@ -38,7 +38,7 @@ def test_memoryless_equals_recurrent(reset, mode, surrogate, shape, cotangents, 
     cfg = NeuronConfig(reset=reset, tau=0.0, theta=0.3, grad_mode=mode, surrogate=surrogate)
     x = rng.standard_normal(shape)  # (B, H, L)
     x.reshape(-1)[::7] = 0.3  # on the threshold: the spike condition decides
-    rho = np.abs(rng.standard_normal(shape[1])) if reset == "refractory" else None
+    rho = np.abs(rng.standard_normal(shape[1])) if N.RESETS[reset].param else None
     ds = rng.standard_normal(shape)
     dh, du = (rng.standard_normal(shape), rng.standard_normal(shape)) if cotangents else (None,
                                                                                          None)

@@ -122,8 +122,8 @@ def test_grouped_rows_equal_naive_on_long_rows(reset, R):
     rng = np.random.default_rng(7)
     x = rng.normal(0.4, 1.0, size=(3, 3, 150))  # 9 rows: two groups of 4 and one leftover
     cfg = NeuronConfig(reset=reset, tau=0.7, refractory_steps=R,
-                       u_reset=-0.2 if reset == "hard" else 0.0)
-    rho = rng.uniform(0, 1, 3) if reset == "refractory" else None
+                       u_reset=-0.2 if RESETS[reset].u_reset else 0.0)
+    rho = rng.uniform(0, 1, 3) if RESETS[reset].param else None
     s, h, u = neuron_fwd(x, cfg, rho)
     s0, h0, u0, _, _ = naive(x, cfg, rho)
     np.testing.assert_array_equal(s, s0)
@@ -140,8 +140,8 @@ def test_every_option_combination_equals_naive(reset, R, cond, smooth):
     rng = np.random.default_rng(12)
     x = np.round(rng.normal(0.5, 1.0, size=(2, 3, 61)) * 8) / 8  # (B, H, L) with exact ties
     cfg = NeuronConfig(reset=reset, tau=0.5, refractory_steps=R, spike_condition=cond,
-                       surrogate="atan", u_reset=0.25 if reset == "hard" else 0.0)
-    rho = np.array([0.0, 0.5, 1.25]) if reset == "refractory" else None
+                       surrogate="atan", u_reset=0.25 if RESETS[reset].u_reset else 0.0)
+    rho = np.array([0.0, 0.5, 1.25]) if RESETS[reset].param else None
     got, want = neuron_fwd(x, cfg, rho, smooth=smooth), naive(x, cfg, rho, smooth=smooth)[:3]
     assert_forward_equal(got, want, cfg, x, rho, smooth)
 
@@ -152,7 +152,7 @@ def test_long_sequences_equal_naive(reset, R):
     rng = np.random.default_rng(13)
     x = rng.normal(0.3, 1.0, size=(2, 5, 5000))  # (B, H, L)
     cfg = NeuronConfig(reset=reset, tau=0.9, refractory_steps=R, theta=1.5)
-    rho = rng.uniform(0, 1, 5) if reset == "refractory" else None
+    rho = rng.uniform(0, 1, 5) if RESETS[reset].param else None
     for a, b in zip(neuron_fwd(x, cfg, rho), naive(x, cfg, rho)):
         np.testing.assert_array_equal(a, b)
 
@@ -246,7 +246,7 @@ def test_refractory_period_blocks_exactly_R_steps(reset, R):
     L = 12
     x = np.full((1, 1, L), 5.0)
     cfg = NeuronConfig(reset=reset, tau=0.5, refractory_steps=R)
-    rho = np.array([0.25]) if reset == "refractory" else None
+    rho = np.array([0.25]) if RESETS[reset].param else None
     s, h, u = neuron_fwd(x, cfg, rho)
     expect = np.zeros(L)
     expect[::R + 1] = 1.0
@@ -260,8 +260,8 @@ def test_resets_match_design_table():
     rho = np.array([0.5])
     for reset, u0 in (("hard", -0.25), ("soft", 0.5), ("refractory", 0.0), ("none", 1.5)):
         cfg = NeuronConfig(reset=reset, tau=0.5, theta=1.0,
-                           u_reset=-0.25 if reset == "hard" else 0.0)
-        s, h, u = neuron_fwd(x, cfg, rho if reset == "refractory" else None)
+                           u_reset=-0.25 if RESETS[reset].u_reset else 0.0)
+        s, h, u = neuron_fwd(x, cfg, rho if RESETS[reset].param else None)
         assert s[0, 0, 0] == 1.0 and h[0, 0, 0] == 1.5 and u[0, 0, 0] == u0
         assert h[0, 0, 1] == 0.5 * u0 + 0.25
 
@@ -292,7 +292,7 @@ def _check_fd(cfg, x, rho, rng, directions=2):
     cots = cotangents(rng, x.shape)
     s, h, u = neuron_fwd(x, cfg, rho, smooth=True)
     dx, drho = neuron_bwd(x, s, h, cfg, *cots, rho=rho, smooth=True)
-    assert (drho is None) == (cfg.reset != "refractory")
+    assert (drho is None) == (cfg.reset_rule.param is None)
     for _ in range(directions):
         vx = rng.normal(size=x.shape)
         vr = None if rho is None else rng.normal(size=rho.shape)
@@ -310,15 +310,16 @@ def _random_case(rng, reset, grad_mode, surrogate):
         cfg = NeuronConfig(
             reset=reset, grad_mode=grad_mode, surrogate=surrogate,
             tau=float(rng.choice([0.0, 0.3, 0.5, 0.9])),
-            theta=float(rng.uniform(0.3, 1.5)) if reset != "none" else float(rng.uniform(-1, 1)),
-            u_reset=float(rng.uniform(-0.5, 0.3)) if reset == "hard" else 0.0,
+            theta=float(rng.uniform(0.3, 1.5) if RESETS[reset].theta_positive
+                        else rng.uniform(-1, 1)),
+            u_reset=float(rng.uniform(-0.5, 0.3)) if RESETS[reset].u_reset else 0.0,
             refractory_steps=int(rng.integers(0, 3)),
             spike_condition=str(rng.choice(["ge", "gt"])),
             surrogate_scale=None if rng.random() < 0.5 else float(rng.uniform(0.5, 3.0)),
         )
         H = int(rng.integers(1, 3))
         x = rng.normal(0.5, 1.0, size=(2, H, int(rng.integers(3, 14))))  # (B, H, L)
-        rho = rng.uniform(0.0, 1.0, size=H) if reset == "refractory" else None
+        rho = rng.uniform(0.0, 1.0, size=H) if RESETS[reset].param else None
         _, h, _, _, _ = naive(x, cfg, rho, smooth=True)
         if kink_margin(cfg, h) > 1e-4:
             return cfg, x, rho
@@ -403,7 +404,7 @@ def test_detach_reset_is_a_linear_reverse_scan(reset):
     """DESIGN.md: for soft/refractory, ``gh_t = dh_t + du_t + gs_t g_t + tau gh_{t+1}``."""
     rng = np.random.default_rng(3)
     x = rng.normal(0.5, 1.0, size=(2, 2, 30))
-    rho = rng.uniform(0, 1, 2) if reset == "refractory" else None
+    rho = rng.uniform(0, 1, 2) if RESETS[reset].param else None
     cfg = NeuronConfig(reset=reset, tau=0.8, grad_mode="detach_reset", surrogate="atan")
     ds, dh, du = cotangents(rng, x.shape)
     s, h, u = neuron_fwd(x, cfg, rho)
@@ -415,7 +416,7 @@ def test_detach_reset_is_a_linear_reverse_scan(reset):
         nxt = dh[..., t] + du[..., t] + ds[..., t] * g[..., t] + cfg.tau * nxt
         gh[..., t] = nxt
     np.testing.assert_allclose(dx, gh, rtol=1e-13, atol=1e-13)
-    if reset == "refractory":
+    if RESETS[reset].param:
         gu = du + cfg.tau * np.concatenate([gh[..., 1:], np.zeros(x.shape[:2] + (1,))], -1)
         np.testing.assert_allclose(drho, -(gu * s).sum((0, 2)), rtol=1e-13)
 
@@ -425,7 +426,7 @@ def test_sltt_with_spike_cotangent_only_is_local(reset):
     """``sltt``: ``dx_t = ds_t allowed_t g(h_t - theta)``, nothing from other steps."""
     rng = np.random.default_rng(4)
     x = rng.normal(0.5, 1.0, size=(2, 2, 25))
-    rho = rng.uniform(0, 1, 2) if reset == "refractory" else None
+    rho = rng.uniform(0, 1, 2) if RESETS[reset].param else None
     cfg = NeuronConfig(reset=reset, tau=0.5, grad_mode="sltt", refractory_steps=1)
     ds = rng.normal(size=x.shape)
     s, h, u = neuron_fwd(x, cfg, rho)
@@ -541,8 +542,8 @@ def test_reset_coefficients_reproduce_the_table():
     rho = np.array([0.5, 1.0])
     for reset, a, b in (("hard", 1.0, [-0.5, -0.5]), ("soft", 0.0, [-2.0, -2.0]),
                         ("refractory", 0.0, [-2.5, -3.0]), ("none", 0.0, [0.0, 0.0])):
-        cfg = NeuronConfig(reset=reset, theta=2.0, u_reset=-0.5 if reset == "hard" else 0.0)
-        got_a, got_b = neurons.reset_coefficients(cfg, rho if reset == "refractory" else None, 2)
+        cfg = NeuronConfig(reset=reset, theta=2.0, u_reset=-0.5 if RESETS[reset].u_reset else 0.0)
+        got_a, got_b = neurons.reset_coefficients(cfg, rho if RESETS[reset].param else None, 2)
         assert got_a == a
         np.testing.assert_array_equal(got_b, b)
 
@@ -570,7 +571,7 @@ X = np.zeros((2, 3, 5))
     (dict(reset="soft", theta=-1.0), ValueError, r"theta \(with reset='soft'\) must be in \(0.0"),
     (dict(reset="refractory", theta=0.0), ValueError, r"theta \(with reset='refractory'\)"),
     (dict(reset="soft", u_reset=0.5), ValueError,
-     r"u_reset applies only to reset='hard'; got u_reset=0.5 with reset='soft'"),
+     r"u_reset applies only to reset='hard'.*; got u_reset=0.5 with reset='soft'"),
     (dict(refractory_steps=-1), ValueError, r"refractory_steps must be >= 0, got -1"),
     (dict(refractory_steps=1.5), TypeError, r"refractory_steps must be an integer, got 1.5"),
     (dict(refractory_steps=True), TypeError, r"refractory_steps must be an integer, got True"),
@@ -617,7 +618,7 @@ def test_smooth_must_be_bool():
 @pytest.mark.parametrize("reset, rho, err, match", [
     ("refractory", None, ValueError, r"reset='refractory' needs rho"),
     ("soft", np.zeros(3), ValueError,
-     r"rho is only used with reset='refractory'; got rho with reset='soft'"),
+     r"rho is only used with reset='refractory'.*; got rho with reset='soft'"),
     ("refractory", np.array([0.1, -0.5, 0.0]), ValueError,
      r"rho must be >= 0 everywhere, got rho\[1\] = -0.5"),
     ("refractory", np.zeros(2), ValueError, r"rho must have shape \(3\), got \(2,\)"),

@@ -39,6 +39,7 @@ from gradcheck import directional_fd
 from refimpl.neurons import (NeuronConfig, NeuronState, check_state, end_state, neuron_bwd,
                              neuron_fwd, neuron_step, neuron_zero_state)
 from refimpl.pmbc import pmbc_bwd, pmbc_fwd, rounding_bound, spike_map
+from refimpl.reference import reset_affine
 from refimpl.surrogates import get_surrogate
 from strategies_neurons import cotangents, neuron_configs, neuron_inputs
 
@@ -51,14 +52,10 @@ EPS = 1e-6  # finite-difference step
 
 
 def coefficients(cfg, rho, H):
-    """``(a, b (H,))`` of ``u = h (1 - a s) + b s``, from DESIGN.md section 4's table."""
-    if cfg.reset == "hard":
-        return 1.0, np.full(H, cfg.u_reset)
-    if cfg.reset == "soft":
-        return 0.0, np.full(H, -cfg.theta)
-    if cfg.reset == "refractory":
-        return 0.0, -(cfg.theta + rho)
-    return 0.0, np.zeros(H)
+    """``(a, b (H,), drho)`` of ``u = h (1 - a s) + b s``, read off the oracle's literal
+    formula of DESIGN.md section 4's table (:func:`refimpl.reference.reset_affine`)."""
+    a, b, drho = reset_affine(cfg.reset, cfg.theta, cfg.u_reset, 0.0 if rho is None else rho)
+    return a, np.broadcast_to(np.asarray(b, dtype=np.float64), (H,)), drho
 
 
 def fires(cfg, h):
@@ -74,7 +71,7 @@ def loop(x, cfg, rho, state, G=None, mask=None, reset_spikes=None, m_fixed=None)
     modes).
     """
     Bsz, H, L = x.shape
-    a, b = coefficients(cfg, rho, H)
+    a, b, _ = coefficients(cfg, rho, H)
     R = cfg.refractory_steps
     s, h, u, m, allowed = (np.zeros(x.shape) for _ in range(5))
     count_end = np.zeros((Bsz, H), dtype=np.int64)
@@ -102,7 +99,7 @@ def jvp_loop(x, vx, cfg, rho, vr, s, h, allowed):
     """Forward-mode tangents ``(ds, dh, du)`` of the forward at ``(s, h, allowed)`` for the
     config's grad_mode; the initial state is a constant (zero tangent)."""
     Bsz, H, L = x.shape
-    a, b = coefficients(cfg, rho, H)
+    a, b, drho = coefficients(cfg, rho, H)
     g = get_surrogate(cfg.surrogate).grad(h - cfg.theta, cfg.scale) * allowed  # (B, H, L)
     ts, th, tu = (np.zeros(x.shape) for _ in range(3))
     for i in range(Bsz):
@@ -115,8 +112,8 @@ def jvp_loop(x, vx, cfg, rho, vr, s, h, allowed):
                 ds_r = 0.0 if cfg.grad_mode == "detach_reset" else ds
                 s_t, h_t = s[i, j, t], h[i, j, t]
                 du = dh * (1.0 - a * s_t) + (b[j] - a * h_t) * ds_r
-                if cfg.reset == "refractory":
-                    du -= s_t * vr[j]
+                if drho:
+                    du += drho * s_t * vr[j]
                 ts[i, j, t], th[i, j, t], tu[i, j, t] = ds, dh, du
                 du_prev = du
     return ts, th, tu

@@ -9,6 +9,7 @@ import functools
 
 import numpy as np
 
+from ..neurons import RESETS, NeuronConfig
 from ..pmbc import rounding_bound
 from ..ops import get_op
 from ..sdn import fold, init_train_params
@@ -22,6 +23,16 @@ sdn_weights = random_weights
 
 #: What the neuron and PMBC cases sample (``golden show``).
 NEURON_MATH = "m_t = tau u_{t-1}, h_t = m_t + x_t, s_t = Theta(h_t - theta), u_t = reset(h_t, s_t)"
+
+#: The resets of the committed (schema v1) neuron cases, in the order of their per-reset case
+#: lists, and PMBC's order. Frozen: the cases of a reset registered beyond these
+#: (:data:`refimpl.neurons.RESETS`) are appended after every v1 case (:func:`_new_reset_specs`),
+#: so a new reset adds cases and renumbers none.
+V1_RESETS = ("hard", "soft", "refractory", "none")
+V1_PMBC_RESETS = ("soft", "refractory", "hard", "none")
+
+#: The default configuration (the ``default`` flag marks its case).
+_DEFAULT = NeuronConfig()
 
 
 # ---- neurons and PMBC ------------------------------------------------------------------------
@@ -51,7 +62,7 @@ def _neuron_specs(rngs, size, pmbc=False):
         elif callable(x):
             x = x(rng)
         params = {}
-        if config["reset"] == "refractory":
+        if RESETS[config["reset"]].param == "rho":
             params["rho"] = rng.uniform(0.0, 1.5, size=x.shape[1]) if rho is None else rho
         inputs = {"x": x}
         if state is not None:  # stateful cases (appended): state(rng, config, x) -> (u0, count0)
@@ -62,14 +73,15 @@ def _neuron_specs(rngs, size, pmbc=False):
 
     sur = ["triangle", "atan", "sigmoid", "fast_sigmoid", "rectangle"]
     taus = [0.125, 0.5, 0.9, 0.25]
-    resets = (["soft", "refractory", "hard", "none"] if pmbc
-              else ["hard", "soft", "refractory", "none"])
+    resets = V1_PMBC_RESETS if pmbc else V1_RESETS
     i = 0
     for reset in resets:
+        rule = RESETS[reset]
         for gm in ("bptt", "detach_reset", "sltt"):
-            extra = {"u_reset": [0.0, -0.5, 0.3][i % 3]} if reset == "hard" else {}
-            theta = 0.0 if reset == "none" and i % 2 else [1.0, 0.5, 2.0][i % 3]
-            flags = ["default"] if (reset, gm) == ("hard", "bptt") else []
+            extra = {"u_reset": [0.0, -0.5, 0.3][i % 3]} if rule.u_reset else {}
+            theta = 0.0 if not rule.theta_positive and i % 2 else [1.0, 0.5, 2.0][i % 3]
+            default = reset == _DEFAULT.reset and gm == _DEFAULT.grad_mode
+            flags = ["default"] if default else []
             add(f"reset {reset}, grad_mode {gm}, surrogate {sur[i % 5]}, "
                 f"{['ge', 'gt'][i % 2]}, tau {taus[i % 4]}", flags, L=32 * big,
                 shift=0.6 * (theta if theta else 1.0), reset=reset, grad_mode=gm,
@@ -137,6 +149,7 @@ def _neuron_specs(rngs, size, pmbc=False):
     add("theta = 0 with a hard reset: must be rejected (theta > 0 required)", ["invalid_config"],
         result="invalid", reset="hard", theta=0.0)
     _stateful_specs(add, resets)
+    _new_reset_specs(add, [r for r in RESETS if r not in V1_RESETS], big)
     return out
 
 
@@ -162,14 +175,14 @@ def _stateful_specs(add, resets):
     sur = ["atan", "triangle", "sigmoid", "fast_sigmoid"]
     for j, reset in enumerate(resets):
         gm = ("bptt", "detach_reset", "sltt")[j % 3]
-        extra = {"u_reset": 0.25} if reset == "hard" else {}
+        extra = {"u_reset": 0.25} if RESETS[reset].u_reset else {}
         add(f"stateful: reset {reset}, grad_mode {gm}, initial membrane u0 != 0 (some rows start "
             "above threshold), count0 = 0", ["stateful"], L=24, shift=0.4, reset=reset,
             grad_mode=gm, surrogate=sur[j], tau=[0.5, 0.25, 0.9, 0.125][j],
             spike_condition=["ge", "gt"][j % 2], state=_random_state(), **extra)
     for j, reset in enumerate(resets):
         R = j + 2
-        extra = {"u_reset": -0.25} if reset == "hard" else {}
+        extra = {"u_reset": -0.25} if RESETS[reset].u_reset else {}
         add(f"stateful: absolute refractory period R = {R}, reset {reset}, initial counts "
             f"0 .. {R} (rows with count0 > 0 cannot fire at steps 0 .. count0-1 even above "
             "threshold)", ["stateful"], L=24, shift=1.0, reset=reset, refractory_steps=R,
@@ -233,6 +246,33 @@ def _stateful_specs(add, resets):
 
     add("stateful: NaN in the initial membrane u0: must be rejected", ["stateful", "nan_input"],
         result="invalid", reset="hard", state=nan_u0)
+
+
+def _new_reset_specs(add, resets, big):
+    """Cases of the resets registered beyond :data:`V1_RESETS`, appended after the v1 cases in
+    registration order, five per reset: each grad mode (surrogates, ``ge``/``gt``, ``tau`` and
+    ``theta`` varied; ``theta = 0`` where the reset allows it, ``u_reset != 0`` and a drawn
+    ``rho`` where it takes them), an absolute refractory period, and a stateful case (``u0``
+    and counts ``0 .. R``)."""
+    sur = ["triangle", "atan", "sigmoid", "fast_sigmoid", "rectangle"]
+    for j, reset in enumerate(resets):
+        rule = RESETS[reset]
+        for k, gm in enumerate(("bptt", "detach_reset", "sltt")):
+            theta = 0.0 if not rule.theta_positive and k == 1 else [1.0, 0.5, 2.0][k]
+            extra = {"u_reset": [0.25, -0.5, 0.3][k]} if rule.u_reset else {}
+            add(f"reset {reset}, grad_mode {gm}, surrogate {sur[(j + k) % 5]}, "
+                f"{['ge', 'gt'][k % 2]}, tau {[0.125, 0.5, 0.9][k]}", L=32 * big,
+                shift=0.6 * (theta if theta else 1.0), reset=reset, grad_mode=gm,
+                surrogate=sur[(j + k) % 5], spike_condition=["ge", "gt"][k % 2],
+                tau=[0.125, 0.5, 0.9][k], theta=theta, **extra)
+        extra = {"u_reset": -0.25} if rule.u_reset else {}
+        add(f"absolute refractory period R = 2, reset {reset}", L=32 * big, shift=1.0,
+            reset=reset, refractory_steps=2, surrogate=sur[(j + 3) % 5], spike_condition="gt",
+            tau=0.5, **extra)
+        add(f"stateful: reset {reset}, R = 2, initial membrane u0 != 0 (some rows start above "
+            "threshold) and counts 0 .. 2", ["stateful"], L=24, shift=1.0, reset=reset,
+            refractory_steps=2, surrogate=sur[(j + 4) % 5], tau=0.5,
+            state=_random_state(umax=3.0, counts=True), **extra)
 
 
 def _neuron_depth(case):
