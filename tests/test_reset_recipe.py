@@ -43,7 +43,7 @@ from refimpl import golden as G
 from refimpl import reference
 from refimpl.golden.generate import build_case
 from refimpl.golden.registry import get_suite, suite_specs
-from refimpl.golden.spiking import V1_RESETS
+from refimpl.golden.spiking_suites import V1_RESETS
 from refimpl.neurons import (NEURON_OP, RESETS, NeuronConfig, NeuronState, check_rho,
                              neuron_bwd, neuron_fwd, register_reset, reset_coefficients)
 from refimpl.ops import Example

@@ -16,7 +16,7 @@ What lives where:
   op, :mod:`refimpl.ops`, is computed by that op; a model suite brings its forward and
   backward); :func:`golden_path` (a file named by path or by suite);
 - the suites, one module per op family: :mod:`.ssm_suites` (``s4d_kernel``, ``fftconv``,
-  ``s4d_layer``), :mod:`.spiking` (``neuron``, ``pmbc``, ``sdn``), :mod:`.mixing_suites`
+  ``s4d_layer``), :mod:`.spiking_suites` (``neuron``, ``pmbc``, ``sdn``), :mod:`.mixing_suites`
   (``glu``, ``gsu``), :mod:`.model_suites` (``block``, ``model_step``, ``lm_step``,
   ``model_stream``); stateful cases (flag
   ``stateful``, DESIGN.md 10) start from a stored state and output the end state, and
@@ -45,7 +45,7 @@ from .schema import (CANDIDATE_SCHEMA, DEFAULT_DIR, FAILURES, FLAGS, GROUPS, NO_
                      write_file)
 
 # the suites register themselves, in generation order
-from . import ssm_suites, spiking, mixing_suites, model_suites  # noqa: E402,F401  isort: skip
+from . import ssm_suites, spiking_suites, mixing_suites, model_suites  # noqa: E402,F401  isort: skip
 
 from .check import check, recompute, staleness
 from .verify import compare_case, compare_tensor, coverage, verify, verify_file

@@ -18,9 +18,6 @@ from ..sdn.weights import C
 from ..surrogates import SURROGATES
 from .registry import Spec, dyadic, op_args, read_state, register
 
-#: Random fused SDN weights of the published shapes (also the model suites').
-sdn_weights = random_weights
-
 #: What the neuron and PMBC cases sample (``golden show``).
 NEURON_MATH = "m_t = tau u_{t-1}, h_t = m_t + x_t, s_t = Theta(h_t - theta), u_t = reset(h_t, s_t)"
 
