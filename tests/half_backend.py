@@ -9,11 +9,12 @@ and every output and gradient is rounded to the 16-bit format once, at the op's 
 written as float32 datasets (NumPy has no bfloat16), float16 values as float16 datasets;
 integer datasets (counters) stay int64.
 
-The ops are those of ``tests/float32_backend.py`` (its :func:`float32_backend.impl` switches
-select the variants); this module adds the storage format: :func:`round_to` when a case is read
-and when the candidate is written. The rounding is implemented here from the bits (bfloat16:
-the float32 value rounded to its upper 16 bits, nearest even, as PyTorch's
-``c10::BFloat16``; float16: NumPy's ``float16`` cast), independently of refimpl.
+The ops are those of ``tests/float32_backend.py`` (:func:`float32_backend.compute`: its ops in
+the op contract's terms, and the model-level suites; its :func:`float32_backend.impl` switches
+select the variants and plant the bugs); this module adds the storage format: :func:`round_to`
+when a case is read and when the candidate is written. The rounding is implemented here from
+the bits (bfloat16: the float32 value rounded to its upper 16 bits, nearest even, as
+PyTorch's ``c10::BFloat16``; float16: NumPy's ``float16`` cast), independently of refimpl.
 
 ``fmt`` is one of :data:`PROFILES`: ``"float64"`` (the same code in float64, no rounding),
 ``"float32"`` (the float32 backend), ``"bfloat16"``, ``"float16"``.
@@ -38,8 +39,7 @@ import float32_backend as fb
 
 FORMATS = ("bfloat16", "float16")
 PROFILES = ("float64", "float32") + FORMATS
-SUITES = ("s4d_kernel", "fftconv", "s4d_layer", "neuron", "pmbc", "glu", "gsu", "sdn", "block",
-          "model_stream")
+SUITES = fb.SUITES
 VARIANTS = ("fft", "direct", "order", "chunked", "jitter", "rounding")
 SEEDED = ("order", "jitter", "rounding")
 CHUNKS = (5, 1, 10, 16)
@@ -168,12 +168,10 @@ def compute_case(suite, gcase, fmt, bug=None, variant=None, seed=None):
     """``(outputs, grads)`` of one golden h5 group as the backend writes them (floats rounded
     to ``fmt``, integers int64), or raises :class:`float32_backend.Reject`."""
     dtype = np.float64 if fmt == "float64" else np.float32
-    with fb.impl(dtype=dtype, **impl_options(variant, seed)):
+    with fb.impl(dtype=dtype, bug=bug, **impl_options(variant, seed)):
         case = fb.Case(gcase, read=lambda v: round_to(v, fmt).astype(dtype))
-        if suite == "s4d_kernel" and int(case.attrs["L"]) < 1:
-            raise fb.Reject(f"L must be >= 1, got {case.attrs['L']}")
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            outputs, grads = fb.OPS[suite](case, bug)
+            outputs, grads = fb.compute(suite, case)
 
     def store(arr):
         arr = np.asarray(arr)
