@@ -150,6 +150,17 @@ def _gradients(op, ex, cot):
     return op.vjp(fwd(ex.inputs, ex.params, ex.cfg, grad_state(op, ex)).cache, cot)
 
 
+def _gradient_check(op, ex, rng):
+    """What both gradient checks need: ``f(args)`` = ``<w, (smooth) fwd>`` for random
+    cotangents ``w``, the VJP's gradients, the arguments by name, and the scale of the
+    objective's terms (``sum |outputs w|``, the atol scale of the comparisons)."""
+    outputs = (op.smooth or op.fwd)(ex.inputs, ex.params, ex.cfg, grad_state(op, ex)).outputs
+    cot = random_cotangents(op, outputs, rng)
+    scale = sum(float(np.sum(np.abs(outputs[k] * cot[k]))) for k in cot) + 1e-3
+    return (_objective(op, ex, cot), _gradients(op, ex, cot), {**ex.inputs, **ex.params},
+            scale)
+
+
 EXACT = [c for c in CASES if vjp_exact(*case(*c.values))]
 
 
@@ -160,12 +171,7 @@ def test_finite_differences(name, i):
     / 1e-5 = 1e-11 relative); rtol 1e-6 leaves room for the surrogates' curvature."""
     op, ex = case(name, i)
     rng = np.random.default_rng(2)
-    outputs = (op.smooth or op.fwd)(ex.inputs, ex.params, ex.cfg, grad_state(op, ex)).outputs
-    cot = random_cotangents(op, outputs, rng)
-    f = _objective(op, ex, cot)
-    grads = _gradients(op, ex, cot)
-    base = {**ex.inputs, **ex.params}
-    scale = sum(float(np.sum(np.abs(outputs[k] * cot[k]))) for k in cot) + 1e-3
+    f, grads, base, scale = _gradient_check(op, ex, rng)
     for k in grad_names(op, ex):
         a = base[k]
         flat = rng.choice(a.size, size=min(4, a.size), replace=False)
@@ -183,12 +189,8 @@ def test_dot_product(name, i):
     differentiable argument at once (tolerance as in test_finite_differences)."""
     op, ex = case(name, i)
     rng = np.random.default_rng(3)
-    outputs = (op.smooth or op.fwd)(ex.inputs, ex.params, ex.cfg, grad_state(op, ex)).outputs
-    cot = random_cotangents(op, outputs, rng)
-    f = _objective(op, ex, cot)
-    grads = _gradients(op, ex, cot)
+    f, grads, base, scale = _gradient_check(op, ex, rng)
     names = grad_names(op, ex)
-    base = {**ex.inputs, **ex.params}
     v = {k: rng.normal(size=np.shape(base[k])) for k in names}
     at = {k: base[k] for k in names}
 
@@ -197,7 +199,6 @@ def test_dot_product(name, i):
 
     fd = directional_fd(along, 0.0, 1.0, eps=1e-5)
     vjp = sum(float(np.sum(grads[k] * v[k])) for k in names)
-    scale = sum(float(np.sum(np.abs(outputs[k] * cot[k]))) for k in cot) + 1e-3
     assert_close_scalar(vjp, fd, 1e-6, scale, f"{name}: dot product")
 
 
