@@ -28,8 +28,14 @@ def _jsonable(v):
     return v
 
 
-def _write_report(path, report):
-    atomic_write_json(path, _jsonable(report))
+def _write_report(path, report, error=None):
+    """Write the JSON report; a failed write (a full disk, an I/O error) stops the command with
+    one line (after ``error``, the command's own failure, if there is one), the report file as
+    it was before."""
+    try:
+        atomic_write_json(path, _jsonable(report))
+    except OSError as e:
+        fail(f"{error}; and --json: {e}" if error else f"--json: {e}")
 
 
 def _check_json(path, inputs=(), golden_dirs=()):
@@ -159,7 +165,7 @@ def verify(candidates, golden_dir, json_path, skip, precision, select, verbose):
                           select=select)
     except (FileFormatError, G.SelectError) as e:
         if json_path:
-            _write_report(json_path, {"passed": False, "error": str(e), "files": []})
+            _write_report(json_path, {"passed": False, "error": str(e), "files": []}, e)
         fail(e)
     _finish(report, json_path, verbose)
 

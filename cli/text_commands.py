@@ -3,7 +3,9 @@ import os
 import sys
 
 import click
+import numpy as np
 
+from refimpl.sampling import TOKEN_BYTES, check_memory, check_temperature, check_top_k
 from refimpl.sampling import generate as generate_tokens
 from refimpl.h5io import FileFormatError
 from refimpl.lm_train import steps_per_epoch, train_lm
@@ -84,52 +86,79 @@ def text_options(f):
                      help="--text: the decoder is the token embedding (shared weights)."),
     )(f)
 
+#: Bytes ``generate`` holds per generated token beyond the library's int64 ids, at its peak:
+#: decoding (the ids of prompt and continuation joined, int64 8; their uint8 or uint32 codes
+#: and those as bytes, up to 4 + 4; the str, up to 4 a character once one needs UCS-4), then
+#: the echo (the str, the str with its newline, its UTF-8 bytes: up to 4 each). Measured
+#: (tests/test_generate_validation.py, output kept in memory by CliRunner): 24-25; 32 bounds it.
+TEXT_BYTES = 32
+
+
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--prompt", required=True, help="Text the model reads before it writes.")
+@click.option("--prompt", required=True,
+              help="Text the model reads before it writes (bytes that are not UTF-8 reach a "
+                   "bytes model as those bytes).")
 @click.option("--length", default=200, show_default=True, type=int,
-              help="Tokens to generate (>= 1).")
+              help="Tokens to generate (>= 1; refused before anything runs when they would "
+                   "not fit in memory).")
 @click.option("--temperature", default=1.0, show_default=True, type=float,
-              help="Softmax temperature (> 0; lower is more conservative).")
+              help="Softmax temperature: 0 = greedy (always the most likely token), else any "
+                   "finite value > 0 (lower is more conservative).")
 @click.option("--top-k", default=0, show_default=True, type=int,
-              help="Sample among the k most likely tokens (0 = all).")
+              help="Sample among the k most likely tokens (0 = all; at most the vocabulary "
+                   "size).")
 @options.seed_opt(0)
 def generate(checkpoint, prompt, length, temperature, top_k, seed):
     """Continue a prompt with a trained language model.
 
     CHECKPOINT is OUT/checkpoint.h5 of a 'refimpl train --text' run (it stores the
     vocabulary). The --prompt text runs through the model stream, then --length tokens are
-    sampled one at a time; the prompt and its continuation go to stdout, the speed to stderr.
+    sampled one at a time from softmax(logits / temperature) over the --top-k most likely
+    tokens; the prompt and its continuation go to stdout, the speed to stderr. A model trained
+    with --dtype float32 generates in float64 from the float64 master weights its checkpoint
+    stores (the stream is float64 only).
 
     Examples:
 
     \b
       refimpl generate runs/lm/checkpoint.h5 --prompt "The " --length 100 --temperature 0.8
       refimpl generate runs/lm/checkpoint.h5 --prompt "Once" --top-k 5 --seed 1
+      refimpl generate runs/lm/checkpoint.h5 --prompt "The " --temperature 0
     """
     if length < 1:
         fail(f"--length must be >= 1, got {length}")
     try:
+        temperature = check_temperature(temperature, "--temperature")
+        check_memory(length, TOKEN_BYTES + TEXT_BYTES, name="--length")
         ck = load_checkpoint(checkpoint)
-    except (FileFormatError, OSError) as e:
+    except (FileFormatError, *USER_ERRORS) as e:
         fail(e)
     if ck.cfg.head != "lm" or not (ck.data_recipe or {}).get("vocab_json"):
         fail(f"{checkpoint} is a classifier checkpoint; generate needs a language model "
              f"(train one with refimpl train --text FILE)")
     try:
         vocab = Vocab.from_json(ck.data_recipe["vocab_json"])
+        top_k = check_top_k(top_k, vocab.size, "--top-k")
         ids = vocab.encode(prompt)
         if ids.size == 0:
             fail("--prompt must not be empty")
-        stream = ModelStream(ck.cfg, ck.params, ck.buffers)
+        stream = ModelStream.from_model(ck.cfg, ck.params, ck.buffers)
+    except USER_ERRORS as e:
+        fail(e)
+    if stream.trained_dtype != "float64":
+        click.echo(f"a {stream.trained_dtype}-trained model: generating in float64 from its "
+                   f"float64 master weights", err=True)
+    try:
         with progress(length, "generating") as bar:
             out, info = generate_tokens(stream, ids[None], length, temperature=temperature,
                                         top_k=top_k, seed=seed, progress=bar.update)
     except USER_ERRORS as e:
         fail(e)
-    click.echo(prompt + vocab.decode(out[0]))
+    except MemoryError:  # check_memory passed, yet an allocation failed: the room shrank
+        fail(f"out of memory while generating --length {length} tokens; lower --length")
+    click.echo(vocab.decode(np.concatenate([ids, out[0]])))  # one text: no split character
     click.echo(f"{length} tokens in {info['seconds']:.2f} s: {info['tokens_per_second']:.0f} "
                f"tokens/s (prompt of {ids.size} tokens: {info['prompt_seconds'] * 1e3:.1f} ms)",
                err=True)
     sys.stdout.flush()
-

@@ -14,8 +14,8 @@ from refimpl.model import NEURON_IMPLS, NORMS, ModelConfig, check_inputs, model_
 from refimpl.precision import PRECISIONS
 from refimpl.neurons import GRAD_MODES
 from refimpl.sdn import load_weights
-from refimpl.stream import ModelStream, evaluate_stream
-from refimpl.ssm import DISCRETIZATIONS, INITS
+from refimpl.stream import ModelStream, evaluate_stream, stream_support
+from refimpl.ssm import DISCRETIZATIONS, DT_RANGE, INITS
 from refimpl.surrogates import SURROGATES
 from refimpl.tasks import data_from_recipe, load_data
 from refimpl.train import (TrainConfig, evaluate as evaluate_model, evaluate_logits,
@@ -64,9 +64,35 @@ def recorded_data_options(f):
     return data_options(f, recorded=True)
 
 
-def _load_data(task, data, tokens, samples, length, seed):
+#: The data options only a built-in task reads (``evaluate`` also: --seed, which seeds nothing
+#: else there); --tokens is read by a --data file only.
+TASK_ONLY = ("samples", "length")
+
+
+def _given(*names):
+    """The flags, among the running command's parameters ``names``, whose value is not the
+    command's default: the options given that matter (one given at its default changes nothing
+    and is accepted wherever, as --surrogate '' is for any family)."""
+    ctx = click.get_current_context()
+    params = {p.name: p for p in ctx.command.params}
+    return [params[n].opts[0] for n in names if ctx.params[n] != params[n].get_default(ctx)]
+
+
+def _drop(flags, where):
+    """Stop with one line: ``flags`` (a non-empty list) do not apply ``where``."""
+    verb, it = ("applies", "it") if len(flags) == 1 else ("apply", "them")
+    fail(f"{'/'.join(flags)} {verb} {where}: drop {it}")
+
+
+def _load_data(task, data, tokens, samples, length, seed, task_only=TASK_ONLY):
     if (task is None) == (data is None):
         raise click.UsageError("give exactly one of --task NAME or --data FILE.npz")
+    if task is not None and _given("tokens"):
+        _drop(["--tokens"], f"to --data (integer inputs) only; the built-in task {task} makes "
+                            f"its own inputs")
+    if data is not None and _given(*task_only):
+        _drop(_given(*task_only), "to a built-in task (--task) only; a --data file holds its "
+                                  "own sequences")
     try:
         return load_data(task, data, tokens=tokens, n=samples, L=length, seed=seed)
     except USER_ERRORS as e:
@@ -97,10 +123,10 @@ def _train_option(name, type_, help_=None):
 @_model_option("init", choice(INITS), "S4D initialisation of A (refimpl.ssm.INITS).")
 @_model_option("disc", choice(DISCRETIZATIONS),
                "Discretization of the S4D layers (refimpl.ssm.DISCRETIZATIONS).")
-@_model_option("dt_min", click.FloatRange(min=0, min_open=True),
+@_model_option("dt_min", click.FloatRange(*DT_RANGE),
                "Smallest initial S4D step dt: per channel, ln dt ~ U[ln dt-min, ln dt-max] "
-               "(then trained).")
-@_model_option("dt_max", click.FloatRange(min=0, min_open=True),
+               "(then trained); the range is refimpl.ssm.DT_RANGE.")
+@_model_option("dt_max", click.FloatRange(*DT_RANGE),
                "Largest initial S4D step dt (>= --dt-min).")
 @_model_option("norm", choice(NORMS), "Normalisation in every block: layer (LayerNorm) or "
                "batch (BatchNorm; its running statistics are saved in the checkpoint).")
@@ -157,6 +183,11 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
     schedule; the SSM dynamics use min(--lr, 1e-3), and they, biases, norms, D, thresholds and
     rho get no weight decay.
 
+    An option the run would not read is refused, not ignored: the --text options without
+    --text, --task/--data/--tokens/--samples/--length with it, --tokens with a built-in task,
+    --samples/--length with --data, and a family option (--surrogate, --grad-mode,
+    --neuron-impl, --sdn-weights) for a family that does not use it.
+
     Examples:
 
     \b
@@ -165,16 +196,24 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
       refimpl train --text notes.txt --context 128 --epochs 3 --out runs/lm
     """
     _check_model_options(model_options)
-    if text_path is not None and (task or data or length is not None):
-        fail("--text trains a language model on the file: drop --task/--data/--length "
-             "(--context sets the window)")
-    if text_path is None and tie_embedding:
-        fail("--tie-embedding applies to --text (language models) only")
+    act = model_options["activation"]
+    if sdn_weights is not None and not ACTIVATIONS[act].needs_sdn_weights:
+        users = [k for k, fam in ACTIVATIONS.items() if fam.needs_sdn_weights]
+        _drop(["--sdn-weights"], f"to --activation {'/'.join(users)} only; --activation {act} "
+                                 f"does not use it")
+    if text_path is not None:
+        classifier_data = _given("task", "data", "tokens", "samples", "length")
+        if classifier_data:
+            fail(f"--text trains a language model on the file: drop "
+                 f"{'/'.join(classifier_data)} (--context sets the window, --vocab the tokens)")
+    else:
+        text_only = _given("text_vocab", "context", "val_frac", "tie_embedding")
+        if text_only:
+            _drop(text_only, "to --text (language models) only")
     try:
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, clip_norm=clip_norm, seed=seed)
         weights = None
-        act = model_options["activation"]
         if ACTIVATIONS[act].needs_sdn_weights and not resume:
             if not sdn_weights:
                 fail(f"--activation {act} needs --sdn-weights FILE (train one with "
@@ -276,7 +315,8 @@ def _eval_data(ckpt, task, data, tokens, samples, length, seed):
     samples = defaults["samples"] if samples is None else samples
     length = defaults["length"] if length is None else length
     seed = defaults["seed"] if seed is None else seed
-    return _load_data(task, data, tokens or 0, samples, length, seed)
+    return _load_data(task, data, tokens or 0, samples, length, seed,
+                      task_only=TASK_ONLY + ("seed",))
 
 
 @click.command()
@@ -296,7 +336,8 @@ def evaluate(checkpoint, task, data, tokens, samples, length, seed, stream, batc
 
     With --stream the test set also runs one time step at a time from the model's state
     (refimpl.stream), as a chip or an online system runs it, --batch-size sequences in
-    lockstep, and the predictions are compared with the parallel form's.
+    lockstep (--batch-size applies to --stream only), and the predictions are compared with
+    the parallel form's. A checkpoint that cannot stream is refused before anything is scored.
 
     Examples:
 
@@ -313,6 +354,10 @@ def evaluate(checkpoint, task, data, tokens, samples, length, seed, stream, batc
         fail(f"{checkpoint} is a language model (refimpl train --text); evaluate scores "
              f"classifiers: its validation bits per token are in metrics.json next to it, and "
              f"'refimpl generate' samples from it")
+    if not stream and _given("batch_size"):
+        _drop(["--batch-size"], "to --stream only (sequences in lockstep); the parallel form "
+                                "scores the test set at once")
+    st = _stream(ckpt) if stream else None  # refused before any result is printed
     ds = _eval_data(ckpt, task, data, tokens, samples, length, seed)
     rec = ds.get("recipe", {})
     what = (f"{rec['task']} (samples {rec['samples']}, length {rec['length']}, seed "
@@ -327,25 +372,35 @@ def evaluate(checkpoint, task, data, tokens, samples, length, seed, stream, batc
     click.echo(f"test loss         {r['loss']:.4f}")
     click.echo(f"firing rate       {_rates(r['rates'])}")
     if stream:
-        _evaluate_stream(ckpt, ds, batch_size)
+        _evaluate_stream(ckpt, st, ds, batch_size)
 
 
-def _evaluate_stream(ckpt, ds, batch_size):
-    """The ``--stream`` part of ``evaluate``: step by step, beside the parallel form."""
-    if ckpt.cfg.dtype != "float64":
-        fail(f"--stream: this checkpoint was trained with --dtype {ckpt.cfg.dtype}; streams run "
-             f"in float64 only (the reference form): evaluate it without --stream")
+def _stream(ckpt):
+    """The checkpoint's model as a stream (``evaluate --stream``), or one line saying why it
+    cannot stream (:func:`refimpl.stream.stream_support`), before anything is computed."""
+    reason = stream_support(ckpt.cfg)
+    if reason:
+        fail(reason)
     try:
-        st = ModelStream(ckpt.cfg, ckpt.params, ckpt.buffers)
+        st = ModelStream.from_model(ckpt.cfg, ckpt.params, ckpt.buffers)
     except ValueError as e:
         fail(e)
+    if st.trained_dtype != "float64":
+        click.echo(f"note: trained with --dtype {st.trained_dtype}; the stream runs in float64 "
+                   "from the stored float64 master weights (the reference form)", err=True)
+    return st
+
+
+def _evaluate_stream(ckpt, st, ds, batch_size):
+    """The ``--stream`` part of ``evaluate``: ``st`` step by step, beside the parallel form."""
     x, y = ds["x_test"], ds["y_test"]
     total = len(y) * x.shape[1]
     parallel = []
     with progress(total, "streaming (steps x sequences)") as bar:
         r = evaluate_stream(st, x, y, batch_size=batch_size, progress=bar.update,
                             predictions=parallel)
-    ref = np.concatenate([evaluate_logits(ckpt.cfg, ckpt.params, ckpt.buffers, x[i:i + 256])
+    # the parallel form the stream equals: float64, from the master weights
+    ref = np.concatenate([evaluate_logits(st.cfg, ckpt.params, ckpt.buffers, x[i:i + 256])
                           for i in range(0, len(y), 256)]).argmax(1)
     same = int((np.asarray(parallel) == ref).sum())
     click.echo(f"streamed accuracy {r['accuracy']:.4f}   (step by step, {len(y)} sequences, "

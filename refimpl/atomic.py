@@ -6,6 +6,20 @@ destination; a successful one replaces it in one ``os.replace``. The new file ge
 plain ``open(path, "w")`` would give it (``0o666`` less the process umask): ``mkstemp`` alone
 would make it private (``0o600``).
 
+A write that fails (a full disk ``ENOSPC``, a quota ``EDQUOT``, an I/O error ``EIO``, ...)
+raises :class:`WriteError`: an ``OSError`` with the original ``errno`` whose message is one line
+naming the destination, the reason and that the destination is unchanged. The temporary is
+removed first. The data reaches the disk through one checked path (:func:`atomic_writer`:
+``os.write`` until every byte is written, then ``os.fsync``, so an error the kernel reports
+only on writeback is seen too) before the rename; :func:`refimpl.h5io.atomic_h5` builds the
+HDF5 file in memory and writes it through that path, because HDF5 itself crashes (a
+segmentation fault) when a write fails inside it.
+
+No writer follows a symbolic link planted at a name it writes: the temporary is created by
+``mkstemp`` (``O_EXCL``: never an existing name, never through a link) and written through the
+descriptor it returns, and ``os.replace`` replaces a link at the destination instead of writing
+through it.
+
 A kill (SIGKILL, power loss) during a write cannot run any cleanup, so it leaves the hidden
 temporary ``.<name>.<pid>.<random>.tmp``. The writer's PID is part of the name: every new write
 to the same destination first removes the temporaries of that destination whose process is no
@@ -17,6 +31,29 @@ import json
 import os
 import re
 import tempfile
+
+
+class WriteError(OSError):
+    """A file could not be written (one-line message; ``errno`` is the system's reason)."""
+
+    def __str__(self):
+        return self.strerror
+
+
+def write_error(path, e, kept=None):
+    """:class:`WriteError` for the failed write ``e`` (an ``OSError``) of ``path``: one line
+    naming the file, the system's reason and its errno name, and ``kept`` (what is unchanged;
+    default: whether ``path`` existed before)."""
+    if isinstance(e, WriteError):
+        return e
+    path = os.fspath(path)
+    if kept is None:
+        kept = ("the existing file is unchanged" if os.path.lexists(path) else
+                "nothing was written")
+    code = e.errno
+    name = errno.errorcode.get(code, str(code)) if code is not None else type(e).__name__
+    reason = " ".join(str(e.strerror or e).split())
+    return WriteError(code, f"cannot write {path}: {reason} ({name}); {kept}")
 
 
 def _umask():
@@ -112,39 +149,91 @@ def remove_stale_temporaries(path):
     return removed
 
 
+def write_all(fd, data):
+    """``os.write`` every byte of ``data`` (bytes-like) to descriptor ``fd``; a short write is
+    continued, an error (``ENOSPC``, ``EIO``) raises its ``OSError``."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view[:1 << 30])  # Linux writes at most ~2 GiB per call
+        view = view[n:]
+
+
+@contextlib.contextmanager
+def _temporary(path, overwrite):
+    """The life of a temporary next to ``path``: yield ``(fd, tmp)`` (``fd`` open for writing
+    on the new, empty ``tmp``); when the block succeeds, ``fsync`` and rename ``tmp`` to
+    ``path``. On any exception the temporary is removed and ``path`` left as it was; an
+    ``OSError`` of the write becomes a :class:`WriteError`."""
+    path = os.fspath(path)
+    if not overwrite:
+        check_destination(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    kept = ("the existing file is unchanged" if os.path.lexists(path) else
+            "nothing was written")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise write_error(path, e, kept) from None
+    remove_stale_temporaries(path)
+    prefix = f".{os.path.basename(path)}.{os.getpid()}."
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise write_error(path, e, kept) from None
+    try:
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            yield fd, tmp
+            os.fsync(fd)  # writeback errors (EIO, ENOSPC on some file systems) show here
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise write_error(path, e, kept) from None
+        raise
+
+
+@contextlib.contextmanager
+def atomic_writer(path, overwrite=True):
+    """Yield ``write(data)``, which appends bytes to a temporary next to ``path``; rename it
+    to ``path`` (after ``fsync``) if the block succeeds.
+
+    The one checked write path: every byte goes through :func:`write_all` on the descriptor
+    ``mkstemp`` returned, so nothing is written through a link, and a failure raises
+    :class:`WriteError` with the temporary removed and ``path`` unchanged.
+    """
+    with _temporary(path, overwrite) as (fd, _):
+        yield lambda data: write_all(fd, data)
+
+
 @contextlib.contextmanager
 def atomic_path(path, overwrite=True):
     """Yield a temporary path next to ``path``; rename it to ``path`` if the block succeeds.
 
     The temporary file exists (empty) when the block starts; the block writes it by name (for
-    libraries such as h5py that open the path themselves). On any exception, including
-    ``KeyboardInterrupt``, it is deleted and ``path`` is left as it was. Its name carries the
-    PID, ``.<name>.<pid>.<random>.tmp``; stale ones of dead writers are removed first.
+    libraries such as matplotlib that open the path themselves; prefer :func:`atomic_writer`).
+    On any exception, including ``KeyboardInterrupt``, it is deleted and ``path`` is left as it
+    was. Its name carries the PID, ``.<name>.<pid>.<random>.tmp``; stale ones of dead writers
+    are removed first. The data the block wrote is ``fsync``-ed before the rename.
     """
-    path = os.fspath(path)
-    if not overwrite:
-        check_destination(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    remove_stale_temporaries(path)
-    prefix = f".{os.path.basename(path)}.{os.getpid()}."
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
+    with _temporary(path, overwrite) as (_, tmp):
         yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+        # The block wrote by name, perhaps through another descriptor of the same file: the
+        # fsync of the temporary's own descriptor covers the file, whoever wrote it.
+
+
+def atomic_write_bytes(path, data, overwrite=True):
+    """Write ``data`` (bytes-like) to ``path`` atomically."""
+    with atomic_writer(path, overwrite) as write:
+        write(data)
 
 
 def atomic_write_text(path, text, overwrite=True):
     """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with atomic_path(path, overwrite) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+    atomic_write_bytes(path, text.encode("utf-8"), overwrite)
 
 
 def atomic_write_json(path, obj, overwrite=True, **dump_kwargs):

@@ -2,11 +2,22 @@
 
 Every file refimpl writes carries ``schema``, ``schema_version`` and provenance attributes on
 its root group; readers reject other schemas and unknown versions with a one-line
-:class:`FileFormatError`. Writes go through :func:`refimpl.atomic.atomic_path`: a temporary
-file in the destination folder, renamed into place only after it was closed successfully, so an
-interrupted or failed run never leaves a half-written file behind (NIR ``serialization.py`` is
-the model, with its nested-group bug as the caution: nested groups are written and read
-recursively here).
+:class:`FileFormatError`. Writes go through :func:`refimpl.atomic.atomic_writer`: a temporary
+file in the destination folder, renamed into place only after it was written and synced
+successfully, so an interrupted or failed run never leaves a half-written file behind (NIR
+``serialization.py`` is the model, with its nested-group bug as the caution: nested groups are
+written and read recursively here).
+
+HDF5 never writes to the disk itself (issue 23): :func:`atomic_h5` builds the file in memory
+(h5py's file-object driver on an ``io.BytesIO``) and hands the finished bytes to the one checked
+write path of :mod:`refimpl.atomic`. A write that fails inside HDF5 cannot be recovered from:
+with HDF5 2.0 / h5py 3.16 on a full disk, closing a dataset whose data could not be flushed
+fails (h5py reports "Can't decrement id ref count" and ignores it) and leaves the dataset's ID
+half-destroyed, and closing the file then flushes every open dataset (``H5F__dest`` ->
+``H5D_flush_all``) and dereferences it: a segmentation fault, with the temporary file and the
+run's lock left behind. In memory the only failure is ``MemoryError``, before anything is
+written; the disk sees one ``os.write`` loop whose ``ENOSPC`` or ``EIO`` is an ordinary
+:class:`refimpl.atomic.WriteError`.
 
 Storage layout (issue 22): what a file holds does not depend on it, only its size does. Every file
 is written in the HDF5 1.10 object formats (``LIBVER``: version-2 object headers, links and
@@ -21,13 +32,14 @@ attributes) are most of what remains beyond the data.
 """
 import contextlib
 import datetime
+import io
 import os
 import platform
 
 import h5py
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_writer
 
 #: HDF5 format bounds of every file refimpl writes: the 1.10 formats, never newer ones (a newer
 #: feature raises instead of making the file unreadable for HDF5 1.10). The earliest formats
@@ -86,18 +98,29 @@ def atomic_h5(path, schema, schema_version, overwrite=False, attrs=None):
     Yields
     ------
     h5py.File
-        Open on a temporary file in the same folder; renamed to ``path`` when the block exits
-        without an exception, deleted otherwise. The file and the groups created through it
-        are written in the storage layout of the module docstring; create datasets with
-        :func:`create_dataset` (or :func:`write_tree`) for theirs.
+        Open on an in-memory file (module docstring). When the block exits without an
+        exception the file is closed and its bytes written to a temporary file in the same
+        folder (created when the block starts, so a kill leaves its hidden temporary as any
+        write does), which is renamed to ``path``; otherwise nothing is written and the
+        temporary is deleted. The file and the groups created through it are written in the
+        storage layout of the module docstring; create datasets with :func:`create_dataset`
+        (or :func:`write_tree`) for theirs.
+
+    Raises
+    ------
+    refimpl.atomic.WriteError
+        The disk refused the bytes (``ENOSPC``, ``EIO``, ...): one line; the temporary is
+        removed and ``path`` is unchanged.
     """
-    with atomic_path(path, overwrite) as tmp:
-        with _create(tmp) as f:
+    with atomic_writer(path, overwrite) as write:
+        image = io.BytesIO()
+        with _create(image) as f:
             f.attrs["schema"] = schema
             f.attrs["schema_version"] = int(schema_version)
             for k, v in {**provenance(), **(attrs or {})}.items():
                 f.attrs[k] = v
             yield f
+        write(image.getbuffer())
 
 
 def open_h5(path, schema, versions=(1,)):
@@ -190,12 +213,15 @@ class _File(h5py.File, _Group):
     """An ``h5py.File`` whose groups are :class:`_Group` (see :func:`_create`)."""
 
 
-def _create(path):
-    """A new HDF5 file at ``path`` (truncating) in the storage layout of the module docstring."""
+def _create(image):
+    """A new HDF5 file in the file-like object ``image`` (an empty ``io.BytesIO``), in the
+    storage layout of the module docstring; its bytes are complete once it is closed."""
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_libver_bounds(*LIBVER)
+    fapl.set_fileobj_driver(h5py.h5fd.fileobj_driver, image)
     fcpl = _header_attrs(h5py.h5p.create(h5py.h5p.FILE_CREATE))  # the root group's attributes
-    return _File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fapl=fapl, fcpl=fcpl))
+    name = repr(image).encode("ascii", "replace")  # as h5py names a file object
+    return _File(h5py.h5f.create(name, h5py.h5f.ACC_TRUNC, fapl=fapl, fcpl=fcpl))
 
 
 def create_dataset(group, name, data):

@@ -54,13 +54,16 @@ settings (:class:`AdamW`). The tasks: :class:`refimpl.train.ClassifierTask`,
 """
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import os
+import stat
 import time
 from typing import NamedTuple, Optional
 
 import numpy as np
 
+from .atomic import WriteError, write_all, write_error
 from .memory import retain_freed_memory
 from .optim import adamw_step, cosine_schedule, make_groups
 from .progress import EpochEnd, Step
@@ -84,14 +87,23 @@ def lock_output(out_dir, name=LOCK_NAME):
 
     Creates ``out_dir`` if needed; on exit removes the lock file, and ``out_dir`` again if this
     call created it and it is empty (a run that failed early leaves the file system as it was).
+
+    The lock file is never opened through a link: a symbolic link at its name (``O_NOFOLLOW``),
+    a hard link to another file, or anything but a regular file there raises
+    :class:`refimpl.atomic.WriteError` before it is written, and the file it points to is not
+    touched. A failed write of the PID (a full disk) raises :class:`~refimpl.atomic.WriteError`
+    too, with the lock file removed.
     """
     created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
     fd = None
     try:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise write_error(path, e, "nothing was written") from None
         for _ in range(10):  # a lock file unlinked by the previous owner: take the new one
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -99,27 +111,59 @@ def lock_output(out_dir, name=LOCK_NAME):
                 fd = None
                 raise OutputLocked(f"{out_dir} is in use by another run (locked: {path}); wait "
                                    f"for it to finish or choose another --out") from None
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            if _same_file(path, fd):
                 break
             os.close(fd)
             fd = None
         else:
             raise OutputLocked(f"{out_dir}: could not take the lock {path}; retry")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            write_all(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            raise write_error(path, e, "the run did not start") from None
         yield
     finally:
         if fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            if _same_file(path, fd):  # what is there now is still this run's lock file
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
             os.close(fd)
         if created:
             with contextlib.suppress(OSError):
                 os.rmdir(out_dir)  # only if empty
+
+
+def _open_lock(path):
+    """Open (creating) the lock file ``path`` for writing without following a link, and check
+    that it is a regular file with no other name; a one-line ``WriteError`` otherwise."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise WriteError(e.errno, f"refusing to open the lock file {path}: it is a symbolic "
+                                      f"link, which would write through to another file; "
+                                      f"remove it and rerun") from None
+        raise write_error(path, e, "the run did not start") from None
+    st = os.fstat(fd)
+    what = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
+            f"a hard link ({st.st_nlink} names share it)" if st.st_nlink != 1 else None)
+    if what is not None:
+        os.close(fd)
+        raise WriteError(errno.EEXIST, f"refusing to use the lock file {path}: it is {what}, "
+                                       f"so writing it would change another file; remove it "
+                                       f"and rerun")
+    return fd
+
+
+def _same_file(path, fd):
+    """Whether the name ``path`` (not followed if a link) is the file open as ``fd``."""
+    try:
+        a, b = os.stat(path, follow_symlinks=False), os.fstat(fd)
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    except FileNotFoundError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,8 +36,9 @@ compute with a float32 copy of them (:func:`compute_copy`, round to nearest) und
 float64 gradients (the float32 values, up-cast exactly) and buffers (BatchNorm statistics
 updated in float32, up-cast). The S4D kernel is generated in float64 and rounded once
 (:mod:`refimpl.s4d`); PMBC is float64 only, so ``neuron_impl="pmbc"`` runs the iterative
-neuron (the form PMBC equals) in float32. Streams, golden files and equivalence checks refuse
-float32 models.
+neuron (the form PMBC equals) in float32. Golden files and equivalence checks refuse float32
+models; a float32-trained model streams in float64 from its float64 master weights
+(:meth:`refimpl.stream.ModelStream.from_model`).
 """
 import dataclasses
 from collections.abc import Mapping
@@ -52,7 +53,7 @@ from ._checks import check_array, check_int, check_name, check_real
 from .activations import ACTIVATIONS
 from .neurons import NeuronConfig, threshold_scale_bwd, threshold_scale_fwd
 from .s4d import LAYER_OP, LAYER_PARAMS, S4DConfig, S4DState, s4d_layer_step
-from .ssm import DISCRETIZATIONS, INITS, s4d_init
+from .ssm import DISCRETIZATIONS, INITS, check_dt_range, s4d_init
 
 
 NORMS = ("layer", "batch")
@@ -118,11 +119,7 @@ class ModelConfig:
             raise ValueError("tie_embedding applies to head='lm' only (a classifier's decoder "
                              "maps to classes, not tokens)")
         check_real("dropout", self.dropout, 0.0, 1.0, hi_open=True)
-        check_real("dt_min", self.dt_min, 0.0, lo_open=True)
-        check_real("dt_max", self.dt_max, 0.0, lo_open=True)
-        if self.dt_min > self.dt_max:  # s4d_init would refuse it later, at init_model
-            raise ValueError(f"dt_min must be <= dt_max, got dt_min={self.dt_min}, "
-                             f"dt_max={self.dt_max}")
+        check_dt_range(self.dt_min, self.dt_max)  # s4d_init's range, refused here already
         if self.d_state % 2:
             raise ValueError("d_state must be even (d_state // 2 complex modes), "
                              f"got {self.d_state}")

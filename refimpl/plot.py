@@ -129,6 +129,59 @@ METRIC_KEYS = {
 }
 
 
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_COUNT = ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+_NONNEGATIVE = ("a finite number >= 0", lambda v: _number(v) and 0 <= v < float("inf"))
+_FRACTION = ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1)
+_TEXT = ("a non-empty string", lambda v: isinstance(v, str) and v != "")
+
+#: What each metric may hold, ``key -> (what, test)``; ``firing_rate`` is a list of one entry
+#: per layer, each :data:`RATE`. Losses, bits and energies are finite and >= 0, accuracies and
+#: firing rates fractions: refimpl writes nothing else (a diverged epoch is never written), so
+#: a file with a string, a NaN or a negative rate was edited or damaged, and is refused rather
+#: than drawn.
+METRIC_VALUES = {
+    "epoch": _COUNT, "unit": _TEXT,
+    **dict.fromkeys(("loss", "test_loss", "val_loss", "train_bits_per_token",
+                     "val_bits_per_token", "unigram_bits_per_token", "bigram_bits_per_token",
+                     "energy_pj", "energy_ann_pj", "energy_per_token_pj",
+                     "energy_ann_per_token_pj"), _NONNEGATIVE),
+    **dict.fromkeys(("train_accuracy", "test_accuracy"), _FRACTION),
+}
+
+#: A layer's firing rate: spikes per neuron per step, or null (JSON) for a layer without spikes.
+RATE = ("a number in [0, 1], or null for a layer without spikes",
+        lambda v: v is None or _FRACTION[1](v))
+
+
+def _check_values(metrics, kind, where):
+    """ValueError (one line) at the first value :data:`METRIC_VALUES` refuses, or at epochs
+    that do not increase or firing rates whose number of layers changes."""
+    def bad(i, key, what, value):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{where}: epoch entry {i}: {key} must be {what}, got {shown}; "
+                         f"refimpl writes no such value (the file was edited or damaged)")
+
+    layers = metrics[0]["firing_rate"]
+    layers = len(layers) if isinstance(layers, list) else 0
+    for i, m in enumerate(metrics):
+        for key in METRIC_KEYS[kind]:
+            if key in METRIC_VALUES and not METRIC_VALUES[key][1](m[key]):
+                bad(i, key, METRIC_VALUES[key][0], m[key])
+        if i and m["epoch"] <= metrics[i - 1]["epoch"]:
+            bad(i, "epoch", f"greater than the previous entry's ({metrics[i - 1]['epoch']})",
+                m["epoch"])
+        rates = m["firing_rate"]
+        if not isinstance(rates, list) or not rates or len(rates) != layers:
+            bad(i, "firing_rate", f"a list of one rate per layer ({layers or '>= 1'})", rates)
+        for j, r in enumerate(rates):
+            if not RATE[1](r):
+                bad(i, f"firing_rate[{j}]", RATE[0], r)
+
+
 def read_run(run_dir):
     """The metrics of a run folder (``metrics.json``, a list of per-epoch dicts) and its
     ``config.json`` (``{"model": ..., "train": ..., "data": ...}``, or None if absent).
@@ -162,7 +215,8 @@ def read_run(run_dir):
 
 def metrics_kind(metrics, where="metrics"):
     """``"classifier"`` or ``"lm"``: which training loop wrote ``metrics`` (a non-empty list of
-    per-epoch dicts with :data:`METRIC_KEYS`); ValueError naming the first missing key."""
+    per-epoch dicts with :data:`METRIC_KEYS`, values as :data:`METRIC_VALUES` allows);
+    ValueError naming the first missing key or impossible value."""
     if not isinstance(metrics, list) or not metrics or not all(isinstance(m, dict)
                                                                for m in metrics):
         got = f"{len(metrics)} entries" if isinstance(metrics, list) else type(metrics).__name__
@@ -174,6 +228,7 @@ def metrics_kind(metrics, where="metrics"):
         if missing:
             raise ValueError(f"{where}: epoch entry {m.get('epoch', '?')} lacks {missing[0]!r}; "
                              f"not a {kind} run's metrics.json as refimpl writes it")
+    _check_values(metrics, kind, where)
     return kind
 
 

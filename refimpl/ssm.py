@@ -55,6 +55,36 @@ INITS = {"lin": _init_lin, "inv": _init_inv, "real": _init_real}
 KERNEL_PARAMS = ("log_dt", "log_A_real", "A_imag", "C_re", "C_im")
 
 
+#: The initial steps :func:`s4d_init` draws from: ``DT_RANGE[0] <= dt_min <= dt_max <=
+#: DT_RANGE[1]``. A choice inside the float64 limits, with margin on both sides:
+#:
+#: - below: the slowest mode decays by ``1 - |exp(dt A)| ~= dt |Re A|`` per step (``Re A = -1/2``
+#:   for S4D-Lin and -Inv), resolved to ``eps / (dt / 2)`` relative: 4e-8 at ``dt = 1e-8``;
+#:   below ``dt = 2.2e-16`` it rounds to no decay at all (``|exp(dt A)| == 1``).
+#: - above: ZOH's ``exp(dt A)`` of the slowest mode underflows to exactly 0 past ``dt = 745``
+#:   (S4D-Real, ``Re A = -1``; measured: ``log_dt`` then gets a zero gradient, the layer forgets
+#:   everything in one step), and the backward overflows past ``dt ~ 1e153`` (measured:
+#:   ``[1e-300, 1e300]`` diverged at the first step).
+#:
+#: The golden suites' extremes (1e-6 and 5) and the S4 papers' ranges (1e-4 .. 1e-1) lie inside.
+DT_RANGE = (1e-8, 1e2)
+
+
+def check_dt_range(dt_min, dt_max):
+    """``(dt_min, dt_max)`` as floats if ``DT_RANGE[0] <= dt_min <= dt_max <= DT_RANGE[1]``
+    (:data:`DT_RANGE` says why); ValueError quoting the value otherwise."""
+    dt_min = check_real("dt_min", dt_min, 0.0, lo_open=True)
+    dt_max = check_real("dt_max", dt_max, 0.0, lo_open=True)
+    lo, hi = DT_RANGE
+    for name, dt in (("dt_min", dt_min), ("dt_max", dt_max)):
+        if not lo <= dt <= hi:
+            raise ValueError(f"{name} must be in [{lo:g}, {hi:g}] (refimpl.ssm.DT_RANGE), "
+                             f"got {dt:g}")
+    if dt_min > dt_max:
+        raise ValueError(f"dt_min must be <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+    return dt_min, dt_max
+
+
 def s4d_init(H, N, init="lin", seed=0, dt_min=1e-3, dt_max=1e-1, trainable_B=False,
              bidirectional=False):
     """Draw S4D layer parameters.
@@ -69,7 +99,8 @@ def s4d_init(H, N, init="lin", seed=0, dt_min=1e-3, dt_max=1e-1, trainable_B=Fal
         Initialisation of ``A`` (S4D paper); see :data:`INITS`.
     seed : int or numpy.random.Generator, default 0
     dt_min, dt_max : float, default 1e-3, 1e-1
-        ``log_dt ~ U[ln dt_min, ln dt_max]``, ``0 < dt_min <= dt_max``.
+        ``log_dt ~ U[ln dt_min, ln dt_max]``, within :data:`DT_RANGE`: ``1e-8 <= dt_min <=
+        dt_max <= 100`` (:func:`check_dt_range`).
     trainable_B : bool, default False
         Add ``B_re = 1, B_im = 0`` as parameters.
     bidirectional : bool, default False
@@ -87,10 +118,7 @@ def s4d_init(H, N, init="lin", seed=0, dt_min=1e-3, dt_max=1e-1, trainable_B=Fal
     if N % 2:
         raise ValueError(f"N (d_state) must be even (N2 = N // 2 complex modes), got {N}")
     make_A = check_name("init", init, INITS)
-    dt_min = check_real("dt_min", dt_min, 0.0, lo_open=True)
-    dt_max = check_real("dt_max", dt_max, 0.0, lo_open=True)
-    if dt_min > dt_max:
-        raise ValueError(f"dt_min must be <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+    dt_min, dt_max = check_dt_range(dt_min, dt_max)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     N2 = N // 2
     A = np.broadcast_to(make_A(N), (H, N2))  # (H, N2)

@@ -19,7 +19,10 @@ is the parallel form's logits. A language model (``head="lm"``) outputs the next
 logits of step ``t``, ``decoder(h_t)``, exactly the parallel form's at position ``t`` up to
 rounding (no pooling, no ``pool.sum``). Eval mode only: dropout off, BatchNorm with its running
 statistics. A bidirectional model has no streaming form (its output at ``t`` reads later
-inputs).
+inputs; :func:`stream_support` says so before anything runs). Streams are float64: a model
+trained with ``dtype="float32"`` streams in float64 from its float64 master weights, what its
+checkpoint stores (:meth:`ModelStream.from_model`): the model whose float32 rounding it trained,
+so its outputs differ from the float32 forward's by that rounding only.
 
 The state (:class:`StreamState`) holds flat named arrays, per layer ``i``:
 
@@ -62,6 +65,17 @@ class StreamState(NamedTuple):
     arrays: dict  # entry name -> array
 
 
+def stream_support(cfg):
+    """None when a model of ``cfg`` has a streaming form (:meth:`ModelStream.from_model` builds
+    it), else the reason it has none, one line: a bidirectional model's output at step ``t``
+    reads inputs after ``t``. A float32-trained model streams (in float64). Callers ask before
+    they compute anything else, so that the refusal comes first."""
+    if cfg.bidirectional:
+        return ("a bidirectional model cannot stream: its output at step t reads inputs after "
+                "t; train with bidirectional=False to deploy step by step")
+    return None
+
+
 def fingerprint(cfg, params, buffers):
     """A short hash of the model config, parameters and buffers (names, dtypes, shapes, bytes)."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
@@ -86,15 +100,15 @@ class ModelStream:
 
     def __init__(self, cfg, params, buffers):
         if cfg.dtype != "float64":
-            raise ValueError(f"a {cfg.dtype} model cannot stream: streams are float64 (the "
-                             f"reference form); stream it as float64 with "
-                             f"dataclasses.replace(cfg, dtype='float64')")
+            raise ValueError(f"a {cfg.dtype} model cannot stream as such: streams are float64 "
+                             f"(the reference form); ModelStream.from_model(cfg, params, "
+                             f"buffers) streams it in float64 from its float64 master weights")
         require_reference("ModelStream")
-        if cfg.bidirectional:
-            raise ValueError("a bidirectional model cannot stream: its output at step t reads "
-                             "inputs after t; train with bidirectional=False to deploy step by "
-                             "step")
+        reason = stream_support(cfg)
+        if reason:
+            raise ValueError(reason)
         self.cfg, self.params, self.buffers = cfg, params, buffers
+        self.trained_dtype = cfg.dtype  # from_model: the dtype the model was trained in
         self.family = cfg.family
         self.fingerprint = fingerprint(cfg, params, buffers)
         self._coeffs = []
@@ -104,11 +118,33 @@ class ModelStream:
                                                 cfg.disc))
 
     @classmethod
+    def from_model(cls, cfg, params, buffers):
+        """The stream of a trained model of any ``cfg.dtype``: a float32-trained model
+        (``cfg.dtype == "float32"``) streams in float64 from ``params`` and ``buffers``, its
+        float64 master copies (what the optimizer updated and a checkpoint stores; the float32
+        forward rounds them), with ``cfg.dtype`` set to float64; ``trained_dtype`` keeps
+        ``"float32"``. ValueError for a model :func:`stream_support` refuses, TypeError for
+        float arrays that are not float64."""
+        reason = stream_support(cfg)
+        if reason:
+            raise ValueError(reason)
+        for tree, what in ((params, "params"), (buffers, "buffers")):
+            bad = [k for k, v in tree.items() if v.dtype.kind == "f" and v.dtype != np.float64]
+            if bad:
+                raise TypeError(f"{what}[{bad[0]!r}] is {tree[bad[0]].dtype}: a stream runs "
+                                f"from the float64 master weights (a checkpoint's params and "
+                                f"buffers), never from a rounded copy")
+        stream = cls(dataclasses.replace(cfg, dtype="float64"), params, buffers)
+        stream.trained_dtype = cfg.dtype
+        return stream
+
+    @classmethod
     def from_checkpoint(cls, path):
-        """The stream of a checkpoint file (:func:`refimpl.train.load_checkpoint`)."""
+        """The stream of a checkpoint file (:func:`refimpl.train.load_checkpoint`), of any
+        training dtype (:meth:`from_model`)."""
         from .train import load_checkpoint
         ck = load_checkpoint(path)
-        return cls(ck.cfg, ck.params, ck.buffers)
+        return cls.from_model(ck.cfg, ck.params, ck.buffers)
 
     # ---------------------------------------------------------------------------------------
     # State

@@ -17,16 +17,18 @@ Token ids are int64 everywhere (DESIGN.md: tokens ``x (B, L)`` int); a 1 MB text
 """
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import numbers
 import os
+import stat
 from typing import NamedTuple
 
 import numpy as np
 
 from ._checks import check_array, check_int, check_name
-from .tasks import check_recorded_file, file_sha256
+from .tasks import check_recorded_file
 
 #: Vocabulary kinds, in the order the CLI lists them (``--vocab``); ``bytes`` is the default.
 VOCABS = ("bytes", "chars")
@@ -39,6 +41,17 @@ DEFAULT_CONTEXT = 128
 
 #: How many distinct unknown characters an encoding error names.
 _MAX_NAMED = 5
+
+#: The largest text file :func:`load_text` reads, in bytes (128 MiB; ``max_bytes`` and
+#: ``refimpl train --max-text-bytes`` raise it). Its tokens take 8 bytes each (int64), so the
+#: limit is 1 GiB of token ids, a few GiB at the peak of a ``chars`` vocabulary; enwik8 (10^8
+#: bytes, the usual byte-level benchmark) fits.
+MAX_TEXT_BYTES = 1 << 27
+
+#: What :func:`read_text_file` calls a file that is not a regular one (``stat`` tests).
+_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
 
 _LN2 = math.log(2.0)
 
@@ -68,6 +81,24 @@ def _utf8(data, where="text"):
             f"not valid UTF-8); --vocab chars needs UTF-8 text: use --vocab bytes, which reads "
             f"any file"
         ) from None
+
+
+def _utf8_escaped(text):
+    """UTF-8 bytes of a str whose raw bytes are escaped as U+DC80..U+DCFF (``surrogateescape``);
+    ValueError naming the first other lone surrogate."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text holds the lone surrogate {text[e.start]!r} at position "
+                         f"{e.start}, which is neither a character nor an escaped raw byte; "
+                         f"pass the bytes themselves") from None
+
+
+def _char_name(c):
+    """``repr(c)``, or for a raw byte escaped as U+DC80..U+DCFF the byte it stands for."""
+    if "\udc80" <= c <= "\udcff":
+        return f"the raw byte 0x{ord(c) - 0xDC00:02x} (not UTF-8)"
+    return repr(c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +156,12 @@ class Vocab:
     def encode(self, text):
         """Token ids of ``text`` (str, or bytes-like read as UTF-8 for ``chars``): int64 ``(T,)``.
 
-        ``bytes``: a str is encoded as UTF-8 first, so ``T`` is its UTF-8 length. ``chars``:
-        ``T = len(text)``; bytes that are not UTF-8, or a character outside ``chars``, raise
-        ValueError.
+        ``bytes``: a str is encoded as UTF-8 first, so ``T`` is its UTF-8 length; a raw byte
+        that a str carries as a lone surrogate U+DC80..U+DCFF (Python's ``surrogateescape``:
+        how ``sys.argv`` and ``os.fsdecode`` keep bytes that are not UTF-8) is that byte
+        again, so a command-line prompt reaches the model as the bytes typed; any other lone
+        surrogate is no character and raises ValueError. ``chars``: ``T = len(text)``; bytes
+        that are not UTF-8, or a character outside ``chars``, raise ValueError.
         """
         if isinstance(text, (bytearray, memoryview)):
             text = bytes(text)
@@ -135,7 +169,7 @@ class Vocab:
             raise TypeError(f"text must be a str or bytes, got {type(text).__name__}")
         if self.kind == "bytes":
             if isinstance(text, str):
-                text = text.encode("utf-8", "surrogatepass")
+                text = _utf8_escaped(text)
             return np.frombuffer(text, dtype=np.uint8).astype(np.int64)  # (T,)
         if isinstance(text, bytes):
             text = _utf8(text)
@@ -155,7 +189,7 @@ class Vocab:
                 first[text[p]] = p
                 if len(first) == _MAX_NAMED:
                     break
-        named = ", ".join(f"{c!r} at position {p}" for c, p in first.items())
+        named = ", ".join(f"{_char_name(c)} at position {p}" for c, p in first.items())
         more = "" if len(first) < _MAX_NAMED else ", ..."
         return (f"text has {len(pos)} character(s) outside the vocabulary of {self.size} "
                 f"characters: {named}{more}; use only characters the model was trained on "
@@ -275,7 +309,10 @@ class TextData(NamedTuple):
 
 
 def split_sizes(n, val_frac):
-    """``(n_train, n_val)`` for ``n`` tokens: ``n_val = round(val_frac * n)`` (half to even)."""
+    """``(n_train, n_val)`` for ``n >= 0`` tokens and ``val_frac`` in (0, 1):
+    ``n_val = round(val_frac * n)`` (half to even)."""
+    n = check_int("n", n, 0)
+    val_frac = _check_val_frac(val_frac)
     n_val = int(round(val_frac * n))
     return n - n_val, n_val
 
@@ -310,7 +347,60 @@ def _check_context(context):
     return context
 
 
-def load_text(path, vocab="bytes", context=DEFAULT_CONTEXT, val_frac=0.1):
+def read_text_file(path, max_bytes=MAX_TEXT_BYTES):
+    """The bytes of the text file ``path``: a regular file of at most ``max_bytes`` bytes.
+
+    Anything else is refused before a byte is read, with a one-line ValueError: a missing or
+    unreadable file, a folder, a named pipe, a device or a socket (reading one may never end:
+    a FIFO without a writer blocks, ``/dev/zero`` never ends), and a file larger than
+    ``max_bytes`` (the message names ``--max-text-bytes``, the option that raises it). The file
+    is opened without blocking and checked on the open descriptor (``fstat``), so a name
+    swapped for a FIFO after the check cannot block either, and the read is bounded by
+    ``max_bytes`` whatever size the file claims (a ``/proc`` file says 0, a growing one more
+    than it had).
+    """
+    max_bytes = check_int("max_bytes", max_bytes, 1)
+    try:
+        _check_regular(path, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; give the path of a text file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        _check_regular(path, st.st_mode)
+        if st.st_size > max_bytes:
+            raise ValueError(_too_large(path, f"{st.st_size} bytes", max_bytes))
+        try:
+            want = st.st_size + 1  # one more byte than it says: is it still growing?
+            raw = fh.read(want)
+            if len(raw) == want:  # longer than fstat said: read on, never past the limit
+                raw += fh.read(max_bytes + 1 - len(raw))
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > max_bytes:
+        raise ValueError(_too_large(path, "more bytes than that", max_bytes))
+    return raw
+
+
+def _check_regular(path, mode):
+    """ValueError unless ``mode`` (``st_mode``) is a regular file's."""
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+    raise ValueError(f"{path}: cannot read {kind}: a text is read from a regular file only (a "
+                     f"pipe or a device may never end); give the path of a text file")
+
+
+def _too_large(path, size, max_bytes):
+    return (f"{path}: {size}, more than the limit of {max_bytes} bytes for a text file "
+            f"(MAX_TEXT_BYTES); pass --max-text-bytes (load_text's max_bytes) to raise it, or "
+            f"give a smaller file")
+
+
+def load_text(path, vocab="bytes", context=DEFAULT_CONTEXT, val_frac=0.1,
+              max_bytes=MAX_TEXT_BYTES):
     """Read a text file, tokenise it and split it by position.
 
     Parameters
@@ -325,6 +415,8 @@ def load_text(path, vocab="bytes", context=DEFAULT_CONTEXT, val_frac=0.1):
         Tokens per training window (>= 2); both parts must hold at least ``context + 1`` tokens.
     val_frac : float in (0, 1), default 0.1
         The last ``round(val_frac * T)`` of the ``T`` tokens are the validation part.
+    max_bytes : int, default MAX_TEXT_BYTES (128 MiB)
+        The largest file read (:func:`read_text_file`).
 
     Returns
     -------
@@ -333,19 +425,15 @@ def load_text(path, vocab="bytes", context=DEFAULT_CONTEXT, val_frac=0.1):
         ``val_frac``; ``.recipe`` for a checkpoint.
 
     Raises ValueError / TypeError, one line naming the problem: a missing or unreadable file,
-    an empty file, a text too short for ``context`` (with the numbers of tokens needed and
-    present), a file that is not UTF-8 with ``vocab="chars"``, bad ``context`` or ``val_frac``.
+    one that is not a regular file (a FIFO, a device, a socket, a folder), one larger than
+    ``max_bytes``, an empty file, a text too short for ``context`` (with the numbers of tokens
+    needed and present), a file that is not UTF-8 with ``vocab="chars"``, bad ``context`` or
+    ``val_frac``.
     """
     _check_kind(vocab)
     context = _check_context(context)
     val_frac = _check_val_frac(val_frac)
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file; give the path of a text file") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    raw = read_text_file(path, max_bytes)
     if not raw:
         raise ValueError(f"{path}: the file is empty; give a text of at least "
                          f"{min_tokens(context, val_frac)} tokens for context {context} and "
@@ -368,18 +456,19 @@ def load_text(path, vocab="bytes", context=DEFAULT_CONTEXT, val_frac=0.1):
             f"{min_tokens(context, val_frac)} {unit}, or a smaller --context"
         )
     return TextData(train=ids[:n_train], val=ids[n_train:], vocab=voc,
-                    path=os.path.abspath(path), sha256=file_sha256(path), context=context,
-                    val_frac=val_frac)
+                    path=os.path.abspath(path), sha256=hashlib.sha256(raw).hexdigest(),
+                    context=context, val_frac=val_frac)
 
 
-def text_from_recipe(recipe):
-    """Rebuild the :class:`TextData` a ``recipe`` (``TextData.recipe``) describes.
+def text_from_recipe(recipe, max_bytes=MAX_TEXT_BYTES):
+    """Rebuild the :class:`TextData` a ``recipe`` (``TextData.recipe``) describes
+    (``max_bytes``: as for :func:`load_text`).
 
     The file must still exist with the recorded SHA-256; otherwise ValueError (one line).
     """
     path = check_recorded_file(recipe["text"], recipe["sha256"], "text", "--text", "--text")
     return load_text(path, vocab=recipe["vocab"], context=recipe["context"],
-                     val_frac=recipe["val_frac"])
+                     val_frac=recipe["val_frac"], max_bytes=max_bytes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,8 +25,42 @@ prints: pass ``progress`` to receive :mod:`refimpl.progress` events.
 written; the :class:`TrainingRun` it returns knows how many updates remain, so a caller can
 size a progress bar, and :meth:`TrainingRun.run` does the work (the caller holds the lock).
 :func:`train` is both in one call, under the lock.
+
+Checkpoint integrity (issue 23). Every reader (``refimpl evaluate``, ``generate``,
+``raster``, :meth:`refimpl.stream.ModelStream.from_checkpoint`, ``--resume``) goes through
+:func:`load_checkpoint`, which refuses with one :class:`~refimpl.h5io.FileFormatError` line,
+before any value is used:
+
+- a parameter, buffer or AdamW moment that is not float64 (the master weights; nothing is
+  cast), naming it and its dtype; one that holds a NaN or an infinity, naming it, the value
+  and the first bad index; an optimizer state without a moment of each parameter's shape or
+  without an integer ``step >= 0``;
+- a file whose contents do not match its digest ("parameters do not match their digest
+  (damaged or edited)"), naming the first entry that differs, where its table tells;
+- parameters that are not those of the stored model config.
+
+The digest (root attribute ``digest``, ``"sha256:<hex>"``) is the SHA-256 of the lines
+``"<entry> <sha256>\\n"`` sorted by entry name, one per part of the checkpoint that a reader
+uses: every array of ``params/``, ``buffers/`` and ``optimizer/`` (``exp_avg/<name>``,
+``exp_avg_sq/<name>``, ``step``), hashed over ``"<dtype.str>|<shape>|"`` and its bytes in C
+order, and the root attributes ``model_config``, ``train_config``, ``metrics``,
+``data_recipe`` and ``epoch``, hashed over their canonical JSON (sorted keys, no spaces) as
+decoded. It does not cover the provenance attributes (versions, time of writing) or the
+storage layout (compression), which readers never use. The root attribute
+``digest_entries`` holds the first 16 hex digits of each entry's SHA-256, only to name the
+entry that differs. The digest detects damage and edits by hand, not forgery: whoever can
+write the file can recompute it. :func:`save_checkpoint` refuses, before writing, what a
+reader would refuse. A checkpoint written before digests (no ``digest`` attribute) still
+loads, with every other check (its ``Checkpoint.digest`` is None); the next epoch of a
+resumed run writes the digest.
+
+Resume of a run (finished or not) first rewrites ``metrics.json`` and ``config.json`` from the
+checked checkpoint, atomically and under the lock, when either is missing, truncated or says
+something else (:meth:`ModelTask.restore_outputs`): the checkpoint holds the metrics, and
+``config.json`` is the configs and data recipe that resume has just checked against it.
 """
 import dataclasses
+import hashlib
 import json
 import os
 from typing import NamedTuple
@@ -70,12 +104,22 @@ class TrainConfig:
 
 def save_checkpoint(path, cfg, tcfg, params, buffers, opt_state, epoch, metrics,
                     data_recipe=None):
-    """Atomically write a checkpoint (overwrites ``path``); ``data_recipe`` records how the
-    training data was made (see :mod:`refimpl.tasks`)."""
+    """Atomically write a checkpoint (overwrites ``path``) with its digest (module docstring,
+    *Checkpoint integrity*); ``data_recipe`` records how the training data was made (see
+    :mod:`refimpl.tasks`). Refuses, with a ValueError naming the array and before anything is
+    written, what :func:`load_checkpoint` would refuse: an array that is not float64 or not
+    finite, an optimizer state that does not match the parameters."""
+    problem = _arrays_problem(params, buffers, opt_state)
+    if problem is not None:
+        raise ValueError(f"refusing to write checkpoint {path}: {problem}")
     attrs = {"model_config": json.dumps(dataclasses.asdict(cfg)),
              "train_config": json.dumps(dataclasses.asdict(tcfg)),
              "epoch": int(epoch), "metrics": json.dumps(metrics),
              "data_recipe": json.dumps(data_recipe)}
+    recorded = {k: (v if k == "epoch" else json.loads(v)) for k, v in attrs.items()}  # as read
+    entries = _digest_entries(params, buffers, opt_state, recorded)
+    attrs[DIGEST_ATTR] = _digest(entries)
+    attrs[DIGEST_TABLE_ATTR] = json.dumps({k: v[:_TABLE_HEX] for k, v in sorted(entries.items())})
     with atomic_h5(path, CHECKPOINT_SCHEMA, CHECKPOINT_VERSION, overwrite=True, attrs=attrs) as f:
         write_tree(f.create_group("params"), params)
         write_tree(f.create_group("buffers"), buffers)
@@ -92,19 +136,28 @@ class Checkpoint(NamedTuple):
     epoch: int  # epochs completed
     metrics: list  # per-epoch metrics, as in metrics.json
     data_recipe: dict = None  # how the training data was made (None: not recorded)
+    digest: str = None  # "sha256:<hex>" (module docstring); None: written before digests
 
 
 def load_checkpoint(path):
-    """Read a checkpoint into a :class:`Checkpoint`; raises :class:`FileFormatError` (one line)
-    on a bad file."""
+    """Read a checkpoint into a :class:`Checkpoint` after checking it (module docstring,
+    *Checkpoint integrity*): every parameter, buffer and optimizer moment float64 and finite,
+    the optimizer state shaped like the parameters, the digest (when the file has one), the
+    parameters those of the stored model config. Raises :class:`FileFormatError` (one line,
+    naming the file and the first wrong array: its dtype, or its first non-finite value and
+    index, or the first entry that differs from the digest) on a bad file."""
     f = open_h5(path, CHECKPOINT_SCHEMA, (CHECKPOINT_VERSION,))
     try:
         with f:
-            cfg = M.ModelConfig(**json.loads(f.attrs["model_config"]))
-            tcfg = TrainConfig(**json.loads(f.attrs["train_config"]))
-            epoch = int(f.attrs["epoch"])
-            metrics = json.loads(f.attrs["metrics"])
-            recipe = json.loads(f.attrs["data_recipe"]) if "data_recipe" in f.attrs else None
+            recorded = {k: json.loads(f.attrs[k]) for k in ("model_config", "train_config",
+                                                            "metrics")}
+            if "data_recipe" in f.attrs:
+                recorded["data_recipe"] = json.loads(f.attrs["data_recipe"])
+            recorded["epoch"] = int(f.attrs["epoch"])
+            cfg = M.ModelConfig(**recorded["model_config"])
+            tcfg = TrainConfig(**recorded["train_config"])
+            digest = f.attrs.get(DIGEST_ATTR)
+            table = f.attrs.get(DIGEST_TABLE_ATTR)
             params = read_tree(f["params"])
             buffers = read_tree(f["buffers"]) if "buffers" in f else {}
             opt = read_tree(f["optimizer"])
@@ -113,6 +166,16 @@ def load_checkpoint(path):
     except Exception as e:  # missing groups/attrs, bad JSON, invalid config
         raise FileFormatError(f"{path}: incompatible or corrupted checkpoint "
                               f"({type(e).__name__}: {e})") from None
+    problem = _arrays_problem(params, buffers, opt)
+    if problem is not None:
+        raise FileFormatError(f"checkpoint {path}: {problem}; the file is damaged or was not "
+                              f"written by refimpl: restore it from a copy or train again")
+    if digest is not None or table is not None:  # a table without its digest: deleted
+        entries = _digest_entries(params, buffers, opt, recorded)
+        if not isinstance(digest, str) or digest != _digest(entries):
+            raise FileFormatError(f"checkpoint {path}: parameters do not match their digest "
+                                  f"(damaged or edited): {_first_difference(entries, table)}; "
+                                  f"restore it from a copy or train again")
     opt["step"] = np.asarray(opt["step"], dtype=np.int64)
     expected, _ = M.init_model(cfg, 0, sdn_weights=_sdn_from_buffers(buffers))
     bad = [k for k in expected if k not in params or params[k].shape != expected[k].shape]
@@ -120,7 +183,120 @@ def load_checkpoint(path):
         first = (bad or sorted(set(params) ^ set(expected)))[0]
         raise FileFormatError(f"{path}: parameters do not match the stored model config "
                               f"(first mismatch: {first})")
-    return Checkpoint(cfg, tcfg, params, buffers, opt, epoch, metrics, recipe)
+    extra = sorted({f"{m}/{k}" for m in ("exp_avg", "exp_avg_sq") for k in opt[m]
+                    if k not in params})
+    if extra:
+        raise FileFormatError(f"{path}: optimizer state {extra[0]} belongs to no parameter")
+    return Checkpoint(cfg, tcfg, params, buffers, opt, recorded["epoch"], recorded["metrics"],
+                      recorded.get("data_recipe"), digest)
+
+
+#: The root attributes of a checkpoint: its digest ("sha256:<hex>") and the table that locates
+#: a difference (entry name -> the first ``_TABLE_HEX`` hex digits of the entry's SHA-256).
+DIGEST_ATTR, DIGEST_TABLE_ATTR = "digest", "digest_entries"
+_TABLE_HEX = 16
+#: A digest entry's group -> how messages name an array of it.
+_KINDS = {"params": "parameter", "buffers": "buffer", "optimizer": "optimizer state"}
+
+
+def _float_arrays(params, buffers, opt):
+    """``(entry name, array)`` of every float array of a checkpoint: parameters, buffers and
+    the optimizer's moments (``optimizer/exp_avg/<name>``), in the order they are checked."""
+    for group, tree in (("params", params), ("buffers", buffers)):
+        for k in sorted(tree):
+            yield f"{group}/{k}", tree[k]
+    for moment in ("exp_avg", "exp_avg_sq"):
+        for k in sorted(opt[moment]):
+            yield f"optimizer/{moment}/{k}", opt[moment][k]
+
+
+def _label(entry):
+    """An entry name as messages say it: ``parameter decoder.W``, ``attribute metrics``."""
+    group, _, name = entry.partition("/")
+    return f"{_KINDS[group]} {name}" if group in _KINDS else f"attribute {entry}"
+
+
+def _arrays_problem(params, buffers, opt):
+    """What is wrong with a checkpoint's arrays, as one phrase naming the first wrong one, or
+    None: the optimizer state must have ``step`` (an integer >= 0) and a moment of each
+    parameter's shape; every parameter, buffer and moment must be float64 (the master weights;
+    never cast) and finite (the first non-finite value and its index are named). Missing or
+    extra parameters are left to the digest and the model config (:func:`load_checkpoint`)."""
+    for moment in ("exp_avg", "exp_avg_sq"):
+        tree = opt.get(moment)
+        if not isinstance(tree, dict):
+            return f"the optimizer state has no {moment}"
+        for k in sorted(params):  # a moment without its parameter: load_checkpoint
+            if k not in tree:
+                return f"the optimizer state {moment} has no moment of parameter {k}"
+            if np.shape(tree[k]) != np.shape(params[k]):
+                return (f"optimizer state {moment}/{k} has shape {np.shape(tree[k])}, its "
+                        f"parameter {np.shape(params[k])}")
+    step = np.asarray(opt.get("step", -1))
+    if step.shape != () or step.dtype.kind not in "iu" or step < 0:
+        return f"optimizer state step must be an integer >= 0, got {_short(opt.get('step'))}"
+    for entry, a in _float_arrays(params, buffers, opt):
+        a = np.asarray(a)
+        if a.dtype != np.float64:
+            return (f"{_label(entry)} has dtype {a.dtype}, expected float64 (refimpl stores "
+                    f"float64 master weights and never casts them)")
+        finite = np.isfinite(a)
+        if not finite.all():
+            index = tuple(int(i) for i in np.unravel_index(np.argmin(finite), a.shape))
+            return f"{_label(entry)} is not finite: {a[index]} at index {list(index)}"
+    return None
+
+
+def _short(v):
+    r = " ".join(repr(v).split())
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _canonical_json(value):
+    """The canonical JSON text of a value (sorted keys, no spaces; NaN as ``NaN``)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _digest_entries(params, buffers, opt, recorded):
+    """Entry name -> SHA-256 (hex) of every part a digest covers (module docstring): an array
+    ``<group>/<name>`` over ``"<dtype.str>|<shape>|"`` and its bytes in C order, an attribute
+    over its canonical JSON (as decoded from the file)."""
+    entries = {}
+    arrays = [*_float_arrays(params, buffers, opt), ("optimizer/step", opt["step"])]
+    for entry, a in arrays:
+        a = np.ascontiguousarray(a)
+        h = hashlib.sha256(f"{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+        entries[entry] = h.hexdigest()
+    for k, v in recorded.items():
+        entries[k] = hashlib.sha256(_canonical_json(v).encode()).hexdigest()
+    return entries
+
+
+def _digest(entries):
+    """A checkpoint's digest: ``"sha256:"`` and the SHA-256 of the lines ``"<entry> <its
+    SHA-256>\\n"`` sorted by entry name."""
+    lines = "".join(f"{k} {entries[k]}\n" for k in sorted(entries))
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _first_difference(entries, table):
+    """Which entry differs from the digest's table, as a phrase (the table locates; the
+    digest decides)."""
+    try:
+        stored = json.loads(table)
+    except (TypeError, ValueError):  # absent (None) or damaged
+        stored = None
+    if not isinstance(stored, dict):
+        return "which entry cannot be told (its table of entries is missing or damaged)"
+    for entry in sorted(set(entries) | set(stored)):
+        if entry not in stored:
+            return f"{_label(entry)} is not in the digest (added)"
+        if entry not in entries:
+            return f"{_label(entry)} is missing"
+        if entries[entry][:_TABLE_HEX] != stored[entry]:
+            return f"{_label(entry)} differs"
+    return "every entry matches its table, so the digest itself was changed or deleted"
 
 
 def _sdn_from_buffers(buffers):
@@ -195,6 +371,7 @@ class ModelTask(loop.Task):
                  overwrite=False, sdn_weights=None):
         self.cfg, self.tcfg, self.out_dir = cfg, tcfg, out_dir
         self.resume, self.overwrite, self.sdn_weights = resume, overwrite, sdn_weights
+        self.restored = []  # the files restore_outputs rewrote
         self.epochs, self.steps_per_epoch, self.recipe = tcfg.epochs, steps_per_epoch, recipe
         total = self.total_steps
         self.adamw = loop.AdamW(tcfg.lr, tcfg.weight_decay, tuple(M.optimizer_rules(tcfg.lr)),
@@ -215,11 +392,34 @@ class ModelTask(loop.Task):
                                   f"or --overwrite to start again")
 
     def initial_state(self):
+        """:meth:`start_state`, then (resuming) :meth:`restore_outputs`: the loop calls it
+        under the folder's lock."""
+        state = self.start_state()
+        self.restore_outputs(state)
+        return state
+
+    def start_state(self):
+        """The state to start from: fresh, or the checked checkpoint to resume (reads only)."""
         if self.resume:
             c = self._checkpoint()
             return loop.State(c.params, c.buffers, c.opt, c.epoch, c.metrics)
         params, buffers = M.init_model(self.cfg, self.tcfg.seed, sdn_weights=self.sdn_weights)
         return loop.State(params, buffers, adamw_init(params))
+
+    def restore_outputs(self, state):
+        """Resuming: rewrite ``metrics.json`` and ``config.json`` from the checkpoint's state
+        (atomically) when either is missing, unreadable (truncated) or says something else
+        (a kill between the checkpoint's rename and theirs); otherwise leave them. Needed for a
+        finished run, where no epoch runs to rewrite them. The caller holds the folder's lock.
+        Records the names rewritten in ``self.restored``."""
+        self.restored = []
+        if not self.resume:
+            return
+        for name, obj in (("metrics.json", state.metrics), ("config.json", self.config)):
+            path = os.path.join(self.out_dir, name)
+            if not _json_file_holds(path, obj):
+                atomic_write_json(path, obj)
+                self.restored.append(name)
 
     def _checkpoint(self):
         """The checkpoint to resume, after checking that it is this run's."""
@@ -331,8 +531,10 @@ class TrainingRun:
     def run(self, progress=None):
         """Train the remaining epochs (:func:`refimpl.loop.run`; the caller holds the folder's
         lock); writes the checkpoint, ``metrics.json`` and ``config.json`` into ``out_dir``
-        (atomically, after every epoch). Returns the list of per-epoch metrics (earlier epochs
-        of a resumed run included)."""
+        (atomically, after every epoch; resuming, first restores the last two from the
+        checkpoint where damaged: :meth:`ModelTask.restore_outputs`). Returns the list of
+        per-epoch metrics (earlier epochs of a resumed run included)."""
+        self.task.restore_outputs(self.state)
         return loop.run(self.task, self.state, progress).metrics
 
 
@@ -347,7 +549,17 @@ def plan(cfg, tcfg, data, out_dir, resume=False, sdn_weights=None, overwrite=Fal
     """
     task = ClassifierTask(cfg, tcfg, data, out_dir, resume, sdn_weights, overwrite)
     task.check()
-    return TrainingRun(task, task.initial_state())
+    return TrainingRun(task, task.start_state())
+
+
+def _json_file_holds(path, obj):
+    """Whether the JSON file ``path`` exists, parses and holds ``obj``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            held = json.load(f)
+    except (OSError, ValueError):  # missing, unreadable, truncated, not UTF-8
+        return False
+    return _canonical_json(held) == _canonical_json(obj)
 
 
 def _describe(recipe):

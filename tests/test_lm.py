@@ -192,8 +192,8 @@ def test_generate_is_deterministic_and_scored_by_the_parallel_form():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(length=0), "length must be >= 1"),
-    (dict(length=3, temperature=0.0), "temperature must be in"),
-    (dict(length=3, top_k=-1), "top_k must be >= 0"),
+    (dict(length=3, temperature=-1.0), "temperature must be 0 .greedy"),  # 0 is greedy now
+    (dict(length=3, top_k=-1), r"top_k must be in \[0, 7\]"),
 ])
 def test_generate_errors(kw, match):
     from refimpl.sampling import generate

@@ -326,8 +326,8 @@ def save_weights(path, weights, params=None, buffers=None, train_config=None, me
 def load_training_state(path):
     """Read the training network stored by :func:`save_weights`: ``(params, buffers, config)``.
 
-    Raises FileFormatError when the file has no ``/train`` group or a tensor is missing or
-    has the wrong shape (naming it).
+    Raises FileFormatError when the file has no ``/train`` group or a tensor is missing, is
+    not float64, has the wrong shape or holds a NaN or an infinity (naming it).
     """
     path = os.fspath(path)
     with open_h5(path, SCHEMA, versions=(SCHEMA_VERSION,)) as f:
@@ -349,6 +349,9 @@ def load_training_state(path):
                 raise FileFormatError(f"{path}: tensor /train/{where}/{name} is {a.dtype} "
                                       f"{a.shape}, "
                                       f"expected float64 {shape}")
+            if not np.all(np.isfinite(a)):
+                raise FileFormatError(f"{path}: tensor /train/{where}/{name} contains "
+                                      f"non-finite values")
     return params, buffers, cfg
 
 
