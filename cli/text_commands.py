@@ -11,7 +11,7 @@ from refimpl.h5io import FileFormatError
 from refimpl.lm_train import steps_per_epoch, train_lm
 from refimpl.model import ModelConfig
 from refimpl.stream import ModelStream
-from refimpl.text import DEFAULT_CONTEXT, VOCABS, Vocab, load_text
+from refimpl.text import DEFAULT_CONTEXT, MAX_TEXT_BYTES, VOCABS, Vocab, load_text
 from refimpl.train import load_checkpoint
 
 from . import options
@@ -20,10 +20,11 @@ from .common import choice, fail, progress, progress_bar
 USER_ERRORS = (OSError, ValueError, TypeError)
 
 def train_text(path, vocab, context, val_frac, tcfg, out_dir, overwrite, resume, sdn_weights,
-               model_options):
+               model_options, max_bytes=MAX_TEXT_BYTES):
     """The ``--text`` branch of ``refimpl train``: validated before anything is written."""
     try:
-        text = load_text(path, vocab=vocab, context=context, val_frac=val_frac)
+        text = load_text(path, vocab=vocab, context=context, val_frac=val_frac,
+                         max_bytes=max_bytes)
         cfg = ModelConfig.for_lm(text.vocab.size, **model_options)
     except USER_ERRORS as e:
         fail(e)
@@ -84,6 +85,10 @@ def text_options(f):
                      help="--text: the last fraction of the file, held out for validation."),
         click.option("--tie-embedding", is_flag=True,
                      help="--text: the decoder is the token embedding (shared weights)."),
+        click.option("--max-text-bytes", default=MAX_TEXT_BYTES, show_default=True,
+                     type=click.IntRange(min=1),
+                     help="--text: the largest file read (its tokens take 8 bytes each in "
+                          "memory); a larger file is refused before it is read."),
     )(f)
 
 #: Bytes ``generate`` holds per generated token beyond the library's int64 ids, at its peak:

@@ -168,7 +168,7 @@ def _train_option(name, type_, help_=None):
 @options.overwrite_opt
 def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_size, lr,
           weight_decay, clip_norm, out_dir, resume, overwrite, text_path, text_vocab, context,
-          val_frac, tie_embedding, **model_options):
+          val_frac, tie_embedding, max_text_bytes, **model_options):
     """Train a spiking SSM classifier, or (--text) a language model.
 
     A classifier learns a built-in task (--task) or an .npz file (--data); with --text FILE a
@@ -207,7 +207,8 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
             fail(f"--text trains a language model on the file: drop "
                  f"{'/'.join(classifier_data)} (--context sets the window, --vocab the tokens)")
     else:
-        text_only = _given("text_vocab", "context", "val_frac", "tie_embedding")
+        text_only = _given("text_vocab", "context", "val_frac", "tie_embedding",
+                           "max_text_bytes")
         if text_only:
             _drop(text_only, "to --text (language models) only")
     try:
@@ -223,7 +224,8 @@ def train(task, data, tokens, samples, length, seed, sdn_weights, epochs, batch_
         fail(e)
     if text_path is not None:
         return train_text(text_path, text_vocab, context, val_frac, tcfg, out_dir, overwrite,
-                          resume, weights, dict(model_options, tie_embedding=tie_embedding))
+                          resume, weights, dict(model_options, tie_embedding=tie_embedding),
+                          max_text_bytes)
     ds = _load_data(task, data, tokens, samples, length, seed)
     try:
         cfg = ModelConfig.for_data(ds, **model_options)

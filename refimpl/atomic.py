@@ -217,12 +217,12 @@ def atomic_path(path, overwrite=True):
     libraries such as matplotlib that open the path themselves; prefer :func:`atomic_writer`).
     On any exception, including ``KeyboardInterrupt``, it is deleted and ``path`` is left as it
     was. Its name carries the PID, ``.<name>.<pid>.<random>.tmp``; stale ones of dead writers
-    are removed first. The data the block wrote is ``fsync``-ed before the rename.
+    are removed first. What the block wrote is ``fsync``-ed before the rename (through the
+    temporary's own descriptor: ``fsync`` covers the file, whichever descriptor wrote it), and
+    an ``OSError`` of the block or of the rename becomes a :class:`WriteError`.
     """
     with _temporary(path, overwrite) as (_, tmp):
         yield tmp
-        # The block wrote by name, perhaps through another descriptor of the same file: the
-        # fsync of the temporary's own descriptor covers the file, whoever wrote it.
 
 
 def atomic_write_bytes(path, data, overwrite=True):

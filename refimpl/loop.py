@@ -27,6 +27,9 @@ What the loop owns, the same for every task (the guards):
 - **The lock.** :func:`lock_output` holds ``out_dir/<lock_name>`` (``fcntl.flock``) for the
   run; a second run on the same output is refused with :class:`OutputLocked`. The kernel
   releases the lock when a process dies, so a lock file left by a killed run blocks nothing.
+  The lock file is never opened through a link planted at its name (refused, the link left
+  as it is), and every error path once it is taken (a full disk, an exception of the run)
+  removes it.
 - **Divergence.** A ``ValueError`` of the forward or backward pass (the library's kernels
   refuse non-finite intermediates), a non-finite loss or gradient, and a non-finite parameter
   after the update stop the run with a one-line :class:`Diverged` naming the epoch and the step
@@ -148,11 +151,11 @@ def _open_lock(path):
         raise write_error(path, e, "the run did not start") from None
     st = os.fstat(fd)
     what = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
-            f"a hard link ({st.st_nlink} names share it)" if st.st_nlink != 1 else None)
+            f"a hard link ({st.st_nlink} names share it)" if st.st_nlink > 1 else None)
     if what is not None:
         os.close(fd)
         raise WriteError(errno.EEXIST, f"refusing to use the lock file {path}: it is {what}, "
-                                       f"so writing it would change another file; remove it "
+                                       f"not a file of its own to write a PID in; remove it "
                                        f"and rerun")
     return fd
 

@@ -272,3 +272,26 @@ def test_the_read_is_bounded_whatever_size_the_file_claims():
     with pytest.raises(ValueError, match=r"/proc/self/status: more bytes than that, more than "
                                          r"the limit of 64 bytes"):
         read_text_file("/proc/self/status", max_bytes=64)
+
+
+def test_max_text_bytes_raises_the_limit_from_the_cli(tmp_path):
+    """``--max-text-bytes`` is the option the refusal names: below the file's size it refuses
+    (one line, nothing written), at the size it trains; it applies to --text only."""
+    from click.testing import CliRunner
+    from refimpl.cli.main import main as cli_main
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"the cat sat on the mat. " * 40)  # 960 bytes
+    size = text.stat().st_size
+    r = CliRunner().invoke(cli_main, ["train", "--text", str(text), "--out", str(tmp_path / "a"),
+                                      "--max-text-bytes", str(size - 1)] + SMALL)
+    assert r.exit_code == 1, r.output
+    one_error_line(r.output, f"{size} bytes, more than the limit of {size - 1} bytes",
+                   "--max-text-bytes")
+    assert not (tmp_path / "a").exists()
+    r = CliRunner().invoke(cli_main, ["train", "--text", str(text), "--out", str(tmp_path / "b"),
+                                      "--max-text-bytes", str(size)] + SMALL)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli_main, ["train", "--task", "recall", "--samples", "64",
+                                      "--out", str(tmp_path / "c"), "--max-text-bytes", "10"])
+    assert r.exit_code == 1 and "--max-text-bytes" in r.output, r.output
+    assert not (tmp_path / "c").exists()
