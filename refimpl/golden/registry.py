@@ -8,9 +8,8 @@ that op, with no code of its own::
         name="fftconv",                        # the op refimpl.ops.get_op("fftconv")
         math="y[t] = sum_{s<=t} K0[t-s] u[s] + D u[t]",
         specs=_fftconv_specs,                  # (rngs, size) -> [Spec]
-        depth=_fftconv_depth,                  # tolerance model (generate.py)
-        scales=_fftconv_scales,
-    )
+        scales=_fftconv_scales,                # tolerance model (generate.py); the depth
+    )                                          # is the op's (Op.depth) unless given
 
 The op reads the case's ``inputs/<name>`` and ``params/<name>`` by its declared names and its
 configuration from the case attributes of the same names; a case holding the initial state
@@ -64,7 +63,8 @@ class Suite:
       and ``spikes``. ``state_in``/``state_out``: the patterns of the state datasets' names.
     - ``differentiable``: outputs that get a N(0, 1) cotangent, unless ``cotangents(outputs,
       rng)`` supplies them; ``spikes``: outputs compared exactly.
-    - Tolerance model: ``depth(case) -> {path or group/* or *: depth}``; ``scales(case, outputs,
+    - Tolerance model: ``depth(case) -> {path or group/* or *: depth}`` (default: the op's,
+      :func:`op_depth`); ``scales(case, outputs,
       grads, cot) -> {path: scale}`` (default ``max |T|``); ``floors(case) -> {path: minimal
       atol}``; ``meta(case) -> {path: attrs}`` adds dataset attributes.
     - Spike structure, read by the verifier (:mod:`.spikes`): ``flips`` says how a spike flip
@@ -79,7 +79,7 @@ class Suite:
 
     name: str
     specs: Callable
-    depth: Callable
+    depth: Optional[Callable] = None
     fwd: Optional[Callable] = None
     bwd: Optional[Callable] = None
     differentiable: Optional[tuple] = None
@@ -107,6 +107,8 @@ class Suite:
                 object.__setattr__(self, "differentiable", op.differentiable)
             if not self.spikes:
                 object.__setattr__(self, "spikes", op.spikes)
+        if self.depth is None:  # the op's own tolerance model (refimpl.ops: Op.depth)
+            object.__setattr__(self, "depth", functools.partial(op_depth, get_op(self.op)))
         if self.differentiable is None:
             raise ValueError(f"suite {self.name!r}: a suite with its own fwd/bwd lists its "
                              "differentiable outputs")
@@ -165,6 +167,21 @@ def op_fwd(op, suite, case):
     if state is not None:
         outputs.update(_state_outputs(res.state, suite.state_out))
     return outputs, res.cache, diagnose(op, inputs, params, cfg, res)
+
+
+def op_depth(op, case):
+    """The suite's depth table from the op's (:attr:`refimpl.ops.Op.depth`): an output's name
+    becomes ``outputs/<name>``, a gradient's ``d<name>`` ``grads/<name>``, ``*`` stays."""
+    inputs, params, cfg = op_args(op, case)
+    table = {}
+    for k, d in op.depth(inputs, params, cfg).items():
+        if k == "*":
+            table[k] = d
+        elif k not in op.outputs and k[1:] in op.grads:
+            table["grads/" + k[1:]] = d
+        else:
+            table["outputs/" + k] = d
+    return table
 
 
 def op_bwd(op, case, cache, cotangents):

@@ -272,11 +272,6 @@ def _new_reset_specs(add, resets, big):
             state=_random_state(umax=3.0, counts=True), **extra)
 
 
-def _neuron_depth(case):
-    Bsz, H, L = case.data["inputs/x"].shape
-    return {"*": L, "grads/rho": Bsz * L + L}
-
-
 def _neuron_floors(case):
     """PMBC's rounding bound of the membranes (the neuron and PMBC cases are the same)."""
     op = get_op(case.op)
@@ -290,7 +285,7 @@ def _neuron_floors(case):
 
 
 #: What the neuron and PMBC suites share: outputs, exact spikes and the tolerance model.
-_NEURON_OUTPUTS = dict(depth=_neuron_depth, floors=_neuron_floors, flips="rows")
+_NEURON_OUTPUTS = dict(floors=_neuron_floors, flips="rows")
 
 register(
     name="neuron",
@@ -366,15 +361,9 @@ def _sdn_specs(rngs, size):
     return out
 
 
-def _sdn_depth(case):
-    Bsz, H, L = case.data["inputs/x"].shape
-    return {"*": 32, "grads/*": Bsz * H * L + 32, "grads/x": 32}
-
-
 register(
     name="sdn",
     math="m = fused SDN(x), s = Theta(m + x - theta); dx = ds g(m + x - theta)",
     specs=_sdn_specs,
     flips="elements",
-    depth=_sdn_depth,
 )

@@ -111,10 +111,6 @@ def _kernel_specs(rngs, size):
     return out
 
 
-def _kernel_depth(case):
-    return {"*": case.config["L"] + case.group("params")["log_A_real"].shape[1]}
-
-
 def _kernel_abs_scales(p, disc, L, dK_abs, tight):
     """Magnitudes of the terms of the kernel and its backward (per output / grad name).
 
@@ -179,7 +175,6 @@ register(
     name="s4d_kernel",
     math="K[h, l] = 2 Re sum_n C dB dA^l",
     specs=_kernel_specs,
-    depth=_kernel_depth,
     scales=_kernel_scales,
 )
 
@@ -242,12 +237,6 @@ def fft_depth(L):
     return 2 * int(math.ceil(math.log2(fft_length(L))))
 
 
-def _fftconv_depth(case):
-    Bsz, H, L = case.data["inputs/u"].shape
-    f = fft_depth(L)
-    return {"*": L + f, "grads/K": Bsz * L + f, "grads/D": Bsz * L + f}
-
-
 def _abs_scales(case, K, cot):
     """Scales of a convolution's outputs and grads: the same op on absolute values."""
     u, D = np.abs(case.data["inputs/u"]), np.abs(case.data["params/D"])
@@ -266,7 +255,6 @@ register(
     name="fftconv",
     math="y[t] = sum_{s<=t} K0[t-s] u[s] (+ sum_{s>t} K1[s-t-1] u[s]) + D u[t]",
     specs=_fftconv_specs,
-    depth=_fftconv_depth,
     scales=_fftconv_scales,
 )
 
