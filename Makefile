@@ -11,7 +11,7 @@ export NUMBA_NUM_THREADS
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,dev,plot]'
+	$(BIN)/python -m pip install --quiet -e '.[test,dev,plot,dask]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -69,6 +69,38 @@ example-check: install $(PEERS_STAMP)
 	$(BIN)/python examples/run_backend_check.py --torch-python $(PEERS)/bin/python \
 	  --refimpl $(BIN)/refimpl
 
+# The conformance matrix of SNN libraries (issue 24): builds its own environment .venv-conform
+# (PyTorch 2.13 CPU from the local file, pinned by a constraints file so that no library pulls
+# another torch; refimpl editable; then snntorch, spikingjelly and norse, each installed on its
+# own: a library that fails keeps its rows in the matrix with pip's last line, from
+# .venv-conform/install-<library>.log), runs `refimpl conform` on every adapter object of
+# examples/conform/ (a library configuration at float32 and float64) and writes
+# examples/conform/matrix.json, the minimal counterexamples (examples/conform/cases/) and the
+# `conform-matrix` region of README.md. Never a refimpl dependency, not part of `make test`.
+# Options through CONFORM_ARGS, e.g. CONFORM_ARGS="--examples 20" or "--only snntorch".
+# Delete .venv-conform/.installed-stamp to retry the library installs.
+CONFORM       := .venv-conform
+CONFORM_STAMP := $(CONFORM)/.installed-stamp
+CONFORM_LIBS  := snntorch spikingjelly norse
+CONFORM_ARGS  ?=
+
+$(CONFORM_STAMP): setup.cfg pyproject.toml
+	test -x $(CONFORM)/bin/python || $(PYTHON) -m venv $(CONFORM)
+	$(CONFORM)/bin/python -m pip install --quiet --upgrade pip
+	echo "torch==2.13.0" > $(CONFORM)/constraints.txt
+	$(CONFORM)/bin/python -m pip install --quiet -c $(CONFORM)/constraints.txt torch==2.13.0 -e .
+	for lib in $(CONFORM_LIBS); do \
+	  if $(CONFORM)/bin/python -m pip install -c $(CONFORM)/constraints.txt $$lib \
+	      > $(CONFORM)/install-$$lib.log 2>&1; then echo "conform: installed $$lib"; \
+	  else echo "conform: $$lib did not install: $$(tail -n 1 $(CONFORM)/install-$$lib.log)"; fi; \
+	done
+	$(CONFORM)/bin/python -m pip list --format=freeze > $(CONFORM)/versions.txt
+	touch $(CONFORM_STAMP)
+
+.PHONY: conform-matrix
+conform-matrix: $(CONFORM_STAMP)
+	$(CONFORM)/bin/python examples/conform/run_matrix.py $(CONFORM_ARGS)
+
 # ruff (settings in pyproject.toml), then the checks ruff cannot make (tools/check_style.py: every
 # Numba kernel takes fastmath from refimpl.config; setup.cfg lists every package; --strict adds
 # notes on Numba options spelled inline), then byte-compile everything and import every module
@@ -87,7 +119,7 @@ wheel-check: install
 	bash tools/wheel_check.sh $(BIN)/python
 
 clean:
-	rm -rf $(VENV) $(PEERS) build dist *.egg-info .hypothesis .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS) $(CONFORM) build dist *.egg-info .hypothesis .pytest_cache .ruff_cache
 	rm -rf $${TMPDIR:-/tmp}/refimpl-wheel-check.*
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -name '*.nbi' -delete -o -name '*.nbc' -delete

@@ -12,6 +12,7 @@ import click
 
 from refimpl import golden as G
 from refimpl.atomic import atomic_write_json, check_destination
+from refimpl.campaign import CampaignError, check_options
 from refimpl.h5io import FileFormatError
 
 from . import options
@@ -88,22 +89,27 @@ def golden():
 @options.seed_opt(0)
 @click.option("--size", default="small", show_default=True, type=click.Choice(G.SIZES),
               help="'small' is the committed set; 'large' has 8x longer sequences.")
-def generate(suites, out_dir, overwrite, missing_only, seed, size):
+@options.workers_opt
+@options.scheduler_opt
+def generate(suites, out_dir, overwrite, missing_only, seed, size, workers, scheduler):
     """Write the golden files, one <suite>.h5 per suite.
 
     Every file is float64, deterministic for --seed and written atomically; generation refuses
     to run with fast-math on. After an interrupted run, --missing-only writes the absent
-    suites. The default --out is the committed set: replacing it needs --overwrite.
+    suites. The default --out is the committed set: replacing it needs --overwrite. The cases
+    are computed on a pool of local processes (--workers) or on a Dask cluster (--scheduler),
+    and the files written here, one suite at a time: the same files whichever.
 
     Examples:
 
     \b
       refimpl golden generate --suite neuron --out /tmp/golden
-      refimpl golden generate --suite fftconv --size large --out golden-large
+      refimpl golden generate --suite fftconv --size large --out golden-large --workers 2
       refimpl golden generate --out golden-new --missing-only
     """
     names = list(suites) or list(G.SUITES)
     try:
+        check_options(workers, scheduler)
         names = [n for n, _ in G.plan_generate(out_dir, names, overwrite, missing_only)]
     except (OSError, RuntimeError, ValueError) as e:
         fail(e)
@@ -111,8 +117,9 @@ def generate(suites, out_dir, overwrite, missing_only, seed, size):
         total = sum(len(G.suite_specs(n, seed, size)) for n in names)
         with progress(total, "golden cases") as bar:
             paths = G.generate(out_dir, names, seed=seed, size=size, overwrite=overwrite,
-                               progress=bar.update, missing_only=missing_only) if names else []
-    except (OSError, RuntimeError, ValueError) as e:
+                               progress=bar.update, missing_only=missing_only, workers=workers,
+                               scheduler=scheduler) if names else []
+    except (CampaignError, OSError, RuntimeError, ValueError) as e:
         fail(e)
     if missing_only and not paths:
         click.echo(f"{out_dir}: every requested suite file exists; nothing to write")
@@ -132,10 +139,7 @@ def generate(suites, out_dir, overwrite, missing_only, seed, size):
 @click.option("--skip", multiple=True, metavar="PATTERN",
               help="Skip cases or datasets matching a glob over 'ID' or 'ID/outputs/NAME' "
                    "(e.g. '*/outputs/iterations'); repeatable. Skipped ones never fail.")
-@click.option("--precision", default="float64", show_default=True,
-              type=click.Choice(list(G.PROFILES)),
-              help="The format the backend computes in: bounds re-derived for its epsilon, "
-                   "spike flips within the bound ACCEPTABLE (golden/SCHEMA.md).")
+@options.backend_precision_opt
 @click.option("--select", "select", multiple=True, metavar="EXPR",
               help="Only cases with NAME=VALUE (a case attribute, e.g. 'reset=hard') or "
                    "'flag:NAME'; repeatable (all must hold).")

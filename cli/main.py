@@ -6,11 +6,13 @@ import platform
 import click
 
 import refimpl
-from refimpl.equivalence import CHECKS
+from refimpl.campaign import CampaignError, check_options
+from refimpl.equivalence import CHECKS, run_checks
 from refimpl.table import render_table
 
 from . import options
-from .common import choice, progress
+from .common import choice, fail, progress
+from .conform_commands import conform
 from .golden_commands import golden
 from .plot_commands import plot, raster
 from .sdn_commands import sdn
@@ -111,26 +113,33 @@ def _fmt(v, spec):
 @options.seed_opt(0)
 @click.option("--check", "checks", multiple=True, type=choice(CHECKS),
               help="Run only these checks (repeatable).")
-def equivalence(cases, seed, checks):
+@options.workers_opt
+@options.scheduler_opt
+def equivalence(cases, seed, checks, workers, scheduler):
     """Check parallel forms against iterative ones on random cases.
 
     Every check (refimpl.equivalence.CHECKS) draws --cases random cases from --seed and
     compares the forms of one op: the S4D convolution (direct, FFT, recurrence, scan), PMBC
     against the iterative neuron, and, per activation family, a causal model run in parallel,
     step by step and in chunks. The table gives per check the worst error and the spike
-    mismatches beyond the rounding bound (expected 0).
+    mismatches beyond the rounding bound (expected 0). The cases run on a pool of local
+    processes (--workers), or on a Dask cluster (--scheduler); the table is the same.
 
     Examples:
 
     \b
       refimpl equivalence
       refimpl equivalence --check pmbc --check model-lif --cases 200 --seed 1
+      refimpl equivalence --cases 10000 --scheduler tcp://10.0.0.5:8786
     """
     names = list(checks) or list(CHECKS)
-    rows = []
-    with progress(cases * len(names), "equivalence") as bar:
-        for name in names:
-            rows.append(CHECKS[name](cases, seed=seed, progress=bar.update))
+    try:
+        check_options(workers, scheduler)
+        with progress(cases * len(names), "equivalence") as bar:
+            rows = run_checks(names, cases, seed=seed, progress=bar.update, workers=workers,
+                              scheduler=scheduler)
+    except CampaignError as e:
+        fail(e)
     header = ("forms compared", "cases", "worst error", "spike mismatches",
               "iterations min/med/max")
     table = []
@@ -147,6 +156,7 @@ main.add_command(train)
 main.add_command(evaluate)
 main.add_command(generate)
 main.add_command(golden)
+main.add_command(conform)
 main.add_command(sdn)
 main.add_command(plot)
 main.add_command(raster)

@@ -28,8 +28,9 @@ HOMONYMS = {
     "--out": "what the command writes: a run folder (train), a folder of suite files (golden "
              "generate), a weights file (sdn train), an image (plot and raster share "
              "image_out_opt).",
-    "--precision": "golden verify: the one format the backend computes in; golden coverage: "
-                   "the formats to tabulate (repeatable).",
+    "--precision": "golden verify and conform: the one format the backend computes in "
+                   "(backend_precision_opt); golden coverage: the formats to tabulate "
+                   "(repeatable).",
     "--length": "generate: the number of tokens to generate (its own type and message, which "
                 "tests/test_cli_text.py checks); elsewhere the sequence length L (length_opt).",
 }
@@ -81,6 +82,34 @@ def image_out_opt(described):
     """``--out`` of the commands that draw an image (``--out`` is a homonym: :data:`HOMONYMS`)."""
     return _option("--out", described=described, type=click.Path(dir_okay=False),
                    help="Image to write, .png or .svg (an existing file is replaced).")
+
+
+# -- campaigns of independent tasks (refimpl.campaign) -------------------------------------
+
+workers_opt = _option("--workers", described="one per available core", type=click.IntRange(min=1),
+                      help="Local worker processes; 1 = in this process, no pool. The results do "
+                           "not depend on it.")
+
+
+class SchedulerAddress(click.ParamType):
+    """A Dask scheduler address: ``PROTOCOL://HOST:PORT`` (``tcp://10.0.0.5:8786``) or
+    ``HOST:PORT`` (Dask's default protocol, tcp). ``samples``: a value it refuses and one it
+    takes (tests/test_cli_options.py)."""
+
+    name = "address"
+    samples = ("not-an-address", "tcp://127.0.0.1:8786")
+
+    def convert(self, value, param, ctx):
+        v = str(value).strip()
+        host = v.split("://", 1)[1] if "://" in v else v
+        if not host or any(c.isspace() for c in v) or ("://" not in v and ":" not in v):
+            self.fail(f"{value!r} is not a Dask scheduler address (tcp://HOST:PORT)", param, ctx)
+        return v
+
+
+scheduler_opt = _option("--scheduler", metavar="ADDRESS", type=SchedulerAddress(),
+                        help="Run on the Dask cluster of this scheduler (tcp://host:8786; needs "
+                             "pip install 'refimpl[dask]'); excludes --workers.")
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -170,6 +199,11 @@ golden_dir_opt = _option("--golden", "golden_dir", default=str(G.DEFAULT_DIR),
 
 suites_opt = _option("--suite", "suites", multiple=True, type=choice(G.SUITES),
                      help="Only this suite (repeatable); default: all.")
+
+backend_precision_opt = _option(
+    "--precision", default="float64", type=click.Choice(list(G.PROFILES)),
+    help="The format the backend computes in: bounds re-derived for its epsilon, spike flips "
+         "within the bound ACCEPTABLE (golden/SCHEMA.md).")
 
 json_opt = _option("--json", "json_path", type=click.Path(dir_okay=False),
                    help="Also write the report as JSON to this file.")

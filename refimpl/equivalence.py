@@ -3,10 +3,20 @@
 Each *check* draws random cases from a seed, runs every form of one op and returns a row:
 forms compared, number of cases, worst error and, for spiking forms, spike mismatches and
 iteration counts. The CLI adds the progress bar and the table; this module never prints.
+
+A check is three functions (:data:`PARTS`): ``draw(rng)`` draws one case, ``run(case)``
+compares the forms on it and returns what the row needs of it, ``row(per_case, n_cases)``
+folds those in case order. Cases are drawn in this process, one after the other from one
+generator per check (``default_rng(seed)``, as they always were), and each case is a task of
+:func:`refimpl.campaign.run_tasks`: the rows are the same bits in this process, on a pool of
+local processes or on a Dask cluster.
 """
+import functools
+
 import numpy as np
 
 from .activations import ACTIVATIONS
+from .campaign import run_tasks
 from .conv import direct_conv, fftconv
 from .model import NEURON_IMPLS, NORMS, ModelConfig, init_model
 from .neurons import RESETS, SPIKE_CONDITIONS, NeuronConfig, neuron_fwd
@@ -30,30 +40,38 @@ def _ssm_case(rng):
     return p, u, disc
 
 
-def check_ssm_forms(n_cases, seed=0, progress=None):
+def _ssm_run(case):
+    """The forms' errors on one S4D case: ``[FFT, recurrence, scan]`` relative to the direct
+    form (each ``max |y - y_direct| / max(1, max |y_direct|)``)."""
+    p, u, disc = case
+    L = u.shape[-1]
+    K = s4d_kernel(p["log_dt"], p["log_A_real"], p["A_imag"], p["C_re"], p["C_im"], L, disc)
+    dA, dB = discretize_params(p["log_dt"], p["log_A_real"], p["A_imag"], disc=disc)
+    C = p["C_re"] + 1j * p["C_im"]
+    y_direct = direct_conv(u, K, p["D"])  # (B, H, L)
+    scale = max(1.0, float(np.abs(y_direct).max()))
+    return [float(np.abs(y - y_direct).max()) / scale
+            for y in (fftconv(u, K, p["D"]), ssm_recurrence(u, dA, dB, C, p["D"]),
+                      ssm_scan(u, dA, dB, C, p["D"]))]
+
+
+def _ssm_row(per_case, n_cases):
+    worst = 0.0
+    for errors in per_case:
+        for e in errors:
+            worst = max(worst, e)
+    return {"forms": "direct conv = FFT conv = recurrence = scan", "cases": n_cases,
+            "worst_error": worst, "spike_mismatches": None, "iterations": None}
+
+
+def check_ssm_forms(n_cases, seed=0, progress=None, workers=1, scheduler=None):
     """Direct convolution vs FFT convolution vs recurrence vs associative scan.
 
     Returns a dict row: ``forms``, ``cases``, ``worst_error`` (max abs difference to the
     direct form, relative to ``max(1, max|y|)``), ``spike_mismatches`` (None), ``iterations``
-    (None).
+    (None). ``workers``/``scheduler``: where the cases run (:func:`run_checks`).
     """
-    rng = np.random.default_rng(seed)
-    worst = 0.0
-    for _ in range(n_cases):
-        p, u, disc = _ssm_case(rng)
-        L = u.shape[-1]
-        K = s4d_kernel(p["log_dt"], p["log_A_real"], p["A_imag"], p["C_re"], p["C_im"], L, disc)
-        dA, dB = discretize_params(p["log_dt"], p["log_A_real"], p["A_imag"], disc=disc)
-        C = p["C_re"] + 1j * p["C_im"]
-        y_direct = direct_conv(u, K, p["D"])  # (B, H, L)
-        scale = max(1.0, float(np.abs(y_direct).max()))
-        for y in (fftconv(u, K, p["D"]), ssm_recurrence(u, dA, dB, C, p["D"]),
-                  ssm_scan(u, dA, dB, C, p["D"])):
-            worst = max(worst, float(np.abs(y - y_direct).max()) / scale)
-        if progress is not None:
-            progress(1)
-    return {"forms": "direct conv = FFT conv = recurrence = scan", "cases": n_cases,
-            "worst_error": worst, "spike_mismatches": None, "iterations": None}
+    return run_checks(["ssm"], n_cases, seed, progress, workers, scheduler)[0]
 
 
 def _neuron_case(rng):
@@ -77,7 +95,28 @@ def _neuron_case(rng):
     return x, cfg, rho
 
 
-def check_pmbc(n_cases, seed=0, progress=None):
+def _pmbc_run(case):
+    """PMBC vs the iterative neuron on one case: ``(differing spikes, max membrane
+    difference, PMBC's evaluations of F per row)``."""
+    x, cfg, rho = case
+    s0, h0, _ = neuron_fwd(x, cfg, rho=rho)
+    s, h, _, it = pmbc_fwd(x, cfg, rho=rho)
+    return int((s != s0).sum()), float(np.abs(h - h0).max()), it.ravel().tolist()
+
+
+def _pmbc_row(per_case, n_cases):
+    worst, mismatches, iters = 0.0, 0, []
+    for bad, err, it in per_case:
+        mismatches += bad
+        if bad == 0:
+            worst = max(worst, err)
+        iters.extend(it)
+    return {"forms": "PMBC = iterative neuron", "cases": n_cases, "worst_error": worst,
+            "spike_mismatches": mismatches,
+            "iterations": (int(np.min(iters)), float(np.median(iters)), int(np.max(iters)))}
+
+
+def check_pmbc(n_cases, seed=0, progress=None, workers=1, scheduler=None):
     """PMBC vs the iterative neuron on random cases of every reset.
 
     ``worst_error``: max membrane difference over cases whose spike trains agree;
@@ -85,22 +124,7 @@ def check_pmbc(n_cases, seed=0, progress=None):
     iterative margin is below :func:`refimpl.pmbc.rounding_bound`); ``iterations``:
     (min, median, max) evaluations of ``F`` per row.
     """
-    rng = np.random.default_rng(seed)
-    worst, mismatches, iters = 0.0, 0, []
-    for _ in range(n_cases):
-        x, cfg, rho = _neuron_case(rng)
-        s0, h0, _ = neuron_fwd(x, cfg, rho=rho)
-        s, h, _, it = pmbc_fwd(x, cfg, rho=rho)
-        bad = int((s != s0).sum())
-        mismatches += bad
-        if bad == 0:
-            worst = max(worst, float(np.abs(h - h0).max()))
-        iters.extend(it.ravel().tolist())
-        if progress is not None:
-            progress(1)
-    return {"forms": "PMBC = iterative neuron", "cases": n_cases, "worst_error": worst,
-            "spike_mismatches": mismatches,
-            "iterations": (int(np.min(iters)), float(np.median(iters)), int(np.max(iters)))}
+    return run_checks(["pmbc"], n_cases, seed, progress, workers, scheduler)[0]
 
 
 def _model_case(rng, activation):
@@ -129,29 +153,76 @@ def _model_case(rng, activation):
     return ModelStream(cfg, p, buf), x, chunks
 
 
+def _model_run(case):
+    """Parallel vs step by step vs chunked on one model case: ``(worst error, mismatches,
+    flips)`` of :func:`refimpl.stream.compare_forms`."""
+    st, x, chunks = case
+    r = compare_forms(st, x, chunks)
+    return r["worst_error"], r["mismatches"], r["flips"]
+
+
+def _model_row(activation, per_case, n_cases):
+    worst, mismatches, flips = 0.0, 0, 0
+    for err, bad, flipped in per_case:
+        worst = max(worst, err)
+        mismatches += bad
+        flips += flipped
+    return {"forms": f"model ({activation}): parallel = step by step = chunked",
+            "cases": n_cases, "worst_error": worst, "spike_mismatches": mismatches,
+            "flips": flips, "iterations": None}
+
+
 def _model_check(activation):
-    def check(n_cases, seed=0, progress=None):
+    def check(n_cases, seed=0, progress=None, workers=1, scheduler=None):
         """A random causal model of the family: parallel form vs step by step vs chunked
         (:func:`refimpl.stream.compare_forms`). ``worst_error``: logits, relative to
         ``max(1, max|logits|)``; ``spike_mismatches``: differing spikes beyond the derived
         bound (expected 0); ``flips``: differing spikes within it (rounding decides them)."""
-        rng = np.random.default_rng(seed)
-        worst, mismatches, flips = 0.0, 0, 0
-        for _ in range(n_cases):
-            st, x, chunks = _model_case(rng, activation)
-            r = compare_forms(st, x, chunks)
-            worst = max(worst, r["worst_error"])
-            mismatches += r["mismatches"]
-            flips += r["flips"]
-            if progress is not None:
-                progress(1)
-        return {"forms": f"model ({activation}): parallel = step by step = chunked",
-                "cases": n_cases, "worst_error": worst, "spike_mismatches": mismatches,
-                "flips": flips, "iterations": None}
+        return run_checks([f"model-{activation}"], n_cases, seed, progress, workers,
+                          scheduler)[0]
     check.__name__ = f"check_model_{activation}"
     return check
 
 
-#: name -> check function; the CLI runs them in this order.
+#: name -> ``(draw(rng) -> case, run(case) -> per-case result, row(per_case, n_cases) ->
+#: row)``; ``run`` is a module-level function (it runs in a worker process or on a cluster).
+PARTS = {"ssm": (_ssm_case, _ssm_run, _ssm_row),
+         "pmbc": (_neuron_case, _pmbc_run, _pmbc_row),
+         **{f"model-{name}": (functools.partial(_model_case, activation=name), _model_run,
+                              functools.partial(_model_row, name))
+            for name in ACTIVATIONS}}
+
+#: name -> check function ``(n_cases, seed=0, progress=None, workers=1, scheduler=None) ->
+#: row``; the CLI runs them in this order.
 CHECKS = {"ssm": check_ssm_forms, "pmbc": check_pmbc,
           **{f"model-{name}": _model_check(name) for name in ACTIVATIONS}}
+
+
+def _tasks(names, n_cases, seed):
+    """``(run, case)`` per case, check after check; each check draws its cases from its own
+    ``default_rng(seed)``, in order."""
+    for name in names:
+        draw, run, _ = PARTS[name]
+        rng = np.random.default_rng(seed)
+        for _ in range(n_cases):
+            yield run, draw(rng)
+
+
+def _run_task(task):
+    run, case = task
+    return run(case)
+
+
+def run_checks(names, n_cases, seed=0, progress=None, workers=1, scheduler=None):
+    """The rows of the checks ``names`` (keys of :data:`CHECKS`), ``n_cases`` cases each,
+    in one campaign: every case is a task of :func:`refimpl.campaign.run_tasks`, computed in
+    this process (``workers=1``, the default), on a pool of local processes (``workers=None``
+    or ``N``) or on the Dask cluster at ``scheduler``; the rows are the same bits whichever.
+    ``progress(1)`` after every case."""
+    for name in names:
+        if name not in PARTS:
+            raise ValueError(f"unknown check {name!r}; valid checks are {', '.join(PARTS)}")
+    per_case = run_tasks(_run_task, _tasks(names, n_cases, seed), workers=workers,
+                         scheduler=scheduler, progress=progress, label="equivalence")
+    return [PARTS[name][2](per_case[k * n_cases:(k + 1) * n_cases], n_cases)
+            for k, name in enumerate(names)]

@@ -149,6 +149,8 @@ def command_line(path, flag, value):
 def values(p, tmp_path):
     """``(a value p must refuse, a value it must take)``, from its type."""
     t = p.type
+    if hasattr(t, "samples"):  # a type of cli/options.py that says them (SchedulerAddress)
+        return t.samples
     if isinstance(t, (click.IntRange, click.FloatRange)) and t.min is not None:
         return str(t.min - 1), str(t.min + 1)
     if isinstance(t, click.Choice):

@@ -31,7 +31,9 @@ bound, or whose spikes flipped under the perturbation, is marked ``acceptable`` 
 ``near_threshold``: a backend may legitimately differ there, and ``verify`` reports such a
 difference as ``ACCEPTABLE`` rather than a failure.
 """
+import contextlib
 import dataclasses
+import itertools
 import math
 import zlib
 from pathlib import Path
@@ -40,8 +42,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import config
-from ..precision import require_reference
 from ..atomic import check_writable
+from ..campaign import iter_tasks
+from ..precision import require_reference
 from .registry import SUITES, get_suite, maxabs, suite_specs
 from .schema import DEFAULT_DIR, NO_GRADS, Case, flatten, read_golden, write_file
 
@@ -215,14 +218,33 @@ def build_case(suite, cid, spec, seed):
     return regenerate(suite, cid, spec, seed).case
 
 
-def build_suite(name, seed=0, size="small", progress=None):
-    """All cases of suite ``name`` computed by refimpl: list of :class:`~.schema.Case`."""
-    suite = get_suite(name)
-    cases = []
-    for cid, spec in suite_specs(name, seed, size):
-        cases.append(build_case(suite, cid, spec, seed))
-        if progress:
-            progress(1)
+def _build_task(task):
+    """One case of a campaign (:func:`build_suite`, :func:`generate`): ``(suite name, id, spec,
+    seed) -> Case``. Runs in a worker process or on a cluster: the suite is looked up by name
+    there (the suites registered by importing :mod:`refimpl.golden`)."""
+    name, cid, spec, seed = task
+    return build_case(get_suite(name), cid, spec, seed)
+
+
+def _cases(todo, seed, size, progress, workers, scheduler):
+    """``(name, cases)`` per suite of ``todo`` in order, each as soon as its cases are built;
+    every case is a task of :func:`refimpl.campaign.iter_tasks` (its draws come from its own
+    generators, :func:`.registry.rngs` and the ``[seed, crc32(suite), id, k]`` keys of
+    :func:`_compute`, so the cases are the same bits wherever they run)."""
+    specs = [(n, suite_specs(n, seed, size)) for n in todo]
+    tasks = [(n, cid, spec, seed) for n, sp in specs for cid, spec in sp]
+    with contextlib.closing(iter_tasks(_build_task, tasks, workers=workers, scheduler=scheduler,
+                                       progress=progress, label="golden generate")) as built:
+        for n, sp in specs:
+            yield n, list(itertools.islice(built, len(sp)))
+
+
+def build_suite(name, seed=0, size="small", progress=None, workers=1, scheduler=None):
+    """All cases of suite ``name`` computed by refimpl: list of :class:`~.schema.Case`.
+
+    ``workers``/``scheduler``: where the cases are computed (:func:`refimpl.campaign.run_tasks`;
+    the default is this process); the cases are the same whichever."""
+    ((_, cases),) = _cases([name], seed, size, progress, workers, scheduler)
     return cases
 
 
@@ -264,7 +286,7 @@ def plan_generate(out_dir=DEFAULT_DIR, suites=None, overwrite=False, missing_onl
 
 
 def generate(out_dir=DEFAULT_DIR, suites=None, seed=0, size="small", overwrite=False,
-             progress=None, missing_only=False):
+             progress=None, missing_only=False, workers=1, scheduler=None):
     """Write ``<out_dir>/<suite>.h5`` for each suite (all by default).
 
     Deterministic from ``seed``; float64; atomic writes, one suite at a time (the file mode
@@ -275,14 +297,21 @@ def generate(out_dir=DEFAULT_DIR, suites=None, seed=0, size="small", overwrite=F
     (``FileExistsError``); all raised before anything is computed. ``missing_only`` writes only
     the suites whose file does not exist yet (continuing an interrupted run). Returns the list
     of written paths.
+
+    ``workers``/``scheduler``: where the cases are computed (:func:`refimpl.campaign.run_tasks`:
+    this process by default, ``workers=None`` a pool of local processes, ``scheduler`` a Dask
+    cluster; a suite registered at run time, outside :mod:`refimpl.golden`, needs this
+    process). The files are written here, each as soon as its cases are in, and hold the same
+    data and attributes whichever (the provenance's ``created`` time aside).
     """
     require_reference("golden generation")
     todo = plan_generate(out_dir, suites, overwrite, missing_only)
-    for n, path in todo:
-        cases = build_suite(n, seed, size, progress)
-        write_file(path, n, cases, overwrite=overwrite,
-                   attrs={"seed": int(seed), "size": size, "fastmath": bool(config.FASTMATH),
-                          "case_count": len(cases)})
+    built = _cases([n for n, _ in todo], seed, size, progress, workers, scheduler)
+    with contextlib.closing(built):  # an error here stops the campaign at once
+        for (n, path), (_, cases) in zip(todo, built):
+            write_file(path, n, cases, overwrite=overwrite,
+                       attrs={"seed": int(seed), "size": size,
+                              "fastmath": bool(config.FASTMATH), "case_count": len(cases)})
     return [str(p) for _, p in todo]
 
 

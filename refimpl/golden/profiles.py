@@ -160,6 +160,23 @@ def overflows(case, profile):
     return None
 
 
+def underflows(case, profile):
+    """The first float dataset of ``case`` whose values are all below ``profile``'s smallest
+    normal number in magnitude, but not all zero, as ``(path, largest |value|)``, or None.
+    The format holds such a tensor only as subnormals (float32: below 1.2e-38) with a few bits
+    or as zeros, so no relative bound applies: like an overflow, not a test at that precision
+    (found by ``refimpl conform``: a threshold of 1e-294 is 0 in float32)."""
+    tiny = 2.0 ** (profile.emin - 1)
+    for path, v in case.data.items():
+        v = np.asarray(v)
+        if v.dtype.kind != "f" or not v.size:
+            continue
+        a = np.abs(v[np.isfinite(v)])
+        if a.size and 0.0 < float(a.max()) < tiny:
+            return path, float(a.max())
+    return None
+
+
 def representable(x, profile):
     """Whether every element of ``x`` is exact at ``profile``'s precision."""
     x = np.asarray(x, dtype=np.float64)

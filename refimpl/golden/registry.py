@@ -225,6 +225,43 @@ def rngs(seed, suite):
     return next_rng
 
 
+#: op name -> the suite derived from the op (:func:`judging_suite`), built on first use.
+_OP_SUITES = {}
+
+
+def judging_suite(name):
+    """The suite a file of suite ``name`` is judged with: the registered golden suite, else,
+    for a registered op without one (``refimpl conform``'s case files of ``linear``,
+    ``layernorm``, ...), the suite derived from the op (no specs of its own: nothing to
+    generate, everything to verify). ``ValueError`` listing both otherwise."""
+    if name in SUITES:
+        return SUITES[name]
+    if name not in _OP_SUITES:
+        from ..ops import all_ops
+        ops = all_ops()
+        if name not in ops:
+            raise ValueError(f"unknown suite {name!r}; valid suites are {', '.join(SUITES)} "
+                             f"and the ops {', '.join(o for o in ops if o not in SUITES)}")
+        op = ops[name]
+        scales = functools.partial(op_scales, op) if op.scales is not None else None
+        _OP_SUITES[name] = Suite(name=name, specs=None, math=op.math, scales=scales)
+    return _OP_SUITES[name]
+
+
+def op_scales(op, case, outputs, grads, cotangents):
+    """A derived suite's scales from the op's (:attr:`refimpl.ops.Op.scales`): an output's
+    name becomes ``outputs/<name>``, a gradient's ``d<name>`` ``grads/<name>`` (as
+    :func:`op_depth`)."""
+    inputs, params, cfg = op_args(op, case)
+    table = {}
+    for k, v in op.scales(inputs, params, cfg, cotangents).items():
+        if k not in op.outputs and k[1:] in op.grads:
+            table["grads/" + k[1:]] = v
+        else:
+            table["outputs/" + k] = v
+    return table
+
+
 def suite_specs(name, seed=0, size="small"):
     """The case specifications of suite ``name``: list of ``(id, Spec)``."""
     suite = get_suite(name)

@@ -3,7 +3,7 @@ prints them). Every table goes through :func:`refimpl.table.render_table`."""
 import numpy as np
 
 from ..table import render_table
-from .registry import SUITES, golden_path
+from .registry import golden_path, judging_suite
 from .schema import FAILURES, read_file
 
 
@@ -118,8 +118,12 @@ def show(path, case_id=None):
                                     "created") if k in a]
     if prov:
         lines.append("  " + ", ".join(prov))
-    if gf.suite in SUITES and SUITES[gf.suite].math:
-        lines.append("  math: " + SUITES[gf.suite].math)
+    try:
+        math = judging_suite(gf.suite).math
+    except ValueError:  # a file of no registered suite or op: shown, not judged
+        math = ""
+    if math:
+        lines.append("  math: " + math)
     counts = _count(c.result for c in gf.cases.values())
     lines.append("  results: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     lines.append("")

@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from .profiles import representable
-from .registry import get_suite
+from .registry import judging_suite
 from .tensors import index_str
 
 #: Flipped-spike indices listed in a row's detail.
@@ -138,7 +138,7 @@ def internal(suite, case, membranes, bound, paths, acceptable):
     if first is None and not acceptable:
         return Flips()
     t_star = 0 if first is None else first
-    causal = get_suite(suite).causal(case) if get_suite(suite).causal else {}
+    causal = judging_suite(suite).causal(case) if judging_suite(suite).causal else {}
     out = Flips(t_star=t_star)
     kept, dropped = [], []
     for p in paths:
@@ -184,7 +184,7 @@ def membrane_parts(suite_name, case):
     from .generate import N_PERTURB, _perturbed, lookup  # the generator's own recipe
     key = case_key(suite_name, case)
     if key not in _MEMBRANES:
-        suite = get_suite(suite_name)
+        suite = judging_suite(suite_name)
         case = dataclasses.replace(case, data={p: v for p, v in case.data.items()
                                                if p.startswith(("inputs/", "params/"))})
         _, _, diag = suite.fwd(case)
