@@ -97,9 +97,15 @@ $(CONFORM_STAMP): setup.cfg pyproject.toml
 	$(CONFORM)/bin/python -m pip list --format=freeze > $(CONFORM)/versions.txt
 	touch $(CONFORM_STAMP)
 
-.PHONY: conform-matrix
+.PHONY: conform-matrix conform-matrix-check
 conform-matrix: $(CONFORM_STAMP)
 	$(CONFORM)/bin/python examples/conform/run_matrix.py $(CONFORM_ARGS)
+
+# CI (.ci/run): the same campaigns, case files in a temporary folder, compared with the committed
+# examples/conform/matrix.json (verdicts and minimal counterexamples); writes nothing, fails on a
+# difference (then `make conform-matrix` and commit the new matrix).
+conform-matrix-check: $(CONFORM_STAMP)
+	$(CONFORM)/bin/python examples/conform/run_matrix.py --check
 
 # ruff (settings in pyproject.toml), then the checks ruff cannot make (tools/check_style.py: every
 # Numba kernel takes fastmath from refimpl.config; setup.cfg lists every package; --strict adds

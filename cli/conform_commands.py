@@ -179,6 +179,13 @@ def conform(adapter, ops, precision, examples, seed, max_batch, max_channels, ma
     except (E.AdapterError, CampaignError, ValueError, OSError, ImportError) as e:
         fail(e)
     click.echo(_report_table(report))
+    for name, t in report["ops"].items():
+        if t.get("discarded"):  # refimpl could not build an example: a gap of the strategies
+            click.echo(f"note: {name}: {len(t['discarded'])} example(s) discarded, refimpl "
+                       f"could not build them: {t['discarded'][0]}", err=True)
+        if t.get("removed"):
+            click.echo(f"note: {name} passes now: removed {t['removed']} of an earlier run",
+                       err=True)
     failed = [n for n, t in report["ops"].items() if t["failures"]]
     if failed:
         click.echo(f"FAILED: {', '.join(failed)}; reproduce a minimal case with "

@@ -28,17 +28,46 @@ from scipy.special import erf
 
 from . import config
 from . import ops as _ops
-from ._checks import check_array
+from ._checks import check_array, check_real, check_shape
 from .precision import float_dtype
 
 
-def _check_dtypes(**arrays):
+def _check_dtypes(ndim=None, **arrays):
     """Each array's dtype must be the current precision (TypeError naming it, as every op;
-    ``None`` entries skipped). No finite-value scan: the layers' inputs come from checked ops,
-    and a non-finite result is caught where it is used (the model's next op, the trainer)."""
+    ``None`` entries skipped) and, for the names in ``ndim`` (``{name: rank}``), its rank
+    (ValueError). No finite-value scan: the layers' inputs come from checked ops, and a
+    non-finite result is caught where it is used (the model's next op, the trainer). The
+    shapes are checked by each layer (O(1); the Numba kernels read without bounds checks)."""
+    ndim = ndim or {}
     for name, a in arrays.items():
         if a is not None:
-            check_array(name, a, finite=False)
+            check_array(name, a, ndim.get(name), finite=False)
+
+
+def _check_rank(name, a, ndim):
+    """``a``'s rank only (an op whose ``*_fwd`` checks the dtype and takes any rank): the
+    message of :func:`refimpl._checks.check_array`'s."""
+    if isinstance(a, np.ndarray) and a.ndim != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got shape {a.shape} (rank {a.ndim})")
+
+
+def _check_shape(name, a, shape, axes):
+    """:func:`refimpl._checks.check_shape` (``None`` matches any size), its message naming the
+    axes too: ``b must have shape (2H,) = (8,), got (9,)``."""
+    if a.shape == shape:  # the common case, without the helper's loop
+        return
+    try:
+        check_shape(name, a, shape)
+    except ValueError:
+        want = ", ".join("*" if n is None else str(n) for n in shape)
+        raise ValueError(f"{name} must have shape {axes} = ({want}{',' * (len(shape) == 1)}), "
+                         f"got {a.shape}") from None
+
+
+def _check_cotangent(name, d, shape):
+    """A cotangent's dtype and shape (the backward kernels read it without bounds checks)."""
+    _check_dtypes(**{name: d})
+    _check_shape(name, d, shape, "(B, H, L)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +160,10 @@ def chanmix_dW(dy, x):
 
 def linear_fwd(x, W, b=None):
     """``y[:, o, t] = sum_i W[o, i] x[:, i, t] + b[o]``: x (B, Hin, L) -> (B, Hout, L)."""
-    _check_dtypes(x=x, W=W, b=b)
+    _check_dtypes(x=x, W=W, b=b, ndim={"x": 3, "W": 2, "b": 1})
+    _check_shape("W", W, (None, x.shape[1]), "(Hout, Hin)")
+    if b is not None:
+        _check_shape("b", b, (W.shape[0],), "(Hout,)")
     y = chanmix(W, x)  # (B, Hout, L)
     if b is not None:
         y += b[:, None]
@@ -259,7 +291,7 @@ def gelu_bwd(cache, dy):
     (NumPy's SIMD ``exp``, then one fused pass).
     """
     x, Phi = cache
-    _check_dtypes(dy=dy)
+    _check_cotangent("dy", dy, x.shape)
     e = -0.5 * x  # (B, H, L)
     e *= x
     np.exp(e, out=e)
@@ -355,8 +387,10 @@ def glu_fwd(s, W, b):
     :func:`chanmix`'s two for long rows, one GEMM instead of ``B`` small ones for short rows,
     and no copy in the backward's ``dW``.
     """
-    _check_dtypes(s=s, W=W, b=b)
+    _check_dtypes(s=s, W=W, b=b, ndim={"s": 3, "W": 2, "b": 1})
     Bsz, H, L = s.shape
+    _check_shape("W", W, (2 * H, H), "(2H, H)")
+    _check_shape("b", b, (2 * H,), "(2H,)")  # the gate kernel reads b[H + h] for every h < H
     if GLU_BATCHED_MIN_L < L <= BATCHED_MAX_L:
         o = chanmix(W, s)  # (B, 2H, L), without the bias (added in the gate's first pass)
         a, g, z = _glu_gate(o, b)  # (B, H, L) each
@@ -395,7 +429,7 @@ def glu_bwd(cache, dz):
     ``(B, H, L)``.
     """
     (s, W, batch_major), a, g = cache
-    _check_dtypes(dz=dz)
+    _check_cotangent("dz", dz, a.shape)
     Bsz, H, L = a.shape
     do_cm = None
     if batch_major:
@@ -445,7 +479,13 @@ def gsu_fwd(x, W, b, c, Tx=None, TW=None):
     ``(v W)_j = sum_i v_i W[i, j]``. ``Tx``, ``TW`` may be given to hold the quantised values
     fixed (gradient checks: the backward treats them as constants by definition).
     """
-    _check_dtypes(x=x, W=W, b=b, c=c, Tx=Tx, TW=TW)
+    _check_dtypes(x=x, W=W, b=b, c=c, Tx=Tx, TW=TW, ndim={"x": 3})
+    H = x.shape[1]
+    for name, a, shape, axes in (("W", W, (H, H), "(H, H)"), ("b", b, (H,), "(H,)"),
+                                 ("c", c, (H,), "(H,)"), ("Tx", Tx, x.shape, "(B, H, L)"),
+                                 ("TW", TW, (H, H), "(H, H)")):
+        if a is not None:
+            _check_shape(name, a, shape, axes)
     Tx = ternary(x, axis=1) if Tx is None else Tx  # (B, H, L), max over channels per token
     TW = ternary(W) if TW is None else TW  # (H, H), max over the matrix
     P = chanmix(W.T, Tx) + b[:, None]  # (B, H, L): P[:, j] = sum_i Tx[:, i] W[i, j]
@@ -457,7 +497,7 @@ def gsu_bwd(cache, dz):
     """Returns ``(dx, dW, db, dc)``. ``Ter`` passes no gradient **[choice]**: ``dx`` flows only
     through ``Q = x Ter(W) + c`` and ``dW`` only through ``P = Ter(x) W + b``."""
     Tx, TW, P, Q = cache
-    _check_dtypes(dz=dz)
+    _check_cotangent("dz", dz, P.shape)
     dP, dQ = dz * Q, dz * P  # (B, H, L) each
     dW = chanmix_dW(Tx, dP)  # (H, H) = sum_{b,l} Tx dP^T
     db = dP.sum(axis=(0, 2))  # (H,)
@@ -545,9 +585,13 @@ def _layernorm_bwd(xh, rstd, gamma, dy, dx, dgamma, dbeta):
 def layernorm_fwd(x, gamma, beta, eps=1e-5):
     """LayerNorm over channels per token: x (B, H, L), gamma, beta (H,).
 
-    The cache is ``(xh (B, H, L), rstd (B, 1, L), gamma)``.
+    The cache is ``(xh (B, H, L), rstd (B, 1, L), gamma)``. ``eps > 0`` (0 would divide by
+    zero on a constant token).
     """
-    _check_dtypes(x=x, gamma=gamma, beta=beta)
+    _check_dtypes(x=x, gamma=gamma, beta=beta, ndim={"x": 3})
+    _check_shape("gamma", gamma, (x.shape[1],), "(H,)")  # the kernel reads gamma[h], beta[h]
+    _check_shape("beta", beta, (x.shape[1],), "(H,)")
+    check_real("eps", eps, lo=0.0, lo_open=True)
     x = np.ascontiguousarray(x)
     y, xh = np.empty_like(x), np.empty_like(x)  # (B, H, L) each
     rstd = np.empty((x.shape[0], 1, x.shape[2]), dtype=x.dtype)  # (B, 1, L)
@@ -561,7 +605,7 @@ def layernorm_bwd(cache, dy):
     """Returns ``(dx, dgamma, dbeta)``: ``dx = rstd (g - mean(g) - xh mean(g xh))``,
     ``g = dy gamma``."""
     xh, rstd, gamma = cache
-    _check_dtypes(dy=dy)
+    _check_cotangent("dy", dy, xh.shape)
     Bsz, H, _ = xh.shape
     dx = np.empty_like(xh)  # (B, H, L)
     dg_rows, db_rows = np.empty((Bsz, H), xh.dtype), np.empty((Bsz, H), xh.dtype)  # per row
@@ -589,6 +633,16 @@ def batchnorm_fwd(x, gamma, beta, running_mean, running_var, training, momentum=
     """
     _check_dtypes(x=x, gamma=gamma, beta=beta, running_mean=running_mean,
                   running_var=running_var)
+    H = x.shape[channel_axis]
+    for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_shape(name, a, (H,), "(H,)")
+    check_real("momentum", momentum, 0.0, 1.0)
+    check_real("eps", eps, lo=0.0, lo_open=True)
+    if H and running_var.min() < 0:  # O(H): a variance, read as such in eval mode
+        c = int(running_var.argmin())
+        raise ValueError(f"running_var must be >= 0 (a variance), got {running_var[c]} at "
+                         f"channel {c}")
     axes = tuple(i for i in range(x.ndim) if i != channel_axis)
     col = tuple(-1 if i == channel_axis else 1 for i in range(x.ndim))  # e.g. (1, H, 1)
     if training:
@@ -652,7 +706,21 @@ def meanpool_bwd(shape, dy):
 
 
 def cross_entropy_fwd(logits, labels):
-    """Mean cross-entropy: logits (B, C), labels int64 (B,) -> scalar loss, cache."""
+    """Mean cross-entropy: logits (B, C), labels int64 (B,) in ``[0, C)`` -> scalar loss, cache.
+
+    The shapes and the label range are checked (O(B); a label out of range would index another
+    row's logit, or wrap: -1 the last class); not the dtypes (the callers' evaluation loops
+    pass the model's float32 logits outside ``precision.using``; the op checks them)."""
+    if np.ndim(logits) != 2:
+        raise ValueError(f"logits must have rank 2 (B, C), got shape {np.shape(logits)}")
+    Bsz, C = logits.shape
+    labels = np.asarray(labels)
+    if labels.shape != (Bsz,):
+        raise ValueError(f"labels must have shape ({Bsz},) (one per row of logits), got "
+                         f"{labels.shape}")
+    if Bsz and (labels.min() < 0 or labels.max() >= C):
+        raise ValueError(f"labels must lie in [0, {C}) (C = logits.shape[1]), got range "
+                         f"[{labels.min()}, {labels.max()}]")
     z = logits - logits.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # (B, C)
     loss = -logp[np.arange(len(labels)), labels].mean()
@@ -801,6 +869,7 @@ class GELUCache(NamedTuple):
 
 
 def _gelu_op(inputs, params, cfg=None, state=None):
+    _check_rank("x", inputs["x"], 3)  # gelu_fwd itself takes any rank (elementwise)
     y, (x, Phi) = gelu_fwd(inputs["x"])
     return _ops.Result({"y": y}, GELUCache(x, Phi), None)
 
@@ -1094,6 +1163,7 @@ class BatchNormCache(NamedTuple):
 
 def _batchnorm_op(inputs, params, cfg=None, state=None):
     cfg = BatchNormConfig() if cfg is None else cfg
+    _check_rank("x", inputs["x"], 3)  # batchnorm_fwd itself takes any rank (channel_axis)
     y, cache, (mean, var) = batchnorm_fwd(inputs["x"], params["gamma"], params["beta"],
                                           inputs["running_mean"], inputs["running_var"],
                                           cfg.training, cfg.momentum, cfg.eps)
@@ -1186,8 +1256,11 @@ class MeanPoolCache(NamedTuple):
 
 
 def _meanpool_op(inputs, params, cfg=None, state=None):
-    _check_dtypes(x=inputs["x"])
-    y, shape = meanpool_fwd(inputs["x"])
+    x = inputs["x"]
+    _check_dtypes(x=x, ndim={"x": 3})
+    if x.shape[2] < 1:
+        raise ValueError(f"x must have at least one time step (L >= 1), got shape {x.shape}")
+    y, shape = meanpool_fwd(x)
     return _ops.Result({"y": y}, MeanPoolCache(shape), None)
 
 
@@ -1301,7 +1374,9 @@ class DropoutCache(NamedTuple):
 
 def _dropout_op(inputs, params, cfg=None, state=None):
     x, mask = inputs["x"], inputs.get("mask")
-    _check_dtypes(x=x, mask=mask)
+    _check_dtypes(x=x, mask=mask, ndim={"x": 3, "mask": 3})
+    if mask is not None:  # one value per batch row and channel, shared over time
+        _check_shape("mask", mask, x.shape[:2] + (1,), "(B, H, 1)")
     y, mask = dropout_fwd(x, mask)
     return _ops.Result({"y": _fresh(y) if mask is None else y}, DropoutCache(mask, x.shape),
                        None)

@@ -597,9 +597,15 @@ class DecoderCache(NamedTuple):
 
 
 def _decoder_op(inputs, params, cfg=None, state=None):
-    h, W = inputs["h"], params["W"]
+    h, W, b = inputs["h"], params["W"], params["b"]
+    for name, a, ndim in (("h", h, 3), ("W", W, 2), ("b", b, 1)):
+        check_array(name, a, ndim, finite=False)  # the precision's dtype, the rank
+    if W.shape[1] != h.shape[1]:
+        raise ValueError(f"W must have shape (V, H) = (*, {h.shape[1]}), got {W.shape}")
+    if b.shape != W.shape[:1]:
+        raise ValueError(f"b must have shape (V,) = ({W.shape[0]},), got {b.shape}")
     z = Ly.chanmix(W, h)  # (B, V, L)
-    z += params["b"][:, None]
+    z += b[:, None]
     logits = np.ascontiguousarray(z.transpose(0, 2, 1))  # (B, L, V)
     return _ops.Result({"logits": logits}, DecoderCache(h, W), None)
 

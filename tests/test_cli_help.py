@@ -131,3 +131,31 @@ def test_help_renders_the_examples_verbatim():
     shown = [line.strip() for line in r.output.splitlines()]
     for line in examples(COMMANDS["refimpl train"]):
         assert line in shown, line
+
+
+def _readme_commands():
+    """Every ``refimpl ...`` line of README.md's code blocks (comments cut)."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = []
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
+        if lang:
+            continue  # Python blocks: tests/test_golden.py and tests/test_conform.py run them
+        for line in body.splitlines():
+            command = line.split("  #")[0].strip()
+            if command.startswith("refimpl ") and "ADAPTER" not in command:
+                lines.append(command)
+    return lines
+
+
+@pytest.mark.parametrize("command", _readme_commands())
+def test_every_readme_command_parses(command):
+    """Every command the README shows parses against today's parsers (options renamed or
+    removed fail here; files the command names need not exist: nothing is invoked)."""
+    try:
+        parse(command)
+    except click.exceptions.Exit as e:  # --help, --version: parsed, and printed
+        assert e.exit_code == 0, command
+    except click.ClickException as e:
+        pytest.fail(f"README: {command!r} does not parse: {e.format_message()}")

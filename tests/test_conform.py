@@ -28,7 +28,8 @@ from refimpl.ops import all_ops
 import conform_adapters as ca
 
 HERE = Path(__file__).resolve().parent
-OPS = all_ops()
+#: refimpl's own ops (a test may register a toy op into the same registry)
+OPS = {n: o for n, o in all_ops().items() if o.fwd.__module__.startswith("refimpl.")}
 
 
 def spec(name):
@@ -43,7 +44,7 @@ def spec(name):
 @pytest.mark.parametrize("adapter, precision", [("reference", "float64"),
                                                 ("reference32", "float32")])
 def test_the_reference_adapter_conforms_for_every_op(adapter, precision, tmp_path):
-    report = E.conform(spec(adapter), precision=precision, examples=20, seed=0,
+    report = E.conform(spec(adapter), ops=list(OPS), precision=precision, examples=20, seed=0,
                        out=tmp_path / "failures")
     assert set(report["ops"]) == set(OPS)
     for name, t in report["ops"].items():
@@ -238,3 +239,62 @@ def test_cli_lists_the_ops():
     assert r.exit_code == 0
     for name in OPS:
         assert f"\n{name} " in r.output
+
+
+# --------------------------------------------------------------------------------------------
+# README: the conform section works as shown
+# --------------------------------------------------------------------------------------------
+
+def test_readme_conform_section_works_as_shown(tmp_path, monkeypatch):
+    """Its file blocks written where they say, its commands run from a folder outside the
+    checkout with the exit status they state (``# exit 1``; else 0)."""
+    import re
+    import shlex
+    text = (HERE.parent / "README.md").read_text()
+    start = text.index("## Check a live backend at its own shapes: `refimpl conform`")
+    section = text[start:text.index("\n## ", start + 10)]
+    root = str(tmp_path / "my_backend")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    files = ran = 0
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", section, re.S):
+        body = body.replace("/tmp/my_backend", root)
+        if lang == "python":
+            first, _, code = body.partition("\n")
+            assert first.startswith("# file: "), first
+            path = Path(first[len("# file: "):])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(code)
+            files += 1
+            continue
+        for line in body.splitlines():
+            command, _, comment = line.partition("#")
+            args = shlex.split(command)
+            assert args[0] == "refimpl", line
+            want = 1 if "exit 1" in comment else 0
+            r = CliRunner().invoke(main, args[1:])
+            assert r.exit_code == want, (line, r.output)
+            ran += 1
+    assert files == 1 and ran == 6
+    # what the section says the minimal case is
+    failures = tmp_path / "my_backend" / "failures"
+    case = read_golden(failures / "fftconv.h5").cases["0000"]
+    assert case.data["inputs/u"].shape == (1, 1, 65)  # L > 64: the smallest is 65
+    # ... and the correct adapter passes the committed case
+    cand = tmp_path / "good.h5"
+    r = CliRunner().invoke(main, ["conform", f"{root}/my_adapter.py", "--replay",
+                                  str(failures / "fftconv.h5"), "--candidate", str(cand)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["golden", "verify", str(cand), "--golden", str(failures)])
+    assert r.exit_code == 0, r.output
+
+
+def test_a_case_file_of_an_op_that_passes_now_is_removed_and_others_are_kept(tmp_path):
+    out = tmp_path / "f"
+    E.conform(spec("bug_glu_tail_gate_bias"), ops=["glu"], examples=30, out=out)
+    assert (out / "glu.h5").is_file()
+    (out / "meanpool.h5").write_bytes(b"not conform's")  # a file conform did not write
+    report = E.conform(spec("reference"), ops=["glu", "meanpool"], examples=5, out=out)
+    assert report["passed"] and report["ops"]["glu"]["removed"] == str(out / "glu.h5")
+    assert not (out / "glu.h5").exists() and (out / "meanpool.h5").read_bytes() == \
+        b"not conform's"

@@ -4,9 +4,10 @@ Every registered op has a generator; its examples have the op's names, dtypes an
 configuration fields, sizes within the limits, and refimpl builds them as golden cases
 (:func:`refimpl.golden.generate.regenerate`, with the suite the engine uses): valid ones
 without error, invalid ones rejected (every kind of :data:`~refimpl.conform.strategies.INVALID`
-is checked on its own). ``fixed`` fields are honoured, the regimes the issue asks for appear
-(stateful starts with a nonzero refractory count, extreme ``dt``, membranes exactly at
-``theta``) and hypothesis shrinks a size-dependent failure to the smallest failing size.
+is checked on its own; a layer's message names the argument the kind made invalid).
+``fixed`` fields are honoured, the regimes the issue asks for appear (stateful starts with a
+nonzero refractory count, extreme ``dt``, membranes exactly at ``theta``) and hypothesis
+shrinks a size-dependent failure to the smallest failing size.
 """
 import copy
 import dataclasses
@@ -27,7 +28,8 @@ from refimpl.neurons import RESETS, NeuronConfig
 from refimpl.ops import all_ops, config_fields, get_op
 from refimpl.surrogates import SURROGATES
 
-OPS = list(all_ops())
+#: refimpl's own ops (a test may register a toy op into the same registry)
+OPS = [n for n, o in all_ops().items() if o.fwd.__module__.startswith("refimpl.")]
 #: Inputs of an integer dtype (int64); every other array is float64.
 INTEGER = ("tokens", "labels", "count0")
 #: sizes() key -> the Limits field bounding it.
@@ -36,6 +38,14 @@ SIZE_LIMITS = {"B": "batch", "H": "channels", "L": "length", "N": "state", "V": 
 #: Limits the per-op tests draw from: the defaults, the smallest, small odd ones.
 LIMITS = (Limits(), Limits(1, 1, 1, 2, 1, 1), Limits(batch=3, channels=5, length=9, state=6,
                                                     vocab=7, features=3))
+#: The layer ops (refimpl/layers.py): each has invalid kinds, and refimpl's message for each
+#: names the argument the kind changed (tests/test_layers_validation.py tests the checks).
+LAYER_OPS = ("linear", "embedding", "gelu", "glu", "gsu", "layernorm", "batchnorm", "meanpool",
+             "cross_entropy", "dropout", "lm_decoder")
+#: Invalid kinds whose name does not end in the argument they change.
+KIND_ARGUMENT = {"eps_zero": "eps", "label_C": "labels", "label_negative": "labels",
+                 "empty_L": "x", "mask_per_step": "mask", "running_var_negative": "running_var",
+                 "token_V": "tokens", "token_negative": "tokens"}
 #: An adapter of a library with one neuron configuration (snntorch's Leaky, reset "zero").
 SNNTORCH_ROW = {"reset": "hard", "u_reset": 0.0, "spike_condition": "gt", "surrogate": "atan",
                 "surrogate_scale": None, "grad_mode": "detach_reset", "refractory_steps": 0}
@@ -91,6 +101,14 @@ def check_structure(op, spec, limits):
 def test_every_op_has_a_generator():
     assert set(GENERATORS) == set(OPS), "an op without a strategy (or a strategy without an op)"
     assert set(INVALID) <= set(OPS)
+    assert set(LAYER_OPS) <= set(INVALID), "a layer op without invalid kinds"
+
+
+def _argument(kind_name):
+    """The argument an invalid kind changes: ``shape_b`` -> ``b``, ``config_eps`` -> ``eps``."""
+    if kind_name in KIND_ARGUMENT:
+        return KIND_ARGUMENT[kind_name]
+    return kind_name.split("_", 1)[1]
 
 
 @pytest.mark.parametrize("op_name", OPS)
@@ -118,7 +136,8 @@ def test_examples_build(op_name):
 @pytest.mark.parametrize("op_name", sorted(INVALID))
 def test_every_invalid_kind_is_rejected(op_name):
     """(c) each kind of invalid example, applied to drawn valid ones, is rejected by refimpl
-    with a ValueError or TypeError (the message is recorded as the case's error)."""
+    with a ValueError or TypeError (the message is recorded as the case's error; a layer's
+    starts with the argument's name)."""
     kinds = INVALID[op_name]
     applied = dict.fromkeys(k.name for k in kinds)
 
@@ -131,7 +150,10 @@ def test_every_invalid_kind_is_rejected(op_name):
                 continue
             spec = _make_invalid(copy.deepcopy(base), kind, np.random.default_rng(0))
             assert spec.result == "invalid" and "invalid:" + kind.name in spec.flags
-            assert build(op_name, spec).extra["error"], spec.comment
+            error = build(op_name, spec).extra["error"]
+            assert error, spec.comment
+            if op_name in LAYER_OPS:  # the one-line message names the argument first
+                assert error.startswith(_argument(kind.name) + " "), (spec.comment, error)
             applied[kind.name] = True
 
     prop()

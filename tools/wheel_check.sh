@@ -118,4 +118,51 @@ if [ "$rc" -ne 1 ] || [ "$(wc -l < plot.txt)" -ne 1 ] || ! grep -qF "pip install
 fi
 cat plot.txt
 
+step "refimpl conform: an adapter file of the user's, in process and on the process pool"
+# hypothesis comes with the wheel (install_requires); the pool's spawned workers import the
+# installed refimpl and load the adapter by its path. A correct adapter passes, a planted bug
+# fails with its minimal case, which the installed verify reproduces. Without the dask extra,
+# --scheduler stops with one line naming it.
+cat > adapter.py <<'EOF2'
+import numpy as np
+
+
+def meanpool(inputs, params):
+    x = inputs["x"]
+    if x.ndim != 3 or x.shape[2] == 0:
+        raise ValueError("x must be (B, H, L), L >= 1")
+    return {"y": x.mean(axis=2)}
+
+
+def meanpool_vjp(inputs, params, cotangents):
+    x = inputs["x"]
+    return {"x": np.broadcast_to(cotangents["y"][:, :, None] / x.shape[2], x.shape).copy()}
+
+
+class buggy:  # the VJP without 1 / L
+    meanpool = staticmethod(meanpool)
+
+    @staticmethod
+    def meanpool_vjp(inputs, params, cotangents):
+        x = inputs["x"]
+        return {"x": np.broadcast_to(cotangents["y"][:, :, None], x.shape).copy()}
+EOF2
+"$TMP/venv/bin/refimpl" conform adapter.py --examples 10 --workers 1 | tail -n 1
+"$TMP/venv/bin/refimpl" conform adapter.py --examples 20 --workers 2 | tail -n 1
+if "$TMP/venv/bin/refimpl" conform adapter.py:buggy --examples 10 --workers 1 --out fails > conform.txt; then
+    cat conform.txt; echo "wheel-check: conform passed a planted bug" >&2; exit 1
+fi
+tail -n 1 conform.txt
+"$TMP/venv/bin/refimpl" conform adapter.py:buggy --replay fails/meanpool.h5 --candidate cand.h5 > /dev/null
+if "$TMP/venv/bin/refimpl" golden verify cand.h5 --golden fails > verify.txt; then
+    cat verify.txt; echo "wheel-check: the minimal case did not reproduce" >&2; exit 1
+fi
+grep -m1 MISMATCH verify.txt
+rc=0
+"$TMP/venv/bin/refimpl" conform adapter.py --scheduler tcp://127.0.0.1:8786 > dask.txt 2>&1 || rc=$?
+if [ "$rc" -ne 1 ] || ! grep -qF "pip install 'refimpl[dask]'" dask.txt; then
+    cat dask.txt; echo "wheel-check: --scheduler without dask must name the extra" >&2; exit 1
+fi
+cat dask.txt
+
 step "passed in $((SECONDS - t0)) s"

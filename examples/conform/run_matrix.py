@@ -223,7 +223,7 @@ def _campaign(conform, Limits, target, op, precision, examples, seed, out, takes
     return run
 
 
-def run_rows(examples, seed, only, log=print):
+def run_rows(examples, seed, only, log=print, cases=CASES):
     sys.path.insert(0, str(HERE))
     import inspect
 
@@ -260,7 +260,7 @@ def run_rows(examples, seed, only, log=print):
                             continue
                         row[key] = _campaign(conform, Limits, f"{HERE / fname}:{attr}", op,
                                              obj.PRECISION, examples, seed,
-                                             CASES / label / key.replace("_", "-"),
+                                             cases / label / key.replace("_", "-"),
                                              takes_invalid)
                 except Exception as e:
                     msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
@@ -278,6 +278,41 @@ def run_rows(examples, seed, only, log=print):
     return rows
 
 
+def _summary(rows):
+    """What a matrix says, per row and campaign: the verdict and the minimal counterexample's
+    sizes, form and first failing tensor (not timings or paths)."""
+    out = {}
+    for r in rows:
+        for key in RUNS:
+            run = r.get(key)
+            m = (run or {}).get("minimal") or {}
+            first = m.get("first") or {}
+            out[(r["library"], r["adapter"], r["op"], key)] = (
+                r["verdict"] if run is None else run["verdict"], m.get("sizes"), m.get("form"),
+                first.get("status"), first.get("tensor"), first.get("index"))
+    return out
+
+
+def check(examples, seed):
+    """``--check``: the matrix computed now against the committed one (exit status)."""
+    import tempfile
+    committed = json.loads(MATRIX.read_text())
+    if (committed["examples"], committed["seed"]) != (examples, seed):
+        print(f"--check: matrix.json was made with --examples {committed['examples']} --seed "
+              f"{committed['seed']}; run with those", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="conform-matrix-") as tmp:
+        rows = run_rows(examples, seed, [], cases=Path(tmp))
+    old, new = _summary(committed["rows"]), _summary(rows)
+    diffs = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new), key=str)
+             if old.get(k) != new.get(k)]
+    for k, a, b in diffs:
+        print(f"DIFFERS {' '.join(map(str, k))}: committed {a}, now {b}", file=sys.stderr)
+    print(f"--check: {len(new)} campaigns, {len(diffs)} differ from matrix.json "
+          f"({'run make conform-matrix and commit' if diffs else 'up to date'})")
+    return 1 if diffs else 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--examples", type=int, default=100)
@@ -286,7 +321,13 @@ def main(argv=None):
                     help="run only the rows whose '<module>-<object>:<op>' contains this "
                          "(repeatable); the other rows of matrix.json are kept")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--check", action="store_true",
+                    help="CI: run every row (case files into a temporary folder), compare each "
+                         "campaign's verdict and minimal counterexample with the committed "
+                         "matrix.json, write nothing; exit 1 on any difference")
     args = ap.parse_args(argv)
+    if args.check:
+        return check(args.examples, args.seed)
     os.chdir(ROOT)  # case paths relative to the repository
     t0 = time.perf_counter()
     if not args.only and not args.no_write and CASES.is_dir():

@@ -144,8 +144,10 @@ SPECS = {
     "hard_pq": (dict(soft=False, detach_reset=False), _row("hard", "triangle", "bptt"),
                 "LIFNode(decay_input=False, v_reset=0.0, "
                 "surrogate_function=PiecewiseQuadratic(alpha=1/w))"),
+    # tau = 0.5 (T = 2): the input T x is exact only where T is a power of two; elsewhere an
+    # example whose membrane hits the threshold exactly would flip on that rounding alone
     "soft_decay_input": (dict(soft=True, detach_reset=False, decay_input=True),
-                         _row("soft", "sigmoid", "bptt"),
+                         {**_row("soft", "sigmoid", "bptt"), "tau": 0.5},
                          "LIFNode(decay_input=True, v_reset=None, Sigmoid(alpha)), input T x"),
     "hard_vreset": (dict(soft=False, detach_reset=False, v_reset_from_config=True),
                     _row("hard", "sigmoid", "bptt", fix_u_reset=False),

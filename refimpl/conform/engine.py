@@ -32,7 +32,7 @@ from ..golden.schema import (CANDIDATE_SCHEMA, FAILURES, NO_GRADS, SCHEMA, Case,
 from ..golden.verify import compare_case
 from ..golden.profiles import get_profile
 from ..ops import all_ops, config_fields, get_op
-from .strategies import Limits, draw_spec, sizes
+from .strategies import GENERATORS, Limits, draw_spec, sizes
 
 #: Examples per task: the unit of work of a campaign (a task's hypothesis run). Fixed, so that
 #: the tasks, and with them the report, do not depend on the number of workers.
@@ -488,6 +488,11 @@ def plan(adapter, ops=None, examples=20, seed=0, precision="float64", limits=Non
     else:
         obj = load_adapter(adapter)
         names = [n for n in (ops or registered) if provided(obj, n) is not None]
+    no_strategy = [n for n in names if n not in GENERATORS]
+    if ops and no_strategy:
+        raise AdapterError(f"conform has no strategy for op(s) {no_strategy} (an op registered "
+                           f"outside refimpl.conform.strategies.GENERATORS)")
+    names = [n for n in names if n in GENERATORS]
     missing = {n: "not provided by the adapter" for n in (ops or ()) if n not in names}
     if not names:
         raise AdapterError(f"adapter {adapter_name(obj, adapter)!r} provides none of the ops "
@@ -541,16 +546,29 @@ def _jsonable(v):
     return v
 
 
+def _stale(path):
+    """Whether ``path`` is a case file an earlier conform run wrote (root ``conform_adapter``)."""
+    try:
+        return "conform_adapter" in read_file(path, (SCHEMA,)).attrs
+    except (OSError, ValueError):
+        return False
+
+
 def write_minimal(table, out, attrs):
     """Write each op's minimal case as ``<out>/<op>.h5`` (a one-case golden file, suite =
-    the op) and fill the report's ``minimal`` entries."""
+    the op) and fill the report's ``minimal`` entries. The case file of an op that passes now,
+    left by an earlier run, is removed (a folder of failures holds this run's only); a file
+    conform did not write is never touched."""
     for name, t in table.items():
         case = t.pop("_case", None)
         t.pop("_size", None)
-        if case is None:
-            continue
         suite = suite_for(name)
         path = Path(out) / f"{suite.name}.h5"
+        if case is None:
+            if "skipped" not in t and path.is_file() and _stale(path):
+                path.unlink()
+                t["removed"] = str(path)
+            continue
         Path(out).mkdir(parents=True, exist_ok=True)
         write_file(path, suite.name, [case], overwrite=True, attrs=attrs)
         op = get_op(name)

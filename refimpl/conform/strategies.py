@@ -37,10 +37,10 @@ What an example covers
 - **Invalid examples** (with probability 1/:data:`INVALID_ODDS`, unless ``invalid=False``):
   only kinds that refimpl's op rejects with ``ValueError``/``TypeError`` (:data:`INVALID`:
   NaN inputs, shape mismatches, out-of-range configurations, counts above
-  ``refractory_steps``, tokens ``>= V``, ...); ``result = "invalid"``, the backend must reject
-  them too. gelu, layernorm, meanpool and cross_entropy have none: refimpl does not check
-  their values (NaN passes, by design: :func:`refimpl.layers._check_dtypes`) and rejects no
-  shape error of theirs with a ``ValueError`` (a label ``>= C`` is an ``IndexError``).
+  ``refractory_steps``, tokens ``>= V``, labels outside ``[0, C)``, a sequence of rank 2 or
+  of ``L = 0``, ...); ``result = "invalid"``, the backend must reject them too. The layers
+  (gelu, glu, layernorm, batchnorm, ...) have no NaN kinds: refimpl does not check their
+  values (NaN passes, by design: :func:`refimpl.layers._check_dtypes`).
 
 Examples stay cheap at the default limits (refimpl runs each about four times, forward and
 backward, to build the case): 1 to 4 ms for every op but PMBC, whose parallel kernel costs a
@@ -908,6 +908,24 @@ def _grow(group, name, axis, broadcast=False):
     return Invalid(f"shape_{name}", "bad_shape", applies, apply)
 
 
+def _shrink(group, name, axis):
+    """``<group>/<name>`` one shorter along ``axis`` (a shape mismatch; a parameter read by
+    index in a kernel, such as LayerNorm's ``beta``, would be read past its end)."""
+    def apply(spec, rng):
+        a = getattr(spec, group)[name]
+        getattr(spec, group)[name] = np.delete(a, -1, axis=axis)
+        return f"{name} of shape {getattr(spec, group)[name].shape}"
+    return Invalid(f"short_{name}", "bad_shape", _has(group, name), apply)
+
+
+def _rank2(group, name):
+    """``<group>/<name>`` without its last (time) axis: ``(B, H)`` for ``(B, H, L)``."""
+    def apply(spec, rng):
+        getattr(spec, group)[name] = np.ascontiguousarray(getattr(spec, group)[name][..., 0])
+        return f"{name} of rank 2, shape {getattr(spec, group)[name].shape}"
+    return Invalid(f"rank_{name}", "bad_shape", _has(group, name), apply)
+
+
 def _config(field, value, when=None):
     """Configuration ``field`` set to ``value(spec)`` (out of range), unless fixed."""
     def applies(spec, fixed):
@@ -1042,6 +1060,34 @@ def _token(value):
     return apply
 
 
+def _empty_time(spec, rng):
+    spec.inputs["x"] = np.ascontiguousarray(spec.inputs["x"][..., :0])
+    return f"x of shape {spec.inputs['x'].shape} (L = 0)"
+
+
+def _negative_running_var(spec, rng):
+    rv = np.array(spec.inputs["running_var"])
+    rv[rng.integers(rv.size)] = -0.5
+    spec.inputs["running_var"] = rv
+    return "a running_var < 0"
+
+
+def _label(value):
+    def apply(spec, rng):
+        t = np.array(spec.inputs["labels"])
+        C = spec.inputs["logits"].shape[1]
+        t[rng.integers(t.size)] = value(C)
+        spec.inputs["labels"] = t
+        return f"a label {value(C)} outside [0, {C})"
+    return apply
+
+
+def _per_step_mask(spec, rng):
+    x, mask = spec.inputs["x"], spec.inputs["mask"]
+    spec.inputs["mask"] = np.ascontiguousarray(np.broadcast_to(mask, x.shape))
+    return f"a mask per step, shape {x.shape} (not shared over time)"
+
+
 def _sdn_weight_invalid(neuron=False):
     """Bad fused weights (a neuron given a frozen ``m`` does not read them: not there)."""
     kinds = [_grow("params", "w0", -1), _nan("params", "w3")]
@@ -1069,20 +1115,39 @@ INVALID = {
         _config("tau", lambda spec: 1.0)] + _sdn_weight_invalid(neuron=True),
     "sdn": [_nan("inputs", "x"), _config("theta", lambda spec: -1.0),
             _config("surrogate", lambda spec: "heaviside")] + _sdn_weight_invalid(),
-    "linear": [_grow("params", "W", 1), _grow("params", "b", 0, broadcast=True)],
+    "linear": [_grow("params", "W", 1), _grow("params", "b", 0), _shrink("params", "b", 0),
+               _rank2("inputs", "x")],
     "embedding": [
         _edit("token_V", "invalid_config", _has("inputs", "tokens"), _token(lambda V: V)),
         _edit("token_negative", "invalid_config", _has("inputs", "tokens"),
               _token(lambda V: -1))],
-    "glu": [_grow("params", "W", 1)],
-    "gsu": [_grow("params", "W", 1, broadcast=True), _grow("params", "b", 0, broadcast=True),
-            _grow("params", "c", 0, broadcast=True)],
-    "batchnorm": [_grow("params", "gamma", 0, broadcast=True),
-                  _grow("params", "beta", 0, broadcast=True),
-                  _grow("inputs", "running_mean", 0, broadcast=True),
-                  _grow("inputs", "running_var", 0, broadcast=True)],
-    "dropout": [_grow("inputs", "mask", 1, broadcast=True)],
-    "lm_decoder": [_grow("params", "W", 1), _grow("params", "b", 0, broadcast=True)],
+    "gelu": [_rank2("inputs", "x")],
+    "glu": [_grow("params", "W", 1), _grow("params", "b", 0), _shrink("params", "b", 0),
+            _rank2("inputs", "s")],
+    "gsu": [_grow("params", "W", 1), _grow("params", "b", 0), _grow("params", "c", 0),
+            _rank2("inputs", "x")],
+    "layernorm": [_grow("params", "gamma", 0), _shrink("params", "beta", 0),
+                  _rank2("inputs", "x"), _config("eps", lambda spec: -spec.config["eps"]),
+                  _config("eps", lambda spec: 0.0)._replace(name="eps_zero")],
+    "batchnorm": [_grow("params", "gamma", 0), _shrink("params", "beta", 0),
+                  _grow("inputs", "running_mean", 0), _shrink("inputs", "running_var", 0),
+                  _rank2("inputs", "x"), _config("momentum", lambda spec: 1.5),
+                  _config("eps", lambda spec: -spec.config["eps"]),
+                  _edit("running_var_negative", "invalid_config", _has("inputs", "running_var"),
+                        _negative_running_var)],
+    "meanpool": [_rank2("inputs", "x"),
+                 _edit("empty_L", "bad_shape", _has("inputs", "x"), _empty_time)],
+    "cross_entropy": [
+        _edit("label_C", "invalid_config", _has("inputs", "labels"), _label(lambda C: C)),
+        _edit("label_negative", "invalid_config", _has("inputs", "labels"),
+              _label(lambda C: -1)),
+        _grow("inputs", "labels", 0), _shrink("inputs", "labels", 0)],
+    "dropout": [_grow("inputs", "mask", 1), _rank2("inputs", "x"),
+                _edit("mask_per_step", "bad_shape",
+                      lambda spec, fixed: "mask" in spec.inputs and spec.inputs["x"].shape[2] > 1,
+                      _per_step_mask)],
+    "lm_decoder": [_grow("params", "W", 1), _grow("params", "b", 0), _shrink("params", "b", 0),
+                   _rank2("inputs", "h")],
 }
 
 
