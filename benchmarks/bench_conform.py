@@ -25,10 +25,9 @@ The recording run also times those parts (:func:`recording`: ``engine.draw_spec`
 hypothesis's engine, the end-state probe of an op with a state (one forward), the chunk
 boundaries and conform's bookkeeping. That breakdown, one run and not a median, is in the notes.
 
-Three more rows: ``pmbc`` with one Numba thread (PMBC is the one op with a parallel kernel;
-see its note), one float32 campaign (``reference32`` judged at the float32 profile) over a few
-ops beside the same campaign at float64, and the process pool: a mixed campaign (every op but
-PMBC) on ``workers=2`` beside ``workers=1``, pool start-up included.
+Two more rows: one float32 campaign (``reference32`` judged at the float32 profile) over a few
+ops beside the same campaign at float64, and the process pool: a mixed campaign of every op on
+``workers=2`` beside ``workers=1``, pool start-up included.
 
 ``--quick`` (smoke test): small limits, 10 examples per op, small float32 and pool campaigns.
 """

@@ -16,6 +16,15 @@ from . import options
 from .common import fail, progress
 
 
+#: The --max-* options: a field of Limits each (its default), its least value, its help.
+LIMIT_OPTIONS = (("batch", 1, "Largest batch B of an example."),
+                 ("channels", 1, "Largest channel count H."),
+                 ("length", 1, "Largest sequence length L."),
+                 ("state", 2, "Largest S4D state size N (even)."),
+                 ("vocab", 1, "Largest vocabulary or class count V."),
+                 ("features", 1, "Largest input and output width of linear."))
+
+
 def _parse_config(values):
     """``--config [OP.]NAME=VALUE`` -> ``{op or None: {name: value}}`` (numbers and booleans
     parsed, strings kept)."""
@@ -82,18 +91,9 @@ def _report_table(report):
 @click.option("--examples", default=20, show_default=True, type=click.IntRange(min=1),
               help="Examples per op (drawn by hypothesis; a failure ends its task early).")
 @options.seed_opt()
-@click.option("--max-batch", default=Limits.batch, show_default=True,
-              type=click.IntRange(min=1), help="Largest batch B of an example.")
-@click.option("--max-channels", default=Limits.channels, show_default=True,
-              type=click.IntRange(min=1), help="Largest channel count H.")
-@click.option("--max-length", default=Limits.length, show_default=True,
-              type=click.IntRange(min=1), help="Largest sequence length L.")
-@click.option("--max-state", default=Limits.state, show_default=True,
-              type=click.IntRange(min=2), help="Largest S4D state size N (even).")
-@click.option("--max-vocab", default=Limits.vocab, show_default=True,
-              type=click.IntRange(min=1), help="Largest vocabulary or class count V.")
-@click.option("--max-features", default=Limits.features, show_default=True,
-              type=click.IntRange(min=1), help="Largest input and output width of linear.")
+@options.compose(*(click.option(f"--max-{field}", f"max_{field}", default=getattr(Limits, field),
+                                show_default=True, type=click.IntRange(min=low), help=text)
+                   for field, low, text in LIMIT_OPTIONS))
 @click.option("--config", "config", multiple=True, metavar="[OP.]NAME=VALUE",
               help="Fix a configuration field in every example (e.g. reset=soft, "
                    "neuron.spike_condition=gt); repeatable; over the adapter's CONFIG.")
@@ -114,9 +114,8 @@ def _report_table(report):
               help="With --replay: the candidate file to write.")
 @click.option("--list-ops", is_flag=True, help="List the ops, their arguments and exit.")
 @options.json_opt
-def conform(adapter, ops, precision, examples, seed, max_batch, max_channels, max_length,
-            max_state, max_vocab, max_features, config, no_invalid, out, workers, scheduler,
-            command, replay, candidate, list_ops, json_path):
+def conform(adapter, ops, precision, examples, seed, config, no_invalid, out, workers,
+            scheduler, command, replay, candidate, list_ops, json_path, **max_sizes):
     """Check a backend against refimpl on examples drawn by hypothesis.
 
     ADAPTER names a Python adapter: a file (path/to/adapter.py) or module, optionally with
@@ -157,8 +156,7 @@ def conform(adapter, ops, precision, examples, seed, max_batch, max_channels, ma
                    f"{_dir_of(replay)} --precision {precision}")
         return
     fixed = _parse_config(config)
-    limits = Limits(batch=max_batch, channels=max_channels, length=max_length, state=max_state,
-                    vocab=max_vocab, features=max_features)
+    limits = Limits(**{field: max_sizes[f"max_{field}"] for field, _, _ in LIMIT_OPTIONS})
     try:
         if None in fixed:  # unqualified NAME=VALUE: every op whose config has NAME
             common = fixed.pop(None)

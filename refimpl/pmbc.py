@@ -218,15 +218,7 @@ def _check(x, cfg, rho, state=None):
     return x, kind, b_rows, u0, c0
 
 
-#: Fewest elements ``B H L`` for which :func:`pmbc_fwd` runs its rows in parallel threads by
-#: default. Measured on the 2-core machine (issue 24, seconds per call, parallel / serial):
-#: 1 x 1: 11.7 ms / 0.03 ms; 32 x 128: 11.6 / 0.20 ms; 256 x 256: 11.7 / 4.5 ms; 1024 x 1024:
-#: 77 / 70 ms: the threaded kernel costs a fixed ~11 ms per call here, which the small calls
-#: of streams, golden cases and ``refimpl conform`` paid hundreds of times.
-PARALLEL_MIN = 1 << 18
-
-
-def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=None, state=None, return_state=False):
+def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True, state=None, return_state=False):
     """Exact parallel spiking of the neuron ``cfg`` by boundary compression.
 
     Parameters
@@ -240,9 +232,8 @@ def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=None, state=None, return_
         (:func:`refimpl.neurons.check_rho`).
     max_iter : int or None
         Cap on evaluations of ``F`` per row; default ``L + 1`` (always enough).
-    parallel : bool or None, default None
-        Rows in parallel threads (``prange``); ``False`` runs the serial twin. Same results
-        (rows are independent). None: parallel from :data:`PARALLEL_MIN` elements on.
+    parallel : bool, default True
+        Rows in parallel threads (``prange``); ``False`` runs the serial twin. Same results.
     state : refimpl.neurons.NeuronState or None, default None
         Initial state (module docstring); ``None`` is the zero state.
     return_state : bool, default False
@@ -265,8 +256,6 @@ def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=None, state=None, return_
     x2 = x.reshape(-1, L)  # (B*H, L)
     s, h, u = (np.empty_like(x2) for _ in range(3))  # (B*H, L)
     iters = np.empty(x2.shape[0], dtype=np.int64)  # (B*H,)
-    if parallel is None:
-        parallel = x2.size >= PARALLEL_MIN
     kernel = _pmbc_rows if parallel else _pmbc_rows_serial
     kernel(x2, u0, c0, float(cfg.tau), float(cfg.theta), b_rows, kind, int(cfg.refractory_steps),
            cfg.theta_fire, max_iter, s, h, u, iters)
@@ -355,7 +344,7 @@ def rounding_bound(x, cfg, rho=None, state=None):
 # ---- the op contract (refimpl.ops) -----------------------------------------------------------
 
 
-def _pmbc_op(inputs, params, cfg=None, state=None, end_state=True, parallel=None):
+def _pmbc_op(inputs, params, cfg=None, state=None, end_state=True, parallel=True):
     cfg = NeuronConfig() if cfg is None else cfg
     x, rho = inputs["x"], params.get("rho")
     if end_state:

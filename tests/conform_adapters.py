@@ -87,24 +87,24 @@ def _end_entries(st):
     return out
 
 
-def _read64(a):
-    """An array as float64 / complex128 (integers kept)."""
+def _read(a, real, complex_):
+    """An array as ``real`` / ``complex_`` (integers kept)."""
     a = np.asarray(a)
     if a.dtype.kind == "f":
-        return a.astype(np.float64)
+        return a.astype(real)
     if a.dtype.kind == "c":
-        return a.astype(np.complex128)
+        return a.astype(complex_)
     return a
+
+
+def _read64(a):
+    """An array as float64 / complex128 (integers kept)."""
+    return _read(a, np.float64, np.complex128)
 
 
 def _read32(a):
     """An array rounded to float32 / complex64 (integers kept)."""
-    a = np.asarray(a)
-    if a.dtype.kind == "f":
-        return a.astype(np.float32)
-    if a.dtype.kind == "c":
-        return a.astype(np.complex64)
-    return a
+    return _read(a, np.float32, np.complex64)
 
 
 def _up(a):

@@ -298,3 +298,18 @@ def test_a_case_file_of_an_op_that_passes_now_is_removed_and_others_are_kept(tmp
     assert report["passed"] and report["ops"]["glu"]["removed"] == str(out / "glu.h5")
     assert not (out / "glu.h5").exists() and (out / "meanpool.h5").read_bytes() == \
         b"not conform's"
+
+
+def test_cli_size_limits_reach_every_example(tmp_path):
+    r = _run([spec("reference"), "--op", "meanpool", "--examples", "10", "--workers", "1",
+              "--max-batch", "1", "--max-channels", "2", "--max-length", "3",
+              "--json", tmp_path / "r.json"])
+    assert r.exit_code == 0, r.output
+    limits = json.loads((tmp_path / "r.json").read_text())["limits"]
+    assert (limits["batch"], limits["channels"], limits["length"]) == (1, 2, 3)
+    # a bug that needs L > 1 cannot hide behind the limit: at L <= 3 it still shows
+    r = _run([spec("bug_meanpool_vjp_no_divide"), "--op", "meanpool", "--examples", "20",
+              "--workers", "1", "--max-length", "3", "--out", tmp_path / "f"])
+    assert r.exit_code == 1, r.output
+    x = read_golden(tmp_path / "f" / "meanpool.h5").cases["0000"].data["inputs/x"]
+    assert x.shape[2] <= 3 and x.shape[2] == 2
