@@ -40,24 +40,30 @@ def main():
 
 @main.command()
 def info():
-    """Versions, thread counts (Numba, BLAS) and Numba status.
+    """Versions, the threads refimpl uses (and why), and Numba status.
 
-    Prints the versions of refimpl, Python and its dependencies, the CPU core count, the Numba
-    and BLAS thread settings, whether Numba's JIT and fast-math are on, and the cache folder:
-    what to attach to a bug report or a benchmark.
+    Prints the versions of refimpl, Python and its dependencies, the cores, the thread
+    setting (REFIMPL_THREADS: auto or a number) and what each pool uses now: refimpl's own pool
+    (which runs the large passes, the GEMMs and the PMBC rows), scipy.fft's workers, BLAS (one
+    thread inside refimpl; its own setting outside), Numba (no parallel kernels); whether
+    Numba's JIT and fast-math are on, and the cache folder: what to attach to a bug report or a
+    benchmark.
 
     Examples:
 
     \b
       refimpl info
+      REFIMPL_THREADS=1 refimpl info
     """
     import h5py
     import numba
     import numpy
     import scipy
 
-    from refimpl import config
+    from refimpl import config, threads
 
+    busy = threads.busy_elsewhere()
+    setting = threads.setting()
     rows = [
         ("refimpl", refimpl.__version__),
         ("python", platform.python_version()),
@@ -66,23 +72,28 @@ def info():
         ("numba", numba.__version__),
         ("h5py", h5py.__version__),
         ("click", importlib.metadata.version("click")),
+        ("threadpoolctl", importlib.metadata.version("threadpoolctl")),
         ("platform", platform.platform()),
-        ("cpu cores", str(os.cpu_count())),
-        ("numba threads",
-         f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})"),
-        ("numba threading layer", numba.config.THREADING_LAYER),
+        ("cpu cores", f"{os.cpu_count()} ({threads.cores()} available to this process)"),
+        ("busy elsewhere", "unknown (no /proc/loadavg)" if busy is None else
+         f"{busy} running thread(s) of other processes now"),
+        ("threads setting", f"{threads.ENV}=" + (
+            f"{setting} (fixed)" if setting is not None else
+            "auto (the available cores less the busy ones, sampled as refimpl runs)")),
+        ("refimpl pool", f"{threads.count()} thread(s) now (the large passes, GEMMs split by "
+                         f"rows, PMBC rows)"),
+        ("fft workers", f"{threads.count()} now (scipy.fft workers=)"),
+        ("blas", "; ".join(f"{api} {version}: 1 thread inside refimpl, {n} outside"
+                           for api, version, n in threads.blas_threads()) or "none loaded"),
+        ("numba threads", "no parallel kernels (refimpl's pool calls the cached serial ones)"),
         ("numba JIT", "disabled (NUMBA_DISABLE_JIT=1)" if numba.config.DISABLE_JIT else "enabled"),
         ("fastmath", f"{config.FASTMATH} (reference path requires False)"),
         ("cache dir", numba.config.CACHE_DIR or "next to the sources (__pycache__)"),
-        ("blas", _blas_name(numpy)),
-        ("blas threads", _blas_threads()),
+        ("blas build", _blas_name(numpy)),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
-
-
-_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _blas_name(numpy):
@@ -92,15 +103,6 @@ def _blas_name(numpy):
         return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
     except Exception:  # older NumPy: no mode="dicts"
         return "see numpy.show_config()"
-
-
-def _blas_threads():
-    """The environment variables that set the BLAS thread count (read when NumPy loads)."""
-    set_ = [f"{k}={os.environ[k]}" for k in _BLAS_THREAD_VARS if k in os.environ]
-    if set_:
-        return ", ".join(set_)
-    return ("default: one per core (set OPENBLAS_NUM_THREADS or OMP_NUM_THREADS before "
-            "starting to change it)")
 
 
 def _fmt(v, spec):

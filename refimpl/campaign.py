@@ -40,7 +40,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 #: The environment of every pool worker, set when it starts (before it imports NumPy or Numba).
 WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-              "MKL_NUM_THREADS": "1", "REFIMPL_FFT_WORKERS": "1"}
+              "MKL_NUM_THREADS": "1", "REFIMPL_THREADS": "1"}
 
 #: How to install the optional Dask support.
 DASK_INSTALL = "pip install 'refimpl[dask]'"

@@ -13,10 +13,5 @@ FASTMATH: bool = os.environ.get("REFIMPL_FASTMATH", "0") not in ("", "0", "false
 #: Options shared by all serial leaf kernels (cached on disk, deterministic).
 NJIT_OPTS = dict(cache=True, fastmath=FASTMATH, nogil=True)
 
-#: Options of the row-parallel kernels (``prange`` over independent rows, disjoint writes).
-#: No ``cache``: caching ``parallel=True`` kernels is unsafe (pynndescent PR #175).
-PARALLEL_OPTS = dict(parallel=True, fastmath=FASTMATH, nogil=True)
-
-#: Threads for scipy.fft (``workers=``). Rows are transformed independently, so the result does
-#: not depend on this number; override with ``REFIMPL_FFT_WORKERS``.
-FFT_WORKERS: int = int(os.environ.get("REFIMPL_FFT_WORKERS", "0")) or (os.cpu_count() or 1)
+#: No kernel is compiled with ``parallel=True``: refimpl's threads are its own pool
+#: (:mod:`refimpl.threads`), which calls these cached serial kernels on row ranges.

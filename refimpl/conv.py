@@ -25,6 +25,7 @@ import scipy.fft as sfft
 from numba import njit
 
 from . import config
+from . import threads
 from . import ops as _ops
 from ._checks import check_array, check_name, check_shape
 
@@ -36,12 +37,12 @@ def fft_length(L):
 
 def _rfft(a, n):
     """Real FFT of length ``n`` along the last axis (rows in parallel, same result)."""
-    return sfft.rfft(a, n=n, axis=-1, workers=config.FFT_WORKERS)
+    return sfft.rfft(a, n=n, axis=-1, workers=threads.count())
 
 
 def _irfft(a, n):
     """Inverse of :func:`_rfft`."""
-    return sfft.irfft(a, n=n, axis=-1, workers=config.FFT_WORKERS)
+    return sfft.irfft(a, n=n, axis=-1, workers=threads.count())
 
 
 def _check_conv(u, K, D):
@@ -244,12 +245,21 @@ def _diagonal_sums(dT, bidirectional, dK0, dK1):
                 dK1[h, j] = acc
 
 
+def _over_channels(fn, u):
+    """``fn(h0, h1)`` over channel ranges on :func:`refimpl.threads.run`'s threads: one
+    ``(B, L) @ (L, L)`` GEMM per channel whatever the split (BLAS on one thread)."""
+    Bsz, H, L = u.shape
+    threads.run(fn, H, Bsz * H * L * L // 8)
+
+
 def _toeplitz_fwd(u, K, D):
     """The Toeplitz form of :func:`_fwd`: one ``(B, L) @ (L, L)`` GEMM per channel."""
     T, Tt = _toeplitz(K, u.shape[-1])  # (H, L, L) each
     uh = u.transpose(1, 0, 2)  # (H, B, L) view, rows contiguous (BLAS reads it as it is)
     with np.errstate(over="ignore", invalid="ignore"):
-        y = np.ascontiguousarray(np.matmul(uh, Tt).transpose(1, 0, 2))  # (B, H, L)
+        yh = np.empty(uh.shape, np.result_type(uh, Tt))  # (H, B, L)
+        _over_channels(lambda h0, h1: np.matmul(uh[h0:h1], Tt[h0:h1], out=yh[h0:h1]), u)
+        y = np.ascontiguousarray(yh.transpose(1, 0, 2))  # (B, H, L)
         if D is not None:
             y += D[:, None] * u  # (B, H, L)
     _check_finite("conv", y=y)
@@ -264,8 +274,15 @@ def _toeplitz_bwd(c, dy):
     dyt = np.ascontiguousarray(dy.transpose(1, 2, 0))  # (H, L, B): NumPy's stacked matmul
     # calls BLAS only for matrices with contiguous rows, so dy^T is copied once
     with np.errstate(over="ignore", invalid="ignore"):
-        du = np.ascontiguousarray(np.matmul(dyh, T).transpose(1, 0, 2))  # (B, H, L)
-        dT = np.matmul(dyt, u.transpose(1, 0, 2))  # (H, L, L) = sum_b dy^T u
+        duh = np.empty(dyh.shape, np.result_type(dyh, T))  # (H, B, L)
+        dT = np.empty(T.shape, np.result_type(dyt, u))  # (H, L, L) = sum_b dy^T u
+        uh = u.transpose(1, 0, 2)  # (H, B, L) view
+
+        def channels(h0, h1):
+            np.matmul(dyh[h0:h1], T[h0:h1], out=duh[h0:h1])
+            np.matmul(dyt[h0:h1], uh[h0:h1], out=dT[h0:h1])
+        _over_channels(channels, u)
+        du = np.ascontiguousarray(duh.transpose(1, 0, 2))  # (B, H, L)
         dK0, dK1 = np.empty((H, L), dT.dtype), np.empty((H, L), dT.dtype)  # (H, L) each
         _diagonal_sums(dT, K.ndim == 3, dK0, dK1)
         dK = np.stack([dK0, dK1]) if K.ndim == 3 else dK0  # (2, H, L) or (H, L)

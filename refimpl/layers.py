@@ -9,25 +9,24 @@ The matrix products are BLAS calls on the ``(B, H, L)`` layout as it is (no tran
 :func:`chanmix`, :func:`chanmix_dW`); the elementwise passes of the GLU and of LayerNorm are
 fused into serial Numba kernels (``fastmath`` from :mod:`refimpl.config`, one pass instead of
 several NumPy temporaries), each next to its NumPy form in a comment. Large passes run on
-``numba.get_num_threads()`` threads over disjoint batch rows (:func:`_over_batch`); sums over
+threads over disjoint batch rows (:func:`_over_batch`, :mod:`refimpl.threads`); sums over
 the batch are kept per row and added in row order afterwards (:func:`_sum_rows`), so the
-results do not depend on refimpl's thread count. BLAS's own threads: ``dgemm`` (float64) sums
-in the same order at any thread count; OpenBLAS's threaded ``sgemm`` does not on every CPU
-(one float32 ulp on an AMD EPYC, tests/test_speed_threads.py), so the float32 variant is
-reproducible for a given ``OPENBLAS_NUM_THREADS``.
+results do not depend on refimpl's thread count. BLAS runs on one thread inside refimpl
+(:func:`refimpl.threads.owned`) and every GEMM is split into calls whose shapes depend on the
+arrays only (one per batch row, or fixed column blocks: :func:`_column_blocks`): OpenBLAS's own
+threaded ``sgemm`` summed in another order than its single-threaded one (one float32 ulp on an
+AMD EPYC), so the float32 variant too is bit-identical at any thread count.
 """
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-import numba
 import numpy as np
 from numba import njit
 from scipy.special import erf
 
 from . import config
 from . import ops as _ops
+from . import threads
 from ._checks import check_array, check_real, check_shape
 from .precision import float_dtype
 
@@ -71,35 +70,21 @@ def _check_cotangent(name, d, shape):
 
 
 # --------------------------------------------------------------------------------------------
-# Both cores for the elementwise passes, deterministically
+# The cores for the large passes, deterministically (refimpl.threads)
 # --------------------------------------------------------------------------------------------
 
-#: Elements per pass below which :func:`_over_batch` stays on the calling thread (the thread
-#: hand-off costs more than it saves on small arrays).
-PARALLEL_MIN_ELEMENTS = 1 << 18
-
-_POOLS = {}  # (pid, threads) -> ThreadPoolExecutor; per process (a forked child starts afresh)
+#: Elements per pass below which a pass stays on the calling thread (the thread hand-off costs
+#: more than it saves on small arrays): :data:`refimpl.threads.MIN_ELEMENTS`.
+PARALLEL_MIN_ELEMENTS = threads.MIN_ELEMENTS
 
 
 def _over_batch(fn, Bsz, size):
-    """Run ``fn(b0, b1)`` over contiguous batch ranges covering ``range(Bsz)``.
-
-    On ``numba.get_num_threads()`` threads (``NUMBA_NUM_THREADS``) when the pass touches at
-    least :data:`PARALLEL_MIN_ELEMENTS` elements (``size``), else in one call. ``fn`` must write
-    disjoint outputs per batch row (the cached serial kernels release the GIL: ``nogil``), so
-    the result is the same for any split.
-    """
-    n = min(numba.get_num_threads(), Bsz)
-    if n <= 1 or size < PARALLEL_MIN_ELEMENTS:
-        fn(0, Bsz)
-        return
-    key = (os.getpid(), n)
-    pool = _POOLS.get(key)
-    if pool is None:
-        pool = _POOLS[key] = ThreadPoolExecutor(n, thread_name_prefix="refimpl-rows")
-    bounds = [Bsz * k // n for k in range(n + 1)]
-    for f in [pool.submit(fn, bounds[k], bounds[k + 1]) for k in range(n)]:
-        f.result()
+    """Run ``fn(b0, b1)`` over contiguous batch ranges covering ``range(Bsz)``:
+    :func:`refimpl.threads.run` when the pass touches at least :data:`PARALLEL_MIN_ELEMENTS`
+    elements (``size``), else one call. ``fn`` must write disjoint outputs per batch row (the
+    cached serial kernels release the GIL: ``nogil``; so does BLAS), so the result is the same
+    for any split."""
+    threads.run(fn, Bsz, None if size >= PARALLEL_MIN_ELEMENTS else 0)
 
 
 @njit(**config.NJIT_OPTS)
@@ -117,44 +102,42 @@ def _sum_rows(part, out):
 # --------------------------------------------------------------------------------------------
 
 
-#: Longest ``L`` for which :func:`chanmix` / :func:`chanmix_dW` run one small GEMM per batch row
-#: on the arrays as they are; above it one large GEMM over ``B L`` columns pays for the
-#: transposed copies (fewer, larger BLAS calls: fewer thread synchronisations; issue 13).
-BATCHED_MAX_L = 256
-
-
 def chanmix(W, x):
     """``y[b, o, l] = sum_i W[o, i] x[b, i, l]``: x (B, I, L), W (O, I) -> y (B, O, L).
 
-    Equivalent to ``np.einsum("oi,bil->bol", W, x)``. Short sequences (``L <=``
-    :data:`BATCHED_MAX_L`): ``np.matmul`` broadcasts ``W`` over the batch, one
-    ``(O, I) @ (I, L)`` GEMM per row written straight into ``(B, O, L)`` (5-8x faster than
-    the copies of the one-GEMM form at ``L = 40``). Longer: one ``(O, I) @ (I, B L)`` GEMM
-    (``tensordot``, with a transposed copy of ``x`` and of the result).
+    Equivalent to ``np.einsum("oi,bil->bol", W, x)``: one ``(O, I) @ (I, L)`` GEMM per batch
+    row (``np.matmul`` broadcasting ``W``), written straight into ``(B, O, L)`` with no
+    transposed copies, the rows split over :func:`refimpl.threads.run`'s threads and BLAS on
+    one thread: every row is the same GEMM whatever the split, so the result does not depend on
+    the thread count (issue 25; one large threaded GEMM did, in float32, and its threads spun
+    against refimpl's).
     """
     W = np.ascontiguousarray(W)  # NumPy's stacked matmul calls BLAS only for row-major blocks
-    if x.shape[-1] <= BATCHED_MAX_L:
-        return np.matmul(W, x)  # (B, O, L)
-    return np.ascontiguousarray(np.tensordot(W, x, axes=([1], [1])).transpose(1, 0, 2))
+    Bsz, _, L = x.shape
+    y = np.empty((Bsz, W.shape[0], L), dtype=np.result_type(W, x))  # (B, O, L)
+    _over_batch(lambda b0, b1: np.matmul(W, x[b0:b1], out=y[b0:b1]), Bsz,
+                W.shape[0] * W.shape[1] * L * Bsz // 8)
+    return y
 
 
 def chanmix_dW(dy, x):
     """``dW[o, i] = sum_{b, l} dy[b, o, l] x[b, i, l]``: dy (B, O, L), x (B, I, L) -> (O, I).
 
-    Equivalent to ``np.tensordot(dy, x, axes=([0, 2], [0, 2]))`` (the form used for
-    ``L >`` :data:`BATCHED_MAX_L`). Short sequences: one GEMM ``dy[b] @ x[b].T`` per batch row
-    on the arrays as they are (BLAS reads the transposed view), accumulated in batch order.
-    Either way the order is fixed: the result does not depend on the thread count.
+    Equivalent to ``np.tensordot(dy, x, axes=([0, 2], [0, 2]))``: one GEMM ``dy[b] @ x[b].T``
+    per batch row on the arrays as they are (BLAS reads the transposed view; the rows split
+    over threads as in :func:`chanmix`), added in batch order. The order is fixed: the result
+    does not depend on the thread count.
     """
-    if dy.shape[0] == 0:
-        return np.zeros((dy.shape[1], x.shape[1]), dtype=dy.dtype)  # (O, I): an empty sum
-    if dy.shape[-1] > BATCHED_MAX_L:
-        return np.tensordot(dy, x, axes=([0, 2], [0, 2]))  # (O, I)
-    dW = dy[0] @ x[0].T  # (O, I)
-    tmp = np.empty_like(dW)  # (O, I)
-    for b in range(1, dy.shape[0]):
-        np.matmul(dy[b], x[b].T, out=tmp)
-        dW += tmp
+    Bsz, O, L = dy.shape
+    I = x.shape[1]
+    if Bsz == 0:
+        return np.zeros((O, I), dtype=dy.dtype)  # (O, I): an empty sum
+    part = np.empty((Bsz, O, I), dtype=np.result_type(dy, x))  # (B, O, I) one GEMM per row
+    _over_batch(lambda b0, b1: np.matmul(dy[b0:b1], x[b0:b1].transpose(0, 2, 1),
+                                         out=part[b0:b1]), Bsz, O * I * L * Bsz // 8)
+    dW = part[0].copy()  # (O, I)
+    for b in range(1, Bsz):
+        dW += part[b]
     return dW
 
 
@@ -359,12 +342,58 @@ def _glu_gate_bwd(dz, a, g, do, db):
             db[i, H + h] = sg
 
 
+#: Longest ``L`` for which :func:`glu_fwd` mixes with one GEMM per batch row (:func:`chanmix`);
+#: above it one channel-major GEMM pays for its transposed copy.
+BATCHED_MAX_L = 256
+
 #: GLU sequences ``GLU_BATCHED_MIN_L < L <= BATCHED_MAX_L`` mix with one GEMM per batch row
 #: (:func:`chanmix`); shorter and longer ones with one channel-major GEMM (:func:`glu_fwd`).
 #: Measured on the 2-core machine (fwd + bwd, float64 / float32): B=64 H=64 L=40: 3.5 / 1.7 ms
 #: channel-major vs 4.9 / 2.1 ms per row; L=100-128: equal within 5 %; B=32 H=128 L=256:
 #: 33-39 / 19 ms vs 31-40 / 16-18 ms; L=1024: 295 / 183 vs 437 / 245 ms.
 GLU_BATCHED_MIN_L = 64
+
+
+#: Columns per block of :func:`_gemm_columns` (at least; the blocks depend on the shape only).
+GEMM_BLOCK_COLUMNS = 2048
+
+
+def _column_blocks(n):
+    """Fixed column blocks ``[(c0, c1)]`` of an ``n``-column GEMM: at most 8, each at least
+    :data:`GEMM_BLOCK_COLUMNS` wide (one block below that). They depend on ``n`` only, never on
+    the thread count: each block is the same BLAS call however the blocks are shared out."""
+    k = max(1, min(8, n // GEMM_BLOCK_COLUMNS))
+    return [(n * j // k, n * (j + 1) // k) for j in range(k)]
+
+
+def _gemm_columns(A, X):
+    """``A (M, K) @ X (K, N)`` in the fixed column blocks of :func:`_column_blocks`, shared out
+    over :func:`refimpl.threads.run`'s threads (BLAS on one thread)."""
+    out = np.empty((A.shape[0], X.shape[1]), dtype=np.result_type(A, X))  # (M, N)
+    blocks = _column_blocks(X.shape[1])
+
+    def run(j0, j1):
+        for c0, c1 in blocks[j0:j1]:
+            np.matmul(A, X[:, c0:c1], out=out[:, c0:c1])
+    threads.run(run, len(blocks), A.shape[0] * X.size // 8)
+    return out
+
+
+def _gemm_columns_dW(D, X):
+    """``D (M, N) @ X (K, N)^T`` summed over the fixed column blocks of :func:`_column_blocks`
+    in block order (one partial product per block; shared out as :func:`_gemm_columns`)."""
+    blocks = _column_blocks(D.shape[1])
+    part = np.empty((len(blocks), D.shape[0], X.shape[0]), np.result_type(D, X))  # (k, M, K)
+
+    def run(j0, j1):
+        for j in range(j0, j1):
+            c0, c1 = blocks[j]
+            np.matmul(D[:, c0:c1], X[:, c0:c1].T, out=part[j])
+    threads.run(run, len(blocks), D.shape[0] * X.size // 8)
+    out = part[0].copy()  # (M, K)
+    for j in range(1, len(blocks)):
+        out += part[j]
+    return out
 
 
 def _channel_major(x):
@@ -396,7 +425,7 @@ def glu_fwd(s, W, b):
         a, g, z = _glu_gate(o, b)  # (B, H, L) each
         return z, ((s, W, True), a, g)
     s_cm = _channel_major(s)  # (H, B, L)
-    o = (np.ascontiguousarray(W) @ s_cm.reshape(H, Bsz * L)).reshape(2 * H, Bsz, L)
+    o = _gemm_columns(np.ascontiguousarray(W), s_cm.reshape(H, Bsz * L)).reshape(2 * H, Bsz, L)
     a, g, z = _glu_gate(o.transpose(1, 0, 2), b)  # (B, 2H, L) view of (2H, B, L)
     return z, ((s_cm, W, False), a, g)
 
@@ -445,8 +474,8 @@ def glu_bwd(cache, dz):
     if batch_major:
         return chanmix(W.T, do), chanmix_dW(do, s), db
     do2 = do_cm.reshape(2 * H, Bsz * L)  # (2H, B L)
-    dW = do2 @ s.reshape(H, Bsz * L).T  # (2H, H)
-    ds = (np.ascontiguousarray(W.T) @ do2).reshape(H, Bsz, L).transpose(1, 0, 2)  # (B, H, L)
+    dW = _gemm_columns_dW(do2, s.reshape(H, Bsz * L))  # (2H, H)
+    ds = _gemm_columns(np.ascontiguousarray(W.T), do2).reshape(H, Bsz, L).transpose(1, 0, 2)
     return np.ascontiguousarray(ds), dW, db
 
 

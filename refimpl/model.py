@@ -46,6 +46,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from . import threads
 from . import layers as Ly
 from . import ops as _ops
 from . import precision
@@ -526,6 +527,7 @@ def embed_fwd(cfg, p, x):
                          p["encoder.b"])  # (B, H, L)
 
 
+@threads.owned()
 def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=None,
               record=False):
     """Forward to logits.
@@ -671,6 +673,7 @@ def frozen_constants(cfg, p, buf, x, training=True, rng=None):
     return out
 
 
+@threads.owned()
 def model_bwd(cfg, p, cache, dlogits):
     """Gradients of every parameter given ``dlogits (B, C)`` of ``cfg.dtype``: a dict like
     ``p``, float64 (under float32: the float32 gradients, up-cast exactly)."""

@@ -43,10 +43,11 @@ The backward pass is the iterative neuron's (it needs only ``x, s, h, u``):
 :func:`pmbc_bwd` delegates to :func:`refimpl.neurons.neuron_bwd`.
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from . import config
 from . import ops as _ops
+from . import threads
 from ._checks import check_array, check_int, check_shape
 from .precision import require_reference
 from .neurons import (NEURON_OP, NeuronCache, NeuronConfig, NeuronState, check_rho,
@@ -176,18 +177,12 @@ def _pmbc_row(x, u0, c0, tau, theta, b_r, kind, R, theta_fire, max_iter, s, h, u
     return it
 
 
-@njit(**config.PARALLEL_OPTS)
-def _pmbc_rows(x, u0, c0, tau, theta, b, kind, R, theta_fire, max_iter, s, h, u, iters):
-    """Rows of ``x (M, L)`` in parallel (disjoint writes; results independent of threads);
-    ``b (M,)`` the reset offset per row."""
-    for m in prange(x.shape[0]):
-        iters[m] = _pmbc_row(x[m], u0[m], c0[m], tau, theta, b[m], kind, R, theta_fire,
-                             max_iter, s[m], h[m], u[m])
-
-
 @njit(**config.NJIT_OPTS)
-def _pmbc_rows_serial(x, u0, c0, tau, theta, b, kind, R, theta_fire, max_iter, s, h, u, iters):
-    """Serial twin of :func:`_pmbc_rows` (same results)."""
+def _pmbc_rows(x, u0, c0, tau, theta, b, kind, R, theta_fire, max_iter, s, h, u, iters):
+    """Rows of ``x (M, L)`` one after the other (disjoint writes per row); ``b (M,)`` the reset
+    offset per row. Cached on disk and ``nogil``: :func:`pmbc_fwd` shares row ranges out over
+    :func:`refimpl.threads.run`'s threads (no ``parallel=True`` kernel: that one was compiled
+    again in every process, about a second before a generated model's first token, issue 25)."""
     for m in range(x.shape[0]):
         iters[m] = _pmbc_row(x[m], u0[m], c0[m], tau, theta, b[m], kind, R, theta_fire,
                              max_iter, s[m], h[m], u[m])
@@ -233,7 +228,8 @@ def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True, state=None, return_
     max_iter : int or None
         Cap on evaluations of ``F`` per row; default ``L + 1`` (always enough).
     parallel : bool, default True
-        Rows in parallel threads (``prange``); ``False`` runs the serial twin. Same results.
+        Row ranges on :func:`refimpl.threads.run`'s threads (when ``x`` is large enough to
+        gain); ``False`` keeps every row on the calling thread. Same results.
     state : refimpl.neurons.NeuronState or None, default None
         Initial state (module docstring); ``None`` is the zero state.
     return_state : bool, default False
@@ -256,9 +252,13 @@ def pmbc_fwd(x, cfg, rho=None, max_iter=None, parallel=True, state=None, return_
     x2 = x.reshape(-1, L)  # (B*H, L)
     s, h, u = (np.empty_like(x2) for _ in range(3))  # (B*H, L)
     iters = np.empty(x2.shape[0], dtype=np.int64)  # (B*H,)
-    kernel = _pmbc_rows if parallel else _pmbc_rows_serial
-    kernel(x2, u0, c0, float(cfg.tau), float(cfg.theta), b_rows, kind, int(cfg.refractory_steps),
-           cfg.theta_fire, max_iter, s, h, u, iters)
+    tau, theta, R = float(cfg.tau), float(cfg.theta), int(cfg.refractory_steps)
+
+    def rows(m0, m1):
+        _pmbc_rows(x2[m0:m1], u0[m0:m1], c0[m0:m1], tau, theta, b_rows[m0:m1], kind, R,
+                   cfg.theta_fire, max_iter, s[m0:m1], h[m0:m1], u[m0:m1], iters[m0:m1])
+    # a row costs a few passes over its L elements (one per boundary found): weigh it as 8
+    threads.run(rows, x2.shape[0], 8 * x2.size if parallel else 0)
     if np.any(iters < 0):
         raise RuntimeError(f"PMBC did not converge within max_iter={max_iter} evaluations on "
                            f"{int((iters < 0).sum())} rows; raise max_iter (L + 1 always suffices)")

@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import threads
 from . import layers as Ly
 from .model import block_fwd, block_stream, check_inputs, embed_fwd, layer_record, lm_decode
 from .precision import require_reference
@@ -242,6 +243,7 @@ class ModelStream:
             return logits, out_state, records
         return logits, out_state
 
+    @threads.owned()
     def step(self, x_t, state, record=False):
         """One time step: ``x_t`` float64 ``(B, d_input)`` (or ``(B,)`` when ``d_input = 1``), or
         int64 tokens ``(B,)``. Returns ``(logits (B, n_classes), new_state)`` (and, with
@@ -265,6 +267,7 @@ class ModelStream:
         state = self.init_state(x.shape[0]) if state is None else state
         return self._run(x, state, False, record)
 
+    @threads.owned()
     def run(self, x, chunks=None, record=False, progress=None):
         """The whole sequence ``x`` from the zero state, split into ``chunks``: None (one
         chunk), an int (that length, the last chunk shorter), a sequence of lengths summing to

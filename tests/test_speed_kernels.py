@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from refimpl import conv, layers as Ly
+from refimpl import conv, layers as Ly, threads as refimpl_threads
 from refimpl.s4d import s4d_layer_bwd, s4d_layer_fwd
 
 from gradcheck import assert_close_scalar, coordinate_fd, directional_fd
@@ -348,16 +348,6 @@ def test_gelu_fd_and_dot_product():
     _check_fd(Ly.gelu_fwd, Ly.gelu_bwd, [2 * rng.normal(size=(2, 3, 4))], rng)
 
 
-class _Threads:
-    """Stand-in for ``numba`` in :mod:`refimpl.layers`: ``get_num_threads`` returns ``n``."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def get_num_threads(self):
-        return self.n
-
-
 def _glu_form(monkeypatch, form):
     """Force :func:`refimpl.layers.glu_fwd`'s form at any length: ``"batched"`` (one GEMM per
     batch row) or ``"channel_major"`` (one GEMM on a channel-major copy)."""
@@ -438,20 +428,22 @@ def test_batch_split_gives_identical_results(monkeypatch, threads, form):
         y, cn = Ly.layernorm_fwd(z, gamma, beta)
         return [z, *c[1:], *Ly.glu_bwd(c, dz), y, *cn[:2], *Ly.layernorm_bwd(cn, dz)]
 
-    monkeypatch.setattr(Ly, "numba", _Threads(1))
-    one = run()
-    monkeypatch.setattr(Ly, "numba", _Threads(threads))
+    monkeypatch.setattr(Ly, "GEMM_BLOCK_COLUMNS", 8)  # several column blocks at this size
+    monkeypatch.setattr(refimpl_threads, "MIN_ELEMENTS", 0)  # and every pass split
+    with refimpl_threads.using(1):
+        one = run()
     monkeypatch.setattr(Ly, "PARALLEL_MIN_ELEMENTS", 0)
-    many = run()
+    with refimpl_threads.using(threads):
+        many = run()
     assert len(one) == len(many) == 12
     assert all(np.array_equal(x, y) for x, y in zip(one, many))
 
 
 def test_over_batch_covers_every_row_once(monkeypatch):
-    monkeypatch.setattr(Ly, "numba", _Threads(3))
     monkeypatch.setattr(Ly, "PARALLEL_MIN_ELEMENTS", 0)
     seen = []
-    Ly._over_batch(lambda b0, b1: seen.extend(range(b0, b1)), 8, 1)
+    with refimpl_threads.using(3):
+        Ly._over_batch(lambda b0, b1: seen.extend(range(b0, b1)), 8, 1)
     assert sorted(seen) == list(range(8))
 
 

@@ -121,10 +121,10 @@ def test_dt_extremes_change_the_kernel_as_expected():
 
 
 def test_fft_result_does_not_depend_on_thread_count(monkeypatch):
-    from refimpl import config
+    from refimpl import threads
     rng = np.random.default_rng(0)
     u, K = rng.normal(size=(4, 8, 300)), rng.normal(size=(2, 8, 300))
-    monkeypatch.setattr(config, "FFT_WORKERS", 1)
-    one = fftconv(u, K)
-    monkeypatch.setattr(config, "FFT_WORKERS", 2)
-    np.testing.assert_array_equal(fftconv(u, K), one)
+    with threads.using(1):
+        one = fftconv(u, K)
+    with threads.using(2):
+        np.testing.assert_array_equal(fftconv(u, K), one)

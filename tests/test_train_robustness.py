@@ -303,10 +303,17 @@ def test_evaluate_reuses_a_recorded_file_and_checks_its_hash(tmp_path):
 
 # ---------------------------------------------------------------- item 10: info
 
-def test_info_shows_blas_and_what_sets_its_threads(monkeypatch):
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
-    r = run(["info"])
+def test_info_shows_each_pool_and_the_blas_threads_outside_refimpl(monkeypatch):
+    """The threads each pool uses (issue 25): BLAS's own setting (3, as the user set it through
+    threadpoolctl here) is what refimpl restores; inside refimpl BLAS runs on one thread."""
+    from threadpoolctl import threadpool_limits
+    monkeypatch.setenv("REFIMPL_THREADS", "2")  # read at import; the CLI reads the module's
+    from refimpl import threads
+    with threads.using(2), threadpool_limits(limits=3, user_api="blas"):
+        r = run(["info"])
     assert r.exit_code == 0
-    lines = {line.split()[0] + " " + line.split()[1]: line for line in r.output.splitlines()
-             if line.startswith("blas")}
-    assert "OPENBLAS_NUM_THREADS=3" in lines["blas threads"]
+    lines = {line.split("  ")[0]: line for line in r.output.splitlines()}
+    assert "1 thread inside refimpl, 3 outside" in lines["blas"]
+    assert "REFIMPL_THREADS=2 (fixed)" in lines["threads setting"]
+    assert "2 thread(s) now" in lines["refimpl pool"]
+    assert "no parallel kernels" in lines["numba threads"]

@@ -3,7 +3,8 @@
 Runs in the project venv (refimpl) and drives a PyTorch worker in the benchmark environment
 ``.venv-peers`` (``benchmarks/peers/torch_model.py --worker``, torch never a refimpl
 dependency). For each point of the grid (shape x family) it times one training step (forward +
-backward + AdamW + the ``rho >= 0`` projection) of
+backward + AdamW + the ``rho >= 0`` projection) of the classifier (:data:`SHAPES`) or of the
+language model (:data:`LM_SHAPES`, issue 25: the model of ``benchmarks/lm_runs.py``) on
 
 - refimpl float64 (``refimpl.model.loss_and_grads`` + ``refimpl.optim.adamw_step``),
 - refimpl float32, when ``refimpl.model.ModelConfig`` accepts ``dtype`` (else ``-``),
@@ -15,13 +16,15 @@ contenders in order, then in reverse order, a rest before each block: :data:`BLO
 medians of ``--repeats`` timed steps, fewer where a step is slow: each contender gets at most
 ``--max-seconds`` of timed steps per point (at least one), and the table says how many it got.
 
-Before timing, the float64 correctness check (``torch_model.py --check``) must pass: the torch
-model loaded with refimpl's parameters gives refimpl's loss and gradients (its tolerance and why:
-``torch_model.RTOL``), so the timing compares the same model.
+Before timing, the float64 correctness check (``torch_model.py --check``) must pass for both
+heads: the torch model loaded with refimpl's parameters gives refimpl's loss and gradients (its
+tolerance and why: ``torch_model.RTOL``), so the timing compares the same model.
 
-Writes ``benchmarks/peers/results.json`` and the generated region ``peers`` of
-``BENCHMARKS.md`` (atomically; other regions and hand-written text kept). ``--quick`` runs one
-tiny shape into a temporary folder (a smoke test). Progress goes to stderr.
+Writes ``benchmarks/peers/results.json`` (``check`` and ``points`` for the classifier,
+``lm_check`` and ``lm_points`` for the language model) and the generated region ``peers`` of
+``BENCHMARKS.md`` (atomically; other regions and hand-written text kept), one table per head.
+``--quick`` runs one tiny shape per head into a temporary folder (a smoke test). Progress goes
+to stderr.
 """
 import argparse
 import dataclasses
@@ -53,18 +56,29 @@ from refimpl.memory import retain_freed_memory  # noqa: E402
 from refimpl.optim import adamw_init, adamw_step, make_groups  # noqa: E402
 
 FAMILIES = ("gelu", "binary", "lif", "sdn", "refractory")
-#: name -> shape; 2 layers, 10 classes, d_input 1 everywhere.
+#: name -> shape of the classifier; 2 layers, 10 classes, d_input 1 everywhere.
 SHAPES = {
     "L40": dict(B=64, H=64, N=64, L=40),
     "L1024": dict(B=32, H=128, N=64, L=1024),
     "L4096": dict(B=8, H=128, N=64, L=4096),
 }
-QUICK_SHAPES = {"quick": dict(B=4, H=8, N=4, L=32)}
+#: name -> shape of the language model (a shape with a vocabulary ``V`` is one): the model of
+#: benchmarks/lm_runs.py (2 layers, H 64, N 32, bytes), its training batch at context 128 and
+#: the same 4096 tokens per step at context 1024.
+LM_SHAPES = {
+    "lm128": dict(B=32, H=64, N=32, L=128, V=256),
+    "lm1024": dict(B=4, H=64, N=32, L=1024, V=256),
+}
+QUICK_SHAPES = {"quick": dict(B=4, H=8, N=4, L=32), "quick-lm": dict(B=2, H=8, N=4, L=32, V=256)}
 LAYERS, CLASSES, LR, WD = 2, 10, 1e-3, 1e-2
+#: The language model's learning rate (benchmarks/lm_runs.py); its AdamW groups follow from it.
+LM_LR = 3e-3
 TORCH_THREADS = 2
 CONTENDERS = ("refimpl64", "torch64", "refimpl32", "torch32")
-#: Negative controls of the check, as torch_model.CONTROLS (that file needs torch to import).
-CONTROLS = (("gelu", "ln_eps"), ("lif", "detach_reset"))
+#: Negative controls of the check per head, as torch_model.CONTROLS and LM_CONTROLS (that file
+#: needs torch to import).
+CONTROLS = {"classifier": (("gelu", "ln_eps"), ("lif", "detach_reset")),
+            "lm": (("gelu", "lm_roll"), ("lif", "lm_mean_all"))}
 SCHEMA = "refimpl-bench-peers"
 REGION = "peers"
 
@@ -84,33 +98,47 @@ def refimpl_float32_available():
     return "dtype" in {f.name for f in dataclasses.fields(M.ModelConfig)}
 
 
+def head_of(s):
+    """``"lm"`` for a shape with a vocabulary ``V`` (a language model), else ``"classifier"``:
+    refimpl's ``ModelConfig.head`` and the key of torch_model.HEADS."""
+    return "lm" if "V" in s else "classifier"
+
+
 def problem(family, s, dtype=None):
-    """``(cfg, params, buffers, x, labels)`` of one grid point (seed 0)."""
+    """``(cfg, params, buffers, x, labels)`` of one grid point (seed 0). A language model
+    (``ModelConfig.for_lm``, untied decoder, as benchmarks/lm_runs.py) reads tokens drawn
+    uniformly from its vocabulary, ``x`` int64 ``(B, L)``, and has no labels (None): its
+    targets are ``x`` shifted by one."""
     extra = {} if dtype is None else {"dtype": dtype}
-    cfg = M.ModelConfig(n_classes=CLASSES, d_input=1, d_model=s["H"], d_state=s["N"],
-                        n_layers=LAYERS, activation=family, **extra)
+    size = dict(d_model=s["H"], d_state=s["N"], n_layers=LAYERS, activation=family, **extra)
+    lm = head_of(s) == "lm"
+    cfg = (M.ModelConfig.for_lm(s["V"], **size) if lm
+           else M.ModelConfig(n_classes=CLASSES, d_input=1, **size))
     w = sdn_weights() if cfg.family.needs_sdn_weights else None
     p, buf = M.init_model(cfg, 0, sdn_weights=w)
     rng = np.random.default_rng(0)
+    if lm:
+        return cfg, p, buf, rng.integers(0, s["V"], (s["B"], s["L"])), None  # (B, L) int64
     x = rng.standard_normal((s["B"], s["L"], 1))  # (B, L, 1)
     labels = rng.integers(0, CLASSES, s["B"]).astype(np.int64)
     return cfg, p, buf, x, labels
 
 
-def groups_for(p):
-    """refimpl's AdamW groups (name lists): what both sides use."""
-    return make_groups(p, LR, WD, M.optimizer_rules(LR))
+def groups_for(p, s):
+    """refimpl's AdamW groups (name lists) at the shape's learning rate: what both sides use."""
+    lr = LM_LR if head_of(s) == "lm" else LR
+    return make_groups(p, lr, WD, M.optimizer_rules(lr))
 
 
 def refimpl_step(family, s, dtype="float64"):
     """A closure running one refimpl training step (benchmarks/bench_training.py's make_step,
-    plus the projection the torch side does too); float32 through ``ModelConfig(dtype=)``."""
+    plus the projection the torch side does too) of the classifier or, for a shape with ``V``,
+    the language model (``labels`` None); float32 through ``ModelConfig(dtype=)``."""
     retain_freed_memory()  # as refimpl.train runs its steps (refimpl/memory.py)
     cfg, p, buf, x, labels = problem(family, s, None if dtype == "float64" else dtype)
-    if dtype != "float64":
-        x = x.astype(np.float32)
+    x = M.model_inputs(cfg, x)  # float32 rounds float inputs once (as trainers do), not tokens
     opt = adamw_init(p)
-    groups = groups_for(p)
+    groups = groups_for(p, s)
     state = {"p": p, "buf": buf}
 
     def step():
@@ -183,27 +211,33 @@ class Worker:
 BLOCK_REST = 0.5
 
 
-#: Shape of the correctness check (B, H, N, L).
-CHECK_SHAPE = (4, 16, 8, 64)
+#: Shapes of the correctness check per head, as torch_model.CHECK_SHAPES: small enough for
+#: --quick too (the cost is compilation).
+CHECK_SHAPES = {"classifier": dict(B=4, H=16, N=8, L=64),
+                "lm": dict(B=3, H=16, N=8, L=32, V=256)}
 
 
-def run_check(worker, tmp):
-    """The float64 correctness check: refimpl's loss and gradients here, the torch model's in
-    the worker (``torch_model.compare``); one dict per family, then the negative controls
-    (``torch_model.CONTROLS``: deliberately wrong models that must be rejected)."""
-    B, H, N, L = CHECK_SHAPE  # small enough for --quick too (the cost is compilation)
+def _save_npz(path, x, labels, p, buf, **extra):
+    """The worker's ``.npz`` of a problem (``labels`` left out for a language model)."""
+    np.savez(path, x=x, **({} if labels is None else {"labels": labels}), **extra,
+             **{"p." + k: v for k, v in p.items()}, **{"buf." + k: v for k, v in buf.items()})
+
+
+def run_check(worker, tmp, head="classifier"):
+    """The float64 correctness check of one head: refimpl's loss and gradients here, the torch
+    model's in the worker (``torch_model.compare``); one dict per family, then the negative
+    controls (:data:`CONTROLS`: deliberately wrong models that must be rejected)."""
+    shape = CHECK_SHAPES[head]
     rows, ref = [], {}
-    for fam, variant in [(f, "") for f in FAMILIES] + list(CONTROLS):
+    for fam, variant in [(f, "") for f in FAMILIES] + list(CONTROLS[head]):
         if fam not in ref:
-            cfg, p, buf, x, labels = problem(fam, dict(B=B, H=H, N=N, L=L))
+            cfg, p, buf, x, labels = problem(fam, shape)
             loss, _, g, _, _ = M.loss_and_grads(cfg, p, buf, x, labels, training=True)
-            npz = os.path.join(tmp, f"check-{fam}.npz")
-            np.savez(npz, x=x, labels=labels, loss=loss, **{"p." + k: v for k, v in p.items()},
-                     **{"buf." + k: v for k, v in buf.items()},
-                     **{"g." + k: v for k, v in g.items()})
+            npz = os.path.join(tmp, f"check-{head}-{fam}.npz")
+            _save_npz(npz, x, labels, p, buf, loss=loss, **{"g." + k: v for k, v in g.items()})
             ref[fam] = npz
         r = worker.ask(cmd="compare", npz=ref[fam], family=fam, n_layers=LAYERS,
-                       variant=variant)
+                       variant=variant, head=head)
         rows.append({**r, "control": True} if variant else r)
     bad = [r for r in rows if r["ok"] == bool(r.get("control"))]
     if bad:
@@ -222,15 +256,14 @@ def time_point(family, s, worker, tmp, repeats, max_seconds, f32):
     """Timings of one grid point in alternating blocks: ``{contender: {...}}``."""
     _, p, buf, x, labels = problem(family, s)
     npz = os.path.join(tmp, "point.npz")
-    np.savez(npz, x=x, labels=labels, **{"p." + k: v for k, v in p.items()},
-             **{"buf." + k: v for k, v in buf.items()})
-    groups = groups_for(p)
+    _save_npz(npz, x, labels, p, buf)
+    groups = groups_for(p, s)
     runners, out = {}, {}
     runners["refimpl64"] = _local(refimpl_step(family, s))
     for dt in ("64", "32"):
         key = f"{family}-{dt}"
         worker.ask(cmd="setup", key=key, npz=npz, family=family, n_layers=LAYERS,
-                   dtype=f"float{dt}", groups=groups)
+                   dtype=f"float{dt}", groups=groups, head=head_of(s))
         runners[f"torch{dt}"] = _remote(worker, key)
     if f32:
         try:
@@ -336,10 +369,75 @@ def _fmt_ratio(r):
     return "-" if r is None else f"{r:.2f}"
 
 
+def _fmt_rate(tokens_per_s):
+    """Tokens per second to 3 significant digits: ``43.1k tok/s``."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k"), (1, "")):
+        if tokens_per_s >= scale:
+            return f"{tokens_per_s / scale:.3g}{suffix} tok/s"
+    return f"{tokens_per_s:.3g} tok/s"
+
+
+def _lm_cell(c, tokens):
+    """A language model's cell: median (fastest) step, then ``tokens`` per median step."""
+    if c is None or "error" in c:
+        return _cell(c)
+    return f"{_cell(c)}, {_fmt_rate(tokens / c['median_s'])}"
+
+
+#: What each negative control gets wrong (torch_model.VARIANT), for the text.
+CONTROL_ERRORS = {
+    "ln_eps": "LayerNorm eps 1e-6",
+    "detach_reset": "no gradient through the reset",
+    "lm_roll": "targets shifted with `torch.roll`, so position L-1 is scored against token 0",
+    "lm_mean_all": "the loss divided by B L instead of B (L-1)",
+}
+
+
+def _check_text(rows):
+    """The check's sentence: agreement over the families, then each negative control."""
+    chk = [r for r in rows if not r.get("control")]
+    controls = [r for r in rows if r.get("control")]
+    worst_l = max(r["loss_rel_err"] for r in chk)
+    worst_g = max(chk, key=lambda r: r["grad_rel_err_max"])
+    margins = [r["min_spike_margin"] for r in chk if r["min_spike_margin"] is not None]
+    rates = [f"{r['family']} {r['spike_rate']:.2f}" for r in chk if r.get("spike_rate")]
+    margin = (f"; smallest spike margin |h - theta| {min(margins):.1e}" if margins else "")
+    margin += f"; spike rates {', '.join(rates)}" if rates else ""
+    return (f"Same model: PyTorch float64 loaded with refimpl's parameters gives refimpl's loss "
+            f"and gradients on {len(chk)} families (shape {_fmt_shape(chk[0]['shape'])}): loss "
+            f"within {worst_l:.1e}, every gradient within {worst_g['grad_rel_err_max']:.1e} of "
+            f"its largest entry (worst: {worst_g['family']} `{worst_g['grad_worst']}`; "
+            f"tolerance {chk[0]['rtol']:g}, see `torch_model.RTOL`){margin}."
+            + "".join(f" Negative control {r['family']} with `{r['variant']}`: rejected "
+                      f"(gradients off by {r['grad_rel_err_max']:.1e}"
+                      + (f"; {CONTROL_ERRORS[r['variant']]}" if r["variant"] in CONTROL_ERRORS
+                         else "") + ")." for r in controls))
+
+
+def _table(points, cell):
+    """The timing table of ``points``; ``cell(timing, shape)`` formats one contender."""
+    lines = ["| shape | family | refimpl f64 | PyTorch f64 | ratio f64 | refimpl f32 | "
+             "PyTorch f32 | ratio f32 | n | load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in points:
+        t, s = r["timings"], r["shape"]
+        n = "/".join(str(t[k]["repeats"]) if k in t and "repeats" in t[k] else "-"
+                     for k in CONTENDERS)
+        lines.append(" | ".join([
+            f"| {_fmt_shape(s)}", f"`{r['family']}`", cell(t.get("refimpl64"), s),
+            cell(t.get("torch64"), s), _fmt_ratio(ratio(t, "refimpl64", "torch64")),
+            cell(t.get("refimpl32"), s), cell(t.get("torch32"), s),
+            _fmt_ratio(ratio(t, "refimpl32", "torch32")), n,
+            "-" if r.get("loadavg_1min") is None else f"{r['loadavg_1min']:.1f}"]) + " |")
+    return lines
+
+
 def render(doc):
-    """The ``peers`` region's markdown from the results document."""
+    """The ``peers`` region's markdown from the results document: the classifier's table
+    (when it has points, or no language-model points either), then the language model's."""
     m = doc["machine"]
-    lines = ["## Peers: refimpl beside PyTorch CPU eager (issue 13)", "",
+    lm_points = doc.get("lm_points", [])
+    lines = ["## Peers: refimpl beside PyTorch CPU eager (issues 13, 25)", "",
              f"Run {m['date']} at commit `{m.get('git_commit')}`; {m['cpu_model']}, "
              f"{m['cpu_count']} cores; PyTorch {m.get('torch_torch')} CPU eager, "
              f"{m.get('torch_threads')} threads (`torch.set_num_threads`); refimpl with "
@@ -347,7 +445,7 @@ def render(doc):
              + (f"; load average {m['loadavg_start'][0]:.1f} at the start, "
                 f"{m['loadavg_end'][0]:.1f} at the end (a shared machine)"
                 if "loadavg_end" in m else "") + ". "
-             f"{LAYERS} layers, {CLASSES} classes, d_input 1; one training step = forward + "
+             f"{LAYERS} layers; one training step = forward + "
              "backward + AdamW (+ `rho >= 0`), from refimpl's `init_model` seed 0, the same "
              "batch on both sides. Median (and fastest) of the timed steps after one warm-up step, "
              "each contender's steps back to back in two blocks (contenders in order, then "
@@ -360,38 +458,23 @@ def render(doc):
              ""]
     if doc.get("quick"):
         lines += ["**Quick smoke-test shapes: not a measurement.**", ""]
-    chk = [r for r in doc["check"] if not r.get("control")]
-    controls = [r for r in doc["check"] if r.get("control")]
-    worst_l = max(r["loss_rel_err"] for r in chk)
-    worst_g = max(chk, key=lambda r: r["grad_rel_err_max"])
-    margins = [r["min_spike_margin"] for r in chk if r["min_spike_margin"] is not None]
-    rates = [f"{r['family']} {r['spike_rate']:.2f}" for r in chk if r.get("spike_rate")]
-    margin = (f"; smallest spike margin |h - theta| {min(margins):.1e}" if margins else "")
-    margin += f"; spike rates {', '.join(rates)}" if rates else ""
-    lines += [f"Same model: PyTorch float64 loaded with refimpl's parameters gives refimpl's loss "
-              f"and gradients on {len(chk)} families (shape "
-              f"{_fmt_shape(chk[0]['shape'])}): loss within {worst_l:.1e}, every gradient within "
-              f"{worst_g['grad_rel_err_max']:.1e} of its largest entry (worst: "
-              f"{worst_g['family']} `{worst_g['grad_worst']}`; tolerance {chk[0]['rtol']:g}, "
-              f"see `torch_model.RTOL`){margin}."
-              + "".join(f" Negative control {r['family']} with `{r['variant']}`: rejected "
-                        f"(gradients off by {r['grad_rel_err_max']:.1e})." for r in controls),
-              ""]
-    lines += ["| shape | family | refimpl f64 | PyTorch f64 | ratio f64 | refimpl f32 | "
-              "PyTorch f32 | ratio f32 | n | load |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for r in doc["points"]:
-        t = r["timings"]
-        n = "/".join(str(t[k]["repeats"]) if k in t and "repeats" in t[k] else "-"
-                     for k in CONTENDERS)
-        lines.append(" | ".join([
-            f"| {_fmt_shape(r['shape'])}", f"`{r['family']}`", _cell(t.get("refimpl64")),
-            _cell(t.get("torch64")), _fmt_ratio(ratio(t, "refimpl64", "torch64")),
-            _cell(t.get("refimpl32")), _cell(t.get("torch32")),
-            _fmt_ratio(ratio(t, "refimpl32", "torch32")), n,
-            "-" if r.get("loadavg_1min") is None else f"{r['loadavg_1min']:.1f}"]) + " |")
-    errs = [f"- {r['shape_name']} {r['family']} {k}: {c['error']}" for r in doc["points"]
-            for k, c in r["timings"].items() if "error" in c]
+    if doc["points"] or not lm_points:
+        lines += ["### Classifier (issue 13)", "",
+                  f"{CLASSES} classes, d_input 1 (`x` drawn from N(0, 1)), lr {LR:g}. "
+                  + _check_text(doc["check"]), ""]
+        lines += _table(doc["points"], lambda c, s: _cell(c))
+    if lm_points:
+        lines += ["", "### Language model (issue 25)", "",
+                  "The model of `benchmarks/lm_runs.py`: `ModelConfig.for_lm(V, ...)` (untied "
+                  "decoder), tokens drawn uniformly from the V = 256 bytes, loss the mean "
+                  "next-token cross-entropy over positions 0 .. L-2, lr "
+                  f"{LM_LR:g}; the same model in PyTorch: `F.embedding`, the blocks, a per-token "
+                  "`F.linear` decoder, `F.cross_entropy` on the shifted tokens. Each cell: median "
+                  "(fastest) step, then tokens per second = B L / median step. "
+                  + _check_text(doc["lm_check"]), ""]
+        lines += _table(lm_points, lambda c, s: _lm_cell(c, s["B"] * s["L"]))
+    errs = [f"- {r['shape_name']} {r['family']} {k}: {c['error']}"
+            for r in doc["points"] + lm_points for k, c in r["timings"].items() if "error" in c]
     if not doc.get("refimpl_float32"):
         lines += ["", "refimpl f32: `-` until `refimpl train --dtype float32` exists "
                   "(`refimpl.model.ModelConfig` has no `dtype` field in this run)."]
@@ -401,7 +484,7 @@ def render(doc):
 
 
 def _fmt_shape(s):
-    return " ".join(f"{k}={s[k]}" for k in ("B", "H", "N", "L"))
+    return " ".join(f"{k}={s[k]}" for k in ("B", "H", "N", "L", "V") if k in s)
 
 
 _MARK = re.compile(r"^<!-- generated:(begin|end) (\S+) -->[ \t]*$", re.MULTILINE)
@@ -438,12 +521,14 @@ def load(path):
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="benchmarks/peers/run.py",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only-shape", action="append", choices=sorted(SHAPES),
-                    help="only this shape (repeatable); other stored points are kept")
+    ap.add_argument("--only-shape", action="append", choices=list(SHAPES) + list(LM_SHAPES),
+                    help="only this shape (repeatable; lm128, lm1024: the language model); "
+                         "other stored points are kept")
     ap.add_argument("--only-family", action="append", choices=FAMILIES,
                     help="only this family (repeatable); other stored points are kept")
     ap.add_argument("--quick", action="store_true",
-                    help="one tiny shape, 2 repeats, into --out-dir or a temporary folder")
+                    help="one tiny shape per head (classifier, language model), 2 repeats, "
+                         "into --out-dir or a temporary folder")
     ap.add_argument("--out-dir", type=Path, default=None,
                     help="write results.json and BENCHMARKS.md here instead of "
                          "benchmarks/peers/results.json and ./BENCHMARKS.md")
@@ -475,9 +560,9 @@ def write_markdown(doc, md_path):
     atomic_write_text(md_path, merge_region(existing, REGION, render(doc)))
 
 
-#: Display order of the points: shapes as in SHAPES, families as in FAMILIES.
-order = {(s, f): i for i, (s, f) in enumerate((s, f) for s in list(SHAPES) + ["quick"]
-                                               for f in FAMILIES)}
+#: Display order of the points: shapes as in SHAPES, LM_SHAPES, families as in FAMILIES.
+order = {(s, f): i for i, (s, f) in enumerate(
+    (s, f) for s in list(SHAPES) + list(LM_SHAPES) + list(QUICK_SHAPES) for f in FAMILIES)}
 
 
 def main(argv=None):
@@ -495,18 +580,20 @@ def main(argv=None):
     exe = peers_python(args.peers_python)
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-    shapes = QUICK_SHAPES if args.quick else {k: SHAPES[k] for k in (args.only_shape or SHAPES)}
+    grid = {**SHAPES, **LM_SHAPES}
+    shapes = QUICK_SHAPES if args.quick else {k: grid[k] for k in (args.only_shape or grid)}
     families = args.only_family or FAMILIES
     f32 = refimpl_float32_available()
     worker = Worker(exe, args.torch_threads)
     try:
-        log("checking the torch model against refimpl (float64 loss and gradients)")
+        # both heads whatever the shapes: the stored document's checks cover every point kept
+        log("checking the torch models against refimpl (float64 loss and gradients)")
         with tempfile.TemporaryDirectory(prefix="refimpl-peers-") as tmp:
-            check = run_check(worker, tmp)
-        for r in check:
+            check, lm_check = run_check(worker, tmp), run_check(worker, tmp, "lm")
+        for r in check + lm_check:
             tag = "  control " if r.get("control") else "  "
-            log(f"{tag}{r['family']} {r['variant']}: loss {r['loss_rel_err']:.1e}, grads "
-                f"{r['grad_rel_err_max']:.1e} (tolerance {r['rtol']:g})"
+            log(f"{tag}{r['head']} {r['family']} {r['variant']}: loss {r['loss_rel_err']:.1e}, "
+                f"grads {r['grad_rel_err_max']:.1e} (tolerance {r['rtol']:g})"
                 + ("" if r["ok"] else ": rejected"))
         info = worker.ask(cmd="info")
         mach = machine({"torch": info["torch"], "threads": info["threads"],
@@ -514,7 +601,7 @@ def main(argv=None):
         log(f"{mach['cpu_model']} ({mach['cpu_count']} cores), torch {info['torch']} with "
             f"{info['threads']} threads, refimpl float32: {'yes' if f32 else 'no'}")
         old = None if args.quick else load(json_path)
-        kept = old["points"] if old and not old.get("quick") else []
+        kept = old["points"] + old.get("lm_points", []) if old and not old.get("quick") else []
         new = []
 
         def save():  # after every point: an interrupted run keeps what it measured
@@ -522,9 +609,13 @@ def main(argv=None):
             done = {(p["shape_name"], p["family"]) for p in new}  # stored points not yet rerun
             keep = [p for p in kept if (p["shape_name"], p["family"]) not in done]  # stay
             points = sorted(keep + new, key=lambda p: order[(p["shape_name"], p["family"])])
-            doc = {"schema": SCHEMA, "schema_version": 1, "quick": args.quick,
+            heads = {h: [p for p in points if head_of(p["shape"]) == h]
+                     for h in ("classifier", "lm")}
+            # version 2: the language model's check and points beside the classifier's
+            doc = {"schema": SCHEMA, "schema_version": 2, "quick": args.quick,
                    "machine": mach, "repeats": args.repeats, "max_seconds": args.max_seconds,
-                   "refimpl_float32": f32, "check": check, "points": points}
+                   "refimpl_float32": f32, "check": check, "points": heads["classifier"],
+                   "lm_check": lm_check, "lm_points": heads["lm"]}
             atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
             write_markdown(doc, md_path)
 

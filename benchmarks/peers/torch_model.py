@@ -1,4 +1,5 @@
-"""refimpl's spiking SSM classifier in PyTorch CPU eager: the peer that ``make bench-peers`` times.
+"""refimpl's spiking SSM classifier and language model in PyTorch CPU eager: the peer that
+``make bench-peers`` times.
 
 Runs only in the benchmark environment ``.venv-peers`` (torch is never a refimpl dependency).
 The model is written as a PyTorch user writes it (the S4D example of state-spaces/s4, the
@@ -14,6 +15,12 @@ that it can be loaded with refimpl's parameters and checked against refimpl:
       z = GLU(Conv1x1(s))                       o = W s + b, z = o[:H] sigmoid(o[H:])
       h = LayerNorm(h + z)                      over channels, eps 1e-5 (post-norm)
     logits = decoder(mean_t h);  loss = cross-entropy
+
+The language model (:class:`TorchLM`, refimpl's ``head="lm"`` with an untied decoder) reads
+tokens ``x (B, L)``, embeds them (``h = E[x]``, ``F.embedding``, ``(B, H, L)``), runs the same
+blocks, decodes every position (``logits[b, t] = W h[b, :, t] + c``, ``F.linear``) and takes
+the next-token cross-entropy over positions ``0 .. L-2`` (target ``x[:, t+1]``; position
+``L-1`` has no target, so its logits get no gradient).
 
 Families (the settings of :mod:`refimpl.activations`):
 
@@ -34,8 +41,9 @@ AdamW (``torch.optim.AdamW``, betas 0.9 / 0.999, eps 1e-8) with refimpl's parame
 as plain name lists so this file needs only torch and numpy).
 
 Use: :class:`TorchModel` (``params`` dict name -> numpy array, ``buffers`` for the SDN weights,
-``dtype``), :meth:`TorchModel.loss` and :func:`make_step`. ``python torch_model.py --check``
-compares loss and gradients with refimpl (needs refimpl importable) and prints JSON;
+``dtype``) or :class:`TorchLM` (:data:`HEADS`), :meth:`TorchModel.loss` and :func:`make_step`.
+``python torch_model.py --check`` compares loss and gradients with refimpl for both heads
+(needs refimpl importable) and prints JSON;
 ``python torch_model.py --worker`` serves the timing protocol of ``benchmarks/peers/run.py``
 (JSON lines on stdin/stdout).
 """
@@ -65,7 +73,10 @@ SDN_K = 8
 MARGINS = None
 #: Deliberate model errors for the check's negative controls (never set when timing):
 #: ``"ln_eps"`` LayerNorm eps 1e-6 instead of 1e-5, ``"detach_reset"`` no gradient through
-#: the reset (snntorch's default, not refimpl's bptt).
+#: the reset (snntorch's default, not refimpl's bptt); language model: ``"lm_roll"`` the
+#: targets shifted with ``torch.roll`` (position ``L-1`` then predicts token 0 and enters the
+#: loss), ``"lm_mean_all"`` the loss summed over the ``L-1`` scored positions but divided by
+#: all ``B L`` (each an error at one position in ``L``: the subtle off-by-ones of a shift).
 VARIANT = ""
 
 
@@ -190,6 +201,10 @@ class TorchModel:
     def loss(self, x, labels):
         return F.cross_entropy(self.logits(x), labels)
 
+    def batch(self, x, labels):
+        """The arguments of :meth:`loss` as tensors: inputs in the model's dtype, labels."""
+        return torch.tensor(x, dtype=self.dtype), torch.tensor(labels, dtype=torch.int64)
+
     def optimizer(self, groups):
         """AdamW over ``groups`` (refimpl.optim.make_groups' lists of names)."""
         names = [n for g in groups for n in g["params"]]
@@ -207,15 +222,49 @@ class TorchModel:
                     t.clamp_(min=0.0)
 
 
-def make_step(model, groups, x, labels):
-    """One training step (forward, backward, AdamW, projection) as a closure returning the loss."""
+class TorchLM(TorchModel):
+    """The language model with refimpl's parameters (``embedding.E`` ``(V, H)``, the blocks,
+    ``decoder.W`` ``(V, H)``, ``decoder.b``): refimpl's ``head="lm"``, decoder untied."""
+
+    def logits(self, tokens):
+        """``tokens (B, L)`` int64 -> ``(B, L, V)``, position ``t`` predicting token ``t + 1``."""
+        p = self.p
+        h = F.embedding(tokens, p["embedding.E"]).transpose(1, 2)  # (B, H, L)
+        for i in range(self.n_layers):
+            h = self.block(h, i)
+        return F.linear(h.transpose(1, 2), p["decoder.W"], p["decoder.b"])  # (B, L, V)
+
+    def loss(self, tokens):
+        """Mean next-token cross-entropy over positions ``0 .. L-2`` (nats)."""
+        logits = self.logits(tokens)  # (B, L, V)
+        if VARIANT == "lm_roll":
+            return F.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten())
+        if VARIANT == "lm_mean_all":
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(),
+                                   reduction="sum") / tokens.numel()
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+    def batch(self, x, labels=None):
+        """The argument of :meth:`loss`: the tokens (the targets are the tokens shifted)."""
+        if labels is not None:
+            raise ValueError("a language model's targets are its tokens shifted by one; "
+                             "pass labels=None")
+        return (torch.tensor(x, dtype=torch.int64),)
+
+
+#: ``head`` (refimpl's ``ModelConfig.head``) -> the model class.
+HEADS = {"classifier": TorchModel, "lm": TorchLM}
+
+
+def make_step(model, groups, x, labels=None):
+    """One training step (forward, backward, AdamW, projection) as a closure returning the loss
+    (``labels`` None for a language model)."""
     opt = model.optimizer(groups)
-    xt = torch.tensor(x, dtype=model.dtype)
-    yt = torch.tensor(labels, dtype=torch.int64)
+    batch = model.batch(x, labels)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = model.loss(xt, yt)
+        loss = model.loss(*batch)
         loss.backward()
         opt.step()
         model.project()
@@ -241,8 +290,15 @@ def make_step(model, groups, x, labels):
 #: Spiking families additionally need no spike decided within that error of its threshold:
 #: the check reports the smallest margin |h - theta| it saw.
 RTOL = 1e-9
-#: Negative controls: deliberately wrong models the check must reject (family, VARIANT).
+#: Negative controls: deliberately wrong models the check must reject (family, VARIANT), per
+#: head.
 CONTROLS = (("gelu", "ln_eps"), ("lif", "detach_reset"))
+LM_CONTROLS = (("gelu", "lm_roll"), ("lif", "lm_mean_all"))
+#: Shapes of the check, per head: small enough that its cost is compilation (the LM's V is
+#: the byte vocabulary of the timed model; L is short so that one position in L, what an LM
+#: control gets wrong, weighs 3 %).
+CHECK_SHAPES = {"classifier": dict(B=4, H=16, N=8, L=64),
+                "lm": dict(B=3, H=16, N=8, L=32, V=256)}
 
 
 def _bench_sdn_weights():
@@ -253,33 +309,42 @@ def _bench_sdn_weights():
     return sdn_weights()
 
 
-def refimpl_reference(family, B=4, H=16, N=8, L=64, n_layers=2, seed=0, sdn_weights=None):
-    """refimpl's side of the check: ``(params, buffers, x, labels, loss, grads)`` (float64)."""
+def refimpl_reference(family, head="classifier", shape=None, n_layers=2, seed=0,
+                      sdn_weights=None):
+    """refimpl's side of the check: ``(params, buffers, x, labels, loss, grads)`` (float64) at
+    ``shape`` (``B, H, N, L``, and ``V`` for the LM; default :data:`CHECK_SHAPES`); the LM's
+    ``x`` is tokens drawn uniformly, its ``labels`` None."""
     from refimpl import model as M
 
-    cfg = M.ModelConfig(n_classes=10, d_input=1, d_model=H, d_state=N, n_layers=n_layers,
-                        activation=family)
+    s = shape or CHECK_SHAPES[head]
+    size = dict(d_model=s["H"], d_state=s["N"], n_layers=n_layers, activation=family)
+    cfg = (M.ModelConfig.for_lm(s["V"], **size) if head == "lm"
+           else M.ModelConfig(n_classes=10, d_input=1, **size))
     if family == "sdn" and sdn_weights is None:
         sdn_weights = _bench_sdn_weights()
     p, buf = M.init_model(cfg, seed, sdn_weights=sdn_weights if family == "sdn" else None)
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((B, L, 1))  # (B, L, 1)
-    labels = rng.integers(0, 10, B).astype(np.int64)
+    if head == "lm":
+        x, labels = rng.integers(0, s["V"], (s["B"], s["L"])), None  # (B, L) int64 tokens
+    else:
+        x = rng.standard_normal((s["B"], s["L"], 1))  # (B, L, 1)
+        labels = rng.integers(0, 10, s["B"]).astype(np.int64)
     loss, _, g, _, _ = M.loss_and_grads(cfg, p, buf, x, labels, training=True)
     return p, buf, x, labels, loss, g
 
 
-def compare(family, n_layers, p, buf, x, labels, loss_r, g_r, variant=""):
+def compare(family, n_layers, p, buf, x, labels, loss_r, g_r, variant="", head="classifier"):
     """Loss and gradient errors of this model (float64, loaded with ``p``, ``buf``) against
-    refimpl's ``loss_r`` and gradients ``g_r`` on the batch ``x, labels``.
+    refimpl's ``loss_r`` and gradients ``g_r`` on the batch ``x, labels`` (labels None for
+    ``head="lm"``).
 
     ``variant`` runs a deliberately wrong model (:data:`VARIANT`): the check must fail then.
     """
     global MARGINS, VARIANT
-    tm = TorchModel(family, n_layers, p, buf, "float64")
+    tm = HEADS[head](family, n_layers, p, buf, "float64")
     MARGINS, VARIANT = [], variant
     try:
-        loss_t = tm.loss(torch.tensor(x), torch.tensor(labels))
+        loss_t = tm.loss(*tm.batch(x, labels))
         loss_t.backward()
         margin = min(m[0] for m in MARGINS) if MARGINS else None
         rate = (sum(m[1] for m in MARGINS) / sum(m[2] for m in MARGINS)) if MARGINS else None
@@ -296,8 +361,10 @@ def compare(family, n_layers, p, buf, x, labels, loss_r, g_r, variant=""):
     loss_err = abs(loss_t - loss_r) / abs(loss_r)
     B, L = x.shape[:2]
     H, N2 = p["layers.0.ssm.C_re"].shape
-    return {"family": family, "variant": variant,
-            "shape": dict(B=B, H=H, N=2 * N2, L=L, layers=n_layers),
+    shape = dict(B=B, H=H, N=2 * N2, L=L, layers=n_layers)
+    if head == "lm":
+        shape["V"] = p["embedding.E"].shape[0]
+    return {"family": family, "head": head, "variant": variant, "shape": shape,
             "loss_refimpl": float(loss_r), "loss_torch": loss_t, "loss_rel_err": loss_err,
             "grad_rel_err_max": grads[worst], "grad_worst": worst,
             "min_spike_margin": margin, "spike_rate": rate,
@@ -305,13 +372,12 @@ def compare(family, n_layers, p, buf, x, labels, loss_r, g_r, variant=""):
             "ok": loss_err <= RTOL and grads[worst] <= RTOL and set(g_r) == set(tm.p)}
 
 
-def check_against_refimpl(family, B=4, H=16, N=8, L=64, n_layers=2, seed=0, sdn_weights=None,
-                          variant=""):
+def check_against_refimpl(family, head="classifier", shape=None, n_layers=2, seed=0,
+                          sdn_weights=None, variant=""):
     """:func:`compare` with :func:`refimpl_reference` (needs refimpl importable)."""
-    p, buf, x, labels, loss, g = refimpl_reference(family, B, H, N, L, n_layers, seed,
+    p, buf, x, labels, loss, g = refimpl_reference(family, head, shape, n_layers, seed,
                                                    sdn_weights)
-    return compare(family, n_layers, p, buf, x, labels, loss, g, variant)
-
+    return compare(family, n_layers, p, buf, x, labels, loss, g, variant, head)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,36 +386,31 @@ def check_against_refimpl(family, B=4, H=16, N=8, L=64, n_layers=2, seed=0, sdn_
 
 
 def serve(inp=sys.stdin, out=sys.stdout):
-    """JSON lines: ``{"cmd": "setup", "key", "npz", "family", "n_layers", "dtype", "groups"}``
-    builds a model and its step from an ``.npz`` (``p.<name>``, ``buf.<name>``, ``x``,
-    ``labels``); ``{"cmd": "step", "key"}`` runs one step and answers ``{"seconds", "loss"}``;
+    """JSON lines: ``{"cmd": "setup", "key", "npz", "family", "n_layers", "dtype", "groups",
+    "head"}`` builds a model (``head`` :data:`HEADS`, default ``"classifier"``) and its step
+    from an ``.npz`` (``p.<name>``, ``buf.<name>``, ``x``, and ``labels`` unless a language
+    model); ``{"cmd": "step", "key"}`` runs one step and answers ``{"seconds", "loss"}``;
     ``{"cmd": "drop", "key"}`` frees it; ``{"cmd": "compare", "npz", "family", "n_layers",
-    "variant"}`` runs :func:`compare` (the npz also holds ``loss`` and ``g.<name>``);
+    "variant", "head"}`` runs :func:`compare` (the npz also holds ``loss`` and ``g.<name>``);
     ``{"cmd": "info"}`` answers versions and threads."""
     steps = {}
     for line in inp:
         req = json.loads(line)
         cmd = req["cmd"]
+        head = req.get("head", "classifier")
         try:
             if cmd == "info":
                 ans = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                        "interop_threads": torch.get_num_interop_threads()}
             elif cmd == "setup":
-                with np.load(req["npz"]) as f:
-                    p = {k[2:]: f[k] for k in f.files if k.startswith("p.")}
-                    buf = {k[4:]: f[k] for k in f.files if k.startswith("buf.")}
-                    x, labels = f["x"], f["labels"]
-                tm = TorchModel(req["family"], req["n_layers"], p, buf, req["dtype"])
+                p, buf, x, labels, _, _ = _read_npz(req["npz"])
+                tm = HEADS[head](req["family"], req["n_layers"], p, buf, req["dtype"])
                 steps[req["key"]] = make_step(tm, req["groups"], x, labels)
                 ans = {}
             elif cmd == "compare":  # npz as setup, plus loss and g.<name> (refimpl's)
-                with np.load(req["npz"]) as f:
-                    p = {k[2:]: f[k] for k in f.files if k.startswith("p.")}
-                    buf = {k[4:]: f[k] for k in f.files if k.startswith("buf.")}
-                    g = {k[2:]: f[k] for k in f.files if k.startswith("g.")}
-                    x, labels, loss = f["x"], f["labels"], float(f["loss"])
+                p, buf, x, labels, loss, g = _read_npz(req["npz"])
                 ans = compare(req["family"], req["n_layers"], p, buf, x, labels, loss, g,
-                              req.get("variant", ""))
+                              req.get("variant", ""), head)
             elif cmd == "step":
                 t0 = time.perf_counter()
                 loss = steps[req["key"]]()
@@ -365,18 +426,47 @@ def serve(inp=sys.stdin, out=sys.stdout):
         out.flush()
 
 
+def _read_npz(path):
+    """``(params, buffers, x, labels, loss, grads)`` of a worker request's ``.npz``; ``labels``
+    None when absent (a language model), ``loss`` None and ``grads`` empty for a setup."""
+    with np.load(path) as f:
+        p = {k[2:]: f[k] for k in f.files if k.startswith("p.")}
+        buf = {k[4:]: f[k] for k in f.files if k.startswith("buf.")}
+        g = {k[2:]: f[k] for k in f.files if k.startswith("g.")}
+        labels = f["labels"] if "labels" in f.files else None
+        loss = float(f["loss"]) if "loss" in f.files else None
+        return p, buf, f["x"], labels, loss, g
+
+
+def _shape(ap, arg, default):
+    """``"4,16,8,64"`` -> ``{"B": 4, "H": 16, ...}`` in the keys of ``default``; None ->
+    ``default``."""
+    if arg is None:
+        return default
+    vals = arg.split(",")
+    if len(vals) != len(default) or not all(v.strip().isdigit() for v in vals):
+        ap.error(f"a check shape is {','.join(default)} (integers), got {arg!r}")
+    return dict(zip(default, (int(v) for v in vals)))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true",
                     help="compare loss and gradients with refimpl (float64), print JSON lines; "
                          "exit 1 on a mismatch")
     ap.add_argument("--family", action="append", choices=FAMILIES)
-    ap.add_argument("--shape", default="4,16,8,64", help="B,H,N,L of the check")
-    ap.add_argument("--variant", default="", choices=["", "ln_eps", "detach_reset"],
+    ap.add_argument("--head", action="append", choices=sorted(HEADS),
+                    help="check this head only (repeatable; default both)")
+    ap.add_argument("--shape", default=None,
+                    help="B,H,N,L of the classifier's check (default 4,16,8,64)")
+    ap.add_argument("--lm-shape", default=None,
+                    help="B,H,N,L,V of the language model's check (default 3,16,8,32,256)")
+    ap.add_argument("--variant", default="",
+                    choices=["", "ln_eps", "detach_reset", "lm_roll", "lm_mean_all"],
                     help="check a deliberately wrong model (a negative control: must fail)")
     ap.add_argument("--controls", action="store_true",
-                    help="with --check: also run the negative controls (CONTROLS), which must "
-                         "fail the check; exit 1 when one passes")
+                    help="with --check: also run the negative controls (CONTROLS, "
+                         "LM_CONTROLS), which must fail the check; exit 1 when one passes")
     ap.add_argument("--worker", action="store_true", help="serve run.py's timing protocol")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     args = ap.parse_args(argv)
@@ -385,16 +475,19 @@ def main(argv=None):
         serve()
         return 0
     if args.check:
-        B, H, N, L = (int(v) for v in args.shape.split(","))
+        shapes = {"classifier": _shape(ap, args.shape, CHECK_SHAPES["classifier"]),
+                  "lm": _shape(ap, args.lm_shape, CHECK_SHAPES["lm"])}
+        controls = {"classifier": CONTROLS, "lm": LM_CONTROLS}
         ok = True
-        for fam in args.family or FAMILIES:
-            r = check_against_refimpl(fam, B, H, N, L, variant=args.variant)
-            ok &= r["ok"]
-            print(json.dumps(r), flush=True)
-        for fam, variant in CONTROLS if args.controls else ():
-            r = check_against_refimpl(fam, B, H, N, L, variant=variant)
-            ok &= not r["ok"]
-            print(json.dumps({**r, "control": True}), flush=True)
+        for head in args.head or HEADS:
+            for fam in args.family or FAMILIES:
+                r = check_against_refimpl(fam, head, shapes[head], variant=args.variant)
+                ok &= r["ok"]
+                print(json.dumps(r), flush=True)
+            for fam, variant in controls[head] if args.controls else ():
+                r = check_against_refimpl(fam, head, shapes[head], variant=variant)
+                ok &= not r["ok"]
+                print(json.dumps({**r, "control": True}), flush=True)
         return 0 if ok else 1
     ap.error("give --check or --worker")
 

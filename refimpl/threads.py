@@ -1,0 +1,245 @@
+"""Who uses the cores while refimpl computes, and how many of them it takes.
+
+refimpl has one owner of the cores: its own pool of threads. A pass that is worth splitting
+(:func:`run`) runs on :func:`count` threads over disjoint ranges of rows (batch rows, channels,
+``B*H`` neuron rows), the calling thread taking the first range; every other thread source is
+held to one thread while refimpl computes:
+
+- **BLAS** (NumPy's OpenBLAS and any other BLAS that threadpoolctl finds loaded) runs on one
+  thread inside :func:`owned` (entered by :func:`run` and by the model's entry points) and gets
+  its own setting back on the way out. refimpl's large GEMMs are split over rows by :func:`run`
+  instead, so no BLAS thread spins while refimpl's threads work, or the reverse.
+- **Numba**: no kernel is compiled with ``parallel=True`` (they would spin up Numba's OpenMP
+  pool beside this one, and they cannot be cached on disk, so every process would compile them
+  again: issue 25); the serial kernels release the GIL (``nogil``) and :func:`run` calls them on
+  row ranges.
+- **scipy.fft** takes ``workers=count()`` (its pool sleeps between calls).
+
+How many threads: the one documented setting is the environment variable ``REFIMPL_THREADS``
+(read when refimpl is imported; :func:`set_threads` changes it at run time):
+
+- ``auto`` (the default): the cores this process may run on (``os.sched_getaffinity``) minus the
+  threads of *other* processes that are running right now (Linux: the runnable count of
+  ``/proc/loadavg`` less this process's own running threads, ``/proc/self/task/*/stat``; sampled
+  at most every :data:`SAMPLE_SECONDS`), at least 1. On a quiet 2-core machine that is 2; with a
+  browser or another training busy on a core, 1, so refimpl does not make two threads wait for
+  each other on one core (issue 25 measured a 12-40x loss from such oversubscription). Where
+  ``/proc`` is not readable the count is the cores available.
+- ``N`` (an integer >= 1): exactly ``N`` threads, whatever the load.
+
+Results do not depend on the count: every split writes disjoint outputs, sums across a split
+are kept per row and added in row order, and BLAS on one thread sums each GEMM in its own
+fixed order (tests/test_speed_threads.py: float64 and float32 bit-identical at 1 and 2 threads).
+"""
+import contextlib
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+
+ENV = "REFIMPL_THREADS"
+
+#: Elements a pass must touch before :func:`run` splits it (handing a range to another thread
+#: costs tens of microseconds; below this size one thread is as fast).
+MIN_ELEMENTS = 1 << 18
+
+#: Seconds a sample of the other processes' running threads is reused (reading ``/proc`` costs
+#: tens of microseconds; a training step takes tens of milliseconds, a streamed step far less).
+SAMPLE_SECONDS = 0.2
+
+
+class ThreadsSettingError(ValueError):
+    """``REFIMPL_THREADS`` (or :func:`set_threads`) is neither ``auto`` nor a positive integer."""
+
+
+def parse_setting(value, name=ENV):
+    """``None`` for ``auto`` (or unset/empty), else the positive integer ``value`` names."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text in ("", "auto"):
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1 or str(n) != text.lstrip("+"):
+        raise ThreadsSettingError(f"{name} must be 'auto' or a positive integer number of "
+                                  f"threads, got {value!r}")
+    return n
+
+
+_fixed = parse_setting(os.environ.get(ENV))
+_sample = {"at": -1.0, "busy": None}  # the last reading of busy_elsewhere() and when (monotonic)
+
+
+class _Local(threading.local):
+    in_pool = False  # this thread is one of the pool's: a nested pass runs on it alone
+
+
+_local = _Local()
+
+
+def set_threads(n):
+    """Set the thread count for this process: ``None`` or ``"auto"`` (follow the free cores),
+    or a positive integer. Returns the previous setting (``None`` for auto)."""
+    global _fixed
+    previous, _fixed = _fixed, parse_setting(n, "threads")
+    return previous
+
+
+def setting():
+    """The current setting: ``None`` (auto) or the fixed count."""
+    return _fixed
+
+
+@contextlib.contextmanager
+def using(n):
+    """Run the body with :func:`set_threads` ``(n)`` and restore the setting afterwards."""
+    previous = set_threads(n)
+    try:
+        yield
+    finally:
+        set_threads(previous)
+
+
+def cores():
+    """The cores this process may run on (its CPU affinity where the OS reports it)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _running_here(proc="/proc"):
+    """This process's threads that are running or runnable now (state ``R``)."""
+    n = 0
+    task = f"{proc}/self/task"
+    for tid in os.listdir(task):
+        try:
+            with open(f"{task}/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if stat[stat.rfind(b")") + 2:][:1] == b"R":  # the field after "pid (comm)"
+            n += 1
+    return n
+
+
+def busy_elsewhere(proc="/proc"):
+    """Threads of other processes that are running or waiting for a core right now, or
+    ``None`` where ``/proc`` does not tell (then :func:`count` assumes none)."""
+    try:
+        with open(f"{proc}/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])  # "R/T": runnable/total
+        return max(0, running - _running_here(proc))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def count():
+    """Threads for the next parallel pass: the fixed setting, or (auto) the free cores."""
+    if _local.in_pool:  # a pass nested in a pool thread's range stays on that thread
+        return 1
+    if _fixed is not None:
+        return _fixed
+    now = time.monotonic()
+    if now - _sample["at"] > SAMPLE_SECONDS:
+        _sample["busy"], _sample["at"] = busy_elsewhere(), now
+    n = cores()
+    busy = _sample["busy"]
+    return n if busy is None else max(1, n - busy)
+
+
+# --------------------------------------------------------------------------------------------
+# BLAS on one thread while refimpl computes
+# --------------------------------------------------------------------------------------------
+
+_blas = {"libs": None, "depth": 0, "saved": None}
+_blas_lock = threading.Lock()
+
+
+def _blas_libs():
+    """threadpoolctl's controllers of the loaded BLAS libraries (found once, on first use)."""
+    if _blas["libs"] is None:
+        from threadpoolctl import ThreadpoolController
+        _blas["libs"] = ThreadpoolController().select(user_api="blas").lib_controllers
+    return _blas["libs"]
+
+
+@contextlib.contextmanager
+def owned():
+    """refimpl owns the cores for the body: BLAS on one thread (its own setting restored when
+    the outermost ``owned`` exits). Re-entrant and cheap when nested (a counter)."""
+    with _blas_lock:
+        if _blas["depth"] == 0:
+            libs = _blas_libs()
+            _blas["saved"] = [lib.get_num_threads() for lib in libs]
+            for lib in libs:
+                lib.set_num_threads(1)
+        _blas["depth"] += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas["depth"] -= 1
+            if _blas["depth"] == 0:
+                for lib, n in zip(_blas["libs"], _blas["saved"]):
+                    lib.set_num_threads(n)
+
+
+def blas_threads():
+    """``[(library, version, threads outside refimpl)]`` of the loaded BLAS libraries."""
+    libs = _blas_libs()
+    saved = _blas["saved"] if _blas["depth"] else None
+    return [(lib.internal_api, lib.version, saved[i] if saved else lib.get_num_threads())
+            for i, lib in enumerate(libs)]
+
+
+# --------------------------------------------------------------------------------------------
+# The pool
+# --------------------------------------------------------------------------------------------
+
+_POOLS = {}  # pid -> ThreadPoolExecutor (a forked child starts afresh)
+
+
+def _mark_pool_thread():
+    _local.in_pool = True
+
+
+def _pool(workers):
+    key = os.getpid()
+    pool = _POOLS.get(key)
+    if pool is None or pool._max_workers < workers:
+        if pool is not None:
+            pool.shutdown(wait=False)
+        pool = _POOLS[key] = ThreadPoolExecutor(max(workers, cores() - 1),
+                                                thread_name_prefix="refimpl",
+                                                initializer=_mark_pool_thread)
+    return pool
+
+
+def run(fn, n_items, size=None):
+    """Run ``fn(i0, i1)`` over contiguous ranges covering ``range(n_items)``, inside
+    :func:`owned` (BLAS on one thread).
+
+    On :func:`count` threads (at most ``n_items``), the calling thread taking the first range,
+    when the pass touches at least :data:`MIN_ELEMENTS` elements (``size``; ``None``: always
+    split); else in one call. ``fn`` must write disjoint outputs per item and release the GIL
+    for its work (the ``nogil`` Numba kernels, BLAS, scipy.fft), so the result is the same for
+    any split. An exception in any range is raised after every range has finished (the first
+    range's first).
+    """
+    with owned():
+        n = 1 if size is not None and size < MIN_ELEMENTS else min(count(), n_items)
+        if n <= 1:
+            fn(0, n_items)
+            return
+        bounds = [n_items * k // n for k in range(n + 1)]
+        futures = [_pool(n - 1).submit(fn, bounds[k], bounds[k + 1]) for k in range(1, n)]
+        try:
+            fn(bounds[0], bounds[1])
+        finally:
+            wait(futures)
+        for f in futures:
+            f.result()
