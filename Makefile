@@ -58,6 +58,20 @@ $(PEERS_STAMP): setup.cfg pyproject.toml
 bench-peers: install $(PEERS_STAMP)
 	$(BIN)/python benchmarks/peers/run.py --peers-python $(PEERS)/bin/python $(PEERS_ARGS)
 
+# Threads that cooperate and a fast first step (issue 25): refimpl at 1f81af2 (a temporary git
+# worktree; CONTENTION_ARGS="--before REF" for another) beside the working tree, every figure
+# from a fresh process on the thread settings the version chooses (NUMBA_NUM_THREADS and the
+# other thread variables removed): the lif classifier and language-model training steps quiet
+# and beside 2 and 4 busy processes, and `refimpl generate` of 20 tokens (warm and cold Numba
+# cache) and the steady tokens/s of every family; writes benchmarks/contention.json and the
+# `contention` region of BENCHMARKS.md (about 10 minutes on 2 cores). Options through
+# CONTENTION_ARGS, e.g. "--only generate" or "--quick --out-dir /tmp/contention-quick".
+CONTENTION_ARGS ?=
+
+.PHONY: bench-contention
+bench-contention: install
+	$(BIN)/python benchmarks/contention.py $(CONTENTION_ARGS)
+
 # The PyTorch backend example run for real (issue 21): in the .venv-peers environment above
 # (torch CPU; never a refimpl dependency) examples/torch_backend.py writes candidates for every
 # case of its suites at --dtype float64, float32, bfloat16 and float16 into a temporary folder,

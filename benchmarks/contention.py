@@ -100,24 +100,32 @@ def log(msg):
 # --------------------------------------------------------------------------------------------
 
 
-def _threads():
-    """The thread settings the imported refimpl left in force: Numba's, and the count of
-    refimpl's own pool (``refimpl.threads.count()``, None in versions without one) as the run
-    ends."""
+def _loaded():
+    """What the child imported: the thread settings the imported refimpl left in force (Numba's,
+    and the count of refimpl's own pool, ``refimpl.threads.count()`` as the run ends, None in
+    versions without one) and the files of every ``refimpl`` module loaded."""
+    import importlib
+    from importlib.machinery import PathFinder
+
     import numba
-    try:
-        from refimpl.threads import count
-    except ImportError:  # a version before refimpl.threads
-        count = None
-    return {"numba_num_threads": numba.config.NUMBA_NUM_THREADS,
+
+    import refimpl
+    # only the version's own refimpl.threads: the editable install would find the working
+    # tree's for a version that has none
+    own = PathFinder.find_spec("refimpl.threads", refimpl.__path__) is not None
+    return {"refimpl_file": refimpl.__file__,
+            "refimpl_files": sorted({m.__file__ for k, m in sys.modules.items()
+                                     if k.split(".")[0] == "refimpl"
+                                     and getattr(m, "__file__", None)}),
+            "numba_num_threads": numba.config.NUMBA_NUM_THREADS,
             "numba_get_num_threads": numba.get_num_threads(),
-            "refimpl_threads": count() if count else None,
+            "refimpl_threads": importlib.import_module("refimpl.threads").count() if own
+            else None,
             "env": {k: os.environ[k] for k in THREAD_VARS if k in os.environ}}
 
 
 def child_step(which, seconds):
     """Time training steps of ``which`` (:data:`STEPS`); prints a JSON line."""
-    import refimpl
     from refimpl import model as M
     from refimpl.memory import retain_freed_memory
     from refimpl.optim import adamw_init, adamw_step, make_groups
@@ -153,13 +161,12 @@ def child_step(which, seconds):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    print(json.dumps({"refimpl_file": refimpl.__file__, "times": times, **_threads()}))
+    print(json.dumps({"times": times, **_loaded()}))
 
 
 def child_steady(checkpoint, length):
     """Generate ``length`` tokens through ``refimpl.sampling.generate``; prints a JSON line with
     the prompt's time, the first step's and the tokens/s after the first step."""
-    import refimpl
     from refimpl.sampling import generate
     from refimpl.stream import ModelStream
     from refimpl.text import Vocab
@@ -171,10 +178,9 @@ def child_steady(checkpoint, length):
     marks = []  # marks[i]: token i is out; token i >= 1 took the step after marks[i - 1]
     _, info = generate(stream, ids, length, temperature=1.0, seed=0,
                        progress=lambda n: marks.append(time.perf_counter()))
-    print(json.dumps({"refimpl_file": refimpl.__file__, "prompt_s": info["prompt_seconds"],
-                      "first_step_s": marks[1] - marks[0],
+    print(json.dumps({"prompt_s": info["prompt_seconds"], "first_step_s": marks[1] - marks[0],
                       "steady_tokens_per_s": (length - 2) / (marks[-1] - marks[1]),
-                      **_threads()}))
+                      **_loaded()}))
 
 
 def child_main(argv):
@@ -259,7 +265,7 @@ def run_child(version, workdir, *args):
     _, out, _ = run(version, [str(Path(__file__).resolve()), "--child", *map(str, args)],
                     workdir)
     res = json.loads(out.strip().splitlines()[-1])
-    check_imported(version, res["refimpl_file"])
+    check_imported(version, *res.pop("refimpl_files"))
     return res
 
 
@@ -327,9 +333,10 @@ def bench_contention(versions, workdir, seconds):
     return {"points": points, "summary": summary}
 
 
-def make_checkpoints(after, workdir, families):
+def make_checkpoints(after, workdir, families, errors):
     """One small language model per family, trained by the working tree's ``refimpl train``:
-    ``{family: checkpoint path}`` (families that cannot be trained here are left out)."""
+    ``{family: checkpoint path}``; a family that cannot be trained here is left out, why in
+    ``errors[family]["after"]``."""
     from pydoc_data.topics import topics
     text = "\n\n".join(topics[k] for k in sorted(topics)).encode()[:TEXT_BYTES]
     corpus = workdir / "corpus.txt"
@@ -339,15 +346,21 @@ def make_checkpoints(after, workdir, families):
         extra = []
         if fam == "sdn":
             if not SHARED_SDN.exists():
+                errors[fam] = {"after": f"not trained: no SDN weights at {SHARED_SDN}"}
                 log(f"skip sdn: no SDN weights at {SHARED_SDN}")
                 continue
             extra = ["--sdn-weights", str(SHARED_SDN)]
         run_dir = workdir / f"lm-{fam}"
         log(f"training the {fam} model ({len(text):,} bytes, one epoch)")
-        run_cli(after, workdir, ["train", "--text", str(corpus), "--activation", fam,
-                                 "--d-model", "64", "--d-state", "32", "--layers", "2",
-                                 "--context", "128", "--epochs", "1", "--out", str(run_dir),
-                                 "--overwrite", *extra])
+        try:
+            run_cli(after, workdir, ["train", "--text", str(corpus), "--activation", fam,
+                                     "--d-model", "64", "--d-state", "32", "--layers", "2",
+                                     "--context", "128", "--epochs", "1", "--out",
+                                     str(run_dir), "--overwrite", *extra])
+        except RuntimeError as e:
+            errors[fam] = {"after": f"not trained: {e}"}
+            log(f"{fam}: {e}")
+            continue
         out[fam] = str(run_dir / "checkpoint.h5")
     return out
 
@@ -355,8 +368,8 @@ def make_checkpoints(after, workdir, families):
 def bench_generate(versions, workdir, families, repeats):
     """Per family: warm and cold ``refimpl generate`` wall times and the steady rate of every
     version, interleaved; ``{"checkpoints", "runs", "steady", "summary", "errors"}``."""
-    ckpts = make_checkpoints(versions[-1], workdir, families)
     runs, steady, summary, errors = [], {}, {}, {}
+    ckpts = make_checkpoints(versions[-1], workdir, families, errors)
     for fam, ckpt in ckpts.items():
         args = ["generate", ckpt, "--prompt", PROMPT, "--length", str(GEN_TOKENS), "--seed", "0"]
         ok = []
@@ -493,10 +506,7 @@ def render(doc):
 def machine(cpu_model):
     return {"cpu_model": cpu_model, "cpu_count": os.cpu_count(),
             "cpu_affinity": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-            "python": platform.python_version(), "python_executable": sys.executable,
-            "child_cwd": "a temporary folder",
-            "removed_from_child_env": {k: os.environ[k] for k in THREAD_VARS + PATH_VARS
-                                       if k in os.environ}}
+            "python": platform.python_version(), "python_executable": sys.executable}
 
 
 def parse_args(argv):
@@ -545,6 +555,11 @@ def main(argv=None):
                             "after": {"path": str(ROOT), "modified": dirty,
                                       "commit": _git("rev-parse", "--short=12", "HEAD")
                                       + ("+dirty" if dirty else "")}},
+               "child_env": {"removed": {k: os.environ.get(k) for k in THREAD_VARS + PATH_VARS},
+                             "PYTHONPATH": {"before": str(tree), "after": None},
+                             "NUMBA_CACHE_DIR": "cold generate runs: a new empty folder each; "
+                                                "else unset (the cache beside the sources)",
+                             "cwd": "a temporary folder"},
                "settings": {"seconds": args.seconds, "repeats": args.repeats,
                             "quick": args.quick, "warmup_steps": WARMUP_STEPS,
                             "min_steps": MIN_STEPS, "spin_up_s": SPIN_UP}}
@@ -559,10 +574,11 @@ def main(argv=None):
                 start = load1()
                 doc[name] = bench()
                 doc[name]["run"] = {**run, "loadavg": [start, load1()]}
-    atomic_write_json(out_json, doc)
-    md = out_md.read_text() if out_md.exists() else None
-    atomic_write_text(out_md, harness.merge_markdown(md, {REGION: render(doc)}))
-    log(f"wrote {out_json} and the {REGION!r} region of {out_md}")
+                # after each benchmark: an interrupted run keeps what it measured
+                atomic_write_json(out_json, doc)
+                md = out_md.read_text() if out_md.exists() else None
+                atomic_write_text(out_md, harness.merge_markdown(md, {REGION: render(doc)}))
+                log(f"wrote {out_json} and the {REGION!r} region of {out_md}")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def embedding_bwd(cache, dy):
     """Returns ``(None, dE)``: integer tokens have no gradient; ``dE`` accumulates repeats."""
     tokens, V = cache
     dE = np.zeros((V, dy.shape[1]), dtype=dy.dtype)  # (V, H)
-    np.add.at(dE, tokens.ravel(), dy.transpose(0, 2, 1).reshape(-1, dy.shape[1]))
+    _embedding_scatter(tokens, np.ascontiguousarray(dy), dE)  # np.add.at, in its order
     return None, dE
 
 
@@ -762,6 +762,73 @@ def cross_entropy_bwd(cache, dloss=1.0):
     d = np.exp(logp)  # (B, C)
     d[np.arange(len(labels)), labels] -= 1.0
     return (d * (dloss / len(labels)),)
+
+
+def _next_token_ce(z, tokens, scale, d, loss_rows):
+    """Next-token cross-entropy of the rows ``z[b]`` (L, V), forward and backward:
+    ``loss_rows[b] = sum_{t < L-1} (lse(z[b, t]) - z[b, t, tokens[b, t+1]])`` and
+    ``d[b, t] = (softmax(z[b, t]) - onehot) * scale`` (``d[b, L-1] = 0``: no target).
+
+    The operations of :func:`cross_entropy_fwd` / :func:`cross_entropy_bwd` (max subtracted,
+    NumPy's SIMD ``exp``, ``d = exp(z - m) / sum``) on the rows in place, without their copy of
+    the first ``L - 1`` positions, the log-probabilities array or the one-hot pass.
+    ``z, d (B, L, V)``, ``tokens (B, L)`` in ``[0, V)``, ``loss_rows (B,)`` float64."""
+    zt, dt = z[:, :-1], d[:, :-1]  # (B, L-1, V) views: positions with a target
+    m = zt.max(axis=2, keepdims=True)  # (B, L-1, 1)
+    np.subtract(zt, m, out=dt)
+    np.exp(dt, out=dt)
+    tot = dt.sum(axis=2, keepdims=True)  # (B, L-1, 1)
+    dt *= scale / tot
+    y = tokens[:, 1:, None]  # (B, L-1, 1) targets
+    zy = np.take_along_axis(zt, y, axis=2)  # (B, L-1, 1)
+    dy = np.take_along_axis(dt, y, axis=2) - np.asarray(scale, d.dtype)
+    np.put_along_axis(dt, y, dy, axis=2)
+    d[:, -1] = 0.0
+    lse = (m + np.log(tot)).astype(np.float64)  # (B, L-1, 1)
+    loss_rows[:] = (lse - zy)[:, :, 0].sum(axis=1)  # per row over t: the same at any split
+
+
+def next_token_cross_entropy(logits, tokens):
+    """A language model's loss and its gradient in one pass: ``(loss, dlogits (B, L, V))``.
+
+    ``loss = mean_{b, t < L-1} CE(logits[b, t], tokens[b, t+1])`` (nats), ``dlogits[:, L-1] =
+    0`` (no target after the last token). Rows of the batch on :func:`_over_batch`'s threads,
+    their sums added in row order (the same result at any thread count). ``logits`` of the
+    current precision, ``tokens`` int64 in ``[0, V)`` (checked)."""
+    _check_dtypes(logits=logits, ndim={"logits": 3})
+    Bsz, L, V = logits.shape
+    if not isinstance(tokens, np.ndarray) or tokens.dtype != np.int64:
+        raise TypeError(f"tokens must be an int64 array (B, L), got "
+                        f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+    if tokens.shape != (Bsz, L) or L < 2:
+        raise ValueError(f"tokens must have shape (B, L) = {(Bsz, L)} with L >= 2 (logits "
+                         f"{logits.shape}), got {tokens.shape}")
+    if tokens.min() < 0 or tokens.max() >= V:
+        raise ValueError(f"tokens must lie in [0, {V}) (V = logits.shape[2]), got range "
+                         f"[{tokens.min()}, {tokens.max()}]")
+    z = np.ascontiguousarray(logits)
+    tokens = np.ascontiguousarray(tokens)
+    d = np.empty_like(z)  # (B, L, V)
+    loss_rows = np.empty(Bsz)  # (B,) float64
+    scale = 1.0 / (Bsz * (L - 1))
+    _over_batch(lambda b0, b1: _next_token_ce(z[b0:b1], tokens[b0:b1], scale, d[b0:b1],
+                                              loss_rows[b0:b1]), Bsz, 4 * z.size)
+    loss = 0.0
+    for b in range(Bsz):  # in row order
+        loss += loss_rows[b]
+    return loss * scale, d
+
+
+@njit(**config.NJIT_OPTS)
+def _embedding_scatter(tokens, dy, dE):
+    """``dE[tokens[b, t]] += dy[b, :, t]`` in ``(b, t)`` order (``np.add.at``'s order).
+    Preconditions: ``tokens (B, L)`` in range, ``dy (B, H, L)``, ``dE (V, H)`` zeroed."""
+    Bsz, H, L = dy.shape
+    for b in range(Bsz):
+        for t in range(L):
+            row = tokens[b, t]
+            for h in range(H):
+                dE[row, h] += dy[b, h, t]
 
 
 # --------------------------------------------------------------------------------------------

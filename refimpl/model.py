@@ -606,21 +606,45 @@ def _decoder_op(inputs, params, cfg=None, state=None):
         raise ValueError(f"W must have shape (V, H) = (*, {h.shape[1]}), got {W.shape}")
     if b.shape != W.shape[:1]:
         raise ValueError(f"b must have shape (V,) = ({W.shape[0]},), got {b.shape}")
-    z = Ly.chanmix(W, h)  # (B, V, L)
-    z += b[:, None]
-    logits = np.ascontiguousarray(z.transpose(0, 2, 1))  # (B, L, V)
+    logits = _decoder_logits(W, b, h)  # (B, L, V)
     return _ops.Result({"logits": logits}, DecoderCache(h, W), None)
 
 
+def _decoder_logits(W, b, h):
+    """``logits[b] = h[b]^T W^T + c``: one ``(L, H) @ (H, V)`` GEMM per batch row written
+    straight into ``(B, L, V)`` (BLAS reads both transposed views as they are: no copies), the
+    rows on :func:`refimpl.layers._over_batch`'s threads."""
+    Bsz, H, L = h.shape
+    logits = np.empty((Bsz, L, W.shape[0]), dtype=h.dtype)  # (B, L, V)
+    hT, WT = h.transpose(0, 2, 1), W.T  # (B, L, H), (H, V) views
+
+    def rows(b0, b1):
+        np.matmul(hT[b0:b1], WT, out=logits[b0:b1])
+        logits[b0:b1] += b
+    Ly._over_batch(rows, Bsz, logits.size * H // 8)
+    return logits
+
+
 def _decoder_op_vjp(cache, cotangents):
+    h, W = cache.h, cache.W
+    Bsz, H, L = h.shape
     dlogits = cotangents.get("logits")
     if dlogits is None:
-        Bsz, H, L = cache.h.shape
-        dlogits = np.zeros((Bsz, L, cache.W.shape[0]), cache.h.dtype)
-    dz = np.ascontiguousarray(dlogits.transpose(0, 2, 1))  # (B, V, L)
-    return {"h": Ly.chanmix(np.ascontiguousarray(cache.W.T), dz),  # (B, H, L)
-            "W": Ly.chanmix_dW(dz, cache.h),  # (V, H)
-            "b": dz.sum(axis=(0, 2))}  # (V,)
+        dlogits = np.zeros((Bsz, L, W.shape[0]), h.dtype)
+    dlogits = np.ascontiguousarray(dlogits)  # (B, L, V)
+    V = W.shape[0]
+    dh = np.empty_like(h)  # (B, H, L)
+    part = np.empty((Bsz, V, H), dtype=h.dtype)  # (B, V, H) one dW GEMM per row
+    dT, hT = dlogits.transpose(0, 2, 1), h.transpose(0, 2, 1)  # (B, V, L), (B, L, H) views
+
+    def rows(b0, b1):
+        np.matmul(W.T, dT[b0:b1], out=dh[b0:b1])  # (H, V) @ (V, L)
+        np.matmul(dT[b0:b1], hT[b0:b1], out=part[b0:b1])  # (V, L) @ (L, H)
+    Ly._over_batch(rows, Bsz, dlogits.size * H // 4)
+    dW = part[0].copy()  # (V, H), added in row order
+    for i in range(1, Bsz):
+        dW += part[i]
+    return {"h": dh, "W": dW, "b": dlogits.sum(axis=(0, 1))}
 
 
 def _decoder_examples(rng):
@@ -724,13 +748,10 @@ def lm_loss(logits, tokens):
     """Next-token cross-entropy and its gradient: ``(loss, dlogits (B, L, V))``.
 
     ``loss = mean_{b, t < L-1} CE(logits[b, t], tokens[b, t+1])`` (nats; bits per token =
-    loss / ln 2); ``dlogits[:, L-1] = 0`` (no target after the last token)."""
-    Bsz, L, V = logits.shape
-    loss, ce = Ly.cross_entropy_fwd(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))
-    (d,) = Ly.cross_entropy_bwd(ce)  # (B (L-1), V)
-    dlogits = np.zeros_like(logits)  # (B, L, V)
-    dlogits[:, :-1] = d.reshape(Bsz, L - 1, V)
-    return loss, dlogits
+    loss / ln 2); ``dlogits[:, L-1] = 0`` (no target after the last token). One fused pass
+    (:func:`refimpl.layers.next_token_cross_entropy`)."""
+    with precision.using(str(logits.dtype) if logits.dtype == np.float32 else "float64"):
+        return Ly.next_token_cross_entropy(logits, tokens)
 
 
 def energy(cfg, rates, L):

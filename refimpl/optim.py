@@ -30,6 +30,7 @@ import numpy as np
 from numba import njit
 
 from . import config
+from . import threads
 from ._checks import check_array, check_int, check_real
 
 #: Defaults of ``torch.optim.AdamW`` (except weight_decay, which is per group here).
@@ -173,6 +174,7 @@ def cosine_schedule(step, total_steps, warmup_steps=0, min_factor=0.0):
 # --------------------------------------------------------------------------------------------
 
 
+@threads.owned()
 def global_grad_norm(grads):
     """``sqrt(sum_p ||g_p||^2)`` over all gradients, summed in sorted-name order."""
     total = 0.0
@@ -274,6 +276,7 @@ def _adamw_update(p, g, m, v, factor, decay, b1, b2, lr_t, c1, c2, eps):
         p[i] = pi - lr_t * (mi / c1) / (np.sqrt(vi / c2) + eps)
 
 
+@threads.owned()
 def adamw_step(params, grads, state, groups, lr_scale=1.0, betas=BETAS, eps=EPS,
                clip_norm=None):
     """One AdamW update, **in place** on ``params`` and ``state`` (``grads`` are not modified).

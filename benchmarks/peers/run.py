@@ -51,6 +51,7 @@ from bench_training import sdn_weights  # noqa: E402
 from harness import cpu_model  # noqa: E402
 
 from refimpl import model as M  # noqa: E402
+from refimpl import threads  # noqa: E402
 from refimpl.atomic import atomic_write_text  # noqa: E402
 from refimpl.memory import retain_freed_memory  # noqa: E402
 from refimpl.optim import adamw_init, adamw_step, make_groups  # noqa: E402
@@ -331,6 +332,7 @@ def machine(torch_info):
             "platform": platform.platform(), "python": platform.python_version(),
             "numpy": np.__version__, "loadavg_start": list(os.getloadavg()),
             "NUMBA_NUM_THREADS": numba.config.NUMBA_NUM_THREADS,
+            "REFIMPL_THREADS": os.environ.get(threads.ENV) or "auto",
             "git_commit": _git_commit(), **{f"torch_{k}": v for k, v in torch_info.items()}}
     try:
         info["cpu_affinity"] = len(os.sched_getaffinity(0))
@@ -441,7 +443,10 @@ def render(doc):
              f"Run {m['date']} at commit `{m.get('git_commit')}`; {m['cpu_model']}, "
              f"{m['cpu_count']} cores; PyTorch {m.get('torch_torch')} CPU eager, "
              f"{m.get('torch_threads')} threads (`torch.set_num_threads`); refimpl with "
-             f"NUMBA_NUM_THREADS={m.get('NUMBA_NUM_THREADS')}, NumPy {m['numpy']}"
+             # results before refimpl.threads name Numba's count
+             + (f"REFIMPL_THREADS={m['REFIMPL_THREADS']}" if "REFIMPL_THREADS" in m
+                else f"NUMBA_NUM_THREADS={m.get('NUMBA_NUM_THREADS')}")
+             + f", NumPy {m['numpy']}"
              + (f"; load average {m['loadavg_start'][0]:.1f} at the start, "
                 f"{m['loadavg_end'][0]:.1f} at the end (a shared machine)"
                 if "loadavg_end" in m else "") + ". "
@@ -623,12 +628,14 @@ def main(argv=None):
             for sname, s in shapes.items():
                 for fam in families:
                     t0, load1 = time.perf_counter(), os.getloadavg()[0]
+                    n_threads = threads.count()  # auto: the cores other processes leave free
                     t = time_point(fam, s, worker, tmp, args.repeats, args.max_seconds, f32)
                     new.append({"shape_name": sname, "shape": s, "family": fam, "timings": t,
                                 "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-                                "loadavg_1min": load1})
+                                "loadavg_1min": load1, "refimpl_threads": n_threads})
                     log(f"{sname} {fam}: " + ", ".join(f"{k} {_cell(c)}" for k, c in t.items())
-                        + f" ({time.perf_counter() - t0:.0f} s, load {load1:.1f})")
+                        + f" ({time.perf_counter() - t0:.0f} s, load {load1:.1f}, refimpl "
+                        f"threads {n_threads})")
                     save()
     finally:
         worker.close()
