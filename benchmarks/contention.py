@@ -273,8 +273,9 @@ def run_cli(version, workdir, args, cache_dir=None):
     """``refimpl ARGS`` of the version: ``(wall seconds, the last line of stderr)``."""
     wall, _, err = run(version, ["-c", LAUNCH, *args], workdir, cache_dir)
     lines = err.strip().splitlines()
-    check_imported(version, *lines[0].split()[1:3])
-    return wall, lines[-1] if len(lines) > 1 else ""
+    imported = next(ln for ln in lines if ln.startswith("[imported] "))
+    check_imported(version, *imported.split()[1:3])
+    return wall, lines[-1]
 
 
 @contextlib.contextmanager

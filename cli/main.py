@@ -53,7 +53,6 @@ def info():
 
     \b
       refimpl info
-      REFIMPL_THREADS=1 refimpl info
     """
     import h5py
     import numba

@@ -46,7 +46,6 @@ Examples stay cheap at the default limits (refimpl runs each about four times, f
 backward, to build the case): 1 to 4 ms for every op but PMBC, whose parallel kernel costs a
 fixed few milliseconds per call (thread launch) whatever the size.
 """
-import dataclasses
 import numbers
 from typing import Callable, NamedTuple
 
@@ -69,52 +68,10 @@ from ..surrogates import SURROGATES
 # Limits
 # --------------------------------------------------------------------------------------------
 
-#: Limits field -> the CLI option that sets it (error messages name the option).
-OPTIONS = {"batch": "--max-batch", "channels": "--max-channels", "length": "--max-length",
-           "state": "--max-state", "vocab": "--max-vocab", "features": "--max-features"}
+from .limits import OPTIONS, Limits  # noqa: E402,F401  (re-exported: the strategies' sizes)
 
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """The largest sizes an example may have; every size is drawn in ``1 .. limit``.
-
-    Parameters
-    ----------
-    batch : int, default 2
-        ``B``.
-    channels : int, default 16
-        ``H``, the model width (also the width of GLU, GSU, the embedding and the decoder).
-    length : int, default 128
-        ``L``, the sequence length.
-    state : int, default 16
-        ``N``, the real state size of the S4D ops (even: ``N2 = N // 2`` complex modes).
-    vocab : int, default 64
-        ``V``: the vocabulary of the embedding and the LM decoder, the classes of the
-        cross-entropy.
-    features : int, default 32
-        The input and output widths of ``linear`` (which are not ``H``).
-    """
-
-    batch: int = 2
-    channels: int = 16
-    length: int = 128
-    state: int = 16
-    vocab: int = 64
-    features: int = 32
-
-    def check(self):
-        """Return ``self`` if every limit is an integer >= 1 (``state``: even, >= 2);
-        ``TypeError``/``ValueError`` naming the CLI option otherwise."""
-        for field, option in OPTIONS.items():
-            value = getattr(self, field)
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{option} must be an integer, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{option} must be >= 1, got {value}")
-        if self.state < 2 or self.state % 2:
-            raise ValueError(f"--max-state must be even and >= 2 (the real state size N = 2 N2 "
-                             f"of N2 complex modes), got {self.state}")
-        return self
+#: The default limits (``Limits()``).
+DEFAULT_LIMITS = Limits()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1179,7 +1136,7 @@ def check_fixed(op_name, fixed):
     return {k: (v if v is None else _plain(v)) for k, v in fixed.items()}
 
 
-def draw_spec(op_name, draw, limits=Limits(), fixed=None, invalid=True, state=True):
+def draw_spec(op_name, draw, limits=DEFAULT_LIMITS, fixed=None, invalid=True, state=True):
     """Draw one example of op ``op_name`` as a golden case specification.
 
     Parameters
