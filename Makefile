@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-NUMBA_NUM_THREADS ?= 2
-export NUMBA_NUM_THREADS
 
 .PHONY: install run test test-all golden bench bench-peers lint wheel-check clean
 

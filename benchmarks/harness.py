@@ -281,6 +281,12 @@ def _version(module):
         return None
 
 
+def _threads_now():
+    """refimpl's thread count when the run starts (auto: the free cores then)."""
+    from refimpl import threads
+    return threads.count()
+
+
 def machine_info(root):
     """Where and with what the figures were measured."""
     import numba
@@ -305,8 +311,8 @@ def machine_info(root):
         "scipy": _version("scipy"),
         "refimpl": refimpl.__version__,
         "git_commit": _git_commit(root),
-        "NUMBA_NUM_THREADS_env": os.environ.get("NUMBA_NUM_THREADS"),
-        "numba_num_threads": numba.config.NUMBA_NUM_THREADS,
+        "REFIMPL_THREADS_env": os.environ.get("REFIMPL_THREADS"),
+        "refimpl_threads": _threads_now(),
         "refimpl_fastmath": bool(config.FASTMATH),
         "thread_env": {k: os.environ[k] for k in
                        ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -406,8 +412,8 @@ def render_machine(m):
         f"| platform | {m['platform']} |",
         f"| Python | {m['python']} |",
         f"| NumPy / SciPy / Numba | {m['numpy']} / {m['scipy']} / {m['numba']} |",
-        f"| NUMBA_NUM_THREADS | {m['numba_num_threads']} "
-        f"(environment: {m['NUMBA_NUM_THREADS_env'] or 'unset'}) |",
+        f"| refimpl threads | {m.get('refimpl_threads', '?')} at the start "
+        f"(REFIMPL_THREADS: {m.get('REFIMPL_THREADS_env') or 'auto'}) |",
         f"| refimpl fastmath | {'on' if m['refimpl_fastmath'] else 'off'} |",
     ]
     if m.get("thread_env"):

@@ -93,7 +93,7 @@ def main(argv=None):
                   file=sys.stderr)
         machine = harness.machine_info(ROOT)
         print(f"benchmarks on {machine['cpu_model']} ({machine['cpu_count']} cores), "
-              f"NUMBA_NUM_THREADS={machine['numba_num_threads']}, "
+              f"refimpl threads {machine['refimpl_threads']}, "
               f"{args.repeats} repeats{', quick shapes' if args.quick else ''}",
               file=sys.stderr)
         for i, g in enumerate(chosen, 1):

@@ -14,9 +14,9 @@ Where the tasks run:
   to this process (``os.sched_getaffinity``) or ``N``, never more than there are tasks (a pool
   of one is this process). Workers are started with the ``spawn`` method, never ``fork``
   (Numba's threading layer and OpenBLAS's threads do not survive a fork), each with one thread
-  (``NUMBA_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``,
-  ``REFIMPL_FFT_WORKERS`` = 1: :data:`WORKER_ENV`), so that the pool uses one core per
-  process. A worker imports the module of ``fn`` afresh: what a process registers at run time
+  (``REFIMPL_THREADS`` and, for code outside refimpl, ``OPENBLAS_NUM_THREADS``,
+  ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` = 1: :data:`WORKER_ENV`), so that the pool uses one
+  core per process. A worker imports the module of ``fn`` afresh: what a process registers at run time
   (a reset, a golden suite) is not registered there, so run such work with ``workers=1``.
 - ``scheduler="tcp://host:port"``: on that Dask cluster through ``dask.distributed`` (the
   optional extra: ``pip install 'refimpl[dask]'``); its workers need the same refimpl.
@@ -39,7 +39,7 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 
 #: The environment of every pool worker, set when it starts (before it imports NumPy or Numba).
-WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
               "MKL_NUM_THREADS": "1", "REFIMPL_THREADS": "1"}
 
 #: How to install the optional Dask support.

@@ -27,7 +27,7 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["schema"] == "refimpl-benchmarks" and doc["schema_version"] == 1
     for key in ("date", "cpu_model", "cpu_count", "python", "numpy", "numba", "scipy",
-                "numba_num_threads"):
+                "refimpl_threads"):
         assert key in doc["machine"], key
     ssm = doc["groups"]["ssm"]
     assert ssm["quick"] is True and ssm["repeats"] == 1

@@ -39,7 +39,7 @@ from refimpl.sdn.training import SDNTrainConfig, load_train_state
 from refimpl.train import load_checkpoint
 
 CLI = [sys.executable, "-m", "refimpl.cli.main"]
-ENV = dict(os.environ, NUMBA_NUM_THREADS="1")
+ENV = dict(os.environ, REFIMPL_THREADS="1")
 #: The mounted file system: room for a one-epoch run of :data:`SMALL` (~100 KiB) and a filler.
 FS_BYTES = 2 << 20
 #: Free bytes left on the "nearly full" file system: a lock file's PID and a JSON file fit (a

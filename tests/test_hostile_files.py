@@ -34,7 +34,7 @@ from refimpl.loop import lock_output
 from refimpl.text import MAX_TEXT_BYTES, load_text, read_text_file
 
 CLI = [sys.executable, "-m", "refimpl.cli.main"]
-ENV = dict(os.environ, NUMBA_NUM_THREADS="1")
+ENV = dict(os.environ, REFIMPL_THREADS="1")
 #: Address space of a subprocess reading a hostile input: enough for the interpreter, NumPy
 #: and Numba (about 1.5 GiB of mappings measured), far below what reading /dev/zero takes.
 ADDRESS_SPACE = 6 << 30

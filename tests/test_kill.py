@@ -11,7 +11,7 @@ complete (no partial output). Then the next run (``train --resume``, ``sdn train
 written) must finish; afterwards every file present opens and validates, its numbers are
 bit-identical to the reference, and no hidden temporary ``.*.tmp`` is left in the folder.
 
-Subprocesses with ``NUMBA_NUM_THREADS=1``; one warm-up run fills the Numba cache first. The
+Subprocesses with ``REFIMPL_THREADS=1``; one warm-up run fills the Numba cache first. The
 trials run in a module-scoped fixture (two commands at a time; ~40 s on 2 loaded cores); the
 properties are separate tests (``pytest -s`` shows each kill's moment and the files it left).
 """
@@ -34,7 +34,7 @@ from refimpl.sdn.training import SDNTrainConfig, load_train_state
 from refimpl.train import load_checkpoint
 
 CLI = [sys.executable, "-m", "refimpl.cli.main"]
-ENV = dict(os.environ, NUMBA_NUM_THREADS="1")
+ENV = dict(os.environ, REFIMPL_THREADS="1")
 TRIALS = 3
 SEED = 11
 
