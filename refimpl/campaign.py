@@ -10,14 +10,15 @@ generate`` writes a suite's file while the next suite computes).
 Where the tasks run:
 
 - ``workers=1``: in this process, one after the other (no pool).
-- ``workers=None`` (the default) or ``N``: a pool of local processes, one per core available
-  to this process (``os.sched_getaffinity``) or ``N``, never more than there are tasks (a pool
-  of one is this process). Workers are started with the ``spawn`` method, never ``fork``
-  (Numba's threading layer and OpenBLAS's threads do not survive a fork), each with one thread
+- ``workers=None`` (the default) or ``N``: a pool of local processes, one per core available to
+  this process (``os.sched_getaffinity``) or ``N``, never more than there are tasks (a pool of
+  one is this process). Workers are started with the ``spawn`` method, never ``fork`` (Numba's
+  threading layer and OpenBLAS's threads do not survive a fork), each with one thread
   (``REFIMPL_THREADS`` and, for code outside refimpl, ``OPENBLAS_NUM_THREADS``,
   ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` = 1: :data:`WORKER_ENV`), so that the pool uses one
-  core per process. A worker imports the module of ``fn`` afresh: what a process registers at run time
-  (a reset, a golden suite) is not registered there, so run such work with ``workers=1``.
+  core per process. A worker imports the module of ``fn`` afresh: what a process registers at
+  run time (a reset, a golden suite) is not registered there, so run such work with
+  ``workers=1``.
 - ``scheduler="tcp://host:port"``: on that Dask cluster through ``dask.distributed`` (the
   optional extra: ``pip install 'refimpl[dask]'``); its workers need the same refimpl.
   ``workers`` must be None then.
