@@ -10,7 +10,7 @@ the installed package has them: the editable install would otherwise import the 
 CLI over the old library), and *after*, the working tree. Every figure comes from a fresh
 process (the ``--child`` mode of this script, or the ``refimpl`` command) that prints the
 ``refimpl`` it imported, checked against the version it should be. The thread variables
-(:data:`THREAD_VARS`; the Makefile exports ``NUMBA_NUM_THREADS=2``) are removed from the
+(:data:`THREAD_VARS`, e.g. a ``NUMBA_NUM_THREADS`` of the shell) are removed from the
 children's environment: what is measured is each version's own thread settings. A child imports
 refimpl before NumPy, so that settings applied on import act as they would in a user's program.
 

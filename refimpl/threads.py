@@ -167,25 +167,37 @@ def _blas_libs():
     return _blas["libs"]
 
 
-@contextlib.contextmanager
-def owned():
-    """refimpl owns the cores for the body: BLAS on one thread (its own setting restored when
-    the outermost ``owned`` exits). Re-entrant and cheap when nested (a counter)."""
-    with _blas_lock:
-        if _blas["depth"] == 0:
-            libs = _blas_libs()
-            _blas["saved"] = [lib.get_num_threads() for lib in libs]
-            for lib in libs:
-                lib.set_num_threads(1)
-        _blas["depth"] += 1
-    try:
-        yield
-    finally:
+class _Owned(contextlib.ContextDecorator):
+    """:func:`owned`'s context (a class, not a generator: it is entered on every pass of a
+    streamed token, so its cost matters: a counter under a lock when nested)."""
+
+    def __enter__(self):
+        with _blas_lock:
+            if _blas["depth"] == 0:
+                libs = _blas_libs()
+                _blas["saved"] = [lib.get_num_threads() for lib in libs]
+                for lib in libs:
+                    lib.set_num_threads(1)
+            _blas["depth"] += 1
+        return self
+
+    def __exit__(self, *exc):
         with _blas_lock:
             _blas["depth"] -= 1
             if _blas["depth"] == 0:
                 for lib, n in zip(_blas["libs"], _blas["saved"]):
                     lib.set_num_threads(n)
+        return False
+
+
+_OWNED = _Owned()
+
+
+def owned():
+    """refimpl owns the cores for the body (a context manager, or a decorator:
+    ``@threads.owned()``): BLAS on one thread, its own setting restored when the outermost
+    ``owned`` exits. Re-entrant, from any thread, and cheap when nested (a counter)."""
+    return _OWNED
 
 
 def blas_threads():
@@ -230,7 +242,7 @@ def run(fn, n_items, size=None):
     any split. An exception in any range is raised after every range has finished (the first
     range's first).
     """
-    with owned():
+    with _OWNED:
         n = 1 if size is not None and size < MIN_ELEMENTS else min(count(), n_items)
         if n <= 1:
             fn(0, n_items)
