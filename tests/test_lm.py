@@ -226,3 +226,65 @@ def test_lm_float32_variant():
     assert lg32.dtype == np.float32 and all(v.dtype == np.float64 for v in g32.values())
     tol = C_MODEL * model_depth(cfg, x.shape[1]) * EPS32
     assert 0 < abs(l32 - l64) <= tol * max(1.0, abs(l64)), (l32, l64, tol)
+
+
+def test_lm_loss_subtracts_the_max_and_gives_every_row_its_gradient():
+    """Logits of 1e4 (exp would overflow without the max subtracted): a plain loop in float64
+    with the max subtracted; every position but the last, in every row (the rows are shared out
+    over threads), has the gradient softmax - onehot over the B (L-1) predicted positions."""
+    from refimpl import threads
+    rng = np.random.default_rng(4)
+    B, L = 5, 6
+    logits, x = 1e4 + rng.normal(size=(B, L, V)), rng.integers(0, V, size=(B, L))
+    with threads.using(3):
+        loss, d = M.lm_loss(logits, x)
+    terms, want = [], np.zeros_like(logits)
+    for b in range(B):
+        for t in range(L - 1):
+            z = logits[b, t] - logits[b, t].max()
+            terms.append(np.log(np.exp(z).sum()) - z[x[b, t + 1]])
+            want[b, t] = (np.exp(z) / np.exp(z).sum() - np.eye(V)[x[b, t + 1]]) / (B * (L - 1))
+    assert np.isfinite(loss) and abs(loss - np.mean(terms)) <= 1e-13 * abs(loss)
+    np.testing.assert_allclose(d, want, rtol=1e-12, atol=1e-17)
+
+
+def test_lm_loss_float32_is_float32_within_its_rounding():
+    """float32 logits give a float32 gradient within float32 rounding of the float64 one: each
+    entry ``exp(z - m) / s`` is a few float32 roundings (exp, the sum of V terms accumulated in
+    float32 by NumPy's pairwise sum, one division): ``(V + 4) 2^-24`` relative to 1/(B (L-1))."""
+    rng = np.random.default_rng(5)
+    logits, x = rng.normal(size=(3, 8, V)), rng.integers(0, V, size=(3, 8))
+    loss64, d64 = M.lm_loss(logits, x)
+    loss32, d32 = M.lm_loss(logits.astype(np.float32), x)
+    assert d32.dtype == np.float32
+    scale = 1.0 / (3 * 7)
+    assert np.max(np.abs(d32 - d64)) <= (V + 4) * 2.0 ** -24 * scale
+    assert abs(loss32 - loss64) <= (V + 4) * 2.0 ** -24 * max(1.0, abs(loss64))
+
+
+@pytest.mark.parametrize("tokens, match", [
+    (np.zeros((2, 4), np.int32), "int64"),
+    (np.zeros((2, 3), np.int64), r"shape \(B, L\) = \(2, 4\)"),
+    (np.full((2, 4), V, np.int64), r"tokens must lie in \[0, 7\)"),
+    (np.full((2, 4), -1, np.int64), r"tokens must lie in \[0, 7\)"),
+])
+def test_lm_loss_refuses_bad_tokens(tokens, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        M.lm_loss(np.zeros((2, 4, V)), tokens)
+
+
+def test_lm_loss_needs_two_positions():
+    with pytest.raises(ValueError, match="L >= 2"):
+        M.lm_loss(np.zeros((2, 1, V)), np.zeros((2, 1), np.int64))
+
+
+def test_embedding_gradient_is_np_add_at_bit_for_bit():
+    """The scatter-add kernel adds in np.add.at's order (repeated tokens: many adds per row)."""
+    from refimpl import layers as Ly
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(0, 3, size=(4, 50))  # few distinct tokens: long sums per row
+    dy = rng.normal(size=(4, 5, 50))  # (B, H, L)
+    want = np.zeros((V, 5))
+    np.add.at(want, tokens.ravel(), dy.transpose(0, 2, 1).reshape(-1, 5))
+    _, got = Ly.embedding_bwd((tokens, V), dy)
+    assert np.array_equal(got, want)
