@@ -116,11 +116,38 @@ def _spectra(u, K):
     return kf, uf, n
 
 
+#: ``(b, h)`` rows per block of the FFT form (at least one batch row): a block is transformed,
+#: multiplied and cropped while it is in cache, and the blocks are shared out over
+#: :func:`refimpl.threads.run`'s threads. The blocks depend on the shape only.
+FFT_BLOCK_ROWS = 256
+
+
+def _batch_blocks(Bsz, H):
+    """Fixed batch ranges ``[(b0, b1)]`` of about :data:`FFT_BLOCK_ROWS` ``(b, h)`` rows each."""
+    per = max(1, FFT_BLOCK_ROWS // max(H, 1))
+    return [(b, min(Bsz, b + per)) for b in range(0, Bsz, per)]
+
+
 def _fwd(u, K, D):
-    """The forward on checked inputs: ``(y, ConvCache)``."""
-    kf, uf, n = _spectra(u, K)
+    """The forward on checked inputs: ``(y, ConvCache)``; ``y = irfft(rfft(u) kf)`` cropped,
+    plus ``D u``, block by block (:func:`_batch_blocks`: each row's transforms and products are
+    the same whatever the blocks or threads)."""
+    Bsz, H, L = u.shape
+    n = fft_length(L)
+    kf = _rfft(_circular_kernel(K, n), n)  # (H, n//2+1)
+    uf = np.empty((Bsz, H, n // 2 + 1), dtype=kf.dtype)  # (B, H, n//2+1), kept for the VJP
+    y = np.empty_like(u)  # (B, H, L)
+    Dv, blocks = (np.zeros(H, u.dtype) if D is None else D), _batch_blocks(Bsz, H)
+
+    def run(j0, j1):
+        for b0, b1 in blocks[j0:j1]:
+            ufb = sfft.rfft(u[b0:b1], n=n, axis=-1, workers=1)  # (b, H, n//2+1)
+            uf[b0:b1] = ufb
+            ufb *= kf
+            _crop_skip_kernel(sfft.irfft(ufb, n=n, axis=-1, workers=1), Dv, u[b0:b1],
+                              D is not None, y[b0:b1])
     with np.errstate(over="ignore", invalid="ignore"):
-        y = _crop_skip(_irfft(uf * kf, n), D, u)  # (B, H, L)
+        threads.run(run, len(blocks), Bsz * H * n)
     _check_finite("fftconv", y=y)
     return y, ConvCache(u, K, D, kf, uf, n)
 
@@ -139,15 +166,6 @@ def _crop_skip_kernel(full, D, u, has_D, out):
                     out[i, h, t] = full[i, h, t] + d * u[i, h, t]
                 else:
                     out[i, h, t] = full[i, h, t]
-
-
-def _crop_skip(full, D, u):
-    """``full[..., :L] + D[:, None] * u`` as a new C-contiguous array: the same operations as
-    ``y = full[..., :L]; y += D[:, None] * u; np.ascontiguousarray(y)`` in one pass."""
-    out = np.empty(u.shape, dtype=u.dtype)  # (B, H, L)
-    zero = np.zeros(u.shape[1], dtype=u.dtype)  # (H,), unused without D
-    _crop_skip_kernel(full, zero if D is None else D, u, D is not None, out)
-    return out
 
 
 @njit(**config.NJIT_OPTS)
@@ -178,12 +196,25 @@ def _bwd(c, dy):
     if c.T is not None:
         return _toeplitz_bwd(c, dy)
     u, K, D, kf, uf, n, _ = c
-    L = u.shape[-1]
-    dyf = _rfft(dy, n)  # (B, H, n//2+1)
-    duf, dkf = np.empty_like(dyf), np.empty_like(kf)  # (B, H, n//2+1), (H, n//2+1)
-    _spectral_bwd(dyf, kf, uf, duf, dkf)
+    Bsz, H, L = u.shape
+    du = np.empty_like(dy)  # (B, H, L)
+    blocks = _batch_blocks(Bsz, H)
+    dkf_blocks = np.empty((len(blocks),) + kf.shape, dtype=kf.dtype)  # one partial per block
+    Dv = np.zeros(H, u.dtype) if D is None else D
+
+    def run(j0, j1):
+        for j in range(j0, j1):
+            b0, b1 = blocks[j]
+            dyf = sfft.rfft(dy[b0:b1], n=n, axis=-1, workers=1)  # (b, H, n//2+1)
+            duf = np.empty_like(dyf)
+            _spectral_bwd(dyf, kf, uf[b0:b1], duf, dkf_blocks[j])
+            _crop_skip_kernel(sfft.irfft(duf, n=n, axis=-1, workers=1), Dv, dy[b0:b1],
+                              D is not None, du[b0:b1])
     with np.errstate(over="ignore", invalid="ignore"):
-        du = _crop_skip(_irfft(duf, n), D, dy)  # (B, H, L)
+        threads.run(run, len(blocks), Bsz * H * n)
+        dkf = dkf_blocks[0].copy()  # (H, n//2+1): the blocks' partial sums in block order
+        for j in range(1, len(blocks)):
+            dkf += dkf_blocks[j]
         dk = _irfft(dkf, n)  # (H, n)
         dK = _uncircular_kernel(dk, L, K.ndim == 3)
         dD = None if D is None else np.einsum("bhl,bhl->h", dy, u)  # (H,)

@@ -1,16 +1,17 @@
 """The training step does not depend on the thread count (issues 13, 25).
 
 Two subprocesses run one training step (forward, backward, AdamW) of every activation family,
-one with refimpl's pool at 1 thread and one at 2 (``REFIMPL_THREADS``, read at import, hence
-the subprocesses), at three lengths: ``L = 40`` (the Toeplitz convolution, the GLU's
-channel-major GEMM), ``L = 96`` (the FFT form, one GEMM per batch row) and ``L = 300`` (the
-long channel-major GEMM, in fixed column blocks), and the language model (tokens, per-token
-decoder, tied embedding). ``H = 64`` puts the GEMMs above OpenBLAS's threading threshold
-(``m n k >= 262144``), and every pass is split at every size (``PARALLEL_MIN_ELEMENTS`` and
+one with refimpl's pool at 1 thread and one at 2 (``REFIMPL_THREADS``, read at import, hence the
+subprocesses), at three lengths: ``L = 40`` (the Toeplitz convolution, the GLU's channel-major
+GEMM), ``L = 96`` (the FFT form, one GEMM per batch row) and ``L = 300`` (the long channel-major
+GEMM, in fixed column blocks), and the language model (tokens, per-token decoder, tied
+embedding). ``H = 64`` puts the GEMMs above OpenBLAS's threading threshold (``m n k >=
+262144``), and every pass is split at every size (``PARALLEL_MIN_ELEMENTS`` and
 ``threads.MIN_ELEMENTS`` = 0, ``GEMM_BLOCK_COLUMNS`` small enough for several blocks), so both
-thread counts really split work. Loss, every gradient and every updated parameter must be
-bit-identical: each reduction runs in a fixed order and the threaded parts (batch rows,
-channels, column blocks, ``B*H`` neuron rows, FFT rows) write disjoint outputs.
+thread counts really split work (``FFT_BLOCK_ROWS`` small enough for one batch row per block).
+Loss, every gradient and every updated parameter must be bit-identical: each reduction runs in a
+fixed order and the threaded parts (batch rows, channels, column blocks, ``B*H`` neuron rows,
+FFT rows) write disjoint outputs.
 
 float32 too: OpenBLAS's own threaded ``sgemm`` does not sum in its single-threaded order on
 every CPU (measured with NumPy 2.4.6's OpenBLAS 0.3.31 on an AMD EPYC: ``(128, 64) @ (64, 160)``
@@ -32,11 +33,12 @@ from refimpl.activations import ACTIVATIONS
 SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
-    from refimpl import layers, model as M, threads
+    from refimpl import conv, layers, model as M, threads
     from refimpl.optim import adamw_init, adamw_step, make_groups
     layers.PARALLEL_MIN_ELEMENTS = 0  # split every elementwise pass over the batch rows
     threads.MIN_ELEMENTS = 0  # and every other pass (GEMMs, channels, PMBC rows)
     layers.GEMM_BLOCK_COLUMNS = 256  # several column blocks of the channel-major GEMMs
+    conv.FFT_BLOCK_ROWS = 64  # one batch row per block of the FFT convolution
     rng = np.random.default_rng(0)
     sdn = {"w0": rng.normal(0, .3, (8, 1, 8)), "w1": np.zeros(8),
            "w2": rng.normal(0, .3, (8, 8, 1)), "w3": np.zeros(8),
