@@ -152,6 +152,7 @@ import numpy as np
 from numba import njit
 
 from . import config
+from . import threads
 from . import ops as _ops
 from ._checks import check_array, check_int, check_name, check_real, check_shape
 from .precision import float_dtype, require_reference
@@ -793,17 +794,24 @@ def neuron_fwd(x, cfg, rho=None, smooth=False, state=None, return_state=False):
     xr = x.reshape(Bsz * H, L)  # (M, L), M = B*H rows
     s, h, u = (np.empty((Bsz, H, L), x.dtype) for _ in range(3))  # (B, H, L) each
     sr, hr, ur = (v.reshape(Bsz * H, L) for v in (s, h, u))  # views (M, L)
+    # rows are independent: ranges of them on refimpl's threads (disjoint writes)
     if smooth:
         sur = get_surrogate(cfg.surrogate)
         c_end = np.empty(Bsz * H, dtype=np.int64)  # (M,)
-        _neuron_fwd_smooth(xr, u0, c0, cfg.tau, cfg.theta, theta_fire, a, b_rows, R, sur.code,
-                           cfg.scale, sr, hr, ur, c_end)
+
+        def rows(m0, m1):
+            _neuron_fwd_smooth(xr[m0:m1], u0[m0:m1], c0[m0:m1], cfg.tau, cfg.theta, theta_fire,
+                               a, b_rows[m0:m1], R, sur.code, cfg.scale, sr[m0:m1], hr[m0:m1],
+                               ur[m0:m1], c_end[m0:m1])
+    elif cfg.tau == 0.0 and R == 0:  # no memory: elementwise (the binary family)
+        def rows(m0, m1):
+            _neuron_fwd_memoryless(xr[m0:m1], theta_fire, a, b_rows[m0:m1], sr[m0:m1],
+                                   hr[m0:m1], ur[m0:m1])
     else:
-        if cfg.tau == 0.0 and R == 0:  # no memory: elementwise (the binary family)
-            _neuron_fwd_memoryless(xr, theta_fire, a, b_rows, sr, hr, ur)
-        else:
-            _neuron_fwd(xr, u0, c0, cfg.tau, theta_fire, a, b_rows, R if R > 0 else None, sr, hr,
-                        ur)
+        def rows(m0, m1):
+            _neuron_fwd(xr[m0:m1], u0[m0:m1], c0[m0:m1], cfg.tau, theta_fire, a, b_rows[m0:m1],
+                        R if R > 0 else None, sr[m0:m1], hr[m0:m1], ur[m0:m1])
+    threads.run(rows, Bsz * H, 4 * x.size)
     if not return_state:
         return s, h, u
     if smooth:
@@ -906,16 +914,21 @@ def neuron_bwd(x, s, h, cfg, ds, dh=None, du=None, rho=None, smooth=False, state
     g_rho = np.empty(M, x.dtype)  # (M,) per-row sums
     sur = get_surrogate(cfg.surrogate)
     mode = GRAD_MODES[cfg.grad_mode]
-    if cfg.tau == 0.0 and R == 0:  # no memory: elementwise (the binary family)
-        _neuron_bwd_memoryless(s.reshape(M, L), h.reshape(M, L), arrays["ds"].reshape(M, L),
-                               dh_r, du_r, arrays["dh"] is not None, arrays["du"] is not None,
-                               cfg.theta, a, b_rows, sur.code, cfg.scale, mode, dx.reshape(M, L),
-                               g_rho)
-    else:
-        _neuron_bwd(s.reshape(M, L), h.reshape(M, L), arrays["ds"].reshape(M, L), dh_r, du_r,
-                    arrays["dh"] is not None, arrays["du"] is not None, c0, cfg.tau, cfg.theta,
-                    theta_fire, a, b_rows, R, smooth, sur.code, cfg.scale, mode,
-                    dx.reshape(M, L), g_rho)
+    sm, hm, dsm, dxm = (v.reshape(M, L) for v in (s, h, arrays["ds"], dx))  # (M, L) views
+    has_dh, has_du = arrays["dh"] is not None, arrays["du"] is not None
+
+    def rows(m0, m1):  # independent rows on refimpl's threads (disjoint writes)
+        dh_m = dh_r[m0:m1] if has_dh else dh_r
+        du_m = du_r[m0:m1] if has_du else du_r
+        if cfg.tau == 0.0 and R == 0:  # no memory: elementwise (the binary family)
+            _neuron_bwd_memoryless(sm[m0:m1], hm[m0:m1], dsm[m0:m1], dh_m, du_m, has_dh, has_du,
+                                   cfg.theta, a, b_rows[m0:m1], sur.code, cfg.scale, mode,
+                                   dxm[m0:m1], g_rho[m0:m1])
+        else:
+            _neuron_bwd(sm[m0:m1], hm[m0:m1], dsm[m0:m1], dh_m, du_m, has_dh, has_du, c0[m0:m1],
+                        cfg.tau, cfg.theta, theta_fire, a, b_rows[m0:m1], R, smooth, sur.code,
+                        cfg.scale, mode, dxm[m0:m1], g_rho[m0:m1])
+    threads.run(rows, M, 4 * dx.size)
     drho = g_rho.reshape(Bsz, H).sum(0) if cfg.reset_rule.param == "rho" else None  # (H,)
     return dx, drho
 

@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit
 
 from .. import config
+from .. import threads
 from .. import ops as _ops
 from .._checks import check_array, check_name, check_real, check_shape
 from ..neurons import SPIKE_CONDITIONS
@@ -166,7 +167,10 @@ def sdn_forward(x, weights, theta=1.0, spike_condition="ge"):
     x2 = x.reshape(-1, x.shape[-1])  # (R, L)
     m = np.empty_like(x2)  # (R, L)
     s = np.empty_like(x2)  # (R, L)
-    _sdn_rows(x2, *unpack(W), theta, strict, m, s)
+    weights = unpack(W)
+    # independent rows on refimpl's threads; a row costs about 2 C (K + C) operations a step
+    threads.run(lambda r0, r1: _sdn_rows(x2[r0:r1], *weights, theta, strict, m[r0:r1],
+                                         s[r0:r1]), x2.shape[0], 32 * x2.size)
     return m.reshape(x.shape), s.reshape(x.shape)
 
 
