@@ -567,8 +567,7 @@ def _neuron_bwd_memoryless(s, h, ds, dh, du, has_dh, has_du, theta, a, b, code, 
     M, L = s.shape
     for r in range(M):
         b_r = b[r]
-        acc_rho = 0.0
-        for t in range(L - 1, -1, -1):
+        for t in range(L):  # independent steps: a loop without a carried sum vectorises
             h_t = h[r, t]
             s_t = s[r, t]
             gu = du[r, t] if has_du else 0.0
@@ -580,7 +579,10 @@ def _neuron_bwd_memoryless(s, h, ds, dh, du, has_dh, has_du, theta, a, b, code, 
             if has_dh:
                 gh += dh[r, t]
             dx[r, t] = gh
-            acc_rho -= gu * s_t
+        acc_rho = 0.0  # -sum_t du_t s_t, in reverse time as the stateful VJP adds it
+        if has_du:
+            for t in range(L - 1, -1, -1):
+                acc_rho -= du[r, t] * s[r, t]
         g_rho[r] = acc_rho
 
 
