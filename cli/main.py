@@ -74,11 +74,12 @@ def info():
         ("threadpoolctl", importlib.metadata.version("threadpoolctl")),
         ("platform", platform.platform()),
         ("cpu cores", f"{os.cpu_count()} ({threads.cores()} available to this process)"),
-        ("busy elsewhere", "unknown (no /proc/loadavg)" if busy is None else
-         f"{busy} running thread(s) of other processes now"),
+        ("busy elsewhere", "unknown (no /proc)" if busy is None else
+         f"{busy:.2f} cores kept busy by other processes (since refimpl started)"),
         ("threads setting", f"{threads.ENV}=" + (
             f"{setting} (fixed)" if setting is not None else
-            "auto (the available cores less the busy ones, sampled as refimpl runs)")),
+            "auto (the available cores less those other processes keep busy, sampled as "
+            "refimpl runs)")),
         ("refimpl pool", f"{threads.count()} thread(s) now (the large passes, GEMMs split by "
                          f"rows, PMBC rows)"),
         ("fft workers", f"{threads.count()} now (scipy.fft workers=)"),

@@ -18,13 +18,13 @@ held to one thread while refimpl computes:
 How many threads: the one documented setting is the environment variable ``REFIMPL_THREADS``
 (read when refimpl is imported; :func:`set_threads` changes it at run time):
 
-- ``auto`` (the default): the cores this process may run on (``os.sched_getaffinity``) minus the
-  threads of *other* processes that are running right now (Linux: the runnable count of
-  ``/proc/loadavg`` less this process's own running threads, ``/proc/self/task/*/stat``; sampled
-  at most every :data:`SAMPLE_SECONDS`), at least 1. On a quiet 2-core machine that is 2; with a
-  browser or another training busy on a core, 1, so refimpl does not make two threads wait for
-  each other on one core (issue 25 measured a 12-40x loss from such oversubscription). Where
-  ``/proc`` is not readable the count is the cores available.
+- ``auto`` (the default): the cores this process may run on (``os.sched_getaffinity``) less the
+  cores other processes kept busy (Linux: the machine's busy CPU time in ``/proc/stat`` less
+  this process's own, over the window since the previous sample, taken at most every
+  :data:`SAMPLE_SECONDS`; :func:`busy_elsewhere`), rounded, at least 1. On a quiet 2-core
+  machine that is 2; with a browser tab or another training busy on a core, 1, so refimpl does
+  not make two threads wait for each other on one core (issue 25 measured a 12-40x loss from
+  such oversubscription). Where ``/proc`` is not readable the count is the cores available.
 - ``N`` (an integer >= 1): exactly ``N`` threads, whatever the load.
 
 Results do not depend on the count: every split writes disjoint outputs, sums across a split
@@ -36,6 +36,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import NamedTuple
 
 ENV = "REFIMPL_THREADS"
 
@@ -70,7 +71,8 @@ def parse_setting(value, name=ENV):
 
 
 _fixed = parse_setting(os.environ.get(ENV))
-_sample = {"at": -1.0, "busy": None}  # the last reading of busy_elsewhere() and when (monotonic)
+#: The last reading of busy_elsewhere() and when (monotonic), and the CPU sample it ended with.
+_sample = {"at": -1.0, "busy": None, "cpu": None}
 
 
 class _Local(threading.local):
@@ -126,15 +128,64 @@ def _running_here(proc="/proc"):
     return n
 
 
-def busy_elsewhere(proc="/proc"):
-    """Threads of other processes that are running or waiting for a core right now, or
-    ``None`` where ``/proc`` does not tell (then :func:`count` assumes none)."""
+def running_elsewhere(proc="/proc"):
+    """Threads of other processes that are running or waiting for a core right now (the
+    runnable count of ``/proc/loadavg`` less this process's running threads), or ``None``
+    where ``/proc`` does not tell. An instant: a burst counts as much as a busy loop."""
     try:
         with open(f"{proc}/loadavg", "rb") as f:
             running = int(f.read().split()[3].split(b"/")[0])  # "R/T": runnable/total
         return max(0, running - _running_here(proc))
     except (OSError, ValueError, IndexError):
         return None
+
+
+class CpuSample(NamedTuple):
+    """CPU seconds used so far by the whole machine and by this process, and when."""
+    machine: float  # busy seconds of all CPUs (user, nice, system, irq, softirq, steal)
+    here: float  # user + system seconds of this process (all its threads)
+    wall: float  # time.monotonic()
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_sample(proc="/proc"):
+    """A :class:`CpuSample` now (``/proc/stat``'s first line), or ``None`` where unreadable."""
+    try:
+        with open(f"{proc}/stat", "rb") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]  # user .. steal, in ticks
+        busy = sum(fields) - fields[3] - fields[4]  # less idle and iowait
+    except (OSError, ValueError, IndexError):
+        return None
+    t = os.times()
+    return CpuSample(busy / _TICK, t.user + t.system, time.monotonic())
+
+
+#: Shortest window over which :func:`busy_elsewhere` averages (shorter: the ticks of
+#: ``/proc/stat``, 10 ms, would be too coarse; it reads the instant of :func:`running_elsewhere`).
+MIN_WINDOW = 0.05
+
+
+def busy_between(a, b):
+    """Cores' worth of CPU time other processes used between samples ``a`` and ``b``."""
+    return max(0.0, (b.machine - a.machine) - (b.here - a.here)) / (b.wall - a.wall)
+
+
+def busy_elsewhere(proc="/proc"):
+    """Cores other processes kept busy since the previous call (at least :data:`MIN_WINDOW`
+    ago; the first window starts when refimpl is imported), as a float; over a shorter window
+    the instant count of :func:`running_elsewhere`; ``None`` where ``/proc`` does not tell.
+
+    An average over the window rather than an instant, so that a burst (another program's
+    threads waking for a millisecond) does not take a core from refimpl for the next window,
+    while a busy loop or another training, which use their cores all the time, do."""
+    now = cpu_sample(proc)
+    before = _sample["cpu"]
+    if now is None or before is None or now.wall - before.wall < MIN_WINDOW:
+        return running_elsewhere(proc)
+    _sample["cpu"] = now
+    return busy_between(before, now)
 
 
 def count():
@@ -148,7 +199,7 @@ def count():
         _sample["busy"], _sample["at"] = busy_elsewhere(), now
     n = cores()
     busy = _sample["busy"]
-    return n if busy is None else max(1, n - busy)
+    return n if busy is None else max(1, min(n, int(n - busy + 0.5)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,3 +306,6 @@ def run(fn, n_items, size=None):
             wait(futures)
         for f in futures:
             f.result()
+
+
+_sample["cpu"] = cpu_sample()  # the first window of busy_elsewhere() starts at import

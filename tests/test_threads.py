@@ -5,6 +5,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from refimpl import threads
@@ -40,11 +41,12 @@ def test_a_fixed_setting_is_the_count_whatever_the_load():
 
 
 @pytest.mark.parametrize("cores, busy, expected", [(2, 0, 2), (2, 1, 1), (2, 2, 1), (2, 5, 1),
-                                                    (8, 3, 5), (4, None, 4)])
+                                                    (8, 3, 5), (4, None, 4), (2, 0.4, 2),
+                                                    (2, 0.6, 1), (2, 1.33, 1), (4, 1.6, 2)])
 def test_auto_takes_the_cores_the_other_processes_leave(monkeypatch, cores, busy, expected):
     monkeypatch.setattr(threads, "cores", lambda: cores)
     monkeypatch.setattr(threads, "busy_elsewhere", lambda: busy)
-    monkeypatch.setattr(threads, "_sample", {"at": -1.0, "busy": None})
+    monkeypatch.setattr(threads, "_sample", {"at": -1.0, "busy": None, "cpu": None})
     with threads.using("auto"):
         assert threads.count() == expected
 
@@ -52,30 +54,76 @@ def test_auto_takes_the_cores_the_other_processes_leave(monkeypatch, cores, busy
 def test_the_sample_is_reused_for_a_while(monkeypatch):
     calls = []
     monkeypatch.setattr(threads, "busy_elsewhere", lambda: calls.append(1) or 0)
-    monkeypatch.setattr(threads, "_sample", {"at": -1.0, "busy": None})
+    monkeypatch.setattr(threads, "_sample", {"at": -1.0, "busy": None, "cpu": None})
     with threads.using("auto"):
         for _ in range(100):
             threads.count()
     assert len(calls) == 1
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="needs Linux /proc")
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc")
 def test_busy_processes_are_counted_and_this_process_is_not():
-    """Two spinning processes are seen (other load only adds to the count); this process's own
-    busy threads are not."""
+    """Two spinning processes keep min(2, cores) cores busy (other load only adds), seen both
+    as an instant and over a window; then two busy threads of this process are not counted:
+    the window's figure stays below what the machine's busy time alone would say."""
     spin = "while True: pass"
     procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
     try:
-        seen = 0
-        deadline = time.monotonic() + 10
-        while seen < 2 and time.monotonic() < deadline:  # until both have started spinning
-            time.sleep(0.1)
-            seen = threads.busy_elsewhere()
-        assert seen >= 2
+        time.sleep(0.5)  # both started and spinning
+        assert threads.running_elsewhere() >= 2
+        a = threads.cpu_sample()
+        time.sleep(0.5)
+        b = threads.cpu_sample()
+        assert threads.busy_between(a, b) >= min(2, threads.cores()) - 0.3
     finally:
         for p in procs:
             p.kill()
             p.wait()
+    stop = threading.Event()
+
+    def spin_here():
+        x = np.ones(1 << 16)
+        while not stop.is_set():
+            np.sqrt(x, out=x)  # releases the GIL: two threads really run beside each other
+    mine = [threading.Thread(target=spin_here) for _ in range(2)]
+    for t in mine:
+        t.start()
+    try:
+        a = threads.cpu_sample()
+        time.sleep(0.5)
+        b = threads.cpu_sample()
+    finally:
+        stop.set()
+        for t in mine:
+            t.join()
+    here = (b.here - a.here) / (b.wall - a.wall)
+    assert here >= 0.5  # this process was busy ...
+    assert threads.busy_between(a, b) <= (b.machine - a.machine) / (b.wall - a.wall) - 0.4
+    # ... and that is not counted as other processes' load
+
+
+def test_busy_between_is_the_machine_less_this_process_per_second():
+    a = threads.CpuSample(machine=100.0, here=10.0, wall=50.0)
+    b = threads.CpuSample(machine=101.5, here=10.5, wall=50.5)  # 1.5 s busy, 0.5 s ours
+    assert threads.busy_between(a, b) == pytest.approx(2.0)
+    c = threads.CpuSample(machine=100.2, here=10.5, wall=50.5)  # tick rounding: never < 0
+    assert threads.busy_between(a, c) == 0.0
+
+
+def test_the_cpu_sample_reads_proc_stat(tmp_path):
+    tick = threads._TICK
+    (tmp_path / "stat").write_text(f"cpu  {3 * tick} 0 {tick} {50 * tick} {2 * tick} 0 0 "
+                                   f"{tick} 0 0\ncpu0 1 2 3\n")
+    sample = threads.cpu_sample(str(tmp_path))
+    assert sample.machine == pytest.approx(5.0)  # user + system + steal; not idle, iowait
+
+
+def test_a_short_window_falls_back_to_the_instant(tmp_path, monkeypatch):
+    fake = _fake_proc(tmp_path, 5, "RRS")
+    (tmp_path / "stat").write_text("cpu  100 0 0 1000 0 0 0 0 0 0\n")
+    monkeypatch.setattr(threads, "_sample", {"at": -1.0, "busy": None,
+                                             "cpu": threads.cpu_sample(fake)})
+    assert threads.busy_elsewhere(fake) == 3  # within MIN_WINDOW: running_elsewhere's count
 
 
 def _fake_proc(tmp_path, running, states):
@@ -95,10 +143,12 @@ def test_this_process_running_threads_are_not_counted_as_busy(tmp_path, running,
                                                               expected):
     """Runnable machine-wide minus this process's own running threads (a thread name with
     parentheses and spaces does not move the state field)."""
-    assert threads.busy_elsewhere(_fake_proc(tmp_path, running, states)) == expected
+    assert threads.running_elsewhere(_fake_proc(tmp_path, running, states)) == expected
 
 
 def test_an_unreadable_proc_means_unknown(tmp_path):
+    assert threads.running_elsewhere(str(tmp_path)) is None
+    assert threads.cpu_sample(str(tmp_path)) is None
     assert threads.busy_elsewhere(str(tmp_path)) is None
 
 
