@@ -355,7 +355,7 @@ GLU_BATCHED_MIN_L = 64
 
 
 #: Columns per block of :func:`_gemm_columns` (at least; the blocks depend on the shape only).
-GEMM_BLOCK_COLUMNS = 2048
+GEMM_BLOCK_COLUMNS = 256
 
 
 def _column_blocks(n):
