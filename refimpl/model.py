@@ -50,7 +50,7 @@ from . import threads
 from . import layers as Ly
 from . import ops as _ops
 from . import precision
-from ._checks import check_array, check_int, check_name, check_real
+from ._checks import check_array, check_int, check_name, check_real, intermediates
 from .activations import ACTIVATIONS
 from .neurons import NeuronConfig, threshold_scale_bwd, threshold_scale_fwd
 from .s4d import LAYER_OP, LAYER_PARAMS, S4DConfig, S4DState, s4d_layer_step
@@ -476,6 +476,15 @@ def _to_master(arrays):
                 else v) for k, v in arrays.items()}
 
 
+def _check_finite_arrays(*dicts):
+    """Every float array of the parameter and buffer dicts finite (ValueError naming it): the
+    model's forward checks them once on the way in, not in every op (:func:`intermediates`)."""
+    for arrays in dicts:
+        for name, a in arrays.items():
+            if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+                check_array(name, a, dtype=a.dtype)
+
+
 def model_inputs(cfg, x):
     """``x`` as ``cfg`` computes with it: float64 inputs rounded to ``cfg.dtype`` (the float32
     variant's one explicit cast of the data; float64 models get ``x`` itself), anything else
@@ -564,7 +573,8 @@ def model_fwd(cfg, p, buf, x, training=False, rng=None, smooth=False, frozen=Non
     if training and cfg.dropout > 0 and rng is None:
         raise ValueError("training with dropout needs rng (a numpy Generator)")
     updates = {}  # buffers the blocks update (BatchNorm running statistics)
-    with precision.using(cfg.dtype):
+    _check_finite_arrays(p, buf)
+    with precision.using(cfg.dtype), intermediates():
         p, buf_c = compute_copy(cfg, p), compute_copy(cfg, buf)
         h, embed_c = embed_fwd(cfg, p, x)  # (B, H, L)
         blocks, rates, records = [], [], []
@@ -702,14 +712,14 @@ def model_bwd(cfg, p, cache, dlogits):
     """Gradients of every parameter given ``dlogits (B, C)`` of ``cfg.dtype``: a dict like
     ``p``, float64 (under float32: the float32 gradients, up-cast exactly)."""
     with precision.using(cfg.dtype):
+        dlogits = check_array("dlogits", dlogits, 3 if cfg.head == "lm" else 2)
+    with precision.using(cfg.dtype), intermediates():
         if cfg.head == "lm":
-            dlogits = check_array("dlogits", dlogits, 3)
             pc = compute_copy(cfg, {k: p[k] for k in ("embedding.E", "decoder.W", "decoder.b")
                                     if k in p})
             g = {}
             dh = _lm_decode_bwd(cfg, pc, cache.pooled, dlogits, g)  # (B, H, L)
         else:
-            dlogits = check_array("dlogits", dlogits, 2)
             W = compute_copy(cfg, {"W": p["decoder.W"]})["W"]  # (C, H)
             g = {"decoder.W": dlogits.T @ cache.pooled, "decoder.b": dlogits.sum(0)}
             (dh,) = Ly.meanpool_bwd(cache.pool, dlogits @ W)  # (B, H, L)
