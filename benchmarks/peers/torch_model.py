@@ -290,8 +290,8 @@ def make_step(model, groups, x, labels=None):
 #: Spiking families additionally need no spike decided within that error of its threshold:
 #: the check reports the smallest margin |h - theta| it saw.
 RTOL = 1e-9
-#: Negative controls: deliberately wrong models the check must reject (family, VARIANT), per
-#: head.
+#: Negative controls: deliberately wrong models the check must reject (family, VARIANT), of
+#: the classifier and of the language model.
 CONTROLS = (("gelu", "ln_eps"), ("lif", "detach_reset"))
 LM_CONTROLS = (("gelu", "lm_roll"), ("lif", "lm_mean_all"))
 #: Shapes of the check, per head: small enough that its cost is compilation (the LM's V is
