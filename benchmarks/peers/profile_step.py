@@ -9,8 +9,8 @@ The step is ``run.py::refimpl_step`` (the one ``make bench-peers`` times), on th
 ``run.py`` (shapes x families x float64/float32). Each thread setting runs in its own worker
 process (``--worker``) so that the environment takes effect before NumPy, Numba and BLAS load:
 
-- 2 threads (the machine's, as the benchmark): ``NUMBA_NUM_THREADS=OPENBLAS_NUM_THREADS=2``,
-  ``refimpl.config.FFT_WORKERS = 2``;
+- 2 threads (the machine's, as the benchmark): ``REFIMPL_THREADS=2`` (refimpl's pool, its
+  FFT workers; BLAS runs on one thread inside refimpl);
 - 1 thread: the same with 1, where no work hides behind the main thread's waits for workers.
 
 Per point: one warm-up step (Numba compiles), then ``N`` steps under cProfile, with the
@@ -387,15 +387,13 @@ def profile_point(run, family, shape, dtype, steps):
 
 def worker(args):
     """Run the selected points on this process's threads; JSON on stdout."""
-    from refimpl import config
+    from refimpl import threads
     from refimpl.memory import retain_freed_memory
-    config.FFT_WORKERS = args.threads  # as REFIMPL_FFT_WORKERS, set by the parent too
+    threads.set_threads(args.threads)  # as REFIMPL_THREADS, set by the parent too
     retain_freed_memory()  # as the step runs (run.refimpl_step): the bounds without page faults
-    import numba
     run = load_run()
     shapes = {k: v for k, v in run.SHAPES.items() if not args.only_shape or k in args.only_shape}
-    log(f"threads={args.threads}: numba {numba.get_num_threads()}, fft workers "
-        f"{config.FFT_WORKERS}; bounds ...")
+    log(f"threads={args.threads}: refimpl {threads.count()}; bounds ...")
     res = {"threads": args.threads, "bounds": measure_bounds(shapes, args.threads), "points": []}
     fams = args.only_family or run.FAMILIES
     dtypes = [args.dtype] if args.dtype else DTYPES
@@ -520,8 +518,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     load = [os.getloadavg()]
     for t in args.threads or THREADS:
-        env = dict(os.environ, NUMBA_NUM_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t),
-                   OMP_NUM_THREADS=str(t), MKL_NUM_THREADS=str(t), REFIMPL_FFT_WORKERS=str(t))
+        env = dict(os.environ, REFIMPL_THREADS=str(t), OPENBLAS_NUM_THREADS=str(t),
+                   OMP_NUM_THREADS=str(t), MKL_NUM_THREADS=str(t))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(t)]
         for flag, vals in (("--only-shape", args.only_shape), ("--only-family",
                                                                args.only_family)):
