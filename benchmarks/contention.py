@@ -339,13 +339,15 @@ def make_checkpoints(after, workdir, families, errors):
     ``{family: checkpoint path}``; a family that cannot be trained here is left out, why in
     ``errors[family]["after"]``."""
     from pydoc_data.topics import topics
+
+    from refimpl.activations import ACTIVATIONS
     text = "\n\n".join(topics[k] for k in sorted(topics)).encode()[:TEXT_BYTES]
     corpus = workdir / "corpus.txt"
     corpus.write_bytes(text)
     out = {}
     for fam in families:
         extra = []
-        if fam == "sdn":
+        if ACTIVATIONS[fam].needs_sdn_weights:
             if not SHARED_SDN.exists():
                 errors[fam] = {"after": f"not trained: no SDN weights at {SHARED_SDN}"}
                 log(f"skip sdn: no SDN weights at {SHARED_SDN}")
