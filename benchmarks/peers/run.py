@@ -463,6 +463,13 @@ def render(doc):
              ""]
     if doc.get("quick"):
         lines += ["**Quick smoke-test shapes: not a measurement.**", ""]
+    earlier = sorted({(p["shape_name"], p.get("date", "?")[:10], p.get("commit", "?"))
+                      for p in doc["points"] + lm_points if p.get("date", "") < m["date"]})
+    if earlier:
+        lines += ["Rows kept from earlier runs (`--only-shape` reran the others; `results.json` "
+                  "has every point's date): " + ", ".join(
+                      f"{shape} ({day}" + ("" if commit == "?" else f", commit `{commit}`") + ")"
+                      for shape, day, commit in earlier) + ".", ""]
     if doc["points"] or not lm_points:
         lines += ["### Classifier (issue 13)", "",
                   f"{CLASSES} classes, d_input 1 (`x` drawn from N(0, 1)), lr {LR:g}. "
@@ -632,7 +639,8 @@ def main(argv=None):
                     t = time_point(fam, s, worker, tmp, args.repeats, args.max_seconds, f32)
                     new.append({"shape_name": sname, "shape": s, "family": fam, "timings": t,
                                 "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-                                "loadavg_1min": load1, "refimpl_threads": n_threads})
+                                "loadavg_1min": load1, "refimpl_threads": n_threads,
+                                "commit": mach.get("git_commit")})
                     log(f"{sname} {fam}: " + ", ".join(f"{k} {_cell(c)}" for k, c in t.items())
                         + f" ({time.perf_counter() - t0:.0f} s, load {load1:.1f}, refimpl "
                         f"threads {n_threads})")
