@@ -19,9 +19,10 @@ How many threads: the one documented setting is the environment variable ``REFIM
 (read when refimpl is imported; :func:`set_threads` changes it at run time):
 
 - ``auto`` (the default): the cores this process may run on (``os.sched_getaffinity``) less the
-  cores other processes kept busy (Linux: the machine's busy CPU time in ``/proc/stat`` less
-  this process's own, over the window since the previous sample, taken at most every
-  :data:`SAMPLE_SECONDS`; :func:`busy_elsewhere`), rounded, at least 1. On a quiet 2-core
+  cores other processes keep busy (Linux: the smaller of the machine's busy CPU time in
+  ``/proc/stat`` less this process's own over the window since the previous sample, and the
+  other processes' threads running at the sample; taken at most every :data:`SAMPLE_SECONDS`;
+  :func:`busy_elsewhere`), rounded, at least 1. On a quiet 2-core
   machine that is 2; with a browser tab or another training busy on a core, 1, so refimpl does
   not make two threads wait for each other on one core (issue 25 measured a 12-40x loss from
   such oversubscription). Where ``/proc`` is not readable the count is the cores available.
@@ -173,19 +174,23 @@ def busy_between(a, b):
 
 
 def busy_elsewhere(proc="/proc"):
-    """Cores other processes kept busy since the previous call (at least :data:`MIN_WINDOW`
-    ago; the first window starts when refimpl is imported), as a float; over a shorter window
-    the instant count of :func:`running_elsewhere`; ``None`` where ``/proc`` does not tell.
+    """Cores other processes keep busy: the smaller of their average over the window since the
+    previous call (at least :data:`MIN_WINDOW` ago; the first window starts when refimpl is
+    imported) and the instant count of :func:`running_elsewhere`; the instant alone over a
+    shorter window; ``None`` where ``/proc`` does not tell.
 
-    An average over the window rather than an instant, so that a burst (another program's
-    threads waking for a millisecond) does not take a core from refimpl for the next window,
-    while a busy loop or another training, which use their cores all the time, do."""
+    Busy loops and other trainings are busy on both measures. Each measure alone misleads in
+    one case the other gets right: an instant catches another program's threads waking for a
+    millisecond, and a window that began long ago still holds a burst that has ended (a
+    benchmark's other contender, whose block ran just before this one's)."""
     now = cpu_sample(proc)
     before = _sample["cpu"]
+    instant = running_elsewhere(proc)
     if now is None or before is None or now.wall - before.wall < MIN_WINDOW:
-        return running_elsewhere(proc)
+        return instant
     _sample["cpu"] = now
-    return busy_between(before, now)
+    window = busy_between(before, now)
+    return window if instant is None else min(window, float(instant))
 
 
 def count():

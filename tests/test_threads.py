@@ -118,6 +118,23 @@ def test_the_cpu_sample_reads_proc_stat(tmp_path):
     assert sample.machine == pytest.approx(5.0)  # user + system + steal; not idle, iowait
 
 
+@pytest.mark.parametrize("window_busy, running, expected", [
+    (1.9, 3, 1.9),  # busy on both measures: a busy loop or another training
+    (1.9, 0, 0.0),  # a burst that has ended (the window began before it)
+    (0.0, 4, 0.0),  # threads waking for an instant
+])
+def test_busy_is_the_smaller_of_the_window_and_the_instant(tmp_path, monkeypatch, window_busy,
+                                                          running, expected):
+    fake = _fake_proc(tmp_path, running + 1, "R")  # this process's one running thread
+    tick = threads._TICK
+    (tmp_path / "stat").write_text(f"cpu  {round(window_busy * tick)} 0 0 0 0 0 0 0 0 0\n")
+    before = threads.CpuSample(machine=0.0, here=0.0, wall=0.0)
+    monkeypatch.setattr(threads, "_sample", {"at": -1.0, "busy": None, "cpu": before})
+    monkeypatch.setattr(threads.time, "monotonic", lambda: 1.0)  # a 1 s window
+    monkeypatch.setattr(threads.os, "times", lambda: os.times_result((0.0, 0.0, 0.0, 0.0, 0.0)))
+    assert threads.busy_elsewhere(fake) == pytest.approx(expected)
+
+
 def test_a_short_window_falls_back_to_the_instant(tmp_path, monkeypatch):
     fake = _fake_proc(tmp_path, 5, "RRS")
     (tmp_path / "stat").write_text("cpu  100 0 0 1000 0 0 0 0 0 0\n")
