@@ -212,9 +212,7 @@ def _bwd(c, dy):
                               D is not None, du[b0:b1])
     with np.errstate(over="ignore", invalid="ignore"):
         threads.run(run, len(blocks), Bsz * H * n)
-        dkf = dkf_blocks[0].copy()  # (H, n//2+1): the blocks' partial sums in block order
-        for j in range(1, len(blocks)):
-            dkf += dkf_blocks[j]
+        dkf = threads.sum_in_order(dkf_blocks)  # (H, n//2+1), the blocks' partials in order
         dk = _irfft(dkf, n)  # (H, n)
         dK = _uncircular_kernel(dk, L, K.ndim == 3)
         dD = None if D is None else np.einsum("bhl,bhl->h", dy, u)  # (H,)

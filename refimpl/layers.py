@@ -135,10 +135,7 @@ def chanmix_dW(dy, x):
     part = np.empty((Bsz, O, I), dtype=np.result_type(dy, x))  # (B, O, I) one GEMM per row
     _over_batch(lambda b0, b1: np.matmul(dy[b0:b1], x[b0:b1].transpose(0, 2, 1),
                                          out=part[b0:b1]), Bsz, O * I * L * Bsz // 8)
-    dW = part[0].copy()  # (O, I)
-    for b in range(1, Bsz):
-        dW += part[b]
-    return dW
+    return threads.sum_in_order(part)  # (O, I)
 
 
 def linear_fwd(x, W, b=None):
@@ -390,10 +387,7 @@ def _gemm_columns_dW(D, X):
             c0, c1 = blocks[j]
             np.matmul(D[:, c0:c1], X[:, c0:c1].T, out=part[j])
     threads.run(run, len(blocks), D.shape[0] * X.size // 8)
-    out = part[0].copy()  # (M, K)
-    for j in range(1, len(blocks)):
-        out += part[j]
-    return out
+    return threads.sum_in_order(part)  # (M, K)
 
 
 def _channel_major(x):

@@ -651,10 +651,8 @@ def _decoder_op_vjp(cache, cotangents):
         np.matmul(W.T, dT[b0:b1], out=dh[b0:b1])  # (H, V) @ (V, L)
         np.matmul(dT[b0:b1], hT[b0:b1], out=part[b0:b1])  # (V, L) @ (L, H)
     Ly._over_batch(rows, Bsz, dlogits.size * H // 4)
-    dW = part[0].copy()  # (V, H), added in row order
-    for i in range(1, Bsz):
-        dW += part[i]
-    return {"h": dh, "W": dW, "b": dlogits.sum(axis=(0, 1))}
+    return {"h": dh, "W": threads.sum_in_order(part),  # (V, H), added in row order
+            "b": dlogits.sum(axis=(0, 1))}
 
 
 def _decoder_examples(rng):

@@ -287,6 +287,16 @@ def _pool(workers):
     return pool
 
 
+def sum_in_order(parts):
+    """``parts[0] + parts[1] + ...`` added in index order into a new array: the partial results
+    of a split pass (one per batch row or fixed block, never per thread), so the sum is the same
+    at any thread count. ``parts``: an array whose first axis indexes the parts (at least one)."""
+    total = parts[0].copy()
+    for j in range(1, len(parts)):
+        total += parts[j]
+    return total
+
+
 def run(fn, n_items, size=None):
     """Run ``fn(i0, i1)`` over contiguous ranges covering ``range(n_items)``, inside
     :func:`owned` (BLAS on one thread).

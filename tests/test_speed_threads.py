@@ -44,6 +44,15 @@ SCRIPT = textwrap.dedent("""
            "w2": rng.normal(0, .3, (8, 8, 1)), "w3": np.zeros(8),
            "w4": rng.normal(0, .3, (1, 8, 1)), "w5": np.zeros(1)}
     out = {}
+
+    def record(tag, cfg, p, buf, x, y):  # one step: loss, logits, grads, params, buffers
+        loss, logits, g, nb, _ = M.loss_and_grads(cfg, p, buf, x, y, training=True)
+        adamw_step(p, g, adamw_init(p), make_groups(p, 1e-3, 1e-2, M.optimizer_rules(1e-3)))
+        out[f"{tag}/loss"] = np.array(loss)
+        out[f"{tag}/logits"] = logits
+        for kind, arrays in (("grad", g), ("param", p), ("buf", nb)):
+            out.update({f"{tag}/{kind}/{k}": v for k, v in arrays.items()})
+
     for act in sys.argv[2].split(","):
         for L in (40, 96, 300):
             cfg = M.ModelConfig(n_classes=10, d_model=64, d_state=8, n_layers=2,
@@ -52,23 +61,12 @@ SCRIPT = textwrap.dedent("""
             p, buf = M.init_model(cfg, 0, sdn_weights=sdn if act == "sdn" else None)
             x = np.random.default_rng(1).standard_normal((4, L, 1)).astype(sys.argv[3])
             y = np.random.default_rng(2).integers(0, 10, 4).astype(np.int64)
-            loss, logits, g, nb, _ = M.loss_and_grads(cfg, p, buf, x, y, training=True)
-            adamw_step(p, g, adamw_init(p), make_groups(p, 1e-3, 1e-2, M.optimizer_rules(1e-3)))
-            out[f"{act}/{L}/loss"] = np.array(loss)
-            out[f"{act}/{L}/logits"] = logits
-            out.update({f"{act}/{L}/grad/{k}": v for k, v in g.items()})
-            out.update({f"{act}/{L}/param/{k}": v for k, v in p.items()})
-            out.update({f"{act}/{L}/buf/{k}": v for k, v in nb.items()})
+            record(f"{act}/{L}", cfg, p, buf, x, y)
         cfg = M.ModelConfig.for_lm(32, d_model=64, d_state=8, n_layers=2, activation=act,
                                    tie_embedding=act == "gelu", dtype=sys.argv[3])
         p, buf = M.init_model(cfg, 0, sdn_weights=sdn if act == "sdn" else None)
         x = np.random.default_rng(3).integers(0, 32, (4, 96)).astype(np.int64)
-        loss, logits, g, nb, _ = M.loss_and_grads(cfg, p, buf, x, None, training=True)
-        adamw_step(p, g, adamw_init(p), make_groups(p, 1e-3, 1e-2, M.optimizer_rules(1e-3)))
-        out[f"{act}/lm/loss"] = np.array(loss)
-        out[f"{act}/lm/logits"] = logits
-        out.update({f"{act}/lm/grad/{k}": v for k, v in g.items()})
-        out.update({f"{act}/lm/param/{k}": v for k, v in p.items()})
+        record(f"{act}/lm", cfg, p, buf, x, None)
     np.savez(sys.argv[1], **out)
 """)
 
